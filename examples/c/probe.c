@@ -1,0 +1,242 @@
+/*
+ * probe: runs a script of file and mapping operations given as arguments, so
+ * that tests can run the same steps with and without libdaxshim.so.
+ *
+ *   probe CMD [ARGS] [, CMD [ARGS]]...
+ *
+ * Commands (each prints at most one line):
+ *   open PATH MODE          MODE: rw | ro | create | trunc | append
+ *   map LEN [FLAGS]         FLAGS: shared(default) private ro validate-sync dax
+ *   store OFF TEXT          copy TEXT into the mapping at OFF
+ *   fill OFF LEN CHAR       memset the mapping
+ *   load OFF LEN            print "load: <bytes>"
+ *   msync [sync|async|inval|0] [OFF LEN]
+ *   fsync | fdatasync | syncfs | sync
+ *   sfr OFF LEN [wait]      sync_file_range(WRITE [|WAIT_AFTER])
+ *   pwrite OFF TEXT | write TEXT | pread OFF LEN | read LEN | seek OFF
+ *   writev TEXT1 TEXT2      | preadv OFF LEN1 LEN2
+ *   ftruncate LEN | fallocate OFF LEN | mremap NEWLEN | munmap | close | dup
+ *   sleep MS | touch PATH | waitfor PATH
+ *   exit | _exit | kill     end the process that way
+ *   try_msync OFF LEN FLAGS         print "ret=R errno=E"
+ *   try_mmap LEN PROT FLAGS OFF     (numbers) print "ret=ok|-1 errno=E"
+ *   try_munmap OFF LEN | try_fsync FD | try_mremap NEWLEN FLAGS
+ *   fork                    the rest of the script runs in a child too;
+ *                           the parent waits for it, then continues
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MAP_DAX
+#define MAP_DAX 0x1000000
+#endif
+#ifndef MAP_SHARED_VALIDATE
+#define MAP_SHARED_VALIDATE 0x03
+#endif
+#ifndef MAP_SYNC
+#define MAP_SYNC 0x80000
+#endif
+
+static int fd = -1;
+static char *map;
+static size_t maplen;
+
+static void die(const char *what) {
+    printf("FAIL %s: %s\n", what, strerror(errno));
+    fflush(stdout);
+    exit(2);
+}
+
+static long num(const char *s) { return strtol(s, NULL, 0); }
+
+static void report(long ret) {
+    printf("ret=%ld errno=%d\n", ret, ret < 0 ? errno : 0);
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (int i = 1; i < argc; i++) {
+        const char *c = argv[i];
+        if (!strcmp(c, ",")) continue;
+        if (!strcmp(c, "open")) {
+            const char *p = argv[++i], *m = argv[++i];
+            int fl = !strcmp(m, "ro") ? O_RDONLY
+                     : !strcmp(m, "create") ? O_RDWR | O_CREAT
+                     : !strcmp(m, "trunc") ? O_RDWR | O_CREAT | O_TRUNC
+                     : !strcmp(m, "append") ? O_RDWR | O_APPEND
+                     : O_RDWR;
+            fd = open(p, fl, 0644);
+            if (fd < 0) die("open");
+        } else if (!strcmp(c, "map")) {
+            maplen = num(argv[++i]);
+            int prot = PROT_READ | PROT_WRITE, flags = MAP_SHARED;
+            while (i + 1 < argc && strcmp(argv[i + 1], ",")) {
+                const char *f = argv[++i];
+                if (!strcmp(f, "private")) flags = (flags & ~MAP_SHARED) | MAP_PRIVATE;
+                else if (!strcmp(f, "ro")) prot = PROT_READ;
+                else if (!strcmp(f, "validate-sync")) flags = MAP_SHARED_VALIDATE | MAP_SYNC;
+                else if (!strcmp(f, "dax")) flags |= MAP_DAX;
+            }
+            map = mmap(NULL, maplen, prot, flags, fd, 0);
+            if (map == MAP_FAILED) die("mmap");
+        } else if (!strcmp(c, "store")) {
+            long off = num(argv[++i]);
+            const char *t = argv[++i];
+            memcpy(map + off, t, strlen(t));
+        } else if (!strcmp(c, "fill")) {
+            long off = num(argv[++i]), len = num(argv[++i]);
+            memset(map + off, argv[++i][0], len);
+        } else if (!strcmp(c, "load")) {
+            long off = num(argv[++i]), len = num(argv[++i]);
+            printf("load: %.*s\n", (int)len, map + off);
+        } else if (!strcmp(c, "msync")) {
+            int flags = MS_SYNC;
+            long off = 0, len = maplen;
+            if (i + 1 < argc && strcmp(argv[i + 1], ",")) {
+                const char *f = argv[++i];
+                flags = !strcmp(f, "async") ? MS_ASYNC : !strcmp(f, "inval") ? MS_INVALIDATE
+                        : !strcmp(f, "0") ? 0 : MS_SYNC;
+                if (i + 2 < argc && strcmp(argv[i + 1], ",")) {
+                    off = num(argv[++i]);
+                    len = num(argv[++i]);
+                }
+            }
+            if (msync(map + off, len, flags)) die("msync");
+        } else if (!strcmp(c, "fsync")) {
+            if (fsync(fd)) die("fsync");
+        } else if (!strcmp(c, "fdatasync")) {
+            if (fdatasync(fd)) die("fdatasync");
+        } else if (!strcmp(c, "syncfs")) {
+            if (syncfs(fd)) die("syncfs");
+        } else if (!strcmp(c, "sync")) {
+            sync();
+        } else if (!strcmp(c, "sfr")) {
+            long off = num(argv[++i]), len = num(argv[++i]);
+            unsigned fl = SYNC_FILE_RANGE_WRITE;
+            if (i + 1 < argc && !strcmp(argv[i + 1], "wait")) {
+                i++;
+                fl |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER;
+            }
+            if (sync_file_range(fd, off, len, fl)) die("sync_file_range");
+        } else if (!strcmp(c, "pwrite")) {
+            long off = num(argv[++i]);
+            const char *t = argv[++i];
+            if (pwrite(fd, t, strlen(t), off) != (ssize_t)strlen(t)) die("pwrite");
+        } else if (!strcmp(c, "write")) {
+            const char *t = argv[++i];
+            if (write(fd, t, strlen(t)) != (ssize_t)strlen(t)) die("write");
+        } else if (!strcmp(c, "writev")) {
+            struct iovec v[2] = {{argv[i + 1], strlen(argv[i + 1])}, {argv[i + 2], strlen(argv[i + 2])}};
+            i += 2;
+            if (writev(fd, v, 2) < 0) die("writev");
+        } else if (!strcmp(c, "pread")) {
+            long off = num(argv[++i]), len = num(argv[++i]);
+            char *b = calloc(1, len + 1);
+            ssize_t n = pread(fd, b, len, off);
+            if (n < 0) die("pread");
+            printf("pread: %.*s\n", (int)n, b);
+            free(b);
+        } else if (!strcmp(c, "preadv")) {
+            long off = num(argv[++i]), l1 = num(argv[++i]), l2 = num(argv[++i]);
+            char *b1 = calloc(1, l1 + 1), *b2 = calloc(1, l2 + 1);
+            struct iovec v[2] = {{b1, l1}, {b2, l2}};
+            ssize_t n = preadv(fd, v, 2, off);
+            if (n < 0) die("preadv");
+            printf("preadv: %ld %s|%s\n", (long)n, b1, b2);
+        } else if (!strcmp(c, "read")) {
+            long len = num(argv[++i]);
+            char *b = calloc(1, len + 1);
+            ssize_t n = read(fd, b, len);
+            if (n < 0) die("read");
+            printf("read: %.*s\n", (int)n, b);
+            free(b);
+        } else if (!strcmp(c, "seek")) {
+            if (lseek(fd, num(argv[++i]), SEEK_SET) < 0) die("lseek");
+        } else if (!strcmp(c, "ftruncate")) {
+            if (ftruncate(fd, num(argv[++i]))) die("ftruncate");
+        } else if (!strcmp(c, "fallocate")) {
+            long off = num(argv[++i]), len = num(argv[++i]);
+            if (fallocate(fd, 0, off, len)) die("fallocate");
+        } else if (!strcmp(c, "mremap")) {
+            size_t n = num(argv[++i]);
+            char *p = mremap(map, maplen, n, MREMAP_MAYMOVE);
+            if (p == MAP_FAILED) die("mremap");
+            map = p;
+            maplen = n;
+        } else if (!strcmp(c, "munmap")) {
+            if (munmap(map, maplen)) die("munmap");
+            map = NULL;
+        } else if (!strcmp(c, "close")) {
+            if (close(fd)) die("close");
+        } else if (!strcmp(c, "dup")) {
+            int n = dup(fd);
+            if (n < 0) die("dup");
+            close(fd);
+            fd = n;
+        } else if (!strcmp(c, "sleep")) {
+            usleep(num(argv[++i]) * 1000);
+        } else if (!strcmp(c, "touch")) {
+            int t = open(argv[++i], O_CREAT | O_WRONLY, 0644);
+            if (t < 0) die("touch");
+            close(t);
+        } else if (!strcmp(c, "waitfor")) {
+            const char *p = argv[++i];
+            struct stat st;
+            for (int k = 0; stat(p, &st) != 0; k++) {
+                if (k > 20000) die("waitfor timeout");
+                usleep(1000);
+            }
+        } else if (!strcmp(c, "exit")) {
+            exit(0);
+        } else if (!strcmp(c, "_exit")) {
+            _exit(0);
+        } else if (!strcmp(c, "kill")) {
+            kill(getpid(), SIGKILL);
+        } else if (!strcmp(c, "fork")) {
+            pid_t p = fork();
+            if (p < 0) die("fork");
+            if (p > 0) {
+                int st;
+                waitpid(p, &st, 0);
+                printf("child: %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+                return 0;
+            }
+        } else if (!strcmp(c, "try_msync")) {
+            long off = num(argv[i + 1]), len = num(argv[i + 2]), fl = num(argv[i + 3]);
+            i += 3;
+            report(msync(map + off, len, fl));
+        } else if (!strcmp(c, "try_mmap")) {
+            long len = num(argv[i + 1]), prot = num(argv[i + 2]), fl = num(argv[i + 3]), off = num(argv[i + 4]);
+            i += 4;
+            void *p = mmap(NULL, len, prot, fl, fd, off);
+            printf("ret=%s errno=%d\n", p == MAP_FAILED ? "-1" : "ok", p == MAP_FAILED ? errno : 0);
+        } else if (!strcmp(c, "try_munmap")) {
+            long off = num(argv[i + 1]), len = num(argv[i + 2]);
+            i += 2;
+            report(munmap(map + off, len));
+        } else if (!strcmp(c, "try_fsync")) {
+            report(fsync(num(argv[++i])));
+        } else if (!strcmp(c, "try_mremap")) {
+            long n = num(argv[i + 1]), fl = num(argv[i + 2]);
+            i += 2;
+            void *p = mremap(map, maplen, n, fl);
+            printf("ret=%s errno=%d\n", p == MAP_FAILED ? "-1" : "ok", p == MAP_FAILED ? errno : 0);
+        } else {
+            fprintf(stderr, "probe: unknown command %s\n", c);
+            return 2;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,318 @@
+//! `DAXSHIM_*` environment variables, parsed once at load time into an
+//! immutable [`Config`]. Parsing is pure (it takes a lookup function and a
+//! directory resolver) so it is unit-tested without touching the environment.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error = 0,
+    Warn = 1,
+    Info = 2,
+    Debug = 3,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DaxOptIn {
+    /// No process-wide opt-in: only per-mapping flags give direct mappings.
+    Off,
+    /// `DAXSHIM_DAX=1`: every pmem mapping of this process is direct.
+    All,
+    /// `DAXSHIM_DAX=DIR[:DIR…]`: pmem files under these directories are direct.
+    Dirs(Vec<PathBuf>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackerKind {
+    /// userfaultfd write-protect where the kernel has it, else full compare.
+    Auto,
+    Uffd,
+    /// Compare every line of the file at each sync: the correctness oracle.
+    Compare,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushChoice {
+    Auto,
+    Clwb,
+    Clflushopt,
+    Clflush,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub pmem_dirs: Vec<PathBuf>,
+    pub dax: DaxOptIn,
+    pub shadow_dir: PathBuf,
+    pub log: LogLevel,
+    pub stats: Option<String>,
+    pub tracker: TrackerKind,
+    pub flush: FlushChoice,
+    /// Debug-only fault injection: die after writing this many cachelines.
+    pub crash_after_lines: Option<u64>,
+}
+
+/// A configuration error: the variable and what it expected.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid {}={:?}: expected {}",
+            self.var, self.value, self.expected
+        )
+    }
+}
+
+/// Every variable the shim reads. Other `DAXSHIM_*` names draw a warning.
+pub const KNOWN_VARS: &[&str] = &[
+    "DAXSHIM_PMEM",
+    "DAXSHIM_DAX",
+    "DAXSHIM_SHADOW_DIR",
+    "DAXSHIM_LOG",
+    "DAXSHIM_STATS",
+    "DAXSHIM_TRACKER",
+    "DAXSHIM_FLUSH",
+    "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
+];
+
+const DIRS_EXPECTED: &str = "absolute paths of existing directories separated by ':'";
+
+/// Parses the configuration. `get` looks a variable up; `resolve_dir`
+/// canonicalises an existing directory (None if it is not one).
+pub fn parse(
+    get: impl Fn(&str) -> Option<String>,
+    resolve_dir: impl Fn(&Path) -> Option<PathBuf>,
+    uid: u32,
+) -> Result<Config, ConfigError> {
+    let err = |var: &'static str, value: &str, expected: &'static str| ConfigError {
+        var,
+        value: value.to_string(),
+        expected,
+    };
+    let dir_list = |var: &'static str, value: &str| -> Result<Vec<PathBuf>, ConfigError> {
+        let mut out = Vec::new();
+        for part in value.split(':') {
+            let p = Path::new(part);
+            if part.is_empty() || !p.is_absolute() {
+                return Err(err(var, value, DIRS_EXPECTED));
+            }
+            match resolve_dir(p) {
+                Some(c) => out.push(c),
+                None => return Err(err(var, value, DIRS_EXPECTED)),
+            }
+        }
+        Ok(out)
+    };
+
+    let pmem_dirs = match get("DAXSHIM_PMEM") {
+        None => Vec::new(),
+        Some(v) if v.is_empty() => Vec::new(),
+        Some(v) => dir_list("DAXSHIM_PMEM", &v)?,
+    };
+
+    let dax = match get("DAXSHIM_DAX").as_deref() {
+        None | Some("") | Some("0") => DaxOptIn::Off,
+        Some("1") => DaxOptIn::All,
+        Some(v) if v.starts_with('/') => DaxOptIn::Dirs(dir_list("DAXSHIM_DAX", v)?),
+        Some(v) => {
+            return Err(err(
+                "DAXSHIM_DAX",
+                v,
+                "1, 0 or absolute paths of existing directories separated by ':'",
+            ))
+        }
+    };
+
+    let shadow_dir = match get("DAXSHIM_SHADOW_DIR") {
+        None => PathBuf::from(format!("/dev/shm/daxshim-{uid}")),
+        Some(v) if v.starts_with('/') && v.len() > 1 => PathBuf::from(v),
+        Some(v) => return Err(err("DAXSHIM_SHADOW_DIR", &v, "an absolute path")),
+    };
+
+    let log = match get("DAXSHIM_LOG").as_deref() {
+        None | Some("") => LogLevel::Warn,
+        Some("error") => LogLevel::Error,
+        Some("warn") => LogLevel::Warn,
+        Some("info") => LogLevel::Info,
+        Some("debug") => LogLevel::Debug,
+        Some(v) => return Err(err("DAXSHIM_LOG", v, "one of error, warn, info, debug")),
+    };
+
+    let stats = match get("DAXSHIM_STATS") {
+        None => None,
+        Some(v) if v.is_empty() => return Err(err("DAXSHIM_STATS", &v, "a file path")),
+        Some(v) => Some(v),
+    };
+
+    let tracker = match get("DAXSHIM_TRACKER").as_deref() {
+        None | Some("") | Some("auto") => TrackerKind::Auto,
+        Some("uffd") => TrackerKind::Uffd,
+        Some("compare") => TrackerKind::Compare,
+        Some(v) => return Err(err("DAXSHIM_TRACKER", v, "one of auto, uffd, compare")),
+    };
+
+    let flush = match get("DAXSHIM_FLUSH").as_deref() {
+        None | Some("") | Some("auto") => FlushChoice::Auto,
+        Some("clwb") => FlushChoice::Clwb,
+        Some("clflushopt") => FlushChoice::Clflushopt,
+        Some("clflush") => FlushChoice::Clflush,
+        Some(v) => {
+            return Err(err(
+                "DAXSHIM_FLUSH",
+                v,
+                "one of auto, clwb, clflushopt, clflush",
+            ))
+        }
+    };
+
+    let crash_after_lines = match get("DAXSHIM_DEBUG_CRASH_AFTER_LINES") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return Err(err(
+                    "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
+                    &v,
+                    "a non-negative integer",
+                ))
+            }
+        },
+    };
+
+    Ok(Config {
+        pmem_dirs,
+        dax,
+        shadow_dir,
+        log,
+        stats,
+        tracker,
+        flush,
+        crash_after_lines,
+    })
+}
+
+/// Names of set `DAXSHIM_*` variables the shim does not know (likely typos).
+pub fn unknown_vars(names: impl Iterator<Item = String>) -> Vec<String> {
+    names
+        .filter(|n| n.starts_with("DAXSHIM_") && !KNOWN_VARS.contains(&n.as_str()))
+        .collect()
+}
+
+/// True if `path` is `dir` or lies below it (component-wise).
+pub fn is_under(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse_map(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse(
+            |k| m.get(k).cloned(),
+            |p| {
+                if p.starts_with("/exists") {
+                    Some(PathBuf::from("/real").join(p.strip_prefix("/").unwrap()))
+                } else {
+                    None
+                }
+            },
+            1000,
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse_map(&[]).unwrap();
+        assert!(c.pmem_dirs.is_empty());
+        assert_eq!(c.dax, DaxOptIn::Off);
+        assert_eq!(c.shadow_dir, PathBuf::from("/dev/shm/daxshim-1000"));
+        assert_eq!(c.log, LogLevel::Warn);
+        assert_eq!(c.tracker, TrackerKind::Auto);
+        assert_eq!(c.flush, FlushChoice::Auto);
+        assert!(c.stats.is_none());
+    }
+
+    #[test]
+    fn pmem_dirs_are_resolved() {
+        let c = parse_map(&[("DAXSHIM_PMEM", "/exists/a:/exists/b")]).unwrap();
+        assert_eq!(
+            c.pmem_dirs,
+            vec![PathBuf::from("/real/exists/a"), PathBuf::from("/real/exists/b")]
+        );
+    }
+
+    #[test]
+    fn pmem_rejects_relative_missing_and_empty_parts() {
+        for bad in ["rel", "/missing", "/exists/a::/exists/b", "/exists/a:"] {
+            let e = parse_map(&[("DAXSHIM_PMEM", bad)]).unwrap_err();
+            assert_eq!(e.var, "DAXSHIM_PMEM", "{bad}");
+            assert!(e.to_string().contains("DAXSHIM_PMEM"));
+        }
+    }
+
+    #[test]
+    fn dax_values() {
+        assert_eq!(parse_map(&[("DAXSHIM_DAX", "1")]).unwrap().dax, DaxOptIn::All);
+        assert_eq!(parse_map(&[("DAXSHIM_DAX", "0")]).unwrap().dax, DaxOptIn::Off);
+        assert_eq!(
+            parse_map(&[("DAXSHIM_DAX", "/exists/x")]).unwrap().dax,
+            DaxOptIn::Dirs(vec![PathBuf::from("/real/exists/x")])
+        );
+        for bad in ["yes", "2", "/missing", "true"] {
+            assert_eq!(
+                parse_map(&[("DAXSHIM_DAX", bad)]).unwrap_err().var,
+                "DAXSHIM_DAX"
+            );
+        }
+    }
+
+    #[test]
+    fn enums_reject_unknown_words() {
+        for (var, bad) in [
+            ("DAXSHIM_LOG", "verbose"),
+            ("DAXSHIM_TRACKER", "mprotectx"),
+            ("DAXSHIM_FLUSH", "wbinvd"),
+            ("DAXSHIM_SHADOW_DIR", "relative/dir"),
+            ("DAXSHIM_STATS", ""),
+            ("DAXSHIM_DEBUG_CRASH_AFTER_LINES", "-1"),
+        ] {
+            let e = parse_map(&[(var, bad)]).unwrap_err();
+            assert_eq!(e.var, var);
+        }
+        assert_eq!(
+            parse_map(&[("DAXSHIM_LOG", "debug")]).unwrap().log,
+            LogLevel::Debug
+        );
+        assert_eq!(
+            parse_map(&[("DAXSHIM_TRACKER", "compare")])
+                .unwrap()
+                .tracker,
+            TrackerKind::Compare
+        );
+    }
+
+    #[test]
+    fn unknown_variables_are_listed() {
+        let names = ["DAXSHIM_PMME", "DAXSHIM_PMEM", "PATH"].map(String::from);
+        assert_eq!(unknown_vars(names.into_iter()), vec!["DAXSHIM_PMME"]);
+    }
+
+    #[test]
+    fn under_is_component_wise() {
+        assert!(is_under(Path::new("/a/b/c"), Path::new("/a/b")));
+        assert!(!is_under(Path::new("/a/bc"), Path::new("/a/b")));
+    }
+}

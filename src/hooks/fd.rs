@@ -1,0 +1,177 @@
+//! open/close/dup family: keeps the descriptor table of pmem files.
+
+use super::{check_int, enter};
+use crate::real;
+use crate::state;
+use libc::{c_char, c_int, c_long, c_uint, mode_t};
+
+fn opened(fd: c_int, flags: c_int) -> c_int {
+    if fd >= 0 {
+        if let Some(_g) = enter() {
+            crate::sys::preserving_errno(|| state::on_open(fd, flags));
+        }
+    }
+    fd
+}
+
+/// # Safety
+/// C ABI: `path` is a valid C string; `mode` is read only with O_CREAT/O_TMPFILE.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    opened(unsafe { real::open64(path, flags, mode) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    opened(unsafe { real::open64(path, flags, mode) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
+    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    opened(unsafe { real::creat64(path, mode) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
+    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    opened(unsafe { real::creat64(path, mode) }, flags)
+}
+
+/// Fortified `open` (`_FORTIFY_SOURCE`).
+///
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    opened(unsafe { real::__open64_2(path, flags) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    opened(unsafe { real::__open64_2(path, flags) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    opened(unsafe { real::__openat64_2(dirfd, path, flags) }, flags)
+}
+
+/// # Safety
+/// As `open`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    opened(unsafe { real::__openat64_2(dirfd, path, flags) }, flags)
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if state::fd_maybe_pmem(fd) {
+        if let Some(_g) = enter() {
+            crate::sys::preserving_errno(|| state::on_close(fd));
+        }
+    }
+    unsafe { real::close(fd) }
+}
+
+fn duped(oldfd: c_int, newfd: c_int) -> c_int {
+    if newfd >= 0 {
+        if let Some(_g) = enter() {
+            crate::sys::preserving_errno(|| state::on_dup(oldfd, newfd));
+        }
+    }
+    newfd
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    duped(fd, unsafe { real::dup(fd) })
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
+    duped(fd, unsafe { real::dup2(fd, new) })
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    duped(fd, unsafe { real::dup3(fd, new, flags) })
+}
+
+fn fcntl_impl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    // SAFETY: forwarded unchanged; the kernel validates `arg`.
+    let r = unsafe { real::fcntl64(fd, cmd, arg) };
+    if (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && check_int(r).is_ok() {
+        return duped(fd, r);
+    }
+    r
+}
+
+/// # Safety
+/// C ABI; the third argument is read as a long as the x86-64 ABI passes it.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    fcntl_impl(fd, cmd, arg)
+}
+
+/// # Safety
+/// As `fcntl`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    fcntl_impl(fd, cmd, arg)
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let r = unsafe { real::close_range(first, last, flags) };
+    if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        if let Some(_g) = enter() {
+            crate::sys::preserving_errno(|| state::on_close_range(first, last));
+        }
+    }
+    r
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn closefrom(first: c_int) {
+    unsafe { real::closefrom(first) };
+    if let Some(_g) = enter() {
+        crate::sys::preserving_errno(|| state::on_close_range(first.max(0) as u32, u32::MAX));
+    }
+}

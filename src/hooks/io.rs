@@ -1,0 +1,399 @@
+//! read/write family, truncation and allocation: file I/O on a shadowed
+//! file stays coherent with its mappings.
+//!
+//! Reads: the kernel does the call (offsets, EOF, errors exactly its own),
+//! then the bytes are replaced by the shadow's, which holds mapped stores.
+//! Writes: under the shadow's io lock, the kernel writes the backing, then
+//! the same bytes go into the shadow and are noted dirty for the next sync.
+
+use super::{check_int, check_ssize, enter};
+use crate::real;
+use crate::state::{self, FileState};
+use crate::sys::{self, Errno};
+use libc::{c_char, c_int, c_void, iovec, off64_t, size_t, ssize_t};
+use std::sync::Arc;
+
+/// Where the last `n` bytes transferred through `fd` at its file position
+/// started.
+fn pos_before(fd: c_int, n: usize) -> Option<u64> {
+    sys::lseek(fd, 0, libc::SEEK_CUR).ok().map(|p| p as u64 - n as u64)
+}
+
+/// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
+fn patch_from_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
+    for v in iov {
+        if n == 0 {
+            break;
+        }
+        let len = v.iov_len.min(n);
+        // SAFETY: the kernel just wrote `len` bytes there for the caller.
+        let buf = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, len) };
+        if sys::pread_full(f.shadow.data_fd, buf, off).is_err() {
+            return;
+        }
+        n -= len;
+        off += len as u64;
+    }
+}
+
+/// Copies the `n` bytes the kernel just wrote at `off` into the shadow.
+fn copy_to_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
+    let start = off;
+    let total = n;
+    for v in iov {
+        if n == 0 {
+            break;
+        }
+        let len = v.iov_len.min(n);
+        // SAFETY: the caller's buffer, which the kernel just read.
+        let buf = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, len) };
+        if let Err(e) = sys::pwrite_all(f.shadow.data_fd, buf, off) {
+            error!("{}: cannot update the shadow after a write: {e}", f.path);
+            return;
+        }
+        n -= len;
+        off += len as u64;
+    }
+    f.shadow.mark_writer();
+    f.shadow.record_backing(f.backing_fd);
+    let _ = (start, total);
+}
+
+#[derive(Clone, Copy)]
+enum At {
+    /// The descriptor's file position (read/write/readv/writev, or -1 for
+    /// the `v2` calls).
+    Position,
+    Offset(u64),
+}
+
+fn read_impl(fd: c_int, iov: &[iovec], at: At, kernel: impl FnOnce() -> isize) -> Result<isize, Errno> {
+    let Some(f) = state::lookup_fd(fd) else {
+        return check_ssize(kernel());
+    };
+    let n = check_ssize(kernel())?;
+    if n > 0 {
+        let off = match at {
+            At::Offset(o) => Some(o),
+            At::Position => pos_before(fd, n as usize),
+        };
+        if let Some(off) = off {
+            patch_from_shadow(&f, iov, n as usize, off);
+        }
+    }
+    Ok(n)
+}
+
+fn write_impl(fd: c_int, iov: &[iovec], at: At, kernel: impl FnOnce() -> isize) -> Result<isize, Errno> {
+    let Some(f) = state::lookup_fd(fd) else {
+        return check_ssize(kernel());
+    };
+    let (n, off) = {
+        let _io = f.shadow.io_lock();
+        let n = check_ssize(kernel())?;
+        let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
+        let off = if n <= 0 {
+            None
+        } else if append {
+            // O_APPEND writes land at end of file, even pwrite's.
+            sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
+        } else {
+            match at {
+                At::Offset(o) => Some(o),
+                At::Position => pos_before(fd, n as usize),
+            }
+        };
+        if let Some(off) = off {
+            copy_to_shadow(&f, iov, n as usize, off);
+        }
+        (n, off)
+    };
+    if let Some(off) = off {
+        f.add_pending(off, off + n as u64);
+    }
+    Ok(n)
+}
+
+fn one(buf: *const c_void, n: size_t) -> [iovec; 1] {
+    [iovec {
+        iov_base: buf as *mut c_void,
+        iov_len: n,
+    }]
+}
+
+/// # Safety
+/// `iov` must point at `cnt` iovecs (the kernel has validated them when it
+/// returned success).
+unsafe fn iovs<'a>(iov: *const iovec, cnt: c_int) -> &'a [iovec] {
+    if iov.is_null() || cnt <= 0 {
+        &[]
+    } else {
+        // SAFETY: per contract.
+        unsafe { std::slice::from_raw_parts(iov, cnt as usize) }
+    }
+}
+
+macro_rules! io_hook {
+    ($name:ident ( $fd:ident : c_int $(, $a:ident : $t:ty)* ) $kernel:expr ; $imp:ident, $iov:expr, $at:expr) => {
+        /// # Safety
+        /// C ABI, contract of the libc function of the same name.
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name($fd: c_int $(, $a: $t)*) -> ssize_t {
+            let kernel = || unsafe { $kernel };
+            if !state::fd_maybe_pmem($fd) {
+                return kernel();
+            }
+            match enter() {
+                None => kernel(),
+                Some(g) => {
+                    #[allow(unused_unsafe)]
+                    let iov = unsafe { $iov };
+                    g.ret($imp($fd, iov, $at, kernel))
+                }
+            }
+        }
+    };
+}
+
+fn at_off(off: off64_t) -> At {
+    if off < 0 {
+        At::Position
+    } else {
+        At::Offset(off as u64)
+    }
+}
+
+io_hook!(read(fd: c_int, buf: *mut c_void, n: size_t) real::read(fd, buf, n); read_impl, &one(buf, n), At::Position);
+io_hook!(pread(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t) real::pread64(fd, buf, n, off); read_impl, &one(buf, n), At::Offset(off as u64));
+io_hook!(pread64(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t) real::pread64(fd, buf, n, off); read_impl, &one(buf, n), At::Offset(off as u64));
+io_hook!(readv(fd: c_int, iov: *const iovec, cnt: c_int) real::readv(fd, iov, cnt); read_impl, iovs(iov, cnt), At::Position);
+io_hook!(preadv(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) real::preadv64(fd, iov, cnt, off); read_impl, iovs(iov, cnt), At::Offset(off as u64));
+io_hook!(preadv64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) real::preadv64(fd, iov, cnt, off); read_impl, iovs(iov, cnt), At::Offset(off as u64));
+io_hook!(preadv2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, flags: c_int) real::preadv64v2(fd, iov, cnt, off, flags); read_impl, iovs(iov, cnt), at_off(off));
+io_hook!(preadv64v2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, flags: c_int) real::preadv64v2(fd, iov, cnt, off, flags); read_impl, iovs(iov, cnt), at_off(off));
+io_hook!(write(fd: c_int, buf: *const c_void, n: size_t) real::write(fd, buf, n); write_impl, &one(buf, n), At::Position);
+io_hook!(pwrite(fd: c_int, buf: *const c_void, n: size_t, off: off64_t) real::pwrite64(fd, buf, n, off); write_impl, &one(buf, n), At::Offset(off as u64));
+io_hook!(pwrite64(fd: c_int, buf: *const c_void, n: size_t, off: off64_t) real::pwrite64(fd, buf, n, off); write_impl, &one(buf, n), At::Offset(off as u64));
+io_hook!(writev(fd: c_int, iov: *const iovec, cnt: c_int) real::writev(fd, iov, cnt); write_impl, iovs(iov, cnt), At::Position);
+io_hook!(pwritev(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) real::pwritev64(fd, iov, cnt, off); write_impl, iovs(iov, cnt), At::Offset(off as u64));
+io_hook!(pwritev64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) real::pwritev64(fd, iov, cnt, off); write_impl, iovs(iov, cnt), At::Offset(off as u64));
+io_hook!(pwritev2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, flags: c_int) real::pwritev64v2(fd, iov, cnt, off, flags); write_impl, iovs(iov, cnt), at_off(off));
+io_hook!(pwritev64v2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, flags: c_int) real::pwritev64v2(fd, iov, cnt, off, flags); write_impl, iovs(iov, cnt), at_off(off));
+
+/// Fortified read (`_FORTIFY_SOURCE`): glibc aborts if n > buflen.
+///
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+    if n > buflen || !state::fd_maybe_pmem(fd) {
+        return unsafe { real::__read_chk(fd, buf, n, buflen) };
+    }
+    unsafe { read(fd, buf, n) }
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t {
+    if n > buflen || !state::fd_maybe_pmem(fd) {
+        return unsafe { real::__pread64_chk(fd, buf, n, off, buflen) };
+    }
+    unsafe { pread64(fd, buf, n, off) }
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __pread_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t {
+    unsafe { __pread64_chk(fd, buf, n, off, buflen) }
+}
+
+/// The shadow follows a size change the kernel made to the backing.
+fn follow_size(f: &FileState) -> Result<(), Errno> {
+    let size = sys::fstat(f.backing_fd)?.st_size as u64;
+    if f.shadow.data_size()? != size {
+        sys::ftruncate(f.shadow.data_fd, size)?;
+    }
+    f.shadow.record_backing(f.backing_fd);
+    Ok(())
+}
+
+fn ftruncate_impl(f: Arc<FileState>, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+    let _io = f.shadow.io_lock();
+    let r = check_int(kernel())?;
+    if let Err(e) = follow_size(&f) {
+        error!("{}: cannot resize the shadow: {e}", f.path);
+        return Err(e);
+    }
+    Ok(r)
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
+    let kernel = || unsafe { real::ftruncate64(fd, len) };
+    if !state::fd_maybe_pmem(fd) {
+        return kernel();
+    }
+    match enter() {
+        None => kernel(),
+        Some(g) => match state::lookup_fd(fd) {
+            None => g.ret(check_int(kernel())),
+            Some(f) => g.ret(ftruncate_impl(f, kernel)),
+        },
+    }
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn ftruncate(fd: c_int, len: off64_t) -> c_int {
+    unsafe { ftruncate64(fd, len) }
+}
+
+/// truncate(2) by path: if the file has a shadow, it follows the new size.
+fn truncate_impl(path: *const c_char, len: off64_t) -> Result<i32, Errno> {
+    // SAFETY: forwarded.
+    let r = check_int(unsafe { real::truncate64(path, len) })?;
+    // SAFETY: the kernel accepted `path` as a C string.
+    let cpath = unsafe { std::ffi::CStr::from_ptr(path) };
+    if let Ok(fd) = sys::open(cpath, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+        if state::classify(fd).is_some() {
+            state::on_open(fd, 0);
+            if let Some(f) = state::lookup_fd(fd) {
+                let _io = f.shadow.io_lock();
+                let _ = follow_size(&f);
+            }
+            state::on_close(fd);
+        }
+        sys::close(fd);
+    }
+    Ok(r)
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn truncate64(path: *const c_char, len: off64_t) -> c_int {
+    match enter() {
+        None => unsafe { real::truncate64(path, len) },
+        Some(g) => g.ret(truncate_impl(path, len)),
+    }
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn truncate(path: *const c_char, len: off64_t) -> c_int {
+    unsafe { truncate64(path, len) }
+}
+
+const FALLOC_FL_PUNCH_HOLE: c_int = 0x02;
+const FALLOC_FL_COLLAPSE_RANGE: c_int = 0x08;
+const FALLOC_FL_ZERO_RANGE: c_int = 0x10;
+const FALLOC_FL_INSERT_RANGE: c_int = 0x20;
+
+/// After the kernel changed the backing's content in `[from, to)`: the
+/// shadow takes the backing's bytes there.
+fn refresh_from_backing(f: &FileState, from: u64, to: u64) -> Result<(), Errno> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut off = from;
+    while off < to {
+        let want = ((to - off) as usize).min(buf.len());
+        let n = sys::pread_full(f.backing_fd, &mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        sys::pwrite_all(f.shadow.data_fd, &buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn fallocate_impl(f: Arc<FileState>, mode: c_int, off: off64_t, len: off64_t, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+    let shifts = mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0;
+    if shifts {
+        // Data moves: write back this process's stores first so they move too.
+        f.sync(None, false)?;
+    }
+    let _io = f.shadow.io_lock();
+    let r = check_int(kernel())?;
+    let done = (|| {
+        follow_size(&f)?;
+        let size = f.shadow.data_size()?;
+        let (off, len) = (off.max(0) as u64, len.max(0) as u64);
+        if shifts {
+            refresh_from_backing(&f, off, size)?;
+        } else if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+            refresh_from_backing(&f, off, (off + len).min(size))?;
+        }
+        Ok::<(), Errno>(())
+    })();
+    if let Err(e) = done {
+        error!("{}: cannot update the shadow after fallocate: {e}", f.path);
+        return Err(e);
+    }
+    Ok(r)
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
+    let kernel = || unsafe { real::fallocate64(fd, mode, off, len) };
+    if !state::fd_maybe_pmem(fd) {
+        return kernel();
+    }
+    match enter() {
+        None => kernel(),
+        Some(g) => match state::lookup_fd(fd) {
+            None => g.ret(check_int(kernel())),
+            Some(f) => g.ret(fallocate_impl(f, mode, off, len, kernel)),
+        },
+    }
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
+    unsafe { fallocate64(fd, mode, off, len) }
+}
+
+/// posix_fallocate returns an error number instead of setting errno.
+///
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t) -> c_int {
+    let kernel = || unsafe { real::posix_fallocate64(fd, off, len) };
+    if !state::fd_maybe_pmem(fd) {
+        return kernel();
+    }
+    match enter() {
+        None => kernel(),
+        Some(g) => match state::lookup_fd(fd) {
+            None => kernel(),
+            Some(f) => {
+                let _io = f.shadow.io_lock();
+                let r = kernel();
+                let r = if r == 0 {
+                    follow_size(&f).map(|()| 0).unwrap_or_else(|e| e.0)
+                } else {
+                    r
+                };
+                g.restore_errno();
+                r
+            }
+        },
+    }
+}
+
+/// # Safety
+/// C ABI.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off64_t, len: off64_t) -> c_int {
+    unsafe { posix_fallocate64(fd, off, len) }
+}

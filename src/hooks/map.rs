@@ -1,0 +1,335 @@
+//! mmap/munmap/mremap/madvise/mprotect: shadow mappings for unaware callers,
+//! direct mappings for DAX-aware ones.
+
+use super::enter;
+use crate::real;
+use crate::state::{self, Mapping, REG, SHADOW_MAPS};
+use crate::stats::{add, STATS};
+use crate::sys::{self, Errno, PAGE};
+use crate::track::{self, Backend};
+use libc::{c_int, c_void, off64_t, size_t};
+use std::sync::atomic::Ordering;
+
+/// Our own per-mapping DAX opt-in (`include/daxshim.h`).
+pub const MAP_DAX: c_int = 0x0100_0000;
+const MAP_TYPE: c_int = 0x0f;
+
+fn failed(p: *mut c_void) -> bool {
+    p == libc::MAP_FAILED
+}
+
+fn no_shadow_maps() -> bool {
+    SHADOW_MAPS.load(Ordering::Relaxed) == 0
+}
+
+/// After the kernel replaced `[addr, addr+len)` (MAP_FIXED): forget what
+/// the registry had there.
+fn forget_replaced(addr: usize, len: usize) {
+    if no_shadow_maps() {
+        return;
+    }
+    let released = state::forget_range(&mut REG.lock(), addr, sys::page_up(len));
+    drop(released);
+}
+
+fn harvest_before_replace(addr: usize, len: usize) {
+    if !no_shadow_maps() {
+        state::harvest_range_to_pending(&REG.lock(), addr, sys::page_up(len));
+    }
+}
+
+fn real_mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> Result<*mut c_void, Errno> {
+    // SAFETY: forwarded with the caller's own arguments.
+    let p = unsafe { real::mmap64(addr, len, prot, flags, fd, off) };
+    if failed(p) {
+        Err(Errno(sys::get_errno()))
+    } else {
+        Ok(p)
+    }
+}
+
+fn fd_writable(fd: c_int) -> bool {
+    sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_ACCMODE == libc::O_RDWR)
+}
+
+fn mmap_impl(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> Result<*mut c_void, Errno> {
+    let dax_flag = flags & MAP_DAX != 0;
+    let flags = flags & !MAP_DAX;
+    let fixed = flags & libc::MAP_FIXED != 0;
+    if fixed {
+        harvest_before_replace(addr as usize, len);
+    }
+    let file = if flags & libc::MAP_ANONYMOUS != 0 || fd < 0 {
+        None
+    } else {
+        match state::file_for_fd(fd) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("fd {fd}: {e}; mapping the file directly");
+                add(&STATS.fallbacks_direct, 1);
+                None
+            }
+        }
+    };
+    let Some(file) = file else {
+        let p = real_mmap(addr, len, prot, flags, fd, off)?;
+        if fixed {
+            forget_replaced(p as usize, len);
+        }
+        return Ok(p);
+    };
+    let typ = flags & MAP_TYPE;
+    let shared = typ == libc::MAP_SHARED || typ == libc::MAP_SHARED_VALIDATE;
+    let sync_flag = typ == libc::MAP_SHARED_VALIDATE && flags & libc::MAP_SYNC != 0;
+    if dax_flag || sync_flag || state::process_opted_in(&file.path) {
+        // DAX-aware caller: the real file mapping. Emulated pmem cannot
+        // honour MAP_SYNC; the shim's contract is to strip it there.
+        let kflags = if sync_flag && file.emulated {
+            flags & !libc::MAP_SYNC
+        } else {
+            flags
+        };
+        let p = real_mmap(addr, len, prot, kflags, fd, off)?;
+        if fixed {
+            forget_replaced(p as usize, len);
+        }
+        add(&STATS.mappings_direct, 1);
+        debug!("direct mapping of {} at {p:?}", file.path);
+        return Ok(p);
+    }
+    // Unaware caller: let the kernel validate everything and choose the
+    // address by mapping the file itself, then put the shadow over it.
+    let probe_flags = flags & !(libc::MAP_POPULATE | libc::MAP_LOCKED);
+    let p = real_mmap(addr, len, prot, probe_flags, fd, off)?;
+    let writable_fd = shared && fd_writable(fd);
+    let sfd = if writable_fd {
+        file.shadow.data_fd
+    } else {
+        file.shadow.data_ro_fd
+    };
+    let stype = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    let sflags = (flags & !(MAP_TYPE | libc::MAP_SYNC | libc::MAP_FIXED_NOREPLACE)) | stype | libc::MAP_FIXED;
+    let maplen = sys::page_up(len);
+    // SAFETY: `p` is the range the kernel just gave this call.
+    let q = unsafe { sys::mmap(p, len, prot, sflags, sfd, off) };
+    if let Err(e) = q {
+        warn!("{}: cannot map its shadow ({e}); mapping the file directly", file.path);
+        add(&STATS.fallbacks_direct, 1);
+        add(&STATS.mappings_direct, 1);
+        if fixed {
+            forget_replaced(p as usize, len);
+        }
+        return Ok(p);
+    }
+    let mut tracked = false;
+    if shared {
+        // Huge pages would make one written byte look like 512 dirty pages.
+        let _ = sys::madvise(p as usize, maplen, libc::MADV_NOHUGEPAGE);
+        if writable_fd {
+            file.shadow.mark_writer();
+            if track::backend() == Backend::Uffd {
+                match track::track(p as usize, maplen) {
+                    Ok(()) => tracked = true,
+                    Err(e) => {
+                        warn!("{}: cannot track writes ({e}); its syncs compare the whole file", file.path);
+                        file.untracked.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+    {
+        let mut reg = REG.lock();
+        let released = if fixed {
+            state::forget_range(&mut reg, p as usize, maplen)
+        } else {
+            Vec::new()
+        };
+        state::add_mapping(
+            &mut reg,
+            Mapping {
+                start: p as usize,
+                len: maplen,
+                file: file.clone(),
+                off: off as u64,
+                shared,
+                tracked,
+            },
+        );
+        drop(reg);
+        drop(released);
+    }
+    if flags & libc::MAP_POPULATE != 0 {
+        let _ = sys::madvise(p as usize, maplen, libc::MADV_WILLNEED);
+    }
+    add(&STATS.mappings_shadowed, 1);
+    debug!("shadow mapping of {} at {p:?} (+{len}, off {off}, shared {shared}, tracked {tracked})", file.path);
+    Ok(p)
+}
+
+fn map_ret(g: &super::Entered, r: Result<*mut c_void, Errno>) -> *mut c_void {
+    match r {
+        Ok(p) => {
+            g.restore_errno();
+            p
+        }
+        Err(e) => {
+            sys::set_errno(e.0);
+            libc::MAP_FAILED
+        }
+    }
+}
+
+/// # Safety
+/// C ABI, contract of mmap(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void {
+    match enter() {
+        None => unsafe { real::mmap64(addr, len, prot, flags & !MAP_DAX, fd, off) },
+        Some(g) => map_ret(&g, mmap_impl(addr, len, prot, flags, fd, off)),
+    }
+}
+
+/// # Safety
+/// C ABI, contract of mmap(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void {
+    unsafe { mmap64(addr, len, prot, flags, fd, off) }
+}
+
+fn munmap_impl(addr: *mut c_void, len: size_t) -> Result<i32, Errno> {
+    let a = addr as usize;
+    // SAFETY: forwarded; the kernel validates the range.
+    let real = || super::check_int(unsafe { real::munmap(addr, len) });
+    if no_shadow_maps() || a % PAGE != 0 || len == 0 {
+        return real();
+    }
+    let mut reg = REG.lock();
+    // The tracker's dirty bits vanish with the range: keep them as pending.
+    state::harvest_range_to_pending(&reg, a, sys::page_up(len));
+    let r = real()?;
+    let released = state::forget_range(&mut reg, a, sys::page_up(len));
+    drop(reg);
+    drop(released);
+    Ok(r)
+}
+
+/// # Safety
+/// C ABI, contract of munmap(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    match enter() {
+        None => unsafe { real::munmap(addr, len) },
+        Some(g) => g.ret(munmap_impl(addr, len)),
+    }
+}
+
+fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int, new_addr: *mut c_void) -> Result<*mut c_void, Errno> {
+    // SAFETY: forwarded; the kernel validates.
+    let real = || {
+        let p = unsafe { real::mremap(old, old_len, new_len, flags, new_addr) };
+        if failed(p) {
+            Err(Errno(sys::get_errno()))
+        } else {
+            Ok(p)
+        }
+    };
+    let o = old as usize;
+    if no_shadow_maps() || o % PAGE != 0 {
+        return real();
+    }
+    let fixed = flags & libc::MREMAP_FIXED != 0;
+    let dontunmap = flags & libc::MREMAP_DONTUNMAP != 0;
+    let old_span = sys::page_up(old_len.max(1));
+    let mut reg = REG.lock();
+    state::harvest_range_to_pending(&reg, o, old_span);
+    if fixed {
+        state::harvest_range_to_pending(&reg, new_addr as usize, sys::page_up(new_len));
+    }
+    // The shadow mapping the old range lies in, if any.
+    let src = reg
+        .maps
+        .range(..=o)
+        .next_back()
+        .map(|(_, m)| m)
+        .filter(|m| o < m.start + m.len)
+        .map(|m| (m.file.clone(), m.off + (o - m.start) as u64, m.shared, m.tracked));
+    let p = real()?;
+    let n = p as usize;
+    let new_span = sys::page_up(new_len);
+    let mut released = Vec::new();
+    if let Some((file, off, shared, tracked)) = &src {
+        // Hold a reference across the move so the file stays attached.
+        file.inner.lock().map_refs += 1;
+        SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
+        if !dontunmap {
+            released.extend(state::forget_range(&mut reg, o, old_span));
+        }
+        if fixed || n != o {
+            released.extend(state::forget_range(&mut reg, n, new_span));
+        } else if new_span > old_span {
+            released.extend(state::forget_range(&mut reg, o + old_span, new_span - old_span));
+        }
+        let mut tracked = *tracked;
+        if tracked {
+            let r = if n != o {
+                track::track(n, new_span)
+            } else if new_span > old_span {
+                track::arm(o + old_span, new_span - old_span)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = r {
+                warn!("{}: cannot track a remapped range ({e}); its syncs compare the whole file", file.path);
+                file.untracked.store(true, Ordering::Relaxed);
+                tracked = false;
+            }
+        }
+        reg.maps.insert(
+            n,
+            Mapping {
+                start: n,
+                len: new_span,
+                file: file.clone(),
+                off: *off,
+                shared: *shared,
+                tracked,
+            },
+        );
+    } else {
+        if !dontunmap {
+            released.extend(state::forget_range(&mut reg, o, old_span));
+        }
+        released.extend(state::forget_range(&mut reg, n, new_span));
+    }
+    drop(reg);
+    drop(released);
+    Ok(p)
+}
+
+/// # Safety
+/// C ABI, contract of mremap(2); `new_addr` is read only with MREMAP_FIXED.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int, new_addr: *mut c_void) -> *mut c_void {
+    match enter() {
+        None => unsafe { real::mremap(old, old_len, new_len, flags, new_addr) },
+        Some(g) => map_ret(&g, mremap_impl(old, old_len, new_len, flags, new_addr)),
+    }
+}
+
+/// Advice that drops page table entries loses the tracker's dirty bits.
+fn drops_ptes(advice: c_int) -> bool {
+    matches!(advice, libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE | 21 /* PAGEOUT */ | 24 /* DONTNEED_LOCKED */)
+}
+
+/// # Safety
+/// C ABI, contract of madvise(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
+    if drops_ptes(advice) && !no_shadow_maps() {
+        if let Some(_g) = enter() {
+            harvest_before_replace(addr as usize, len);
+        }
+    }
+    unsafe { real::madvise(addr, len, advice) }
+}

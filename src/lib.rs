@@ -1,0 +1,175 @@
+//! daxshim: an `LD_PRELOAD` library that gives programs unaware of
+//! persistent memory the page-cache semantics they were written for.
+//!
+//! A `MAP_SHARED` mapping of a file on pmem (a `DAXSHIM_PMEM` directory, or a
+//! real DAX file) becomes a mapping of a *shadow* — a shared-memory copy
+//! attached by every process using the file. Syncs (`msync`, `fsync`,
+//! `fdatasync`, `sync_file_range`, `syncfs`, `sync`) write back only the
+//! cachelines that changed, flush them and make them durable. DAX-aware
+//! callers (`MAP_SHARED_VALIDATE|MAP_SYNC`, [`MAP_DAX`], `DAXSHIM_DAX`) get
+//! the direct mapping.
+//!
+//! Environment (read once at load; an invalid value exits with status 125):
+//!
+//! | variable | meaning |
+//! | --- | --- |
+//! | `DAXSHIM_PMEM=DIR[:DIR…]` | regular files under these directories are emulated pmem |
+//! | `DAXSHIM_DAX=1` or `DIR[:DIR…]` | the process (or files under DIRs) is DAX-aware: direct mappings |
+//! | `DAXSHIM_SHADOW_DIR=DIR` | where shadows live (default `/dev/shm/daxshim-<uid>`) |
+//! | `DAXSHIM_LOG=error\|warn\|info\|debug` | diagnostics on stderr (default `warn`) |
+//! | `DAXSHIM_STATS=PATH` | counters as JSON at exit (`%p` = pid) |
+//! | `DAXSHIM_TRACKER=auto\|uffd\|compare` | dirty tracking backend |
+//! | `DAXSHIM_FLUSH=auto\|clwb\|clflushopt\|clflush` | best flush instruction allowed |
+//! | `DAXSHIM_DEBUG_CRASH_AFTER_LINES=N` | testing only: SIGKILL itself after writing back N lines |
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+#[macro_use]
+mod log;
+
+mod config;
+mod hooks;
+mod lock;
+mod persist;
+mod ranges;
+mod real;
+mod shadow;
+mod state;
+mod stats;
+mod sys;
+mod track;
+
+/// Per-mapping DAX opt-in flag (also in `include/daxshim.h`).
+pub const MAP_DAX: i32 = hooks::map::MAP_DAX;
+
+// The whole exported ABI, in one list.
+pub use hooks::fd::{
+    __open64_2, __open_2, __openat64_2, __openat_2, close, close_range, closefrom, creat,
+    creat64, dup, dup2, dup3, fcntl, fcntl64, open, open64, openat, openat64,
+};
+pub use hooks::io::{
+    __pread64_chk, __pread_chk, __read_chk, fallocate, fallocate64, ftruncate, ftruncate64,
+    posix_fallocate, posix_fallocate64, pread, pread64, preadv, preadv2, preadv64, preadv64v2,
+    pwrite, pwrite64, pwritev, pwritev2, pwritev64, pwritev64v2, read, readv, truncate,
+    truncate64, write, writev,
+};
+pub use hooks::map::{madvise, mmap, mmap64, mremap, munmap};
+pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn config_error(msg: &str) -> ! {
+    sys::write_all_fd(2, format!("daxshim: {msg}\n").as_bytes());
+    sys::exit_group(125)
+}
+
+extern "C" fn atfork_prepare() {
+    if let Some(g) = hooks::enter() {
+        state::atfork_prepare();
+        std::mem::forget(g); // stay "inside" until parent/child handler
+    }
+}
+
+extern "C" fn atfork_parent() {
+    state::atfork_parent();
+    leave_after_fork();
+}
+
+extern "C" fn atfork_child() {
+    state::atfork_child();
+    leave_after_fork();
+}
+
+fn leave_after_fork() {
+    drop(hooks::Entered::assume_entered());
+}
+
+/// Load-time constructor: resolve real functions, parse the configuration,
+/// pick the flush instruction and the tracker, adopt inherited descriptors.
+extern "C" fn daxshim_init() {
+    let Some(_g) = hooks::enter_always() else {
+        return;
+    };
+    let mut missing = real::resolve_all();
+    missing.extend(real::resolve_variadic());
+    let required = ["mmap64", "munmap", "mremap", "msync", "fsync", "read", "write", "close"];
+    if let Some(m) = missing.iter().find(|m| required.contains(m)) {
+        config_error(&format!("cannot resolve the real `{m}`; refusing to run"));
+    }
+    let cfg = config::parse(
+        |k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()),
+        |p: &Path| std::fs::canonicalize(p).ok().filter(|c| c.is_dir()),
+        sys::geteuid(),
+    )
+    .unwrap_or_else(|e| config_error(&e.to_string()));
+    log::set_level(cfg.log);
+    for v in config::unknown_vars(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned())) {
+        warn!("unknown variable {v} ignored (known: {})", config::KNOWN_VARS.join(", "));
+    }
+    let flush = persist::flush::select(cfg.flush, persist::flush::detect());
+    let backend = match track::select(cfg.tracker) {
+        Ok(b) => b,
+        Err(e) => config_error(&format!("DAXSHIM_TRACKER=uffd: {e}")),
+    };
+    if let Some(n) = cfg.crash_after_lines {
+        persist::CRASH_BUDGET.store(n, Ordering::Relaxed);
+    }
+    let pmem_devs = cfg
+        .pmem_dirs
+        .iter()
+        .filter_map(|d| std::fs::metadata(d).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        .collect();
+    let shadow_dir = cfg.shadow_dir.to_string_lossy().into_owned();
+    info!(
+        "tracker {}, flush {}, pmem {:?}, shadows in {shadow_dir}",
+        backend.name(),
+        flush.name(),
+        cfg.pmem_dirs
+    );
+    let _ = state::RT.set(state::Runtime {
+        cfg,
+        flush,
+        pmem_devs,
+        shadow_dir,
+        shadow_dir_bad: AtomicBool::new(false),
+    });
+    // SAFETY: registering plain extern "C" handlers.
+    unsafe {
+        libc::pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child));
+    }
+    state::READY.store(true, Ordering::Release);
+    state::scan_inherited_fds();
+}
+
+/// Runs at exit (after the program's own destructors): write back
+/// everything, detach from every shadow, write the stats.
+extern "C" fn daxshim_fini() {
+    if !state::READY.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(_g) = hooks::enter() else {
+        return;
+    };
+    state::shutdown();
+    state::READY.store(false, Ordering::Release);
+    let rt = state::rt();
+    if let Some(p) = &rt.cfg.stats {
+        let path = stats::expand_path(p, sys::getpid());
+        let json = stats::STATS.to_json(track::backend().name(), rt.flush.name());
+        if let Err(e) = std::fs::write(&path, json) {
+            warn!("cannot write stats to {path}: {e}");
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT: extern "C" fn() = daxshim_init;
+
+#[cfg(not(test))]
+#[used]
+#[unsafe(link_section = ".fini_array")]
+static FINI: extern "C" fn() = daxshim_fini;

@@ -1,0 +1,80 @@
+//! The flush engine: compare shadow and backing one 64-byte cacheline at a
+//! time, copy the lines that differ, flush them, fence once per sync.
+
+pub mod diff;
+pub mod flush;
+
+pub use diff::{sync_lines, LineCounts, LINE};
+pub use flush::{FlushKind, Flusher};
+
+use crate::ranges::RangeSet;
+use crate::stats::{add, STATS};
+use crate::sys::{self, SysResult, PAGE};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Lines still allowed to be written before the injected crash
+/// (`DAXSHIM_DEBUG_CRASH_AFTER_LINES`); `u64::MAX` = no injection.
+pub static CRASH_BUDGET: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn crash_now() {
+    // Fault injection: die in the middle of a writeback, as a power cut would.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(sys::getpid(), libc::SIGKILL) };
+}
+
+/// Writes back the differing lines of `ranges` (file offsets) from the
+/// shadow view at `shadow` to the backing mapping at `backing`, both mapping
+/// the file from offset 0 for at least `size` bytes. Flushes what it wrote,
+/// fences once, and with `msync_touched` makes the touched backing pages
+/// durable through the kernel (emulated pmem).
+pub fn write_back(
+    shadow: usize,
+    backing: usize,
+    size: u64,
+    ranges: &RangeSet,
+    flush: FlushKind,
+    msync_touched: bool,
+) -> SysResult<LineCounts> {
+    let mut flusher = Flusher::new(flush);
+    let budget_in = CRASH_BUDGET.load(Ordering::Relaxed);
+    let mut budget = (budget_in != u64::MAX).then_some(budget_in);
+    let mut total = LineCounts::default();
+    let mut touched = RangeSet::new();
+    for (a, b) in ranges.iter() {
+        let b = b.min(size);
+        let mut page = a - a % PAGE as u64;
+        while page < b {
+            let start = page.max(a);
+            let end = (page + PAGE as u64).min(b);
+            // SAFETY: start < end <= size; both views cover [0, size).
+            let c = unsafe {
+                sync_lines(
+                    (shadow + start as usize) as *const u8,
+                    (backing + start as usize) as *mut u8,
+                    (end - start) as usize,
+                    &mut flusher,
+                    &mut budget,
+                    crash_now,
+                )
+            };
+            if c.written > 0 {
+                touched.insert(page, page + PAGE as u64);
+            }
+            total += c;
+            page += PAGE as u64;
+        }
+    }
+    if let Some(b) = budget {
+        CRASH_BUDGET.store(b, Ordering::Relaxed);
+    }
+    flusher.fence();
+    add(&STATS.lines_compared, total.compared);
+    add(&STATS.lines_written, total.written);
+    add(&STATS.bytes_flushed, flusher.lines * LINE as u64);
+    if msync_touched {
+        for (a, b) in touched.iter() {
+            sys::msync(backing + a as usize, (b - a) as usize, libc::MS_SYNC)?;
+        }
+    }
+    Ok(total)
+}

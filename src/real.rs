@@ -1,0 +1,162 @@
+//! The next definitions of the functions the shim interposes, resolved once
+//! with `dlsym(RTLD_NEXT)` from the load-time constructor.
+//!
+//! Until resolution (a call from another library's constructor) each wrapper
+//! falls back to the raw system call, which has the kernel's semantics.
+//!
+//! # Safety
+//! Every wrapper is an `unsafe fn` with the contract of the libc function it
+//! names; the transmuted pointer types match the glibc prototypes (variadic
+//! ones are called through variadic pointer types).
+
+use libc::{c_char, c_int, c_long, c_uint, c_void, iovec, mode_t, off64_t, size_t, ssize_t};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+macro_rules! real_fns {
+    ($( fn $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty => $fallback:expr ; )*) => {
+        #[allow(non_upper_case_globals)]
+        mod slots {
+            use super::AtomicUsize;
+            $( pub static $name: AtomicUsize = AtomicUsize::new(0); )*
+        }
+
+        $(
+            #[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
+            pub unsafe fn $name($($arg: $ty),*) -> $ret {
+                let p = slots::$name.load(Relaxed);
+                if p != 0 {
+                    // SAFETY: `p` was returned by dlsym for this very symbol,
+                    // whose C prototype is the one spelled here.
+                    let f: unsafe extern "C" fn($($ty),*) -> $ret =
+                        unsafe { std::mem::transmute::<usize, _>(p) };
+                    return unsafe { f($($arg),*) };
+                }
+                #[allow(unused_unsafe)]
+                unsafe { $fallback }
+            }
+        )*
+
+        /// Resolves every symbol; returns the names of the missing ones.
+        pub fn resolve_all() -> Vec<&'static str> {
+            let mut missing = Vec::new();
+            $(
+                let name = concat!(stringify!($name), "\0");
+                // SAFETY: name is NUL-terminated; RTLD_NEXT is valid in a
+                // shared object.
+                let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const c_char) };
+                if p.is_null() {
+                    missing.push(stringify!($name));
+                } else {
+                    slots::$name.store(p as usize, Relaxed);
+                }
+            )*
+            missing
+        }
+    };
+}
+
+use libc::syscall as sc;
+use libc::*;
+
+real_fns! {
+    fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void
+        => sc(SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void;
+    fn munmap(addr: *mut c_void, len: size_t) -> c_int => sc(SYS_munmap, addr, len) as c_int;
+    fn mremap(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int, new_addr: *mut c_void) -> *mut c_void
+        => sc(SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void;
+    fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> c_int => sc(SYS_msync, addr, len, flags) as c_int;
+    fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int => sc(SYS_madvise, addr, len, advice) as c_int;
+    fn fsync(fd: c_int) -> c_int => sc(SYS_fsync, fd) as c_int;
+    fn fdatasync(fd: c_int) -> c_int => sc(SYS_fdatasync, fd) as c_int;
+    fn sync_file_range(fd: c_int, off: off64_t, n: off64_t, flags: c_uint) -> c_int
+        => sc(SYS_sync_file_range, fd, off, n, flags) as c_int;
+    fn syncfs(fd: c_int) -> c_int => sc(SYS_syncfs, fd) as c_int;
+    fn sync() -> () => { sc(SYS_sync); };
+    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => sc(SYS_read, fd, buf, n) as ssize_t;
+    fn pread64(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t) -> ssize_t
+        => sc(SYS_pread64, fd, buf, n, off) as ssize_t;
+    fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t => sc(SYS_readv, fd, iov, cnt) as ssize_t;
+    fn preadv64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) -> ssize_t
+        => sc(SYS_preadv, fd, iov, cnt, off, 0) as ssize_t;
+    fn preadv64v2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, flags: c_int) -> ssize_t
+        => sc(SYS_preadv2, fd, iov, cnt, off, 0, flags) as ssize_t;
+    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => sc(SYS_write, fd, buf, n) as ssize_t;
+    fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, off: off64_t) -> ssize_t
+        => sc(SYS_pwrite64, fd, buf, n, off) as ssize_t;
+    fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t => sc(SYS_writev, fd, iov, cnt) as ssize_t;
+    fn pwritev64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) -> ssize_t
+        => sc(SYS_pwritev, fd, iov, cnt, off, 0) as ssize_t;
+    fn pwritev64v2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, flags: c_int) -> ssize_t
+        => sc(SYS_pwritev2, fd, iov, cnt, off, 0, flags) as ssize_t;
+    fn ftruncate64(fd: c_int, len: off64_t) -> c_int => sc(SYS_ftruncate, fd, len) as c_int;
+    fn truncate64(path: *const c_char, len: off64_t) -> c_int => sc(SYS_truncate, path, len) as c_int;
+    fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int
+        => sc(SYS_fallocate, fd, mode, off, len) as c_int;
+    fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t) -> c_int
+        => if sc(SYS_fallocate, fd, 0, off, len) == 0 { 0 } else { *__errno_location() };
+    fn creat64(path: *const c_char, mode: mode_t) -> c_int
+        => sc(SYS_openat, AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode) as c_int;
+    fn __open64_2(path: *const c_char, flags: c_int) -> c_int
+        => sc(SYS_openat, AT_FDCWD, path, flags, 0) as c_int;
+    fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int
+        => sc(SYS_openat, dirfd, path, flags, 0) as c_int;
+    fn close(fd: c_int) -> c_int => sc(SYS_close, fd) as c_int;
+    fn dup(fd: c_int) -> c_int => sc(SYS_dup, fd) as c_int;
+    fn dup2(fd: c_int, new: c_int) -> c_int => sc(SYS_dup2, fd, new) as c_int;
+    fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int => sc(SYS_dup3, fd, new, flags) as c_int;
+    fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int
+        => sc(SYS_close_range, first, last, flags) as c_int;
+    fn closefrom(first: c_int) -> () => { sc(SYS_close_range, first, !0u32, 0); };
+    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+        => sc(SYS_execve, path, argv, envp) as c_int;
+    fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+        => sc(SYS_execveat, fd, c"".as_ptr(), argv, envp, AT_EMPTY_PATH) as c_int;
+    fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t
+        => { let _ = buflen; sc(SYS_read, fd, buf, n) as ssize_t };
+    fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t
+        => { let _ = buflen; sc(SYS_pread64, fd, buf, n, off) as ssize_t };
+}
+
+/// The variadic functions, called through variadic pointer types.
+macro_rules! real_variadic {
+    ($( fn $name:ident ( $($arg:ident : $ty:ty),* ; $var:ident : $vty:ty ) -> $ret:ty => $fallback:expr ; )*) => {
+        #[allow(non_upper_case_globals)]
+        mod vslots {
+            use super::AtomicUsize;
+            $( pub static $name: AtomicUsize = AtomicUsize::new(0); )*
+        }
+        $(
+            #[allow(clippy::missing_safety_doc)]
+            pub unsafe fn $name($($arg: $ty),*, $var: $vty) -> $ret {
+                let p = vslots::$name.load(Relaxed);
+                if p != 0 {
+                    // SAFETY: `p` is this symbol's address from dlsym; the C
+                    // prototype is variadic after the fixed arguments.
+                    let f: unsafe extern "C" fn($($ty),*, ...) -> $ret =
+                        unsafe { std::mem::transmute::<usize, _>(p) };
+                    return unsafe { f($($arg),*, $var) };
+                }
+                #[allow(unused_unsafe)]
+                unsafe { $fallback }
+            }
+        )*
+        pub fn resolve_variadic() -> Vec<&'static str> {
+            let mut missing = Vec::new();
+            $(
+                let name = concat!(stringify!($name), "\0");
+                // SAFETY: as in resolve_all.
+                let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const c_char) };
+                if p.is_null() { missing.push(stringify!($name)); } else { vslots::$name.store(p as usize, Relaxed); }
+            )*
+            missing
+        }
+    };
+}
+
+real_variadic! {
+    fn open64(path: *const c_char, flags: c_int; mode: mode_t) -> c_int
+        => sc(SYS_openat, AT_FDCWD, path, flags, mode) as c_int;
+    fn openat64(dirfd: c_int, path: *const c_char, flags: c_int; mode: mode_t) -> c_int
+        => sc(SYS_openat, dirfd, path, flags, mode) as c_int;
+    fn fcntl64(fd: c_int, cmd: c_int; arg: c_long) -> c_int => sc(SYS_fcntl, fd, cmd, arg) as c_int;
+}

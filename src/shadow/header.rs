@@ -1,0 +1,84 @@
+//! The shared header of a shadow (`<key>.meta`), mapped by every attached
+//! process.
+//!
+//! # Safety
+//! The header lives in a `MAP_SHARED` file mapping; every field other
+//! processes may touch concurrently is atomic, and the io lock is a
+//! process-shared robust pthread mutex.
+
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
+pub const VERSION: u32 = 1;
+pub const SLOTS: usize = 128;
+pub const META_SIZE: usize = 4096;
+
+/// Byte (beyond the header) locked exclusively while attaching/detaching.
+pub const ATTACH_LOCK_BYTE: i64 = 1 << 20;
+/// Slot `i`'s owner holds an OFD lock on byte `SLOT_LOCK_BASE + i`.
+pub const SLOT_LOCK_BASE: i64 = 1 << 21;
+
+/// The slot's process may have stored to the shadow without writing back.
+pub const SLOT_WRITER: u32 = 1;
+
+#[repr(C)]
+pub struct Slot {
+    pub pid: AtomicI32,
+    pub flags: AtomicU32,
+}
+
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub version: u32,
+    pub slot_count: u32,
+    pub dev: u64,
+    pub ino: u64,
+    pub gen_sec: i64,
+    pub gen_nsec: u64,
+    /// Backing file size and mtime as the shim last left them.
+    pub rec_size: AtomicU64,
+    pub rec_mtime_sec: AtomicI64,
+    pub rec_mtime_nsec: AtomicU64,
+    /// Serialises changes to the backing (write hooks, truncation,
+    /// writeback) with the record above, across processes. Robust: a holder
+    /// that dies leaves it `EOWNERDEAD`, which tells the next attacher that a
+    /// mismatch between record and backing came from the shim itself.
+    pub io_lock: libc::pthread_mutex_t,
+    pub slots: [Slot; SLOTS],
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= META_SIZE);
+
+impl Header {
+    pub fn record(&self, size: u64, mtime_sec: i64, mtime_nsec: u64) {
+        self.rec_size.store(size, Ordering::Relaxed);
+        self.rec_mtime_sec.store(mtime_sec, Ordering::Relaxed);
+        self.rec_mtime_nsec.store(mtime_nsec, Ordering::Relaxed);
+    }
+
+    pub fn recorded(&self) -> (u64, i64, u64) {
+        (
+            self.rec_size.load(Ordering::Relaxed),
+            self.rec_mtime_sec.load(Ordering::Relaxed),
+            self.rec_mtime_nsec.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Initialises the process-shared robust io lock in place.
+    ///
+    /// # Safety
+    /// Nobody else may use the lock during initialisation (attach lock held
+    /// on a header whose magic is not yet valid).
+    pub unsafe fn init_io_lock(&mut self) {
+        // SAFETY: standard attr + init on memory we own exclusively.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            libc::pthread_mutexattr_init(&mut attr);
+            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+            libc::pthread_mutex_init(&mut self.io_lock, &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Raw system calls used inside the shim.
+//!
+//! # Safety
+//! These go through `libc::syscall`, which the shim never interposes, so they
+//! can be used before initialisation and from inside hooks without re-entry.
+//! Functions taking raw pointers are `unsafe` and document what they need.
+
+use std::ffi::CStr;
+use std::io;
+
+/// An `errno` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub fn last() -> Errno {
+        Errno(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl From<Errno> for io::Error {
+    fn from(e: Errno) -> io::Error {
+        io::Error::from_raw_os_error(e.0)
+    }
+}
+
+pub type SysResult<T> = Result<T, Errno>;
+
+fn check(ret: libc::c_long) -> SysResult<i64> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Sets the calling thread's `errno`.
+pub fn set_errno(e: i32) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+pub fn get_errno() -> i32 {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Runs `f` and restores `errno` afterwards, so shim work inside a hook never
+/// leaks an errno to a caller whose call succeeded.
+pub fn preserving_errno<T>(f: impl FnOnce() -> T) -> T {
+    let saved = get_errno();
+    let r = f();
+    set_errno(saved);
+    r
+}
+
+macro_rules! sc {
+    ($nr:expr $(, $a:expr)*) => {
+        // SAFETY: plain system call; every pointer argument is checked by the
+        // callers' own contracts below.
+        check(unsafe { libc::syscall($nr $(, $a)*) })
+    };
+}
+
+pub fn write_all_fd(fd: i32, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        match sc!(libc::SYS_write, fd, buf.as_ptr(), buf.len()) {
+            Ok(n) if n > 0 => buf = &buf[n as usize..],
+            Err(Errno(libc::EINTR)) => continue,
+            _ => return,
+        }
+    }
+}
+
+pub fn pread(fd: i32, buf: &mut [u8], off: u64) -> SysResult<usize> {
+    loop {
+        match sc!(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), off) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(|n| n as usize),
+        }
+    }
+}
+
+pub fn pwrite(fd: i32, buf: &[u8], off: u64) -> SysResult<usize> {
+    loop {
+        match sc!(libc::SYS_pwrite64, fd, buf.as_ptr(), buf.len(), off) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(|n| n as usize),
+        }
+    }
+}
+
+/// Writes all of `buf` at `off`, retrying short writes.
+pub fn pwrite_all(fd: i32, mut buf: &[u8], mut off: u64) -> SysResult<()> {
+    while !buf.is_empty() {
+        let n = pwrite(fd, buf, off)?;
+        if n == 0 {
+            return Err(Errno(libc::EIO));
+        }
+        buf = &buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads up to `buf.len()` bytes at `off`, retrying short reads until EOF.
+pub fn pread_full(fd: i32, buf: &mut [u8], off: u64) -> SysResult<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = pread(fd, &mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+pub fn openat(dirfd: i32, path: &CStr, flags: i32, mode: u32) -> SysResult<i32> {
+    loop {
+        match sc!(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(|n| n as i32),
+        }
+    }
+}
+
+pub fn open(path: &CStr, flags: i32, mode: u32) -> SysResult<i32> {
+    openat(libc::AT_FDCWD, path, flags, mode)
+}
+
+pub fn close(fd: i32) {
+    let _ = sc!(libc::SYS_close, fd);
+}
+
+pub fn fstat(fd: i32) -> SysResult<libc::stat> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    sc!(libc::SYS_fstat, fd, &mut st as *mut libc::stat)?;
+    Ok(st)
+}
+
+pub fn lstat(path: &CStr) -> SysResult<libc::stat> {
+    // SAFETY: as above.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    sc!(
+        libc::SYS_newfstatat,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        &mut st as *mut libc::stat,
+        libc::AT_SYMLINK_NOFOLLOW
+    )?;
+    Ok(st)
+}
+
+pub fn stat(path: &CStr) -> SysResult<libc::stat> {
+    // SAFETY: as above.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    sc!(
+        libc::SYS_newfstatat,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        &mut st as *mut libc::stat,
+        0
+    )?;
+    Ok(st)
+}
+
+/// `statx` of an open descriptor (`AT_EMPTY_PATH`).
+pub fn statx_fd(fd: i32, mask: u32) -> SysResult<libc::statx> {
+    // SAFETY: as above.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    sc!(
+        libc::SYS_statx,
+        fd,
+        c"".as_ptr(),
+        libc::AT_EMPTY_PATH,
+        mask,
+        &mut stx as *mut libc::statx
+    )?;
+    Ok(stx)
+}
+
+pub fn ftruncate(fd: i32, len: u64) -> SysResult<()> {
+    loop {
+        match sc!(libc::SYS_ftruncate, fd, len) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(|_| ()),
+        }
+    }
+}
+
+pub fn fsync(fd: i32) -> SysResult<()> {
+    sc!(libc::SYS_fsync, fd).map(|_| ())
+}
+
+pub fn fcntl(fd: i32, cmd: i32, arg: libc::c_long) -> SysResult<i64> {
+    sc!(libc::SYS_fcntl, fd, cmd, arg)
+}
+
+/// OFD lock operation on one byte range of `fd`.
+pub fn ofd_lock(fd: i32, cmd: i32, kind: i32, start: i64, len: i64) -> SysResult<libc::flock> {
+    // SAFETY: a zeroed flock is valid; the kernel reads and may write it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    loop {
+        match sc!(libc::SYS_fcntl, fd, cmd, &mut fl as *mut libc::flock) {
+            Err(Errno(libc::EINTR)) => continue,
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(fl),
+        }
+    }
+}
+
+pub fn lseek(fd: i32, off: i64, whence: i32) -> SysResult<i64> {
+    sc!(libc::SYS_lseek, fd, off, whence)
+}
+
+pub fn readlink(path: &CStr, buf: &mut [u8]) -> SysResult<usize> {
+    sc!(
+        libc::SYS_readlinkat,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        buf.as_mut_ptr(),
+        buf.len()
+    )
+    .map(|n| n as usize)
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: getpid never fails.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid never fails.
+    unsafe { libc::syscall(libc::SYS_geteuid) as u32 }
+}
+
+pub fn exit_group(code: i32) -> ! {
+    // SAFETY: exit_group does not return.
+    unsafe {
+        libc::syscall(libc::SYS_exit_group, code);
+    }
+    unreachable!()
+}
+
+/// # Safety
+/// Same contract as `mmap(2)`; with `MAP_FIXED` the caller owns the range.
+pub unsafe fn mmap(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> SysResult<*mut libc::c_void> {
+    sc!(libc::SYS_mmap, addr, len, prot, flags, fd, off).map(|p| p as usize as *mut libc::c_void)
+}
+
+/// # Safety
+/// The range must not be in use by live Rust references.
+pub unsafe fn munmap(addr: *mut libc::c_void, len: usize) -> SysResult<()> {
+    sc!(libc::SYS_munmap, addr, len).map(|_| ())
+}
+
+/// # Safety
+/// As `mremap(2)`: the old range must be owned by the caller.
+pub unsafe fn mremap(
+    old: *mut libc::c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: *mut libc::c_void,
+) -> SysResult<*mut libc::c_void> {
+    sc!(libc::SYS_mremap, old, old_len, new_len, flags, new_addr)
+        .map(|p| p as usize as *mut libc::c_void)
+}
+
+pub fn msync(addr: usize, len: usize, flags: i32) -> SysResult<()> {
+    sc!(libc::SYS_msync, addr, len, flags).map(|_| ())
+}
+
+pub fn madvise(addr: usize, len: usize, advice: i32) -> SysResult<()> {
+    sc!(libc::SYS_madvise, addr, len, advice).map(|_| ())
+}
+
+/// # Safety
+/// `arg` must be what the ioctl `req` expects on `fd`.
+pub unsafe fn ioctl(fd: i32, req: u64, arg: *mut libc::c_void) -> SysResult<i64> {
+    sc!(libc::SYS_ioctl, fd, req, arg)
+}
+
+pub fn userfaultfd(flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_userfaultfd, flags).map(|n| n as i32)
+}
+
+pub fn mkdir(path: &CStr, mode: u32) -> SysResult<()> {
+    sc!(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), mode).map(|_| ())
+}
+
+pub fn unlink(path: &CStr) -> SysResult<()> {
+    sc!(libc::SYS_unlinkat, libc::AT_FDCWD, path.as_ptr(), 0).map(|_| ())
+}
+
+pub fn rename(from: &CStr, to: &CStr) -> SysResult<()> {
+    sc!(
+        libc::SYS_renameat,
+        libc::AT_FDCWD,
+        from.as_ptr(),
+        libc::AT_FDCWD,
+        to.as_ptr()
+    )
+    .map(|_| ())
+}
+
+pub fn sendfile(out_fd: i32, in_fd: i32, off: &mut i64, count: usize) -> SysResult<usize> {
+    sc!(
+        libc::SYS_sendfile,
+        out_fd,
+        in_fd,
+        off as *mut i64,
+        count
+    )
+    .map(|n| n as usize)
+}
+
+pub const PAGE: usize = 4096;
+
+pub fn page_down(x: usize) -> usize {
+    x & !(PAGE - 1)
+}
+
+pub fn page_up(x: usize) -> usize {
+    (x + PAGE - 1) & !(PAGE - 1)
+}

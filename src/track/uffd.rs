@@ -1,0 +1,209 @@
+//! userfaultfd write-protect in async mode + `PAGEMAP_SCAN` (Linux ≥ 6.7).
+//!
+//! A store to an armed page is resolved in the kernel (no message, no
+//! signal) and marks the page written; `PAGEMAP_SCAN` with
+//! `PM_SCAN_WP_MATCHING` reports the written pages and re-arms them in one
+//! call. Constants are from KERNEL-NOTES (absent from older headers).
+//!
+//! # Safety
+//! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
+
+use crate::sys::{self, Errno, SysResult};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+const UFFD_USER_MODE_ONLY: i32 = 1;
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_API: u64 = 0xc018aa3f;
+const UFFDIO_REGISTER: u64 = 0xc020aa00;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const PAGEMAP_SCAN: u64 = 0xc0606610;
+const PM_SCAN_WP_MATCHING: u64 = 1;
+const PM_SCAN_CHECK_WPASYNC: u64 = 2;
+const PAGE_IS_WRITTEN: u64 = 2;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+static UFFD: AtomicI32 = AtomicI32::new(-1);
+static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
+
+fn open_handles() -> SysResult<(i32, i32)> {
+    let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY)?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: UFFD_FEATURE_WP_ASYNC,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a struct uffdio_api.
+    if let Err(e) = unsafe { sys::ioctl(fd, UFFDIO_API, &mut api as *mut _ as *mut _) } {
+        sys::close(fd);
+        return Err(e);
+    }
+    let pm = match sys::open(c"/proc/self/pagemap", libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+        Ok(pm) => pm,
+        Err(e) => {
+            sys::close(fd);
+            return Err(e);
+        }
+    };
+    Ok((fd, pm))
+}
+
+/// Opens the process's userfaultfd and pagemap handles and checks that a
+/// write-protect scan works on a scratch shared mapping.
+pub fn init() -> SysResult<()> {
+    let (fd, pm) = open_handles()?;
+    UFFD.store(fd, Ordering::Relaxed);
+    PAGEMAP.store(pm, Ordering::Relaxed);
+    // Probe: register a one-page shared anonymous mapping, arm, write, scan.
+    // SAFETY: fresh private range owned here.
+    let p = unsafe {
+        sys::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?
+    } as usize;
+    let r = (|| {
+        register_and_arm(p, 4096)?;
+        // SAFETY: p is our mapping.
+        unsafe { std::ptr::write_volatile(p as *mut u8, 1) };
+        let mut seen = 0;
+        harvest(p, 4096, &mut |_, n| seen += n)?;
+        if seen == 4096 {
+            Ok(())
+        } else {
+            Err(Errno(libc::ENOTSUP))
+        }
+    })();
+    // SAFETY: our mapping.
+    let _ = unsafe { sys::munmap(p as *mut _, 4096) };
+    if r.is_err() {
+        sys::close(fd);
+        sys::close(pm);
+        UFFD.store(-1, Ordering::Relaxed);
+        PAGEMAP.store(-1, Ordering::Relaxed);
+    }
+    r
+}
+
+pub fn register_and_arm(addr: usize, len: usize) -> SysResult<()> {
+    let mut reg = UffdioRegister {
+        start: addr as u64,
+        len: len as u64,
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register.
+    unsafe {
+        sys::ioctl(
+            UFFD.load(Ordering::Relaxed),
+            UFFDIO_REGISTER,
+            &mut reg as *mut _ as *mut _,
+        )?
+    };
+    // Arming reports unarmed pages as written: discard that first answer.
+    harvest(addr, len, &mut |_, _| {})
+}
+
+/// Reports written page ranges in `[addr, addr+len)` and write-protects them.
+pub fn harvest(addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
+    let mut regions = [PageRegion::default(); 64];
+    let end = (addr + len) as u64;
+    let mut cur = addr as u64;
+    while cur < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            start: cur,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_WRITTEN,
+        };
+        // SAFETY: PAGEMAP_SCAN takes a struct pm_scan_arg whose vec points
+        // at vec_len page_regions.
+        let n = unsafe {
+            sys::ioctl(
+                PAGEMAP.load(Ordering::Relaxed),
+                PAGEMAP_SCAN,
+                &mut arg as *mut _ as *mut _,
+            )?
+        } as usize;
+        for r in &regions[..n] {
+            out(r.start as usize, (r.end - r.start) as usize);
+        }
+        if arg.walk_end <= cur {
+            break;
+        }
+        cur = arg.walk_end;
+    }
+    Ok(())
+}
+
+/// In a forked child the inherited handles act on the parent's memory: close
+/// them and open the child's own. The caller registers its ranges again.
+pub fn reinit_in_child() -> SysResult<()> {
+    let old_fd = UFFD.swap(-1, Ordering::Relaxed);
+    let old_pm = PAGEMAP.swap(-1, Ordering::Relaxed);
+    if old_fd >= 0 {
+        sys::close(old_fd);
+    }
+    if old_pm >= 0 {
+        sys::close(old_pm);
+    }
+    let (fd, pm) = open_handles()?;
+    UFFD.store(fd, Ordering::Relaxed);
+    PAGEMAP.store(pm, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The descriptors the tracker owns (so the fd hooks can protect them).
+pub fn owned_fds() -> [i32; 2] {
+    [UFFD.load(Ordering::Relaxed), PAGEMAP.load(Ordering::Relaxed)]
+}
