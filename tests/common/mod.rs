@@ -1,0 +1,291 @@
+//! Test helpers: find the built library, build the C examples, make
+//! isolated pmem and shadow directories, run programs with LD_PRELOAD set on
+//! the child only, each with a timeout.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// target/<profile>/ of this test binary.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+pub fn lib() -> PathBuf {
+    let p = target_dir().join("libdaxshim.so");
+    assert!(p.is_file(), "{} not built", p.display());
+    p
+}
+
+/// Compiles examples/c/NAME.c once per test binary.
+pub fn c_example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut b = built.lock().unwrap();
+    let out_dir = target_dir().join("c-examples");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(name);
+    if !b.iter().any(|n| n == name) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/c/{name}.c"));
+        let tmp = out_dir.join(format!("{name}.{}.tmp", std::process::id()));
+        let st = Command::new("gcc")
+            .args(["-O2", "-Wall", "-D_GNU_SOURCE", "-I"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("include"))
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&src)
+            .arg("-lpthread")
+            .status()
+            .expect("gcc");
+        assert!(st.success(), "compiling {}", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
+        b.push(name.to_string());
+    }
+    out
+}
+
+pub fn probe() -> PathBuf {
+    c_example("probe")
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// An isolated world: a pmem directory, an ordinary directory, a shadow
+/// directory. Removed on drop.
+pub struct World {
+    pub root: PathBuf,
+    pub pmem: PathBuf,
+    pub plain: PathBuf,
+    pub shadow: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl World {
+    pub fn new(tag: &str) -> World {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{tag}-{}-{n}", std::process::id());
+        let root = std::env::temp_dir().join(format!("daxshim-test-{id}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let pmem = root.join("pmem");
+        let plain = root.join("plain");
+        std::fs::create_dir_all(&pmem).unwrap();
+        std::fs::create_dir_all(&plain).unwrap();
+        let shadow = PathBuf::from(format!("/dev/shm/daxshim-test-{id}"));
+        let _ = std::fs::remove_dir_all(&shadow);
+        World {
+            root,
+            pmem,
+            plain,
+            shadow,
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> World {
+        self.extra_env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn pmem_file(&self, name: &str, content: &[u8]) -> PathBuf {
+        let p = self.pmem.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn plain_file(&self, name: &str, content: &[u8]) -> PathBuf {
+        let p = self.plain.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// Power failure: every volatile byte of the shim is gone.
+    pub fn drop_shadows(&self) {
+        let _ = std::fs::remove_dir_all(&self.shadow);
+    }
+
+    pub fn shadow_files(&self) -> Vec<String> {
+        match std::fs::read_dir(&self.shadow) {
+            Ok(d) => d
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn stats_pattern(&self) -> String {
+        format!("{}/stats-%p.json", self.root.display())
+    }
+
+    /// A command with the shim preloaded on the child only.
+    pub fn shim_cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(prog);
+        c.env("LD_PRELOAD", lib())
+            .env("DAXSHIM_PMEM", &self.pmem)
+            .env("DAXSHIM_SHADOW_DIR", &self.shadow)
+            .env("DAXSHIM_STATS", self.stats_pattern())
+            .env_remove("DAXSHIM_DAX")
+            .env_remove("DAXSHIM_TRACKER")
+            .env_remove("DAXSHIM_LOG");
+        for (k, v) in &self.extra_env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs the probe under the shim.
+    pub fn probe(&self, script: &[&str]) -> Output {
+        let mut c = self.shim_cmd(probe());
+        c.args(script);
+        run(c)
+    }
+
+    /// Runs the probe without the shim (the kernel page cache reference).
+    pub fn probe_plain(&self, script: &[&str]) -> Output {
+        let mut c = Command::new(probe());
+        c.args(script);
+        run(c)
+    }
+
+    /// Every stats file written so far, parsed into (key, value) maps.
+    pub fn stats(&self) -> Vec<Stats> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&self.root).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("stats-") {
+                v.push(Stats::parse(&std::fs::read_to_string(e.path()).unwrap()));
+            }
+        }
+        v
+    }
+
+    pub fn clear_stats(&self) {
+        for e in std::fs::read_dir(&self.root).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("stats-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// The sum of one counter over all stats files.
+    pub fn stat_sum(&self, key: &str) -> u64 {
+        self.stats().iter().map(|s| s.get(key)).sum()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.shadow);
+    }
+}
+
+pub struct Stats(Vec<(String, String)>);
+
+impl Stats {
+    pub fn parse(s: &str) -> Stats {
+        let body = s.trim().trim_start_matches('{').trim_end_matches('}');
+        Stats(
+            body.split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once(':')?;
+                    Some((k.trim().trim_matches('"').to_string(), v.trim().trim_matches('"').to_string()))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, k: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no integer {k} in stats"))
+    }
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a command with a timeout (a deadlock is a failure), capturing output.
+pub fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "timed out after {TIMEOUT:?}: {c:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean exit and returns stdout.
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "status {:?} (signal {:?})\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        o.status.signal(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Asserts the process died of SIGKILL (the script's `kill`).
+pub fn killed(o: Output) -> String {
+    assert_eq!(
+        o.status.signal(),
+        Some(libc_sigkill()),
+        "expected SIGKILL; status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+fn libc_sigkill() -> i32 {
+    9
+}
+
+/// Reads a file the way a process without the shim would.
+pub fn backing(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+pub fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Waits until `p` exists.
+pub fn wait_for(p: &Path) {
+    let start = Instant::now();
+    while !p.exists() {
+        assert!(start.elapsed() < TIMEOUT, "waiting for {}", p.display());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

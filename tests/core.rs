@@ -1,0 +1,494 @@
+//! The core shim, point by point (issue: "Core shim"). Every test runs a
+//! real program under LD_PRELOAD on emulated pmem and observes the backing
+//! file from this process, which has no shim.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+const PAGE: usize = 4096;
+
+fn zeros(n: usize) -> Vec<u8> {
+    vec![0u8; n]
+}
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+// 1. Shadow for unaware callers: stores stay out of the backing until a sync.
+#[test]
+fn stores_are_isolated_until_msync() {
+    let w = World::new("isolation");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let stored = w.root.join("stored");
+    let go = w.root.join("go");
+    let mut c = w.shim_cmd(probe());
+    c.args(["open", s(&f), "rw", ",", "map", "8192", ",", "store", "100", "hello", ","])
+        .args(["touch", s(&stored), ",", "waitfor", s(&go), ",", "msync", ",", "kill"]);
+    let h = std::thread::spawn(move || run(c));
+    wait_for(&stored);
+    assert!(!contains(&backing(&f), "hello"), "store reached the backing before any sync");
+    std::fs::write(&go, b"").unwrap();
+    killed(h.join().unwrap());
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "hello"), "msync did not persist the store");
+    assert_eq!(w.stat_sum("mappings_shadowed"), 0, "killed process wrote no stats");
+}
+
+// 3. Each sync call persists (durable: it survives kill + dropping shadows).
+#[test]
+fn every_sync_call_persists() {
+    let syncs: &[&[&str]] = &[
+        &["msync"],
+        &["msync", "sync", "4096", "4096"],
+        &["fsync"],
+        &["fdatasync"],
+        &["sfr", "0", "0", "wait"],
+        &["syncfs"],
+        &["sync"],
+    ];
+    for sync in syncs {
+        let w = World::new("sync");
+        let f = w.pmem_file("f", &zeros(2 * PAGE));
+        let mut script = vec!["open", s(&f), "rw", ",", "map", "8192", ",", "store", "5000", "durable", ","];
+        script.extend_from_slice(sync);
+        script.extend_from_slice(&[",", "kill"]);
+        killed(w.probe(&script));
+        w.drop_shadows();
+        assert!(contains(&backing(&f), "durable"), "{sync:?} did not persist");
+    }
+}
+
+// The negative control: without a sync, a power failure loses the store.
+#[test]
+fn without_sync_power_failure_loses_the_store() {
+    let w = World::new("nosync");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "10", "volatile", ",", "kill"]));
+    w.drop_shadows();
+    assert!(!contains(&backing(&f), "volatile"));
+}
+
+// A range-scoped msync writes back only its range.
+#[test]
+fn msync_is_range_scoped() {
+    let w = World::new("range");
+    let f = w.pmem_file("f", &zeros(3 * PAGE));
+    killed(w.probe(&[
+        "open", s(&f), "rw", ",", "map", "12288", ",", "store", "10", "first", ",", "store", "8200", "third", ",",
+        "msync", "sync", "8192", "4096", ",", "kill",
+    ]));
+    w.drop_shadows();
+    let b = backing(&f);
+    assert!(contains(&b, "third"));
+    assert!(!contains(&b, "first"), "msync of page 2 wrote page 0 too");
+}
+
+// 4. Coherence within a process, same observations as the kernel page cache.
+#[test]
+fn file_io_and_mappings_agree_like_the_page_cache() {
+    let script = |p: &str| -> Vec<String> {
+        [
+            "open", p, "rw", ",", "map", "8192", ",", "store", "100", "mapped", ",", "pread", "100", "6", ",",
+            "pwrite", "200", "written", ",", "load", "200", "7", ",", "seek", "100", ",", "read", "6", ",",
+            "seek", "300", ",", "writev", "ab", "cd", ",", "load", "300", "4", ",", "preadv", "100", "3", "3", ",",
+            "ftruncate", "16384", ",", "mremap", "16384", ",", "store", "12000", "grown", ",", "pread", "12000", "5",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let w = World::new("coherent");
+    let pf = w.pmem_file("f", &zeros(2 * PAGE));
+    let of = w.plain_file("f", &zeros(2 * PAGE));
+    let a = script(s(&pf));
+    let b = script(s(&of));
+    let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+    let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+    assert_eq!(shim, plain);
+    assert!(shim.contains("pread: mapped") && shim.contains("load: written") && shim.contains("pread: grown"));
+    assert_eq!(w.stat_sum("mappings_shadowed"), 1);
+    // Exit wrote everything back: the backing equals the ordinary file.
+    assert_eq!(backing(&pf), backing(&of));
+}
+
+// Two processes mapping one file see each other's stores at once; one's
+// fsync persists the other's stores (as the kernel's would).
+#[test]
+fn two_processes_share_one_shadow() {
+    let w = World::new("twoproc");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let (a_ready, b_ready, done) = (w.root.join("a"), w.root.join("b"), w.root.join("done"));
+    let mut b = w.shim_cmd(probe());
+    b.args(["open", s(&f), "rw", ",", "map", "8192", ",", "waitfor", s(&a_ready), ",", "load", "0", "3", ","])
+        .args(["store", "4100", "BBB", ",", "touch", s(&b_ready), ",", "waitfor", s(&done), ",", "kill"]);
+    let hb = std::thread::spawn(move || run(b));
+    let out_a = killed(w.probe(&[
+        "open", s(&f), "rw", ",", "map", "8192", ",", "store", "0", "AAA", ",", "touch", s(&a_ready), ",",
+        "waitfor", s(&b_ready), ",", "load", "4100", "3", ",", "fsync", ",", "touch", s(&done), ",", "kill",
+    ]));
+    let out_b = killed(hb.join().unwrap());
+    assert!(out_b.contains("load: AAA"), "B did not see A's store: {out_b}");
+    assert!(out_a.contains("load: BBB"), "A did not see B's store: {out_a}");
+    w.drop_shadows();
+    let bk = backing(&f);
+    assert!(contains(&bk, "AAA") && contains(&bk, "BBB"), "A's fsync did not persist both stores");
+}
+
+// 5. Lifecycle: munmap + _exit, exit without munmap, SIGKILL.
+#[test]
+fn stores_survive_munmap_and_underscore_exit() {
+    let w = World::new("munmap");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "7", "unmapped", ",", "munmap", ",", "_exit"]));
+    let out = killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "7", "8", ",", "fsync", ",", "kill"]));
+    assert!(out.contains("load: unmapped"), "{out}");
+    let o = w.probe(&["open", s(&f), "ro", ",", "pread", "7", "8"]);
+    assert!(ok(o).contains("pread: unmapped"));
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "unmapped"));
+}
+
+#[test]
+fn exit_without_munmap_writes_back() {
+    let w = World::new("exit");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "7", "atexit", ",", "exit"]));
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "atexit"));
+    assert!(w.shadow_files().is_empty());
+}
+
+#[test]
+fn sigkilled_writer_is_seen_by_the_next_process_and_made_durable() {
+    let w = World::new("sigkill");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "7", "killed", ",", "kill"]));
+    assert!(!contains(&backing(&f), "killed"));
+    assert!(!w.shadow_files().is_empty(), "the shadow must outlive its writer");
+    let out = killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "7", "6", ",", "fsync", ",", "kill"]));
+    assert!(out.contains("load: killed"));
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "killed"));
+}
+
+// fork: the child's mappings stay coherent with the parent's; its syncs work.
+#[test]
+fn forked_child_stays_coherent_and_syncs() {
+    let w = World::new("fork");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    // After `fork`, the rest runs in the child; the parent waits, then
+    // continues with nothing left (prints child's status).
+    let out = ok(w.probe(&[
+        "open", s(&f), "rw", ",", "map", "8192", ",", "store", "0", "parent", ",", "fork", ",", "load", "0", "6", ",",
+        "store", "5000", "child", ",", "msync", ",", "_exit",
+    ]));
+    assert!(out.contains("load: parent"), "{out}");
+    assert!(out.contains("child: 0"), "{out}");
+    assert!(contains(&backing(&f), "child"), "the child's msync did not write back");
+    assert!(contains(&backing(&f), "parent"), "the parent's exit did not write back");
+}
+
+// 2. DAX-aware callers get the direct mapping.
+#[test]
+fn map_sync_map_dax_and_daxshim_dax_map_directly() {
+    let cases: &[(&[&str], Option<&str>)] = &[
+        (&["validate-sync"], None),
+        (&["dax"], None),
+        (&[], Some("1")),
+        (&[], Some("DIR")),
+    ];
+    for (flags, dax_env) in cases {
+        let mut w = World::new("direct");
+        if let Some(v) = dax_env {
+            let v = if *v == "DIR" { w.pmem.to_str().unwrap().to_string() } else { v.to_string() };
+            w = w.env("DAXSHIM_DAX", &v);
+        }
+        let f = w.pmem_file("f", &zeros(PAGE));
+        let mut script = vec!["open", s(&f), "rw", ",", "map", "4096"];
+        script.extend_from_slice(flags);
+        script.extend_from_slice(&[",", "store", "9", "direct", ",", "exit"]);
+        ok(w.probe(&script));
+        assert!(contains(&backing(&f), "direct"));
+        assert_eq!(w.stat_sum("mappings_direct"), 1, "{flags:?} {dax_env:?}");
+        assert_eq!(w.stat_sum("mappings_shadowed"), 0);
+    }
+}
+
+// A direct mapping bypasses the shadow: stores are in the backing before
+// any sync (the isolation test's opposite).
+#[test]
+fn direct_mapping_stores_reach_the_backing_without_sync() {
+    let w = World::new("directnow");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", "dax", ",", "store", "9", "nosync", ",", "kill"]));
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "nosync"));
+}
+
+// MAP_PRIVATE: a private copy of the shadow, never written back.
+#[test]
+fn private_mappings_are_never_written_back() {
+    let w = World::new("private");
+    let f = w.pmem_file("f", b"original-content");
+    let out = ok(w.probe(&[
+        "open", s(&f), "rw", ",", "pwrite", "0", "ORIGINAL", ",", "map", "4096", "private", ",", "load", "0", "8", ",",
+        "store", "0", "privstor", ",", "msync", ",", "pread", "0", "8", ",", "exit",
+    ]));
+    assert!(out.contains("load: ORIGINAL"), "private mapping must see the file's latest data: {out}");
+    assert!(out.contains("pread: ORIGINAL"), "{out}");
+    assert!(!contains(&backing(&f), "privstor"));
+}
+
+// Files outside the pmem directories are untouched by the shim.
+#[test]
+fn files_outside_pmem_are_not_shadowed() {
+    let w = World::new("outside");
+    let f = w.plain_file("f", &zeros(PAGE));
+    let stored = w.root.join("stored");
+    let go = w.root.join("go");
+    let mut c = w.shim_cmd(probe());
+    c.args(["open", s(&f), "rw", ",", "map", "4096", ",", "store", "9", "plainfile", ",", "touch", s(&stored), ","])
+        .args(["waitfor", s(&go), ",", "exit"]);
+    let h = std::thread::spawn(move || run(c));
+    wait_for(&stored);
+    // The kernel page cache: the store is visible to read() at once.
+    assert!(contains(&backing(&f), "plainfile"));
+    std::fs::write(&go, b"").unwrap();
+    ok(h.join().unwrap());
+    assert_eq!(w.stat_sum("mappings_shadowed"), 0);
+    assert!(w.shadow_files().is_empty());
+}
+
+// 7. errno exactly as the kernel's: the same probe on an ordinary file
+// without the shim is the reference.
+#[test]
+fn errors_match_the_kernel() {
+    let w = World::new("errno");
+    let pf = w.pmem_file("f", &zeros(2 * PAGE));
+    let of = w.plain_file("f", &zeros(2 * PAGE));
+    let script = |p: &str, mode: &str| -> Vec<String> {
+        [
+            "open", p, mode, ",", "map", "8192", "ro", ",",
+            "try_msync", "1", "4096", "4", // unaligned -> EINVAL
+            "try_msync", "0", "1048576", "4", // beyond the mapping -> ENOMEM
+            "try_msync", "0", "4096", "7", // MS_ASYNC|MS_SYNC -> EINVAL
+            "try_msync", "0", "4096", "64", // unknown flag -> EINVAL
+            "try_fsync", "987", // EBADF
+            "try_mmap", "0", "3", "1", "0", // length 0 -> EINVAL
+            "try_mmap", "4096", "3", "1", "1", // unaligned offset -> EINVAL
+            "try_mmap", "4096", "3", "1", "0", // PROT_WRITE|SHARED on a read-only fd -> EACCES (ro) / ok (rw)
+            "try_mmap", "4096", "3", "3", "0", // MAP_SHARED_VALIDATE without unknown flags
+            "try_munmap", "1", "4096", // EINVAL
+            "try_mremap", "16384", "0", // cannot grow in place without MAYMOVE?
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    for mode in ["ro", "rw"] {
+        let a = script(s(&pf), mode);
+        let b = script(s(&of), mode);
+        let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+        let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+        assert_eq!(shim, plain, "mode {mode}");
+        assert!(shim.contains("errno=22") && shim.contains("errno=12") && shim.contains("errno=9"));
+    }
+    // MAP_SHARED_VALIDATE|MAP_SYNC: EOPNOTSUPP on an ordinary file, as the
+    // kernel says; on (emulated) pmem the shim strips MAP_SYNC and maps.
+    let sync_map = |p: &str| vec!["open".to_string(), p.into(), "rw".into(), ",".into(), "try_mmap".into(), "4096".into(), "3".into(), "0x80003".into(), "0".into()];
+    let a = sync_map(s(&pf));
+    let b = sync_map(s(&of));
+    assert_eq!(ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>())), "ret=ok errno=0\n");
+    assert_eq!(ok(w.probe(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>())), "ret=-1 errno=95\n");
+}
+
+// Beyond end of file: SIGBUS, as with the kernel.
+#[test]
+fn access_beyond_eof_raises_sigbus_like_the_kernel() {
+    use std::os::unix::process::ExitStatusExt;
+    let w = World::new("sigbus");
+    let pf = w.pmem_file("f", &zeros(2 * PAGE));
+    let of = w.plain_file("f", &zeros(2 * PAGE));
+    for f in [&pf, &of] {
+        let script = ["open", s(f), "rw", ",", "map", "8192", ",", "ftruncate", "4096", ",", "load", "5000", "1"];
+        let o = if f == &pf { w.probe(&script) } else { w.probe_plain(&script) };
+        assert_eq!(o.status.signal(), Some(7), "{}", s(f));
+    }
+}
+
+// Bad configuration: one line naming the variable, status 125, before main.
+#[test]
+fn invalid_env_values_exit_125_before_main() {
+    let cases = [
+        ("DAXSHIM_LOG", "loud"),
+        ("DAXSHIM_PMEM", "relative/dir"),
+        ("DAXSHIM_PMEM", "/nonexistent-daxshim-dir"),
+        ("DAXSHIM_DAX", "yes"),
+        ("DAXSHIM_TRACKER", "magic"),
+        ("DAXSHIM_FLUSH", "wbinvd"),
+        ("DAXSHIM_SHADOW_DIR", "shm"),
+        ("DAXSHIM_STATS", ""),
+    ];
+    for (var, val) in cases {
+        let w = World::new("badenv");
+        let mut c = w.shim_cmd(probe());
+        c.env(var, val).args(["touch", w.root.join("main-ran").to_str().unwrap()]);
+        let o = run(c);
+        assert_eq!(o.status.code(), Some(125), "{var}={val}");
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(var), "{err}");
+        assert!(err.contains("expected"), "{err}");
+        assert!(!w.root.join("main-ran").exists(), "main ran despite {var}={val}");
+    }
+}
+
+// 6. Shadows are private to their user and never stale.
+#[test]
+fn shadow_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new("perm");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "x", ",", "kill"]));
+    let dmode = std::fs::metadata(&w.shadow).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dmode, 0o700);
+    for n in w.shadow_files() {
+        let m = std::fs::metadata(w.shadow.join(&n)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(m, 0o600, "{n}");
+    }
+}
+
+#[test]
+fn unsafe_shadow_dir_falls_back_to_direct_mapping_with_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new("baddir");
+    std::fs::create_dir_all(&w.shadow).unwrap();
+    std::fs::set_permissions(&w.shadow, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let o = w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "3", "fallback", ",", "kill"]);
+    let err = stderr(&o);
+    killed(o);
+    assert!(err.contains("daxshim") && err.contains("must not be accessible"), "{err}");
+    // Direct: the store is in the backing, nothing was lost.
+    assert!(contains(&backing(&f), "fallback"));
+}
+
+#[test]
+fn file_rewritten_behind_the_shims_back_is_not_served_stale() {
+    let w = World::new("stale");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    // A reader dies, leaving a clean shadow behind.
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "1", ",", "kill"]));
+    assert!(!w.shadow_files().is_empty());
+    // Rewritten without the shim.
+    std::fs::write(&f, b"rewritten-by-another-program").unwrap();
+    let out = ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "9", ",", "pread", "0", "9"]));
+    assert!(out.contains("load: rewritten") && out.contains("pread: rewritten"), "{out}");
+}
+
+#[test]
+fn unsynced_shadow_of_a_rewritten_file_is_kept_aside_not_served() {
+    let w = World::new("orphan");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "unsynced", ",", "kill"]));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&f, b"external").unwrap();
+    let o = w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "8"]);
+    let err = stderr(&o);
+    let out = ok(o);
+    assert!(out.contains("load: external"), "{out}");
+    assert!(err.contains("orphan"), "{err}");
+    assert!(w.shadow_files().iter().any(|n| n.contains(".orphan-")));
+}
+
+#[test]
+fn recreated_file_never_meets_the_old_shadow() {
+    let w = World::new("recreate");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "oldfile", ",", "kill"]));
+    std::fs::remove_file(&f).unwrap();
+    std::fs::write(&f, zeros(PAGE)).unwrap();
+    let out = ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "7"]));
+    assert!(!out.contains("oldfile"), "{out}");
+}
+
+// The flush engine writes only the lines that changed.
+#[test]
+fn sync_writes_only_changed_cachelines() {
+    let w = World::new("lines");
+    let f = w.pmem_file("f", &zeros(256 * PAGE));
+    ok(w.probe(&[
+        "open", s(&f), "rw", ",", "map", "1048576", ",", "store", "70000", "x", ",", "store", "70070", "y", ",",
+        "store", "900000", "z", ",", "msync", ",", "close", ",", "munmap",
+    ]));
+    assert_eq!(w.stat_sum("lines_written"), 3);
+    assert_eq!(w.stat_sum("pages_dirtied"), 2);
+    assert!(w.stat_sum("lines_compared") <= 128, "compared {}", w.stat_sum("lines_compared"));
+    assert_eq!(w.stat_sum("bytes_flushed"), 3 * 64);
+}
+
+#[test]
+fn compare_tracker_is_a_correct_oracle() {
+    let w = World::new("compare").env("DAXSHIM_TRACKER", "compare");
+    let f = w.pmem_file("f", &zeros(256 * PAGE));
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "1048576", ",", "store", "70000", "cmp", ",", "msync", ",", "kill"]));
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "cmp"));
+    // Killed: no stats. Run once more to count a full compare.
+    w.clear_stats();
+    ok(w.probe(&["open", s(&f), "rw", ",", "map", "1048576", ",", "store", "1", "q", ",", "msync", ",", "munmap", ",", "close"]));
+    assert_eq!(w.stat_sum("lines_written"), 1);
+    assert!(w.stat_sum("lines_compared") >= 16384);
+}
+
+// Python's mmap module (code we did not write), under the shim.
+#[test]
+fn python_mmap_module_flush_persists_and_isolates() {
+    let w = World::new("python");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let script = format!(
+        r#"
+import mmap, os, signal
+fd = os.open({f:?}, os.O_RDWR)
+m = mmap.mmap(fd, 4096)
+m[10:16] = b"python"
+print("before-flush", open({f:?}, "rb").read().find(b"python") >= 0)  # read() goes through the shim
+m.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"#,
+        f = s(&f)
+    );
+    let mut c = w.shim_cmd("python3");
+    c.args(["-c", &script]);
+    let o = run(c);
+    let out = stdout(&o);
+    killed(o);
+    assert!(out.contains("before-flush True"), "read() must see the mapped store: {out}");
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "python"));
+}
+
+// The CLI wraps a command the same way.
+#[test]
+fn daxshim_run_preloads_and_keeps_ld_preload() {
+    let w = World::new("cli");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let cli = target_dir().join("daxshim");
+    let mut c = Command::new(&cli);
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("LD_PRELOAD", "")
+        .args(["run", "--pmem", s(&w.pmem), "--stats", &w.stats_pattern(), "--"])
+        .arg(probe())
+        .args(["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "viacli", ",", "exit"]);
+    ok(run(c));
+    assert_eq!(w.stat_sum("mappings_shadowed"), 1);
+    assert!(contains(&backing(&f), "viacli"));
+    let o = run({
+        let mut c = Command::new(&cli);
+        c.args(["run", "--", "/nonexistent/cmd"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(127));
+}
