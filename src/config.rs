@@ -205,11 +205,6 @@ pub fn unknown_vars(names: impl Iterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
-/// True if `path` is `dir` or lies below it (component-wise).
-pub fn is_under(path: &Path, dir: &Path) -> bool {
-    path.starts_with(dir)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,7 +245,10 @@ mod tests {
         let c = parse_map(&[("DAXSHIM_PMEM", "/exists/a:/exists/b")]).unwrap();
         assert_eq!(
             c.pmem_dirs,
-            vec![PathBuf::from("/real/exists/a"), PathBuf::from("/real/exists/b")]
+            vec![
+                PathBuf::from("/real/exists/a"),
+                PathBuf::from("/real/exists/b")
+            ]
         );
     }
 
@@ -265,8 +263,14 @@ mod tests {
 
     #[test]
     fn dax_values() {
-        assert_eq!(parse_map(&[("DAXSHIM_DAX", "1")]).unwrap().dax, DaxOptIn::All);
-        assert_eq!(parse_map(&[("DAXSHIM_DAX", "0")]).unwrap().dax, DaxOptIn::Off);
+        assert_eq!(
+            parse_map(&[("DAXSHIM_DAX", "1")]).unwrap().dax,
+            DaxOptIn::All
+        );
+        assert_eq!(
+            parse_map(&[("DAXSHIM_DAX", "0")]).unwrap().dax,
+            DaxOptIn::Off
+        );
         assert_eq!(
             parse_map(&[("DAXSHIM_DAX", "/exists/x")]).unwrap().dax,
             DaxOptIn::Dirs(vec![PathBuf::from("/real/exists/x")])
@@ -308,11 +312,5 @@ mod tests {
     fn unknown_variables_are_listed() {
         let names = ["DAXSHIM_PMME", "DAXSHIM_PMEM", "PATH"].map(String::from);
         assert_eq!(unknown_vars(names.into_iter()), vec!["DAXSHIM_PMME"]);
-    }
-
-    #[test]
-    fn under_is_component_wise() {
-        assert!(is_under(Path::new("/a/b/c"), Path::new("/a/b")));
-        assert!(!is_under(Path::new("/a/bc"), Path::new("/a/b")));
     }
 }

@@ -23,6 +23,8 @@
 //! | `DAXSHIM_DEBUG_CRASH_AFTER_LINES=N` | testing only: SIGKILL itself after writing back N lines |
 
 #![deny(unsafe_op_in_unsafe_fn)]
+// The constructor and everything only it reaches are cfg(not(test)).
+#![cfg_attr(test, allow(dead_code))]
 
 #[macro_use]
 mod log;
@@ -44,14 +46,14 @@ pub const MAP_DAX: i32 = hooks::map::MAP_DAX;
 
 // The whole exported ABI, in one list.
 pub use hooks::fd::{
-    __open64_2, __open_2, __openat64_2, __openat_2, close, close_range, closefrom, creat,
-    creat64, dup, dup2, dup3, fcntl, fcntl64, open, open64, openat, openat64,
+    __open64_2, __open_2, __openat64_2, __openat_2, close, close_range, closefrom, creat, creat64,
+    dup, dup2, dup3, fcntl, fcntl64, open, open64, openat, openat64,
 };
 pub use hooks::io::{
     __pread64_chk, __pread_chk, __read_chk, fallocate, fallocate64, ftruncate, ftruncate64,
     posix_fallocate, posix_fallocate64, pread, pread64, preadv, preadv2, preadv64, preadv64v2,
-    pwrite, pwrite64, pwritev, pwritev2, pwritev64, pwritev64v2, read, readv, truncate,
-    truncate64, write, writev,
+    pwrite, pwrite64, pwritev, pwritev2, pwritev64, pwritev64v2, read, readv, truncate, truncate64,
+    write, writev,
 };
 pub use hooks::map::{madvise, mmap, mmap64, mremap, munmap};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
@@ -93,7 +95,9 @@ extern "C" fn daxshim_init() {
     };
     let mut missing = real::resolve_all();
     missing.extend(real::resolve_variadic());
-    let required = ["mmap64", "munmap", "mremap", "msync", "fsync", "read", "write", "close"];
+    let required = [
+        "mmap64", "munmap", "mremap", "msync", "fsync", "read", "write", "close",
+    ];
     if let Some(m) = missing.iter().find(|m| required.contains(m)) {
         config_error(&format!("cannot resolve the real `{m}`; refusing to run"));
     }
@@ -104,8 +108,13 @@ extern "C" fn daxshim_init() {
     )
     .unwrap_or_else(|e| config_error(&e.to_string()));
     log::set_level(cfg.log);
-    for v in config::unknown_vars(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned())) {
-        warn!("unknown variable {v} ignored (known: {})", config::KNOWN_VARS.join(", "));
+    for v in
+        config::unknown_vars(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()))
+    {
+        warn!(
+            "unknown variable {v} ignored (known: {})",
+            config::KNOWN_VARS.join(", ")
+        );
     }
     let flush = persist::flush::select(cfg.flush, persist::flush::detect());
     let backend = match track::select(cfg.tracker) {
@@ -137,7 +146,11 @@ extern "C" fn daxshim_init() {
     });
     // SAFETY: registering plain extern "C" handlers.
     unsafe {
-        libc::pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child));
+        libc::pthread_atfork(
+            Some(atfork_prepare),
+            Some(atfork_parent),
+            Some(atfork_child),
+        );
     }
     state::READY.store(true, Ordering::Release);
     state::scan_inherited_fds();

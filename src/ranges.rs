@@ -47,10 +47,6 @@ impl RangeSet {
         }
     }
 
-    pub fn take(&mut self) -> RangeSet {
-        std::mem::take(self)
-    }
-
     /// The part of the set inside `[start, end)`.
     pub fn clip(&self, start: u64, end: u64) -> RangeSet {
         let mut out = RangeSet::new();

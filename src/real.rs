@@ -107,10 +107,6 @@ real_fns! {
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int
         => sc(SYS_close_range, first, last, flags) as c_int;
     fn closefrom(first: c_int) -> () => { sc(SYS_close_range, first, !0u32, 0); };
-    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int
-        => sc(SYS_execve, path, argv, envp) as c_int;
-    fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int
-        => sc(SYS_execveat, fd, c"".as_ptr(), argv, envp, AT_EMPTY_PATH) as c_int;
     fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t
         => { let _ = buflen; sc(SYS_read, fd, buf, n) as ssize_t };
     fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t

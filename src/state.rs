@@ -35,7 +35,8 @@ pub static RT: OnceLock<Runtime> = OnceLock::new();
 pub static READY: AtomicBool = AtomicBool::new(false);
 
 pub fn rt() -> &'static Runtime {
-    RT.get().expect("daxshim runtime used before initialisation")
+    RT.get()
+        .expect("daxshim runtime used before initialisation")
 }
 
 const STATX_ATTR_DAX: u64 = 0x0020_0000;
@@ -165,7 +166,13 @@ pub fn classify(fd: i32) -> Option<(FileId, bool, String)> {
         return None;
     }
     let path = fd_path(fd)?;
-    if !dax && !r.cfg.pmem_dirs.iter().any(|d| Path::new(&path).starts_with(d)) {
+    if !dax
+        && !r
+            .cfg
+            .pmem_dirs
+            .iter()
+            .any(|d| Path::new(&path).starts_with(d))
+    {
         return None;
     }
     let (gen_sec, gen_nsec) = if stx.stx_mask & libc::STATX_BTIME != 0 {
@@ -199,7 +206,12 @@ fn reopen_backing(fd: i32) -> SysResult<(i32, bool)> {
 }
 
 /// The attached state of a pmem file, attaching it if needed.
-fn get_or_attach(fd: i32, id: FileId, emulated: bool, path: &str) -> Result<Arc<FileState>, String> {
+fn get_or_attach(
+    fd: i32,
+    id: FileId,
+    emulated: bool,
+    path: &str,
+) -> Result<Arc<FileState>, String> {
     let _a = ATTACHING.lock();
     if let Some(f) = REG.lock().files.iter().find(|f| f.id == id).cloned() {
         return Ok(f);
@@ -456,7 +468,10 @@ impl FileState {
         }
         if !self.backing_writable {
             // This process could never have stored to the file.
-            debug!("{}: read-only backing; nothing of ours to write back", self.path);
+            debug!(
+                "{}: read-only backing; nothing of ours to write back",
+                self.path
+            );
             return Ok(());
         }
         let io = self.shadow.io_lock();
@@ -468,7 +483,12 @@ impl FileState {
                 return Ok(());
             }
             let bfd = self.backing_fd;
-            let sv = ensure_view(&mut inner.shadow_view, self.shadow.data_fd, size as usize, libc::PROT_READ)?;
+            let sv = ensure_view(
+                &mut inner.shadow_view,
+                self.shadow.data_fd,
+                size as usize,
+                libc::PROT_READ,
+            )?;
             let bv = ensure_view(
                 &mut inner.backing_view,
                 bfd,
@@ -476,7 +496,10 @@ impl FileState {
                 libc::PROT_READ | libc::PROT_WRITE,
             )?;
             if !full {
-                add(&STATS.pages_dirtied, dirty.clip(0, size).len().div_ceil(PAGE as u64));
+                add(
+                    &STATS.pages_dirtied,
+                    dirty.clip(0, size).len().div_ceil(PAGE as u64),
+                );
             }
             persist::write_back(
                 sv,
@@ -500,7 +523,6 @@ impl FileState {
         }
         Ok(())
     }
-
 }
 
 impl Drop for FileState {
@@ -515,7 +537,8 @@ impl Drop for FileState {
         };
         unmap_views(&mut self.inner.lock());
         let bfd = self.backing_fd;
-        self.shadow.detach(synced, bfd, &attach_options(self.emulated));
+        self.shadow
+            .detach(synced, bfd, &attach_options(self.emulated));
         sys::close(bfd);
         debug!("detached {}", self.path);
     }
@@ -723,7 +746,10 @@ pub fn atfork_child() {
     let reg = REG.lock();
     for m in reg.maps.values().filter(|m| m.tracked) {
         if let Err(e) = track::track(m.start, m.len) {
-            warn!("cannot track a mapping of {} in the child: {e}", m.file.path);
+            warn!(
+                "cannot track a mapping of {} in the child: {e}",
+                m.file.path
+            );
             track::force_compare();
         }
     }

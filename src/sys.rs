@@ -14,7 +14,11 @@ pub struct Errno(pub i32);
 
 impl Errno {
     pub fn last() -> Errno {
-        Errno(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 }
 
@@ -159,19 +163,6 @@ pub fn lstat(path: &CStr) -> SysResult<libc::stat> {
     Ok(st)
 }
 
-pub fn stat(path: &CStr) -> SysResult<libc::stat> {
-    // SAFETY: as above.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    sc!(
-        libc::SYS_newfstatat,
-        libc::AT_FDCWD,
-        path.as_ptr(),
-        &mut st as *mut libc::stat,
-        0
-    )?;
-    Ok(st)
-}
-
 /// `statx` of an open descriptor (`AT_EMPTY_PATH`).
 pub fn statx_fd(fd: i32, mask: u32) -> SysResult<libc::statx> {
     // SAFETY: as above.
@@ -194,10 +185,6 @@ pub fn ftruncate(fd: i32, len: u64) -> SysResult<()> {
             r => return r.map(|_| ()),
         }
     }
-}
-
-pub fn fsync(fd: i32) -> SysResult<()> {
-    sc!(libc::SYS_fsync, fd).map(|_| ())
 }
 
 pub fn fcntl(fd: i32, cmd: i32, arg: libc::c_long) -> SysResult<i64> {
@@ -273,19 +260,6 @@ pub unsafe fn munmap(addr: *mut libc::c_void, len: usize) -> SysResult<()> {
     sc!(libc::SYS_munmap, addr, len).map(|_| ())
 }
 
-/// # Safety
-/// As `mremap(2)`: the old range must be owned by the caller.
-pub unsafe fn mremap(
-    old: *mut libc::c_void,
-    old_len: usize,
-    new_len: usize,
-    flags: i32,
-    new_addr: *mut libc::c_void,
-) -> SysResult<*mut libc::c_void> {
-    sc!(libc::SYS_mremap, old, old_len, new_len, flags, new_addr)
-        .map(|p| p as usize as *mut libc::c_void)
-}
-
 pub fn msync(addr: usize, len: usize, flags: i32) -> SysResult<()> {
     sc!(libc::SYS_msync, addr, len, flags).map(|_| ())
 }
@@ -324,14 +298,7 @@ pub fn rename(from: &CStr, to: &CStr) -> SysResult<()> {
 }
 
 pub fn sendfile(out_fd: i32, in_fd: i32, off: &mut i64, count: usize) -> SysResult<usize> {
-    sc!(
-        libc::SYS_sendfile,
-        out_fd,
-        in_fd,
-        off as *mut i64,
-        count
-    )
-    .map(|n| n as usize)
+    sc!(libc::SYS_sendfile, out_fd, in_fd, off as *mut i64, count).map(|n| n as usize)
 }
 
 pub const PAGE: usize = 4096;

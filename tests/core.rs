@@ -24,16 +24,48 @@ fn stores_are_isolated_until_msync() {
     let stored = w.root.join("stored");
     let go = w.root.join("go");
     let mut c = w.shim_cmd(probe());
-    c.args(["open", s(&f), "rw", ",", "map", "8192", ",", "store", "100", "hello", ","])
-        .args(["touch", s(&stored), ",", "waitfor", s(&go), ",", "msync", ",", "kill"]);
+    c.args([
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "8192",
+        ",",
+        "store",
+        "100",
+        "hello",
+        ",",
+    ])
+    .args([
+        "touch",
+        s(&stored),
+        ",",
+        "waitfor",
+        s(&go),
+        ",",
+        "msync",
+        ",",
+        "kill",
+    ]);
     let h = std::thread::spawn(move || run(c));
     wait_for(&stored);
-    assert!(!contains(&backing(&f), "hello"), "store reached the backing before any sync");
+    assert!(
+        !contains(&backing(&f), "hello"),
+        "store reached the backing before any sync"
+    );
     std::fs::write(&go, b"").unwrap();
     killed(h.join().unwrap());
     w.drop_shadows();
-    assert!(contains(&backing(&f), "hello"), "msync did not persist the store");
-    assert_eq!(w.stat_sum("mappings_shadowed"), 0, "killed process wrote no stats");
+    assert!(
+        contains(&backing(&f), "hello"),
+        "msync did not persist the store"
+    );
+    assert_eq!(
+        w.stat_sum("mappings_shadowed"),
+        0,
+        "killed process wrote no stats"
+    );
 }
 
 // 3. Each sync call persists (durable: it survives kill + dropping shadows).
@@ -51,12 +83,27 @@ fn every_sync_call_persists() {
     for sync in syncs {
         let w = World::new("sync");
         let f = w.pmem_file("f", &zeros(2 * PAGE));
-        let mut script = vec!["open", s(&f), "rw", ",", "map", "8192", ",", "store", "5000", "durable", ","];
+        let mut script = vec![
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "8192",
+            ",",
+            "store",
+            "5000",
+            "durable",
+            ",",
+        ];
         script.extend_from_slice(sync);
         script.extend_from_slice(&[",", "kill"]);
         killed(w.probe(&script));
         w.drop_shadows();
-        assert!(contains(&backing(&f), "durable"), "{sync:?} did not persist");
+        assert!(
+            contains(&backing(&f), "durable"),
+            "{sync:?} did not persist"
+        );
     }
 }
 
@@ -65,7 +112,20 @@ fn every_sync_call_persists() {
 fn without_sync_power_failure_loses_the_store() {
     let w = World::new("nosync");
     let f = w.pmem_file("f", &zeros(PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "10", "volatile", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "10",
+        "volatile",
+        ",",
+        "kill",
+    ]));
     w.drop_shadows();
     assert!(!contains(&backing(&f), "volatile"));
 }
@@ -76,8 +136,27 @@ fn msync_is_range_scoped() {
     let w = World::new("range");
     let f = w.pmem_file("f", &zeros(3 * PAGE));
     killed(w.probe(&[
-        "open", s(&f), "rw", ",", "map", "12288", ",", "store", "10", "first", ",", "store", "8200", "third", ",",
-        "msync", "sync", "8192", "4096", ",", "kill",
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "12288",
+        ",",
+        "store",
+        "10",
+        "first",
+        ",",
+        "store",
+        "8200",
+        "third",
+        ",",
+        "msync",
+        "sync",
+        "8192",
+        "4096",
+        ",",
+        "kill",
     ]));
     w.drop_shadows();
     let b = backing(&f);
@@ -90,10 +169,64 @@ fn msync_is_range_scoped() {
 fn file_io_and_mappings_agree_like_the_page_cache() {
     let script = |p: &str| -> Vec<String> {
         [
-            "open", p, "rw", ",", "map", "8192", ",", "store", "100", "mapped", ",", "pread", "100", "6", ",",
-            "pwrite", "200", "written", ",", "load", "200", "7", ",", "seek", "100", ",", "read", "6", ",",
-            "seek", "300", ",", "writev", "ab", "cd", ",", "load", "300", "4", ",", "preadv", "100", "3", "3", ",",
-            "ftruncate", "16384", ",", "mremap", "16384", ",", "store", "12000", "grown", ",", "pread", "12000", "5",
+            "open",
+            p,
+            "rw",
+            ",",
+            "map",
+            "8192",
+            ",",
+            "store",
+            "100",
+            "mapped",
+            ",",
+            "pread",
+            "100",
+            "6",
+            ",",
+            "pwrite",
+            "200",
+            "written",
+            ",",
+            "load",
+            "200",
+            "7",
+            ",",
+            "seek",
+            "100",
+            ",",
+            "read",
+            "6",
+            ",",
+            "seek",
+            "300",
+            ",",
+            "writev",
+            "ab",
+            "cd",
+            ",",
+            "load",
+            "300",
+            "4",
+            ",",
+            "preadv",
+            "100",
+            "3",
+            "3",
+            ",",
+            "ftruncate",
+            "16384",
+            ",",
+            "mremap",
+            "16384",
+            ",",
+            "store",
+            "12000",
+            "grown",
+            ",",
+            "pread",
+            "12000",
+            "5",
         ]
         .iter()
         .map(|x| x.to_string())
@@ -107,7 +240,11 @@ fn file_io_and_mappings_agree_like_the_page_cache() {
     let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
     let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
     assert_eq!(shim, plain);
-    assert!(shim.contains("pread: mapped") && shim.contains("load: written") && shim.contains("pread: grown"));
+    assert!(
+        shim.contains("pread: mapped")
+            && shim.contains("load: written")
+            && shim.contains("pread: grown")
+    );
     assert_eq!(w.stat_sum("mappings_shadowed"), 1);
     // Exit wrote everything back: the backing equals the ordinary file.
     assert_eq!(backing(&pf), backing(&of));
@@ -121,19 +258,80 @@ fn two_processes_share_one_shadow() {
     let f = w.pmem_file("f", &zeros(2 * PAGE));
     let (a_ready, b_ready, done) = (w.root.join("a"), w.root.join("b"), w.root.join("done"));
     let mut b = w.shim_cmd(probe());
-    b.args(["open", s(&f), "rw", ",", "map", "8192", ",", "waitfor", s(&a_ready), ",", "load", "0", "3", ","])
-        .args(["store", "4100", "BBB", ",", "touch", s(&b_ready), ",", "waitfor", s(&done), ",", "kill"]);
+    b.args([
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "8192",
+        ",",
+        "waitfor",
+        s(&a_ready),
+        ",",
+        "load",
+        "0",
+        "3",
+        ",",
+    ])
+    .args([
+        "store",
+        "4100",
+        "BBB",
+        ",",
+        "touch",
+        s(&b_ready),
+        ",",
+        "waitfor",
+        s(&done),
+        ",",
+        "kill",
+    ]);
     let hb = std::thread::spawn(move || run(b));
     let out_a = killed(w.probe(&[
-        "open", s(&f), "rw", ",", "map", "8192", ",", "store", "0", "AAA", ",", "touch", s(&a_ready), ",",
-        "waitfor", s(&b_ready), ",", "load", "4100", "3", ",", "fsync", ",", "touch", s(&done), ",", "kill",
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "8192",
+        ",",
+        "store",
+        "0",
+        "AAA",
+        ",",
+        "touch",
+        s(&a_ready),
+        ",",
+        "waitfor",
+        s(&b_ready),
+        ",",
+        "load",
+        "4100",
+        "3",
+        ",",
+        "fsync",
+        ",",
+        "touch",
+        s(&done),
+        ",",
+        "kill",
     ]));
     let out_b = killed(hb.join().unwrap());
-    assert!(out_b.contains("load: AAA"), "B did not see A's store: {out_b}");
-    assert!(out_a.contains("load: BBB"), "A did not see B's store: {out_a}");
+    assert!(
+        out_b.contains("load: AAA"),
+        "B did not see A's store: {out_b}"
+    );
+    assert!(
+        out_a.contains("load: BBB"),
+        "A did not see B's store: {out_a}"
+    );
     w.drop_shadows();
     let bk = backing(&f);
-    assert!(contains(&bk, "AAA") && contains(&bk, "BBB"), "A's fsync did not persist both stores");
+    assert!(
+        contains(&bk, "AAA") && contains(&bk, "BBB"),
+        "A's fsync did not persist both stores"
+    );
 }
 
 // 5. Lifecycle: munmap + _exit, exit without munmap, SIGKILL.
@@ -141,8 +339,38 @@ fn two_processes_share_one_shadow() {
 fn stores_survive_munmap_and_underscore_exit() {
     let w = World::new("munmap");
     let f = w.pmem_file("f", &zeros(PAGE));
-    ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "7", "unmapped", ",", "munmap", ",", "_exit"]));
-    let out = killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "7", "8", ",", "fsync", ",", "kill"]));
+    ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "7",
+        "unmapped",
+        ",",
+        "munmap",
+        ",",
+        "_exit",
+    ]));
+    let out = killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "7",
+        "8",
+        ",",
+        "fsync",
+        ",",
+        "kill",
+    ]));
     assert!(out.contains("load: unmapped"), "{out}");
     let o = w.probe(&["open", s(&f), "ro", ",", "pread", "7", "8"]);
     assert!(ok(o).contains("pread: unmapped"));
@@ -154,7 +382,20 @@ fn stores_survive_munmap_and_underscore_exit() {
 fn exit_without_munmap_writes_back() {
     let w = World::new("exit");
     let f = w.pmem_file("f", &zeros(PAGE));
-    ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "7", "atexit", ",", "exit"]));
+    ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "7",
+        "atexit",
+        ",",
+        "exit",
+    ]));
     w.drop_shadows();
     assert!(contains(&backing(&f), "atexit"));
     assert!(w.shadow_files().is_empty());
@@ -164,10 +405,41 @@ fn exit_without_munmap_writes_back() {
 fn sigkilled_writer_is_seen_by_the_next_process_and_made_durable() {
     let w = World::new("sigkill");
     let f = w.pmem_file("f", &zeros(PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "7", "killed", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "7",
+        "killed",
+        ",",
+        "kill",
+    ]));
     assert!(!contains(&backing(&f), "killed"));
-    assert!(!w.shadow_files().is_empty(), "the shadow must outlive its writer");
-    let out = killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "7", "6", ",", "fsync", ",", "kill"]));
+    assert!(
+        !w.shadow_files().is_empty(),
+        "the shadow must outlive its writer"
+    );
+    let out = killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "7",
+        "6",
+        ",",
+        "fsync",
+        ",",
+        "kill",
+    ]));
     assert!(out.contains("load: killed"));
     w.drop_shadows();
     assert!(contains(&backing(&f), "killed"));
@@ -181,13 +453,41 @@ fn forked_child_stays_coherent_and_syncs() {
     // After `fork`, the rest runs in the child; the parent waits, then
     // continues with nothing left (prints child's status).
     let out = ok(w.probe(&[
-        "open", s(&f), "rw", ",", "map", "8192", ",", "store", "0", "parent", ",", "fork", ",", "load", "0", "6", ",",
-        "store", "5000", "child", ",", "msync", ",", "_exit",
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "8192",
+        ",",
+        "store",
+        "0",
+        "parent",
+        ",",
+        "fork",
+        ",",
+        "load",
+        "0",
+        "6",
+        ",",
+        "store",
+        "5000",
+        "child",
+        ",",
+        "msync",
+        ",",
+        "_exit",
     ]));
     assert!(out.contains("load: parent"), "{out}");
     assert!(out.contains("child: 0"), "{out}");
-    assert!(contains(&backing(&f), "child"), "the child's msync did not write back");
-    assert!(contains(&backing(&f), "parent"), "the parent's exit did not write back");
+    assert!(
+        contains(&backing(&f), "child"),
+        "the child's msync did not write back"
+    );
+    assert!(
+        contains(&backing(&f), "parent"),
+        "the parent's exit did not write back"
+    );
 }
 
 // 2. DAX-aware callers get the direct mapping.
@@ -202,7 +502,11 @@ fn map_sync_map_dax_and_daxshim_dax_map_directly() {
     for (flags, dax_env) in cases {
         let mut w = World::new("direct");
         if let Some(v) = dax_env {
-            let v = if *v == "DIR" { w.pmem.to_str().unwrap().to_string() } else { v.to_string() };
+            let v = if *v == "DIR" {
+                w.pmem.to_str().unwrap().to_string()
+            } else {
+                v.to_string()
+            };
             w = w.env("DAXSHIM_DAX", &v);
         }
         let f = w.pmem_file("f", &zeros(PAGE));
@@ -222,7 +526,21 @@ fn map_sync_map_dax_and_daxshim_dax_map_directly() {
 fn direct_mapping_stores_reach_the_backing_without_sync() {
     let w = World::new("directnow");
     let f = w.pmem_file("f", &zeros(PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", "dax", ",", "store", "9", "nosync", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        "dax",
+        ",",
+        "store",
+        "9",
+        "nosync",
+        ",",
+        "kill",
+    ]));
     w.drop_shadows();
     assert!(contains(&backing(&f), "nosync"));
 }
@@ -233,10 +551,38 @@ fn private_mappings_are_never_written_back() {
     let w = World::new("private");
     let f = w.pmem_file("f", b"original-content");
     let out = ok(w.probe(&[
-        "open", s(&f), "rw", ",", "pwrite", "0", "ORIGINAL", ",", "map", "4096", "private", ",", "load", "0", "8", ",",
-        "store", "0", "privstor", ",", "msync", ",", "pread", "0", "8", ",", "exit",
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "pwrite",
+        "0",
+        "ORIGINAL",
+        ",",
+        "map",
+        "4096",
+        "private",
+        ",",
+        "load",
+        "0",
+        "8",
+        ",",
+        "store",
+        "0",
+        "privstor",
+        ",",
+        "msync",
+        ",",
+        "pread",
+        "0",
+        "8",
+        ",",
+        "exit",
     ]));
-    assert!(out.contains("load: ORIGINAL"), "private mapping must see the file's latest data: {out}");
+    assert!(
+        out.contains("load: ORIGINAL"),
+        "private mapping must see the file's latest data: {out}"
+    );
     assert!(out.contains("pread: ORIGINAL"), "{out}");
     assert!(!contains(&backing(&f), "privstor"));
 }
@@ -249,8 +595,23 @@ fn files_outside_pmem_are_not_shadowed() {
     let stored = w.root.join("stored");
     let go = w.root.join("go");
     let mut c = w.shim_cmd(probe());
-    c.args(["open", s(&f), "rw", ",", "map", "4096", ",", "store", "9", "plainfile", ",", "touch", s(&stored), ","])
-        .args(["waitfor", s(&go), ",", "exit"]);
+    c.args([
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "9",
+        "plainfile",
+        ",",
+        "touch",
+        s(&stored),
+        ",",
+    ])
+    .args(["waitfor", s(&go), ",", "exit"]);
     let h = std::thread::spawn(move || run(c));
     wait_for(&stored);
     // The kernel page cache: the store is visible to read() at once.
@@ -270,18 +631,58 @@ fn errors_match_the_kernel() {
     let of = w.plain_file("f", &zeros(2 * PAGE));
     let script = |p: &str, mode: &str| -> Vec<String> {
         [
-            "open", p, mode, ",", "map", "8192", "ro", ",",
-            "try_msync", "1", "4096", "4", // unaligned -> EINVAL
-            "try_msync", "0", "1048576", "4", // beyond the mapping -> ENOMEM
-            "try_msync", "0", "4096", "7", // MS_ASYNC|MS_SYNC -> EINVAL
-            "try_msync", "0", "4096", "64", // unknown flag -> EINVAL
-            "try_fsync", "987", // EBADF
-            "try_mmap", "0", "3", "1", "0", // length 0 -> EINVAL
-            "try_mmap", "4096", "3", "1", "1", // unaligned offset -> EINVAL
-            "try_mmap", "4096", "3", "1", "0", // PROT_WRITE|SHARED on a read-only fd -> EACCES (ro) / ok (rw)
-            "try_mmap", "4096", "3", "3", "0", // MAP_SHARED_VALIDATE without unknown flags
-            "try_munmap", "1", "4096", // EINVAL
-            "try_mremap", "16384", "0", // cannot grow in place without MAYMOVE?
+            "open",
+            p,
+            mode,
+            ",",
+            "map",
+            "8192",
+            "ro",
+            ",",
+            "try_msync",
+            "1",
+            "4096",
+            "4", // unaligned -> EINVAL
+            "try_msync",
+            "0",
+            "1048576",
+            "4", // beyond the mapping -> ENOMEM
+            "try_msync",
+            "0",
+            "4096",
+            "7", // MS_ASYNC|MS_SYNC -> EINVAL
+            "try_msync",
+            "0",
+            "4096",
+            "64", // unknown flag -> EINVAL
+            "try_fsync",
+            "987", // EBADF
+            "try_mmap",
+            "0",
+            "3",
+            "1",
+            "0", // length 0 -> EINVAL
+            "try_mmap",
+            "4096",
+            "3",
+            "1",
+            "1", // unaligned offset -> EINVAL
+            "try_mmap",
+            "4096",
+            "3",
+            "1",
+            "0", // PROT_WRITE|SHARED on a read-only fd -> EACCES (ro) / ok (rw)
+            "try_mmap",
+            "4096",
+            "3",
+            "3",
+            "0", // MAP_SHARED_VALIDATE without unknown flags
+            "try_munmap",
+            "1",
+            "4096", // EINVAL
+            "try_mremap",
+            "16384",
+            "0", // cannot grow in place without MAYMOVE?
         ]
         .iter()
         .map(|x| x.to_string())
@@ -297,11 +698,29 @@ fn errors_match_the_kernel() {
     }
     // MAP_SHARED_VALIDATE|MAP_SYNC: EOPNOTSUPP on an ordinary file, as the
     // kernel says; on (emulated) pmem the shim strips MAP_SYNC and maps.
-    let sync_map = |p: &str| vec!["open".to_string(), p.into(), "rw".into(), ",".into(), "try_mmap".into(), "4096".into(), "3".into(), "0x80003".into(), "0".into()];
+    let sync_map = |p: &str| {
+        vec![
+            "open".to_string(),
+            p.into(),
+            "rw".into(),
+            ",".into(),
+            "try_mmap".into(),
+            "4096".into(),
+            "3".into(),
+            "0x80003".into(),
+            "0".into(),
+        ]
+    };
     let a = sync_map(s(&pf));
     let b = sync_map(s(&of));
-    assert_eq!(ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>())), "ret=ok errno=0\n");
-    assert_eq!(ok(w.probe(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>())), "ret=-1 errno=95\n");
+    assert_eq!(
+        ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>())),
+        "ret=ok errno=0\n"
+    );
+    assert_eq!(
+        ok(w.probe(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>())),
+        "ret=-1 errno=95\n"
+    );
 }
 
 // Beyond end of file: SIGBUS, as with the kernel.
@@ -312,8 +731,26 @@ fn access_beyond_eof_raises_sigbus_like_the_kernel() {
     let pf = w.pmem_file("f", &zeros(2 * PAGE));
     let of = w.plain_file("f", &zeros(2 * PAGE));
     for f in [&pf, &of] {
-        let script = ["open", s(f), "rw", ",", "map", "8192", ",", "ftruncate", "4096", ",", "load", "5000", "1"];
-        let o = if f == &pf { w.probe(&script) } else { w.probe_plain(&script) };
+        let script = [
+            "open",
+            s(f),
+            "rw",
+            ",",
+            "map",
+            "8192",
+            ",",
+            "ftruncate",
+            "4096",
+            ",",
+            "load",
+            "5000",
+            "1",
+        ];
+        let o = if f == &pf {
+            w.probe(&script)
+        } else {
+            w.probe_plain(&script)
+        };
         assert_eq!(o.status.signal(), Some(7), "{}", s(f));
     }
 }
@@ -334,14 +771,18 @@ fn invalid_env_values_exit_125_before_main() {
     for (var, val) in cases {
         let w = World::new("badenv");
         let mut c = w.shim_cmd(probe());
-        c.env(var, val).args(["touch", w.root.join("main-ran").to_str().unwrap()]);
+        c.env(var, val)
+            .args(["touch", w.root.join("main-ran").to_str().unwrap()]);
         let o = run(c);
         assert_eq!(o.status.code(), Some(125), "{var}={val}");
         let err = stderr(&o);
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains(var), "{err}");
         assert!(err.contains("expected"), "{err}");
-        assert!(!w.root.join("main-ran").exists(), "main ran despite {var}={val}");
+        assert!(
+            !w.root.join("main-ran").exists(),
+            "main ran despite {var}={val}"
+        );
     }
 }
 
@@ -351,11 +792,28 @@ fn shadow_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::new("perm");
     let f = w.pmem_file("f", &zeros(PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "x", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "x",
+        ",",
+        "kill",
+    ]));
     let dmode = std::fs::metadata(&w.shadow).unwrap().permissions().mode() & 0o777;
     assert_eq!(dmode, 0o700);
     for n in w.shadow_files() {
-        let m = std::fs::metadata(w.shadow.join(&n)).unwrap().permissions().mode() & 0o777;
+        let m = std::fs::metadata(w.shadow.join(&n))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(m, 0o600, "{n}");
     }
 }
@@ -367,10 +825,26 @@ fn unsafe_shadow_dir_falls_back_to_direct_mapping_with_a_warning() {
     std::fs::create_dir_all(&w.shadow).unwrap();
     std::fs::set_permissions(&w.shadow, std::fs::Permissions::from_mode(0o777)).unwrap();
     let f = w.pmem_file("f", &zeros(PAGE));
-    let o = w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "3", "fallback", ",", "kill"]);
+    let o = w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "3",
+        "fallback",
+        ",",
+        "kill",
+    ]);
     let err = stderr(&o);
     killed(o);
-    assert!(err.contains("daxshim") && err.contains("must not be accessible"), "{err}");
+    assert!(
+        err.contains("daxshim") && err.contains("must not be accessible"),
+        "{err}"
+    );
     // Direct: the store is in the backing, nothing was lost.
     assert!(contains(&backing(&f), "fallback"));
 }
@@ -380,22 +854,77 @@ fn file_rewritten_behind_the_shims_back_is_not_served_stale() {
     let w = World::new("stale");
     let f = w.pmem_file("f", &zeros(PAGE));
     // A reader dies, leaving a clean shadow behind.
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "1", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "0",
+        "1",
+        ",",
+        "kill",
+    ]));
     assert!(!w.shadow_files().is_empty());
     // Rewritten without the shim.
     std::fs::write(&f, b"rewritten-by-another-program").unwrap();
-    let out = ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "9", ",", "pread", "0", "9"]));
-    assert!(out.contains("load: rewritten") && out.contains("pread: rewritten"), "{out}");
+    let out = ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "0",
+        "9",
+        ",",
+        "pread",
+        "0",
+        "9",
+    ]));
+    assert!(
+        out.contains("load: rewritten") && out.contains("pread: rewritten"),
+        "{out}"
+    );
 }
 
 #[test]
 fn unsynced_shadow_of_a_rewritten_file_is_kept_aside_not_served() {
     let w = World::new("orphan");
     let f = w.pmem_file("f", &zeros(PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "unsynced", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "unsynced",
+        ",",
+        "kill",
+    ]));
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(&f, b"external").unwrap();
-    let o = w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "8"]);
+    let o = w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "0",
+        "8",
+    ]);
     let err = stderr(&o);
     let out = ok(o);
     assert!(out.contains("load: external"), "{out}");
@@ -407,10 +936,34 @@ fn unsynced_shadow_of_a_rewritten_file_is_kept_aside_not_served() {
 fn recreated_file_never_meets_the_old_shadow() {
     let w = World::new("recreate");
     let f = w.pmem_file("f", &zeros(PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "oldfile", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "oldfile",
+        ",",
+        "kill",
+    ]));
     std::fs::remove_file(&f).unwrap();
     std::fs::write(&f, zeros(PAGE)).unwrap();
-    let out = ok(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "load", "0", "7"]));
+    let out = ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "0",
+        "7",
+    ]));
     assert!(!out.contains("oldfile"), "{out}");
 }
 
@@ -420,12 +973,38 @@ fn sync_writes_only_changed_cachelines() {
     let w = World::new("lines");
     let f = w.pmem_file("f", &zeros(256 * PAGE));
     ok(w.probe(&[
-        "open", s(&f), "rw", ",", "map", "1048576", ",", "store", "70000", "x", ",", "store", "70070", "y", ",",
-        "store", "900000", "z", ",", "msync", ",", "close", ",", "munmap",
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "1048576",
+        ",",
+        "store",
+        "70000",
+        "x",
+        ",",
+        "store",
+        "70070",
+        "y",
+        ",",
+        "store",
+        "900000",
+        "z",
+        ",",
+        "msync",
+        ",",
+        "close",
+        ",",
+        "munmap",
     ]));
     assert_eq!(w.stat_sum("lines_written"), 3);
     assert_eq!(w.stat_sum("pages_dirtied"), 2);
-    assert!(w.stat_sum("lines_compared") <= 128, "compared {}", w.stat_sum("lines_compared"));
+    assert!(
+        w.stat_sum("lines_compared") <= 128,
+        "compared {}",
+        w.stat_sum("lines_compared")
+    );
     assert_eq!(w.stat_sum("bytes_flushed"), 3 * 64);
 }
 
@@ -433,12 +1012,44 @@ fn sync_writes_only_changed_cachelines() {
 fn compare_tracker_is_a_correct_oracle() {
     let w = World::new("compare").env("DAXSHIM_TRACKER", "compare");
     let f = w.pmem_file("f", &zeros(256 * PAGE));
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "1048576", ",", "store", "70000", "cmp", ",", "msync", ",", "kill"]));
+    killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "1048576",
+        ",",
+        "store",
+        "70000",
+        "cmp",
+        ",",
+        "msync",
+        ",",
+        "kill",
+    ]));
     w.drop_shadows();
     assert!(contains(&backing(&f), "cmp"));
     // Killed: no stats. Run once more to count a full compare.
     w.clear_stats();
-    ok(w.probe(&["open", s(&f), "rw", ",", "map", "1048576", ",", "store", "1", "q", ",", "msync", ",", "munmap", ",", "close"]));
+    ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "1048576",
+        ",",
+        "store",
+        "1",
+        "q",
+        ",",
+        "msync",
+        ",",
+        "munmap",
+        ",",
+        "close",
+    ]));
     assert_eq!(w.stat_sum("lines_written"), 1);
     assert!(w.stat_sum("lines_compared") >= 16384);
 }
@@ -465,7 +1076,10 @@ os.kill(os.getpid(), signal.SIGKILL)
     let o = run(c);
     let out = stdout(&o);
     killed(o);
-    assert!(out.contains("before-flush True"), "read() must see the mapped store: {out}");
+    assert!(
+        out.contains("before-flush True"),
+        "read() must see the mapped store: {out}"
+    );
     w.drop_shadows();
     assert!(contains(&backing(&f), "python"));
 }
@@ -479,9 +1093,29 @@ fn daxshim_run_preloads_and_keeps_ld_preload() {
     let mut c = Command::new(&cli);
     c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
         .env("LD_PRELOAD", "")
-        .args(["run", "--pmem", s(&w.pmem), "--stats", &w.stats_pattern(), "--"])
+        .args([
+            "run",
+            "--pmem",
+            s(&w.pmem),
+            "--stats",
+            &w.stats_pattern(),
+            "--",
+        ])
         .arg(probe())
-        .args(["open", s(&f), "rw", ",", "map", "4096", ",", "store", "0", "viacli", ",", "exit"]);
+        .args([
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "4096",
+            ",",
+            "store",
+            "0",
+            "viacli",
+            ",",
+            "exit",
+        ]);
     ok(run(c));
     assert_eq!(w.stat_sum("mappings_shadowed"), 1);
     assert!(contains(&backing(&f), "viacli"));

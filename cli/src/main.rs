@@ -94,8 +94,12 @@ fn run(args: &[String]) -> ExitCode {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            "--pmem" => value("--pmem").and_then(|d| absolute_dir("--pmem", &d)).map(|d| pmem.push(d)),
-            "--dax-dir" => value("--dax-dir").and_then(|d| absolute_dir("--dax-dir", &d)).map(|d| dax_dirs.push(d)),
+            "--pmem" => value("--pmem")
+                .and_then(|d| absolute_dir("--pmem", &d))
+                .map(|d| pmem.push(d)),
+            "--dax-dir" => value("--dax-dir")
+                .and_then(|d| absolute_dir("--dax-dir", &d))
+                .map(|d| dax_dirs.push(d)),
             "--dax" => {
                 dax_all = true;
                 Ok(())
@@ -156,7 +160,11 @@ fn run(args: &[String]) -> ExitCode {
     }
     let e = c.exec();
     eprintln!("daxshim: cannot run {}: {e}", cmd[0]);
-    ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 })
+    ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 fn main() -> ExitCode {

@@ -31,14 +31,24 @@ pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t)
 /// # Safety
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: mode_t,
+) -> c_int {
     opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
 }
 
 /// # Safety
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: mode_t,
+) -> c_int {
     opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
 }
 

@@ -16,7 +16,9 @@ use std::sync::Arc;
 /// Where the last `n` bytes transferred through `fd` at its file position
 /// started.
 fn pos_before(fd: c_int, n: usize) -> Option<u64> {
-    sys::lseek(fd, 0, libc::SEEK_CUR).ok().map(|p| p as u64 - n as u64)
+    sys::lseek(fd, 0, libc::SEEK_CUR)
+        .ok()
+        .map(|p| p as u64 - n as u64)
 }
 
 /// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
@@ -67,7 +69,12 @@ enum At {
     Offset(u64),
 }
 
-fn read_impl(fd: c_int, iov: &[iovec], at: At, kernel: impl FnOnce() -> isize) -> Result<isize, Errno> {
+fn read_impl(
+    fd: c_int,
+    iov: &[iovec],
+    at: At,
+    kernel: impl FnOnce() -> isize,
+) -> Result<isize, Errno> {
     let Some(f) = state::lookup_fd(fd) else {
         return check_ssize(kernel());
     };
@@ -84,14 +91,20 @@ fn read_impl(fd: c_int, iov: &[iovec], at: At, kernel: impl FnOnce() -> isize) -
     Ok(n)
 }
 
-fn write_impl(fd: c_int, iov: &[iovec], at: At, kernel: impl FnOnce() -> isize) -> Result<isize, Errno> {
+fn write_impl(
+    fd: c_int,
+    iov: &[iovec],
+    at: At,
+    kernel: impl FnOnce() -> isize,
+) -> Result<isize, Errno> {
     let Some(f) = state::lookup_fd(fd) else {
         return check_ssize(kernel());
     };
     let (n, off) = {
         let _io = f.shadow.io_lock();
         let n = check_ssize(kernel())?;
-        let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
+        let append =
+            sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
         let off = if n <= 0 {
             None
         } else if append {
@@ -185,7 +198,12 @@ io_hook!(pwritev64v2(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t, fla
 /// # Safety
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+) -> ssize_t {
     if n > buflen || !state::fd_maybe_pmem(fd) {
         return unsafe { real::__read_chk(fd, buf, n, buflen) };
     }
@@ -195,7 +213,13 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bufl
 /// # Safety
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __pread64_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: off64_t,
+    buflen: size_t,
+) -> ssize_t {
     if n > buflen || !state::fd_maybe_pmem(fd) {
         return unsafe { real::__pread64_chk(fd, buf, n, off, buflen) };
     }
@@ -205,7 +229,13 @@ pub unsafe extern "C" fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, o
 /// # Safety
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn __pread_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __pread_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: off64_t,
+    buflen: size_t,
+) -> ssize_t {
     unsafe { __pread64_chk(fd, buf, n, off, buflen) }
 }
 
@@ -312,7 +342,13 @@ fn refresh_from_backing(f: &FileState, from: u64, to: u64) -> Result<(), Errno> 
     Ok(())
 }
 
-fn fallocate_impl(f: Arc<FileState>, mode: c_int, off: off64_t, len: off64_t, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+fn fallocate_impl(
+    f: Arc<FileState>,
+    mode: c_int,
+    off: off64_t,
+    len: off64_t,
+    kernel: impl FnOnce() -> c_int,
+) -> Result<i32, Errno> {
     let shifts = mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0;
     if shifts {
         // Data moves: write back this process's stores first so they move too.

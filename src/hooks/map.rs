@@ -38,7 +38,14 @@ fn harvest_before_replace(addr: usize, len: usize) {
     }
 }
 
-fn real_mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> Result<*mut c_void, Errno> {
+fn real_mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off64_t,
+) -> Result<*mut c_void, Errno> {
     // SAFETY: forwarded with the caller's own arguments.
     let p = unsafe { real::mmap64(addr, len, prot, flags, fd, off) };
     if failed(p) {
@@ -52,7 +59,14 @@ fn fd_writable(fd: c_int) -> bool {
     sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_ACCMODE == libc::O_RDWR)
 }
 
-fn mmap_impl(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> Result<*mut c_void, Errno> {
+fn mmap_impl(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off64_t,
+) -> Result<*mut c_void, Errno> {
     let dax_flag = flags & MAP_DAX != 0;
     let flags = flags & !MAP_DAX;
     let fixed = flags & libc::MAP_FIXED != 0;
@@ -107,13 +121,22 @@ fn mmap_impl(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_in
     } else {
         file.shadow.data_ro_fd
     };
-    let stype = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
-    let sflags = (flags & !(MAP_TYPE | libc::MAP_SYNC | libc::MAP_FIXED_NOREPLACE)) | stype | libc::MAP_FIXED;
+    let stype = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    let sflags = (flags & !(MAP_TYPE | libc::MAP_SYNC | libc::MAP_FIXED_NOREPLACE))
+        | stype
+        | libc::MAP_FIXED;
     let maplen = sys::page_up(len);
     // SAFETY: `p` is the range the kernel just gave this call.
     let q = unsafe { sys::mmap(p, len, prot, sflags, sfd, off) };
     if let Err(e) = q {
-        warn!("{}: cannot map its shadow ({e}); mapping the file directly", file.path);
+        warn!(
+            "{}: cannot map its shadow ({e}); mapping the file directly",
+            file.path
+        );
         add(&STATS.fallbacks_direct, 1);
         add(&STATS.mappings_direct, 1);
         if fixed {
@@ -131,7 +154,10 @@ fn mmap_impl(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_in
                 match track::track(p as usize, maplen) {
                     Ok(()) => tracked = true,
                     Err(e) => {
-                        warn!("{}: cannot track writes ({e}); its syncs compare the whole file", file.path);
+                        warn!(
+                            "{}: cannot track writes ({e}); its syncs compare the whole file",
+                            file.path
+                        );
                         file.untracked.store(true, Ordering::Relaxed);
                     }
                 }
@@ -163,7 +189,10 @@ fn mmap_impl(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_in
         let _ = sys::madvise(p as usize, maplen, libc::MADV_WILLNEED);
     }
     add(&STATS.mappings_shadowed, 1);
-    debug!("shadow mapping of {} at {p:?} (+{len}, off {off}, shared {shared}, tracked {tracked})", file.path);
+    debug!(
+        "shadow mapping of {} at {p:?} (+{len}, off {off}, shared {shared}, tracked {tracked})",
+        file.path
+    );
     Ok(p)
 }
 
@@ -183,7 +212,14 @@ fn map_ret(g: &super::Entered, r: Result<*mut c_void, Errno>) -> *mut c_void {
 /// # Safety
 /// C ABI, contract of mmap(2).
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void {
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off64_t,
+) -> *mut c_void {
     match enter() {
         None => unsafe { real::mmap64(addr, len, prot, flags & !MAP_DAX, fd, off) },
         Some(g) => map_ret(&g, mmap_impl(addr, len, prot, flags, fd, off)),
@@ -193,7 +229,14 @@ pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, fla
 /// # Safety
 /// C ABI, contract of mmap(2).
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void {
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off64_t,
+) -> *mut c_void {
     unsafe { mmap64(addr, len, prot, flags, fd, off) }
 }
 
@@ -201,7 +244,7 @@ fn munmap_impl(addr: *mut c_void, len: size_t) -> Result<i32, Errno> {
     let a = addr as usize;
     // SAFETY: forwarded; the kernel validates the range.
     let real = || super::check_int(unsafe { real::munmap(addr, len) });
-    if no_shadow_maps() || a % PAGE != 0 || len == 0 {
+    if no_shadow_maps() || !a.is_multiple_of(PAGE) || len == 0 {
         return real();
     }
     let mut reg = REG.lock();
@@ -224,7 +267,13 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
     }
 }
 
-fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int, new_addr: *mut c_void) -> Result<*mut c_void, Errno> {
+fn mremap_impl(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> Result<*mut c_void, Errno> {
     // SAFETY: forwarded; the kernel validates.
     let real = || {
         let p = unsafe { real::mremap(old, old_len, new_len, flags, new_addr) };
@@ -235,7 +284,7 @@ fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int,
         }
     };
     let o = old as usize;
-    if no_shadow_maps() || o % PAGE != 0 {
+    if no_shadow_maps() || !o.is_multiple_of(PAGE) {
         return real();
     }
     let fixed = flags & libc::MREMAP_FIXED != 0;
@@ -253,7 +302,14 @@ fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int,
         .next_back()
         .map(|(_, m)| m)
         .filter(|m| o < m.start + m.len)
-        .map(|m| (m.file.clone(), m.off + (o - m.start) as u64, m.shared, m.tracked));
+        .map(|m| {
+            (
+                m.file.clone(),
+                m.off + (o - m.start) as u64,
+                m.shared,
+                m.tracked,
+            )
+        });
     let p = real()?;
     let n = p as usize;
     let new_span = sys::page_up(new_len);
@@ -268,7 +324,11 @@ fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int,
         if fixed || n != o {
             released.extend(state::forget_range(&mut reg, n, new_span));
         } else if new_span > old_span {
-            released.extend(state::forget_range(&mut reg, o + old_span, new_span - old_span));
+            released.extend(state::forget_range(
+                &mut reg,
+                o + old_span,
+                new_span - old_span,
+            ));
         }
         let mut tracked = *tracked;
         if tracked {
@@ -280,7 +340,10 @@ fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int,
                 Ok(())
             };
             if let Err(e) = r {
-                warn!("{}: cannot track a remapped range ({e}); its syncs compare the whole file", file.path);
+                warn!(
+                    "{}: cannot track a remapped range ({e}); its syncs compare the whole file",
+                    file.path
+                );
                 file.untracked.store(true, Ordering::Relaxed);
                 tracked = false;
             }
@@ -310,7 +373,13 @@ fn mremap_impl(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int,
 /// # Safety
 /// C ABI, contract of mremap(2); `new_addr` is read only with MREMAP_FIXED.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int, new_addr: *mut c_void) -> *mut c_void {
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
     match enter() {
         None => unsafe { real::mremap(old, old_len, new_len, flags, new_addr) },
         Some(g) => map_ret(&g, mremap_impl(old, old_len, new_len, flags, new_addr)),
@@ -319,7 +388,10 @@ pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: size_t, new_len: size
 
 /// Advice that drops page table entries loses the tracker's dirty bits.
 fn drops_ptes(advice: c_int) -> bool {
-    matches!(advice, libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE | 21 /* PAGEOUT */ | 24 /* DONTNEED_LOCKED */)
+    matches!(
+        advice,
+        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE | 21 /* PAGEOUT */ | 24 /* DONTNEED_LOCKED */
+    )
 }
 
 /// # Safety

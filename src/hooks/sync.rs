@@ -17,7 +17,9 @@ fn msync_impl(addr: *mut c_void, len: size_t, flags: c_int) -> Result<i32, Errno
         Err(Errno(libc::ENOMEM)) | Ok(_) => {}
         Err(e) => return Err(e),
     }
-    if SHADOW_MAPS.load(Ordering::Relaxed) == 0 || flags & (libc::MS_SYNC | libc::MS_ASYNC) == 0 && flags != 0 {
+    if SHADOW_MAPS.load(Ordering::Relaxed) == 0
+        || flags & (libc::MS_SYNC | libc::MS_ASYNC) == 0 && flags != 0
+    {
         return r;
     }
     let a = addr as usize;
@@ -60,7 +62,13 @@ pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> 
 
 /// Writes back a file's shadow, then runs the kernel's call; a failed
 /// writeback turns into EIO whatever the kernel said.
-fn file_sync(g: &Entered, fd: c_int, range: Option<(u64, u64)>, msync_touched: bool, kernel: impl FnOnce() -> c_int) -> c_int {
+fn file_sync(
+    g: &Entered,
+    fd: c_int,
+    range: Option<(u64, u64)>,
+    msync_touched: bool,
+    kernel: impl FnOnce() -> c_int,
+) -> c_int {
     let ours = match state::lookup_fd(fd) {
         Some(f) => f.sync(range, msync_touched),
         None => Ok(()),
@@ -102,7 +110,12 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
 /// # Safety
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sync_file_range(fd: c_int, off: off64_t, n: off64_t, flags: c_uint) -> c_int {
+pub unsafe extern "C" fn sync_file_range(
+    fd: c_int,
+    off: off64_t,
+    n: off64_t,
+    flags: c_uint,
+) -> c_int {
     let kernel = || unsafe { real::sync_file_range(fd, off, n, flags) };
     if !state::fd_maybe_pmem(fd) || flags & libc::SYNC_FILE_RANGE_WRITE == 0 || off < 0 || n < 0 {
         return kernel();
@@ -111,7 +124,11 @@ pub unsafe extern "C" fn sync_file_range(fd: c_int, off: off64_t, n: off64_t, fl
         None => kernel(),
         Some(g) => {
             let lo = off as u64 - off as u64 % PAGE as u64;
-            let hi = if n == 0 { u64::MAX } else { (off as u64).saturating_add(n as u64) };
+            let hi = if n == 0 {
+                u64::MAX
+            } else {
+                (off as u64).saturating_add(n as u64)
+            };
             let wait = flags & libc::SYNC_FILE_RANGE_WAIT_AFTER != 0;
             file_sync(&g, fd, Some((lo, hi)), wait, kernel)
         }

@@ -108,7 +108,13 @@ mod tests {
         let a = Page([7; 4096]);
         let mut b = Page([7; 4096]);
         let (c, flushed) = run(&a, &mut b, 4096);
-        assert_eq!(c, LineCounts { compared: 64, written: 0 });
+        assert_eq!(
+            c,
+            LineCounts {
+                compared: 64,
+                written: 0
+            }
+        );
         assert_eq!(flushed, 0);
     }
 
@@ -122,7 +128,13 @@ mod tests {
         a.0[4095] = 3; // line 63
         b.0[200] = 0; // same
         let (c, flushed) = run(&a, &mut b, 4096);
-        assert_eq!(c, LineCounts { compared: 64, written: 3 });
+        assert_eq!(
+            c,
+            LineCounts {
+                compared: 64,
+                written: 3
+            }
+        );
         assert_eq!(flushed, 3);
         assert_eq!(a.0[..], b.0[..]);
     }
@@ -134,7 +146,13 @@ mod tests {
         a.0[100] = 1; // inside len
         a.0[120] = 1; // beyond len: must not be copied
         let (c, _) = run(&a, &mut b, 110);
-        assert_eq!(c, LineCounts { compared: 2, written: 1 });
+        assert_eq!(
+            c,
+            LineCounts {
+                compared: 2,
+                written: 1
+            }
+        );
         assert_eq!(b.0[100], 1);
         assert_eq!(b.0[120], 0);
     }
@@ -149,9 +167,14 @@ mod tests {
         let mut budget = Some(2);
         // The hook would kill the process; here it records and the loop goes on.
         let _ = unsafe {
-            sync_lines(a.0.as_ptr(), b.0.as_mut_ptr(), 64 * 2, &mut f, &mut budget, || {
-                HIT.store(true, Ordering::SeqCst)
-            })
+            sync_lines(
+                a.0.as_ptr(),
+                b.0.as_mut_ptr(),
+                64 * 2,
+                &mut f,
+                &mut budget,
+                || HIT.store(true, Ordering::SeqCst),
+            )
         };
         assert!(!HIT.load(Ordering::SeqCst));
         assert_eq!(budget, Some(0));

@@ -135,10 +135,7 @@ mod tests {
     #[test]
     fn prefers_clwb_then_clflushopt_then_clflush() {
         assert_eq!(select(FlushChoice::Auto, ALL), FlushKind::Clwb);
-        let no_clwb = CpuFlushFeatures {
-            clwb: false,
-            ..ALL
-        };
+        let no_clwb = CpuFlushFeatures { clwb: false, ..ALL };
         assert_eq!(select(FlushChoice::Auto, no_clwb), FlushKind::Clflushopt);
         let only_clflush = CpuFlushFeatures {
             clflush: true,

@@ -234,7 +234,12 @@ pub struct AttachOptions {
 /// Attaches this process to the shadow of `id`, creating, reconciling or
 /// rebuilding it as the protocol requires. `backing_fd` must be readable;
 /// reconciliation needs it writable.
-pub fn attach(dir: &str, id: FileId, backing_fd: i32, opt: &AttachOptions) -> Result<Shadow, String> {
+pub fn attach(
+    dir: &str,
+    id: FileId,
+    backing_fd: i32,
+    opt: &AttachOptions,
+) -> Result<Shadow, String> {
     let base = format!("{dir}/{}", id.key());
     let meta_path = format!("{base}.meta");
     // Open the meta file and hold its attach lock, retrying if a detaching
@@ -530,7 +535,11 @@ impl Shadow {
     }
 
     pub fn is_writer(&self) -> bool {
-        self.header().slots[self.slot()].flags.load(Ordering::Relaxed) & SLOT_WRITER != 0
+        self.header().slots[self.slot()]
+            .flags
+            .load(Ordering::Relaxed)
+            & SLOT_WRITER
+            != 0
     }
 
     /// Might another process (alive or dead) hold unsynced stores?

@@ -205,5 +205,8 @@ pub fn reinit_in_child() -> SysResult<()> {
 
 /// The descriptors the tracker owns (so the fd hooks can protect them).
 pub fn owned_fds() -> [i32; 2] {
-    [UFFD.load(Ordering::Relaxed), PAGEMAP.load(Ordering::Relaxed)]
+    [
+        UFFD.load(Ordering::Relaxed),
+        PAGEMAP.load(Ordering::Relaxed),
+    ]
 }

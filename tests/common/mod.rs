@@ -195,7 +195,10 @@ impl Stats {
             body.split(',')
                 .filter_map(|kv| {
                     let (k, v) = kv.split_once(':')?;
-                    Some((k.trim().trim_matches('"').to_string(), v.trim().trim_matches('"').to_string()))
+                    Some((
+                        k.trim().trim_matches('"').to_string(),
+                        v.trim().trim_matches('"').to_string(),
+                    ))
                 })
                 .collect(),
         )
@@ -214,7 +217,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs a command with a timeout (a deadlock is a failure), capturing output.
 pub fn run(mut c: Command) -> Output {
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().expect("spawn");
     let start = Instant::now();
     loop {

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds daxshim and installs the CLI and the library side by side
+# (default prefix ~/.local: bin/daxshim and lib/libdaxshim.so).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefix="${1:-$HOME/.local}"
+scripts/deps.sh
+cargo build --release --workspace
+install -d "$prefix/bin" "$prefix/lib" "$prefix/include"
+install -m 0755 target/release/daxshim "$prefix/bin/daxshim"
+install -m 0644 target/release/libdaxshim.so "$prefix/lib/libdaxshim.so"
+install -m 0644 include/daxshim.h "$prefix/include/daxshim.h"
+echo "installed $prefix/bin/daxshim and $prefix/lib/libdaxshim.so"
