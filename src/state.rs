@@ -53,6 +53,8 @@ pub struct FileState {
     pub backing_writable: bool,
     /// Tracking could not be set up for a mapping: syncs compare everything.
     pub untracked: AtomicBool,
+    /// See [`FileState::poison`].
+    pub poisoned: AtomicBool,
     /// Serialises syncs of this file, so that a sync never returns while
     /// another thread is still copying pages it harvested.
     pub sync_lock: Lock<()>,
@@ -62,8 +64,8 @@ pub struct FileState {
 pub struct FileInner {
     shadow_view: (usize, usize),
     backing_view: (usize, usize),
-    /// File ranges (page-aligned) known dirty outside the tracker: written
-    /// with write(2), harvested from unmapped ranges, or left by a failed sync.
+    /// File ranges (page-aligned) known dirty outside the tracker: harvested
+    /// from ranges that went away (munmap, mremap…) or left by a failed sync.
     pub pending: RangeSet,
     pub fd_refs: usize,
     pub map_refs: usize,
@@ -242,6 +244,7 @@ fn get_or_attach(
         backing_fd,
         backing_writable,
         untracked: AtomicBool::new(false),
+        poisoned: AtomicBool::new(false),
         sync_lock: Lock::new(()),
         inner: Lock::new(FileInner {
             shadow_view: (0, 0),
@@ -417,17 +420,20 @@ impl FileState {
         Ok(())
     }
 
-    /// Marks file range `[start, end)` dirty outside the tracker.
-    pub fn add_pending(&self, start: u64, end: u64) {
-        let s = start - start % PAGE as u64;
-        let e = end.div_ceil(PAGE as u64) * PAGE as u64;
-        self.inner.lock().pending.insert(s, e);
+    /// The shadow no longer agrees with the backing where it should (an
+    /// update of the shadow failed). Writing it back could put stale bytes
+    /// over newer ones, so every later sync of this file fails with EIO.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Relaxed);
     }
 
     /// Writes back the dirty lines of `range` (file offsets; `None` = whole
     /// file). With `msync_touched`, makes the touched backing pages durable
     /// with msync (emulated pmem); without it the caller follows with fsync.
     pub fn sync(self: &Arc<Self>, range: Option<(u64, u64)>, msync_touched: bool) -> SysResult<()> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Errno(libc::EIO));
+        }
         let t0 = std::time::Instant::now();
         let _s = self.sync_lock.lock();
         let (lo, hi) = range.unwrap_or((0, u64::MAX));

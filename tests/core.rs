@@ -1126,3 +1126,168 @@ fn daxshim_run_preloads_and_keeps_ld_preload() {
     });
     assert_eq!(o.status.code(), Some(127));
 }
+
+// 8. Threads: stores to shared and private pages, concurrent syncs, and
+// other threads mapping and unmapping the same file; nothing is lost.
+#[test]
+fn threads_store_sync_map_and_unmap_concurrently() {
+    let (threads, rounds) = (8usize, 300usize);
+    let w = World::new("threads");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let mut c = w.shim_cmd(c_example("threads"));
+    c.arg(&f).arg(threads.to_string()).arg(rounds.to_string());
+    assert!(ok(run(c)).contains("done"));
+    assert!(!w.shadow_files().is_empty(), "the mapping was not shadowed");
+    w.drop_shadows(); // only what the syncs persisted counts
+    let b = backing(&f);
+    for t in 0..threads {
+        let slot = u64::from_ne_bytes(b[t * 8..t * 8 + 8].try_into().unwrap());
+        assert_eq!(slot, rounds as u64, "thread {t}'s counter");
+        let page = &b[PAGE * (t + 1)..PAGE * (t + 2)];
+        let want = format!("{t}:{rounds}\0");
+        for l in 0..64 {
+            assert!(
+                page[l * 64..].starts_with(want.as_bytes()),
+                "thread {t} line {l}"
+            );
+        }
+    }
+}
+
+// Descriptors inherited from the parent are adopted at start-up.
+#[test]
+fn inherited_descriptors_are_shadowed() {
+    let w = World::new("inherit");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let script = format!(
+        r#"
+import os, sys
+fd = os.open({f:?}, os.O_RDWR)
+os.set_inheritable(fd, True)
+os.execv({probe:?}, ["probe", "usefd", str(fd), ",", "map", "4096", ",", "store", "0", "inherited", ",", "msync", ",", "kill"])
+"#,
+        f = s(&f),
+        probe = s(&probe())
+    );
+    // Only the exec'd probe runs under the shim: python opens the file
+    // without it, then puts the library in the environment of the exec.
+    let script = script.replace(
+        "os.execv(",
+        "os.environ['LD_PRELOAD'] = os.environ['X_PRELOAD']; os.execve(",
+    );
+    let script = script.replace("\"kill\"])", "\"kill\"], os.environ)");
+    let mut c = Command::new("python3");
+    c.args(["-c", &script])
+        .env("DAXSHIM_PMEM", &w.pmem)
+        .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("X_PRELOAD", lib());
+    killed(run(c));
+    assert!(
+        !w.shadow_files().is_empty(),
+        "the inherited descriptor was not shadowed"
+    );
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "inherited"));
+}
+
+// ftruncate, fallocate and hole punching keep the shadow equal to the file.
+#[test]
+fn size_and_allocation_changes_match_the_page_cache() {
+    let w = World::new("falloc");
+    let script = |p: &str| -> Vec<String> {
+        [
+            "open",
+            p,
+            "rw",
+            ",",
+            "map",
+            "16384",
+            ",",
+            "fill",
+            "0",
+            "8192",
+            "a",
+            ",",
+            "msync",
+            ",",
+            "fallocate",
+            "0",
+            "16384",
+            ",",
+            "store",
+            "12000",
+            "tail",
+            ",",
+            "pread",
+            "12000",
+            "4",
+            ",",
+            "punch",
+            "4096",
+            "4096",
+            ",",
+            "load",
+            "4090",
+            "12",
+            ",",
+            "pread",
+            "4090",
+            "12",
+            ",",
+            "ftruncate",
+            "6000",
+            ",",
+            "pread",
+            "5990",
+            "100",
+            ",",
+            "ftruncate",
+            "8192",
+            ",",
+            "load",
+            "5998",
+            "4",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let pf = w.pmem_file("f", &zeros(2 * PAGE));
+    let of = w.plain_file("f", &zeros(2 * PAGE));
+    let a = script(s(&pf));
+    let b = script(s(&of));
+    let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+    let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+    assert_eq!(shim, plain);
+    assert_eq!(backing(&pf), backing(&of));
+    assert_eq!(w.stat_sum("mappings_shadowed"), 1);
+}
+
+// truncate(2) by path: the shadow follows.
+#[test]
+fn truncate_by_path_resizes_the_shadow() {
+    let w = World::new("truncpath");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let script = format!(
+        r#"
+import mmap, os
+fd = os.open({f:?}, os.O_RDWR)
+m = mmap.mmap(fd, 8192)
+m[0:4] = b"keep"
+os.truncate({f:?}, 4096)
+print(os.pread(fd, 10, 0)[:4], os.fstat(fd).st_size)
+try:
+    m[5000]
+except Exception as e:
+    print("error", type(e).__name__)
+"#,
+        f = s(&f)
+    );
+    let mut c = w.shim_cmd("python3");
+    c.args(["-c", &script]);
+    let o = run(c);
+    use std::os::unix::process::ExitStatusExt;
+    // Reading beyond the new end of file raises SIGBUS, as with the kernel.
+    assert_eq!(o.status.signal(), Some(7), "{}", stderr(&o));
+    assert!(stdout(&o).contains("b'keep' 4096"), "{}", stdout(&o));
+}

@@ -6,6 +6,7 @@
  *
  * Commands (each prints at most one line):
  *   open PATH MODE          MODE: rw | ro | create | trunc | append
+ *   usefd N                 use descriptor N (inherited from the parent)
  *   map LEN [FLAGS]         FLAGS: shared(default) private ro validate-sync dax
  *   store OFF TEXT          copy TEXT into the mapping at OFF
  *   fill OFF LEN CHAR       memset the mapping
@@ -15,7 +16,7 @@
  *   sfr OFF LEN [wait]      sync_file_range(WRITE [|WAIT_AFTER])
  *   pwrite OFF TEXT | write TEXT | pread OFF LEN | read LEN | seek OFF
  *   writev TEXT1 TEXT2      | preadv OFF LEN1 LEN2
- *   ftruncate LEN | fallocate OFF LEN | mremap NEWLEN | munmap | close | dup
+ *   ftruncate LEN | fallocate OFF LEN | punch OFF LEN | mremap NEWLEN | munmap | close | dup
  *   sleep MS | touch PATH | waitfor PATH
  *   exit | _exit | kill     end the process that way
  *   try_msync OFF LEN FLAGS         print "ret=R errno=E"
@@ -79,6 +80,11 @@ int main(int argc, char **argv) {
                      : O_RDWR;
             fd = open(p, fl, 0644);
             if (fd < 0) die("open");
+        } else if (!strcmp(c, "usefd")) {
+            fd = num(argv[++i]);
+        } else if (!strcmp(c, "punch")) {
+            long off = num(argv[++i]), len = num(argv[++i]);
+            if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len)) die("punch");
         } else if (!strcmp(c, "map")) {
             maplen = num(argv[++i]);
             int prot = PROT_READ | PROT_WRITE, flags = MAP_SHARED;

@@ -39,9 +39,9 @@ fn patch_from_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
 }
 
 /// Copies the `n` bytes the kernel just wrote at `off` into the shadow.
-fn copy_to_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
-    let start = off;
-    let total = n;
+/// Runs under the io lock, like every writeback's copy: shadow and backing
+/// agree on these bytes afterwards, so nothing is left to write back.
+fn copy_to_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) -> Result<(), Errno> {
     for v in iov {
         if n == 0 {
             break;
@@ -49,16 +49,12 @@ fn copy_to_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
         let len = v.iov_len.min(n);
         // SAFETY: the caller's buffer, which the kernel just read.
         let buf = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, len) };
-        if let Err(e) = sys::pwrite_all(f.shadow.data_fd, buf, off) {
-            error!("{}: cannot update the shadow after a write: {e}", f.path);
-            return;
-        }
+        sys::pwrite_all(f.shadow.data_fd, buf, off)?;
         n -= len;
         off += len as u64;
     }
-    f.shadow.mark_writer();
     f.shadow.record_backing(f.backing_fd);
-    let _ = (start, total);
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
@@ -100,29 +96,32 @@ fn write_impl(
     let Some(f) = state::lookup_fd(fd) else {
         return check_ssize(kernel());
     };
-    let (n, off) = {
-        let _io = f.shadow.io_lock();
-        let n = check_ssize(kernel())?;
-        let append =
-            sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
-        let off = if n <= 0 {
-            None
-        } else if append {
-            // O_APPEND writes land at end of file, even pwrite's.
-            sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
-        } else {
-            match at {
-                At::Offset(o) => Some(o),
-                At::Position => pos_before(fd, n as usize),
-            }
-        };
-        if let Some(off) = off {
-            copy_to_shadow(&f, iov, n as usize, off);
+    let _io = f.shadow.io_lock();
+    let n = check_ssize(kernel())?;
+    if n <= 0 {
+        return Ok(n);
+    }
+    let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
+    let off = if append {
+        // O_APPEND writes land at end of file, even pwrite's.
+        sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
+    } else {
+        match at {
+            At::Offset(o) => Some(o),
+            At::Position => pos_before(fd, n as usize),
         }
-        (n, off)
     };
-    if let Some(off) = off {
-        f.add_pending(off, off + n as u64);
+    let copied = off
+        .ok_or(Errno(libc::EIO))
+        .and_then(|off| copy_to_shadow(&f, iov, n as usize, off));
+    if let Err(e) = copied {
+        // The backing has the data and the shadow does not: a stale shadow
+        // must never be written back over it. Stop serving this shadow.
+        error!(
+            "{}: cannot update the shadow after a write ({e}); the file is no longer shadowed",
+            f.path
+        );
+        f.poison();
     }
     Ok(n)
 }
