@@ -29,8 +29,10 @@ macro_rules! real_fns {
                     // whose C prototype is the one spelled here.
                     let f: unsafe extern "C" fn($($ty),*) -> $ret =
                         unsafe { std::mem::transmute::<usize, _>(p) };
+                    // SAFETY: the caller upholds the libc function's contract.
                     return unsafe { f($($arg),*) };
                 }
+                // SAFETY: the raw system call with the same arguments.
                 #[allow(unused_unsafe)]
                 unsafe { $fallback }
             }
@@ -130,8 +132,10 @@ macro_rules! real_variadic {
                     // prototype is variadic after the fixed arguments.
                     let f: unsafe extern "C" fn($($ty),*, ...) -> $ret =
                         unsafe { std::mem::transmute::<usize, _>(p) };
+                    // SAFETY: the caller upholds the libc function's contract.
                     return unsafe { f($($arg),*, $var) };
                 }
+                // SAFETY: the raw system call with the same arguments.
                 #[allow(unused_unsafe)]
                 unsafe { $fallback }
             }

@@ -1291,3 +1291,36 @@ except Exception as e:
     assert_eq!(o.status.signal(), Some(7), "{}", stderr(&o));
     assert!(stdout(&o).contains("b'keep' 4096"), "{}", stdout(&o));
 }
+
+// A shadow that cannot be created (here: the file size limit makes growing
+// the shadow fail, as a full /dev/shm would) falls back to the direct
+// mapping with a warning: nothing is lost.
+#[test]
+fn shadow_creation_failure_falls_back_to_direct_mapping() {
+    let w = World::new("nospace");
+    let f = w.pmem_file("f", &zeros(64 * PAGE));
+    let mut c = w.shim_cmd("sh");
+    c.arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 8; exec \"$0\" \"$@\"")
+        .arg(probe())
+        .args([
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "262144",
+            ",",
+            "store",
+            "200000",
+            "stillsafe",
+            ",",
+            "kill",
+        ]);
+    let o = run(c);
+    let err = stderr(&o);
+    killed(o);
+    assert!(err.contains("mapping the file directly"), "{err}");
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "stillsafe"));
+}

@@ -18,6 +18,7 @@ fn opened(fd: c_int, flags: c_int) -> c_int {
 /// C ABI: `path` is a valid C string; `mode` is read only with O_CREAT/O_TMPFILE.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::open64(path, flags, mode) }, flags)
 }
 
@@ -25,6 +26,7 @@ pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::open64(path, flags, mode) }, flags)
 }
 
@@ -37,6 +39,7 @@ pub unsafe extern "C" fn openat(
     flags: c_int,
     mode: mode_t,
 ) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
 }
 
@@ -49,6 +52,7 @@ pub unsafe extern "C" fn openat64(
     flags: c_int,
     mode: mode_t,
 ) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
 }
 
@@ -57,6 +61,7 @@ pub unsafe extern "C" fn openat64(
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::creat64(path, mode) }, flags)
 }
 
@@ -65,6 +70,7 @@ pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::creat64(path, mode) }, flags)
 }
 
@@ -74,6 +80,7 @@ pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::__open64_2(path, flags) }, flags)
 }
 
@@ -81,6 +88,7 @@ pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::__open64_2(path, flags) }, flags)
 }
 
@@ -88,6 +96,7 @@ pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int 
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::__openat64_2(dirfd, path, flags) }, flags)
 }
 
@@ -95,6 +104,7 @@ pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_
 /// As `open`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     opened(unsafe { real::__openat64_2(dirfd, path, flags) }, flags)
 }
 
@@ -107,6 +117,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
             crate::sys::preserving_errno(|| state::on_close(fd));
         }
     }
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { real::close(fd) }
 }
 
@@ -123,6 +134,7 @@ fn duped(oldfd: c_int, newfd: c_int) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     duped(fd, unsafe { real::dup(fd) })
 }
 
@@ -130,6 +142,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     duped(fd, unsafe { real::dup2(fd, new) })
 }
 
@@ -137,6 +150,7 @@ pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     duped(fd, unsafe { real::dup3(fd, new, flags) })
 }
 
@@ -167,6 +181,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let r = unsafe { real::close_range(first, last, flags) };
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         if let Some(_g) = enter() {
@@ -180,6 +195,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn closefrom(first: c_int) {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { real::closefrom(first) };
     if let Some(_g) = enter() {
         crate::sys::preserving_errno(|| state::on_close_range(first.max(0) as u32, u32::MAX));

@@ -151,6 +151,7 @@ macro_rules! io_hook {
         /// C ABI, contract of the libc function of the same name.
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name($fd: c_int $(, $a: $t)*) -> ssize_t {
+            // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let kernel = || unsafe { $kernel };
             if !state::fd_maybe_pmem($fd) {
                 return kernel();
@@ -158,6 +159,8 @@ macro_rules! io_hook {
             match enter() {
                 None => kernel(),
                 Some(g) => {
+                    // SAFETY: the hook's own buffer/iovec arguments, valid per
+                    // its C contract.
                     #[allow(unused_unsafe)]
                     let iov = unsafe { $iov };
                     g.ret($imp($fd, iov, $at, kernel))
@@ -204,8 +207,10 @@ pub unsafe extern "C" fn __read_chk(
     buflen: size_t,
 ) -> ssize_t {
     if n > buflen || !state::fd_maybe_pmem(fd) {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::__read_chk(fd, buf, n, buflen) };
     }
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { read(fd, buf, n) }
 }
 
@@ -220,8 +225,10 @@ pub unsafe extern "C" fn __pread64_chk(
     buflen: size_t,
 ) -> ssize_t {
     if n > buflen || !state::fd_maybe_pmem(fd) {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::__pread64_chk(fd, buf, n, off, buflen) };
     }
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { pread64(fd, buf, n, off) }
 }
 
@@ -235,6 +242,7 @@ pub unsafe extern "C" fn __pread_chk(
     off: off64_t,
     buflen: size_t,
 ) -> ssize_t {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { __pread64_chk(fd, buf, n, off, buflen) }
 }
 
@@ -262,6 +270,7 @@ fn ftruncate_impl(f: Arc<FileState>, kernel: impl FnOnce() -> c_int) -> Result<i
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::ftruncate64(fd, len) };
     if !state::fd_maybe_pmem(fd) {
         return kernel();
@@ -279,6 +288,7 @@ pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ftruncate(fd: c_int, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { ftruncate64(fd, len) }
 }
 
@@ -307,6 +317,7 @@ fn truncate_impl(path: *const c_char, len: off64_t) -> Result<i32, Errno> {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn truncate64(path: *const c_char, len: off64_t) -> c_int {
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::truncate64(path, len) },
         Some(g) => g.ret(truncate_impl(path, len)),
     }
@@ -316,6 +327,7 @@ pub unsafe extern "C" fn truncate64(path: *const c_char, len: off64_t) -> c_int 
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn truncate(path: *const c_char, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { truncate64(path, len) }
 }
 
@@ -377,6 +389,7 @@ fn fallocate_impl(
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::fallocate64(fd, mode, off, len) };
     if !state::fd_maybe_pmem(fd) {
         return kernel();
@@ -394,6 +407,7 @@ pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: 
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { fallocate64(fd, mode, off, len) }
 }
 
@@ -403,6 +417,7 @@ pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off64_t, len: of
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::posix_fallocate64(fd, off, len) };
     if !state::fd_maybe_pmem(fd) {
         return kernel();
@@ -430,5 +445,6 @@ pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off64_t, len: off64_t) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { posix_fallocate64(fd, off, len) }
 }

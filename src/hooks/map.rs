@@ -221,6 +221,7 @@ pub unsafe extern "C" fn mmap64(
     off: off64_t,
 ) -> *mut c_void {
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::mmap64(addr, len, prot, flags & !MAP_DAX, fd, off) },
         Some(g) => map_ret(&g, mmap_impl(addr, len, prot, flags, fd, off)),
     }
@@ -237,6 +238,7 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     off: off64_t,
 ) -> *mut c_void {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { mmap64(addr, len, prot, flags, fd, off) }
 }
 
@@ -262,6 +264,7 @@ fn munmap_impl(addr: *mut c_void, len: size_t) -> Result<i32, Errno> {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::munmap(addr, len) },
         Some(g) => g.ret(munmap_impl(addr, len)),
     }
@@ -381,6 +384,7 @@ pub unsafe extern "C" fn mremap(
     new_addr: *mut c_void,
 ) -> *mut c_void {
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::mremap(old, old_len, new_len, flags, new_addr) },
         Some(g) => map_ret(&g, mremap_impl(old, old_len, new_len, flags, new_addr)),
     }
@@ -403,5 +407,6 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
             harvest_before_replace(addr as usize, len);
         }
     }
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { real::madvise(addr, len, advice) }
 }

@@ -55,6 +55,7 @@ fn msync_impl(addr: *mut c_void, len: size_t, flags: c_int) -> Result<i32, Errno
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> c_int {
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::msync(addr, len, flags) },
         Some(g) => g.ret(msync_impl(addr, len, flags)),
     }
@@ -86,9 +87,11 @@ fn file_sync(
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
     if !state::fd_maybe_pmem(fd) {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::fsync(fd) };
     }
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fsync(fd) },
         Some(g) => file_sync(&g, fd, None, false, || unsafe { real::fsync(fd) }),
     }
@@ -99,9 +102,11 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
     if !state::fd_maybe_pmem(fd) {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::fdatasync(fd) };
     }
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fdatasync(fd) },
         Some(g) => file_sync(&g, fd, None, false, || unsafe { real::fdatasync(fd) }),
     }
@@ -116,6 +121,7 @@ pub unsafe extern "C" fn sync_file_range(
     n: off64_t,
     flags: c_uint,
 ) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::sync_file_range(fd, off, n, flags) };
     if !state::fd_maybe_pmem(fd) || flags & libc::SYNC_FILE_RANGE_WRITE == 0 || off < 0 || n < 0 {
         return kernel();
@@ -140,12 +146,14 @@ pub unsafe extern "C" fn sync_file_range(
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
     match enter() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::syncfs(fd) },
         Some(g) => {
             let ours = match sys::fstat(fd) {
                 Ok(st) => state::sync_all(Some(st.st_dev)),
                 Err(_) => Ok(()),
             };
+            // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let r = check_int(unsafe { real::syncfs(fd) });
             g.ret(match (ours, r) {
                 (_, Err(e)) => Err(e),
@@ -163,5 +171,6 @@ pub unsafe extern "C" fn sync() {
     if let Some(_g) = enter() {
         let _ = state::sync_all(None);
     }
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { real::sync() }
 }

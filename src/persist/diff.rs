@@ -90,6 +90,7 @@ mod tests {
 
     fn run(src: &Page, dst: &mut Page, len: usize) -> (LineCounts, u64) {
         let mut f = Flusher::new(FlushKind::None);
+        // SAFETY: two page-aligned 4 KiB buffers, len <= 4096.
         let c = unsafe {
             sync_lines(
                 src.0.as_ptr(),
@@ -166,6 +167,7 @@ mod tests {
         let mut f = Flusher::new(FlushKind::None);
         let mut budget = Some(2);
         // The hook would kill the process; here it records and the loop goes on.
+        // SAFETY: two page-aligned 4 KiB buffers, 128 bytes used.
         let _ = unsafe {
             sync_lines(
                 a.0.as_ptr(),
