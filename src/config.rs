@@ -48,8 +48,10 @@ pub struct Config {
     pub stats: Option<String>,
     pub tracker: TrackerKind,
     pub flush: FlushChoice,
-    /// Debug-only fault injection: die after writing this many cachelines.
+    /// Testing only: die after writing this many cachelines.
     pub crash_after_lines: Option<u64>,
+    /// Testing only: this many writebacks fail with EIO before copying.
+    pub fail_syncs: u64,
 }
 
 /// A configuration error: the variable and what it expected.
@@ -80,6 +82,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "DAXSHIM_TRACKER",
     "DAXSHIM_FLUSH",
     "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
+    "DAXSHIM_DEBUG_FAIL_SYNCS",
 ];
 
 const DIRS_EXPECTED: &str = "absolute paths of existing directories separated by ':'";
@@ -186,6 +189,13 @@ pub fn parse(
         },
     };
 
+    let fail_syncs = match get("DAXSHIM_DEBUG_FAIL_SYNCS") {
+        None => 0,
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| err("DAXSHIM_DEBUG_FAIL_SYNCS", &v, "a non-negative integer"))?,
+    };
+
     Ok(Config {
         pmem_dirs,
         dax,
@@ -195,6 +205,7 @@ pub fn parse(
         tracker,
         flush,
         crash_after_lines,
+        fail_syncs,
     })
 }
 
@@ -292,6 +303,7 @@ mod tests {
             ("DAXSHIM_SHADOW_DIR", "relative/dir"),
             ("DAXSHIM_STATS", ""),
             ("DAXSHIM_DEBUG_CRASH_AFTER_LINES", "-1"),
+            ("DAXSHIM_DEBUG_FAIL_SYNCS", "x"),
         ] {
             let e = parse_map(&[(var, bad)]).unwrap_err();
             assert_eq!(e.var, var);

@@ -21,6 +21,7 @@
 //! | `DAXSHIM_TRACKER=auto\|uffd\|compare` | dirty tracking backend |
 //! | `DAXSHIM_FLUSH=auto\|clwb\|clflushopt\|clflush` | best flush instruction allowed |
 //! | `DAXSHIM_DEBUG_CRASH_AFTER_LINES=N` | testing only: SIGKILL itself after writing back N lines |
+//! | `DAXSHIM_DEBUG_FAIL_SYNCS=N` | testing only: the first N writebacks fail with EIO |
 
 #![deny(unsafe_op_in_unsafe_fn)]
 // The constructor and everything only it reaches are cfg(not(test)).
@@ -117,10 +118,11 @@ extern "C" fn daxshim_init() {
         );
     }
     let flush = persist::flush::select(cfg.flush, persist::flush::detect());
-    let backend = match track::select(cfg.tracker) {
+    let tracker = match track::select(cfg.tracker) {
         Ok(b) => b,
         Err(e) => config_error(&format!("DAXSHIM_TRACKER=uffd: {e}")),
     };
+    persist::FAIL_BUDGET.store(cfg.fail_syncs, Ordering::Relaxed);
     if let Some(n) = cfg.crash_after_lines {
         persist::CRASH_BUDGET.store(n, Ordering::Relaxed);
     }
@@ -133,7 +135,7 @@ extern "C" fn daxshim_init() {
     let shadow_dir = cfg.shadow_dir.to_string_lossy().into_owned();
     info!(
         "tracker {}, flush {}, pmem {:?}, shadows in {shadow_dir}",
-        backend.name(),
+        tracker.name(),
         flush.name(),
         cfg.pmem_dirs
     );
@@ -170,7 +172,7 @@ extern "C" fn daxshim_fini() {
     let rt = state::rt();
     if let Some(p) = &rt.cfg.stats {
         let path = stats::expand_path(p, sys::getpid());
-        let json = stats::STATS.to_json(track::backend().name(), rt.flush.name());
+        let json = stats::STATS.to_json(track::tracker().name(), rt.flush.name());
         if let Err(e) = std::fs::write(&path, json) {
             warn!("cannot write stats to {path}: {e}");
         }

@@ -13,7 +13,7 @@ use crate::ranges::RangeSet;
 use crate::shadow::{self, AttachOptions, FileId, Shadow};
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, SysResult, PAGE};
-use crate::track::{self, Backend};
+use crate::track;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::Path;
@@ -437,7 +437,7 @@ impl FileState {
         let t0 = std::time::Instant::now();
         let _s = self.sync_lock.lock();
         let (lo, hi) = range.unwrap_or((0, u64::MAX));
-        let full = track::backend() == Backend::Compare
+        let full = !track::tracker().is_exact()
             || self.untracked.load(Ordering::Relaxed)
             || self.shadow.other_writers();
         let mut dirty = RangeSet::new();
@@ -482,6 +482,9 @@ impl FileState {
         }
         let io = self.shadow.io_lock();
         let r = (|| -> SysResult<()> {
+            if persist::inject_failure() {
+                return Err(Errno(libc::EIO));
+            }
             let shadow_size = self.shadow.data_size()?;
             let backing_size = sys::fstat(self.backing_fd)?.st_size as u64;
             let size = shadow_size.min(backing_size);
@@ -535,8 +538,7 @@ impl Drop for FileState {
     /// The last reference is gone: write back what is pending, detach.
     fn drop(&mut self) {
         let synced = {
-            let full = (track::backend() == Backend::Compare
-                || self.untracked.load(Ordering::Relaxed))
+            let full = (!track::tracker().is_exact() || self.untracked.load(Ordering::Relaxed))
                 && self.shadow.is_writer();
             self.write_back_dirty(RangeSet::new(), 0, u64::MAX, full, true)
                 .is_ok()
@@ -568,7 +570,7 @@ fn harvest_file(f: &Arc<FileState>, lo: u64, hi: u64, out: &mut RangeSet) {
         let addr = m.start + (a - mstart) as usize;
         let addr_lo = sys::page_down(addr);
         let addr_hi = sys::page_up(m.start + (b - mstart) as usize);
-        let _ = track::harvest(addr_lo, addr_hi - addr_lo, &mut |s, n| {
+        let _ = track::tracker().harvest(addr_lo, addr_hi - addr_lo, &mut |s, n| {
             let fo = m.off + (s - m.start) as u64;
             out.insert(fo, fo + n as u64);
         });
@@ -587,7 +589,7 @@ pub fn harvest_range_to_pending(reg: &Registry, addr: usize, len: usize) {
         let a = addr.max(m.start);
         let b = end.min(m.start + m.len);
         let mut got = RangeSet::new();
-        let _ = track::harvest(a, b - a, &mut |s, n| {
+        let _ = track::tracker().harvest(a, b - a, &mut |s, n| {
             let fo = m.off + (s - m.start) as u64;
             got.insert(fo, fo + n as u64);
         });
@@ -744,14 +746,14 @@ pub fn atfork_child() {
             warn!("{}: {e}", f.path);
         }
     }
-    if let Err(e) = track::after_fork_child() {
+    if let Err(e) = track::tracker().after_fork_child() {
         warn!("cannot track writes in the forked child ({e}); comparing whole files at sync");
         track::force_compare();
         return;
     }
     let reg = REG.lock();
     for m in reg.maps.values().filter(|m| m.tracked) {
-        if let Err(e) = track::track(m.start, m.len) {
+        if let Err(e) = track::tracker().track(m.start, m.len) {
             warn!(
                 "cannot track a mapping of {} in the child: {e}",
                 m.file.path

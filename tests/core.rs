@@ -74,6 +74,7 @@ fn every_sync_call_persists() {
     let syncs: &[&[&str]] = &[
         &["msync"],
         &["msync", "sync", "4096", "4096"],
+        &["msync", "async"],
         &["fsync"],
         &["fdatasync"],
         &["sfr", "0", "0", "wait"],
@@ -1323,4 +1324,187 @@ fn shadow_creation_failure_falls_back_to_direct_mapping() {
     assert!(err.contains("mapping the file directly"), "{err}");
     w.drop_shadows();
     assert!(contains(&backing(&f), "stillsafe"));
+}
+
+// Lifecycle, compared with the kernel page cache: after the writer goes
+// away (munmap + _exit, exit, SIGKILL), the next process sees its stores.
+#[test]
+fn lifecycle_observations_match_the_page_cache() {
+    let endings: &[&[&str]] = &[
+        &["munmap", ",", "_exit"],
+        &["exit"],
+        &["kill"],
+        &["close", ",", "_exit"],
+    ];
+    for ending in endings {
+        let w = World::new("lifecycle");
+        let pf = w.pmem_file("f", &zeros(PAGE));
+        let of = w.plain_file("f", &zeros(PAGE));
+        let mut outs = Vec::new();
+        for (f, shim) in [(&pf, true), (&of, false)] {
+            let mut writer = vec![
+                "open",
+                s(f),
+                "rw",
+                ",",
+                "map",
+                "4096",
+                ",",
+                "store",
+                "11",
+                "lifecycle",
+                ",",
+            ];
+            writer.extend_from_slice(ending);
+            let reader = [
+                "open",
+                s(f),
+                "ro",
+                ",",
+                "map",
+                "4096",
+                "ro",
+                ",",
+                "load",
+                "11",
+                "9",
+                ",",
+                "pread",
+                "11",
+                "9",
+            ];
+            let (wo, ro) = if shim {
+                (w.probe(&writer), w.probe(&reader))
+            } else {
+                (w.probe_plain(&writer), w.probe_plain(&reader))
+            };
+            outs.push((wo.status.code(), ok(ro)));
+        }
+        assert_eq!(outs[0], outs[1], "{ending:?}");
+        assert!(outs[0].1.contains("load: lifecycle") && outs[0].1.contains("pread: lifecycle"));
+    }
+}
+
+// Under another allocator (jemalloc maps its own arenas), in both preload
+// orders: no recursion, no deadlock, same results.
+#[test]
+fn works_under_jemalloc_in_either_preload_order() {
+    let je = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(
+        std::path::Path::new(je).exists(),
+        "scripts/deps.sh installs libjemalloc2"
+    );
+    for order in [0, 1] {
+        let w = World::new("jemalloc");
+        let f = w.pmem_file("f", &zeros(4 * PAGE));
+        let preload = if order == 0 {
+            format!("{}:{je}", lib().display())
+        } else {
+            format!("{je}:{}", lib().display())
+        };
+        let mut c = w.shim_cmd(probe());
+        c.env("LD_PRELOAD", preload).args([
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "16384",
+            ",",
+            "store",
+            "9000",
+            "jemalloc",
+            ",",
+            "fork",
+            ",",
+            "msync",
+            ",",
+            "pread",
+            "9000",
+            "8",
+            ",",
+            "_exit",
+        ]);
+        let out = ok(run(c));
+        assert!(
+            out.contains("pread: jemalloc") && out.contains("child: 0"),
+            "{out}"
+        );
+        w.drop_shadows();
+        assert!(contains(&backing(&f), "jemalloc"));
+    }
+}
+
+// A failed writeback returns EIO and keeps the dirty state: the retry
+// writes the data.
+#[test]
+fn failed_sync_returns_eio_and_retry_persists() {
+    for sync in [
+        ["try_msync", "0", "4096", "4"],
+        ["try_fsync", "self", ",", ","],
+    ] {
+        let w = World::new("eio").env("DAXSHIM_DEBUG_FAIL_SYNCS", "1");
+        let f = w.pmem_file("f", &zeros(PAGE));
+        let mut script = vec![
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "4096",
+            ",",
+            "store",
+            "5",
+            "retried",
+            ",",
+        ];
+        script.extend_from_slice(&sync);
+        script.push(",");
+        script.extend_from_slice(&sync);
+        script.extend_from_slice(&[",", "kill"]);
+        let out = killed(w.probe(&script));
+        assert_eq!(out, "ret=-1 errno=5\nret=0 errno=0\n", "{sync:?}");
+        w.drop_shadows();
+        assert!(contains(&backing(&f), "retried"), "{sync:?}");
+    }
+}
+
+// exec leaves the stores in the shared shadow; the next process sees them
+// and its sync makes them durable.
+#[test]
+fn exec_leaves_stores_for_the_next_process() {
+    let w = World::new("exec");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let script = format!(
+        r#"
+import mmap, os
+fd = os.open({f:?}, os.O_RDWR)
+m = mmap.mmap(fd, 4096)
+m[20:24] = b"exec"
+os.execv("/bin/true", ["true"])
+"#,
+        f = s(&f)
+    );
+    let mut c = w.shim_cmd("python3");
+    c.args(["-c", &script]);
+    ok(run(c));
+    let out = killed(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "20",
+        "4",
+        ",",
+        "fsync",
+        ",",
+        "kill",
+    ]));
+    assert!(out.contains("load: exec"), "{out}");
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "exec"));
 }

@@ -21,7 +21,7 @@
  *   exit | _exit | kill     end the process that way
  *   try_msync OFF LEN FLAGS         print "ret=R errno=E"
  *   try_mmap LEN PROT FLAGS OFF     (numbers) print "ret=ok|-1 errno=E"
- *   try_munmap OFF LEN | try_fsync FD | try_mremap NEWLEN FLAGS
+ *   try_munmap OFF LEN | try_fsync FD|self | try_mremap NEWLEN FLAGS
  *   fork                    the rest of the script runs in a child too;
  *                           the parent waits for it, then continues
  */
@@ -233,7 +233,8 @@ int main(int argc, char **argv) {
             i += 2;
             report(munmap(map + off, len));
         } else if (!strcmp(c, "try_fsync")) {
-            report(fsync(num(argv[++i])));
+            const char *a = argv[++i];
+            report(fsync(!strcmp(a, "self") ? fd : (int)num(a)));
         } else if (!strcmp(c, "try_mremap")) {
             long n = num(argv[i + 1]), fl = num(argv[i + 2]);
             i += 2;

@@ -6,7 +6,7 @@ use crate::real;
 use crate::state::{self, Mapping, REG, SHADOW_MAPS};
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, PAGE};
-use crate::track::{self, Backend};
+use crate::track;
 use libc::{c_int, c_void, off64_t, size_t};
 use std::sync::atomic::Ordering;
 
@@ -150,8 +150,8 @@ fn mmap_impl(
         let _ = sys::madvise(p as usize, maplen, libc::MADV_NOHUGEPAGE);
         if writable_fd {
             file.shadow.mark_writer();
-            if track::backend() == Backend::Uffd {
-                match track::track(p as usize, maplen) {
+            if track::tracker().is_exact() {
+                match track::tracker().track(p as usize, maplen) {
                     Ok(()) => tracked = true,
                     Err(e) => {
                         warn!(
@@ -336,9 +336,9 @@ fn mremap_impl(
         let mut tracked = *tracked;
         if tracked {
             let r = if n != o {
-                track::track(n, new_span)
+                track::tracker().track(n, new_span)
             } else if new_span > old_span {
-                track::arm(o + old_span, new_span - old_span)
+                track::tracker().arm(o + old_span, new_span - old_span)
             } else {
                 Ok(())
             };

@@ -16,6 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// (`DAXSHIM_DEBUG_CRASH_AFTER_LINES`); `u64::MAX` = no injection.
 pub static CRASH_BUDGET: AtomicU64 = AtomicU64::new(u64::MAX);
 
+/// Writebacks still to fail with EIO (`DAXSHIM_DEBUG_FAIL_SYNCS`).
+pub static FAIL_BUDGET: AtomicU64 = AtomicU64::new(0);
+
+/// Fault injection: should this writeback fail before copying anything?
+pub fn inject_failure() -> bool {
+    FAIL_BUDGET
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
 fn crash_now() {
     // Fault injection: die in the middle of a writeback, as a power cut would.
     // SAFETY: kill has no memory-safety preconditions.

@@ -1,9 +1,11 @@
 //! Dirty tracking: which pages of this process's shadow mappings were
-//! written since the last harvest.
+//! written since the last harvest. One trait, [`DirtyTracker`], two
+//! backends chosen once at start-up:
 //!
-//! Backends: userfaultfd write-protect in async mode with `PAGEMAP_SCAN`
-//! (exact, no signals), and full compare (no tracking at all; every sync
-//! compares the whole file), which is the correctness oracle.
+//! - [`uffd::UffdTracker`]: userfaultfd write-protect in async mode with
+//!   `PAGEMAP_SCAN` (exact, no signals, in-kernel);
+//! - [`CompareTracker`]: tracks nothing; every sync compares the whole file
+//!   (the correctness oracle, and the fallback where the kernel lacks uffd).
 
 pub mod uffd;
 
@@ -11,86 +13,86 @@ use crate::config::TrackerKind;
 use crate::sys::SysResult;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Uffd,
-    Compare,
+pub trait DirtyTracker: Sync {
+    fn name(&self) -> &'static str;
+    /// Whether harvests are exact. `false`: syncs must compare everything.
+    fn is_exact(&self) -> bool;
+    /// Starts tracking a fresh shadow mapping: nothing in it counts as
+    /// written yet.
+    fn track(&self, addr: usize, len: usize) -> SysResult<()>;
+    /// Arms part of an already tracked range (a tail grown in place).
+    fn arm(&self, addr: usize, len: usize) -> SysResult<()>;
+    /// Reports every page range written since the last harvest (address,
+    /// length) and re-arms it.
+    fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()>;
+    /// In a forked child: drop the parent's handles and start afresh (the
+    /// caller then tracks its ranges again).
+    fn after_fork_child(&self) -> SysResult<()>;
 }
 
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Uffd => "uffd",
-            Backend::Compare => "compare",
-        }
+pub struct CompareTracker;
+
+impl DirtyTracker for CompareTracker {
+    fn name(&self) -> &'static str {
+        "compare"
+    }
+    fn is_exact(&self) -> bool {
+        false
+    }
+    fn track(&self, _: usize, _: usize) -> SysResult<()> {
+        Ok(())
+    }
+    fn arm(&self, _: usize, _: usize) -> SysResult<()> {
+        Ok(())
+    }
+    fn harvest(&self, _: usize, _: usize, _: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
+        Ok(())
+    }
+    fn after_fork_child(&self) -> SysResult<()> {
+        Ok(())
     }
 }
 
-static BACKEND: AtomicU8 = AtomicU8::new(1);
+static UFFD: uffd::UffdTracker = uffd::UffdTracker;
+static COMPARE: CompareTracker = CompareTracker;
+const USE_UFFD: u8 = 0;
+const USE_COMPARE: u8 = 1;
+static CHOSEN: AtomicU8 = AtomicU8::new(USE_COMPARE);
 
-pub fn backend() -> Backend {
-    if BACKEND.load(Ordering::Relaxed) == 0 {
-        Backend::Uffd
+/// The tracker this process uses.
+pub fn tracker() -> &'static dyn DirtyTracker {
+    if CHOSEN.load(Ordering::Relaxed) == USE_UFFD {
+        &UFFD
     } else {
-        Backend::Compare
+        &COMPARE
     }
 }
 
-/// Chooses the backend once at start-up. `Uffd` that the kernel refuses is
-/// an error for an explicit request and a fallback for `Auto`.
-pub fn select(kind: TrackerKind) -> Result<Backend, String> {
-    let b = match kind {
-        TrackerKind::Compare => Backend::Compare,
+/// Chooses the backend once at start-up. An explicit `uffd` the kernel
+/// refuses is an error; `auto` falls back to compare.
+pub fn select(kind: TrackerKind) -> Result<&'static dyn DirtyTracker, String> {
+    let use_uffd = match kind {
+        TrackerKind::Compare => false,
         TrackerKind::Uffd => match uffd::init() {
-            Ok(()) => Backend::Uffd,
+            Ok(()) => true,
             Err(e) => return Err(format!("userfaultfd tracking unavailable: {e}")),
         },
         TrackerKind::Auto => match uffd::init() {
-            Ok(()) => Backend::Uffd,
+            Ok(()) => true,
             Err(e) => {
                 info!("userfaultfd tracking unavailable ({e}); comparing whole files at sync");
-                Backend::Compare
+                false
             }
         },
     };
-    BACKEND.store(if b == Backend::Uffd { 0 } else { 1 }, Ordering::Relaxed);
-    Ok(b)
-}
-
-/// Starts tracking `[addr, addr+len)` (a fresh shadow mapping): nothing in it
-/// counts as written yet.
-pub fn track(addr: usize, len: usize) -> SysResult<()> {
-    match backend() {
-        Backend::Uffd => uffd::register_and_arm(addr, len),
-        Backend::Compare => Ok(()),
-    }
-}
-
-/// Arms `[addr, addr+len)` of an already registered range (grown tail).
-pub fn arm(addr: usize, len: usize) -> SysResult<()> {
-    match backend() {
-        Backend::Uffd => uffd::harvest(addr, len, &mut |_, _| {}),
-        Backend::Compare => Ok(()),
-    }
-}
-
-/// Reports every page range written since the last harvest and re-arms it.
-pub fn harvest(addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
-    match backend() {
-        Backend::Uffd => uffd::harvest(addr, len, out),
-        Backend::Compare => Ok(()),
-    }
-}
-
-/// In a forked child: drop the parent's tracker handles and start afresh.
-pub fn after_fork_child() -> SysResult<()> {
-    match backend() {
-        Backend::Uffd => uffd::reinit_in_child(),
-        Backend::Compare => Ok(()),
-    }
+    CHOSEN.store(
+        if use_uffd { USE_UFFD } else { USE_COMPARE },
+        Ordering::Relaxed,
+    );
+    Ok(tracker())
 }
 
 /// Falls back to full compare (a forked child that cannot track).
 pub fn force_compare() {
-    BACKEND.store(1, Ordering::Relaxed);
+    CHOSEN.store(USE_COMPARE, Ordering::Relaxed);
 }

@@ -210,3 +210,26 @@ pub fn owned_fds() -> [i32; 2] {
         PAGEMAP.load(Ordering::Relaxed),
     ]
 }
+
+pub struct UffdTracker;
+
+impl super::DirtyTracker for UffdTracker {
+    fn name(&self) -> &'static str {
+        "uffd"
+    }
+    fn is_exact(&self) -> bool {
+        true
+    }
+    fn track(&self, addr: usize, len: usize) -> SysResult<()> {
+        register_and_arm(addr, len)
+    }
+    fn arm(&self, addr: usize, len: usize) -> SysResult<()> {
+        harvest(addr, len, &mut |_, _| {})
+    }
+    fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
+        harvest(addr, len, out)
+    }
+    fn after_fork_child(&self) -> SysResult<()> {
+        reinit_in_child()
+    }
+}
