@@ -415,8 +415,10 @@ impl FileState {
     /// `locked_io == false` the caller already holds the io lock.
     pub fn set_shadow_size(&self, size: u64, take_io_lock: bool) -> SysResult<()> {
         let _g = take_io_lock.then(|| self.shadow.io_lock());
-        sys::ftruncate(self.shadow.data_fd, size)?;
-        self.shadow.record_backing(self.backing_fd);
+        if let Some((data_fd, _)) = self.shadow.data() {
+            sys::ftruncate(data_fd, size)?;
+            self.shadow.record_backing(self.backing_fd);
+        }
         Ok(())
     }
 
@@ -461,6 +463,9 @@ impl FileState {
         full: bool,
         msync_touched: bool,
     ) -> SysResult<()> {
+        let Some((data_fd, _)) = self.shadow.data() else {
+            return Ok(()); // no copy, nothing to write back
+        };
         let mut inner = self.inner.lock();
         let in_range = inner.pending.clip(lo, hi);
         inner.pending.remove(lo, hi);
@@ -485,7 +490,7 @@ impl FileState {
             if persist::inject_failure() {
                 return Err(Errno(libc::EIO));
             }
-            let shadow_size = self.shadow.data_size()?;
+            let shadow_size = sys::fstat(data_fd)?.st_size as u64;
             let backing_size = sys::fstat(self.backing_fd)?.st_size as u64;
             let size = shadow_size.min(backing_size);
             if size == 0 {
@@ -494,7 +499,7 @@ impl FileState {
             let bfd = self.backing_fd;
             let sv = ensure_view(
                 &mut inner.shadow_view,
-                self.shadow.data_fd,
+                data_fd,
                 size as usize,
                 libc::PROT_READ,
             )?;

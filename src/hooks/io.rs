@@ -22,7 +22,7 @@ fn pos_before(fd: c_int, n: usize) -> Option<u64> {
 }
 
 /// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
-fn patch_from_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
+fn patch_from_shadow(data_fd: i32, iov: &[iovec], mut n: usize, mut off: u64) {
     for v in iov {
         if n == 0 {
             break;
@@ -30,7 +30,7 @@ fn patch_from_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
         let len = v.iov_len.min(n);
         // SAFETY: the kernel just wrote `len` bytes there for the caller.
         let buf = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, len) };
-        if sys::pread_full(f.shadow.data_fd, buf, off).is_err() {
+        if sys::pread_full(data_fd, buf, off).is_err() {
             return;
         }
         n -= len;
@@ -41,7 +41,13 @@ fn patch_from_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) {
 /// Copies the `n` bytes the kernel just wrote at `off` into the shadow.
 /// Runs under the io lock, like every writeback's copy: shadow and backing
 /// agree on these bytes afterwards, so nothing is left to write back.
-fn copy_to_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) -> Result<(), Errno> {
+fn copy_to_shadow(
+    f: &FileState,
+    data_fd: i32,
+    iov: &[iovec],
+    mut n: usize,
+    mut off: u64,
+) -> Result<(), Errno> {
     for v in iov {
         if n == 0 {
             break;
@@ -49,7 +55,7 @@ fn copy_to_shadow(f: &FileState, iov: &[iovec], mut n: usize, mut off: u64) -> R
         let len = v.iov_len.min(n);
         // SAFETY: the caller's buffer, which the kernel just read.
         let buf = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, len) };
-        sys::pwrite_all(f.shadow.data_fd, buf, off)?;
+        sys::pwrite_all(data_fd, buf, off)?;
         n -= len;
         off += len as u64;
     }
@@ -75,13 +81,14 @@ fn read_impl(
         return check_ssize(kernel());
     };
     let n = check_ssize(kernel())?;
-    if n > 0 {
+    // No data file: no process mapped the file, the backing is the truth.
+    if let (true, Some((data_fd, _))) = (n > 0, f.shadow.data()) {
         let off = match at {
             At::Offset(o) => Some(o),
             At::Position => pos_before(fd, n as usize),
         };
         if let Some(off) = off {
-            patch_from_shadow(&f, iov, n as usize, off);
+            patch_from_shadow(data_fd, iov, n as usize, off);
         }
     }
     Ok(n)
@@ -98,6 +105,11 @@ fn write_impl(
     };
     let _io = f.shadow.io_lock();
     let n = check_ssize(kernel())?;
+    // Under the io lock the data cannot appear between the write and this
+    // test; without data the write went where everyone reads.
+    let Some((data_fd, _)) = f.shadow.data() else {
+        return Ok(n);
+    };
     if n <= 0 {
         return Ok(n);
     }
@@ -113,7 +125,7 @@ fn write_impl(
     };
     let copied = off
         .ok_or(Errno(libc::EIO))
-        .and_then(|off| copy_to_shadow(&f, iov, n as usize, off));
+        .and_then(|off| copy_to_shadow(&f, data_fd, iov, n as usize, off));
     if let Err(e) = copied {
         // The backing has the data and the shadow does not: a stale shadow
         // must never be written back over it. Stop serving this shadow.
@@ -248,9 +260,12 @@ pub unsafe extern "C" fn __pread_chk(
 
 /// The shadow follows a size change the kernel made to the backing.
 fn follow_size(f: &FileState) -> Result<(), Errno> {
+    let Some((data_fd, _)) = f.shadow.data() else {
+        return Ok(());
+    };
     let size = sys::fstat(f.backing_fd)?.st_size as u64;
-    if f.shadow.data_size()? != size {
-        sys::ftruncate(f.shadow.data_fd, size)?;
+    if sys::fstat(data_fd)?.st_size as u64 != size {
+        sys::ftruncate(data_fd, size)?;
     }
     f.shadow.record_backing(f.backing_fd);
     Ok(())
@@ -338,7 +353,7 @@ const FALLOC_FL_INSERT_RANGE: c_int = 0x20;
 
 /// After the kernel changed the backing's content in `[from, to)`: the
 /// shadow takes the backing's bytes there.
-fn refresh_from_backing(f: &FileState, from: u64, to: u64) -> Result<(), Errno> {
+fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Result<(), Errno> {
     let mut buf = vec![0u8; 1 << 16];
     let mut off = from;
     while off < to {
@@ -347,7 +362,7 @@ fn refresh_from_backing(f: &FileState, from: u64, to: u64) -> Result<(), Errno> 
         if n == 0 {
             break;
         }
-        sys::pwrite_all(f.shadow.data_fd, &buf[..n], off)?;
+        sys::pwrite_all(data_fd, &buf[..n], off)?;
         off += n as u64;
     }
     Ok(())
@@ -369,12 +384,15 @@ fn fallocate_impl(
     let r = check_int(kernel())?;
     let done = (|| {
         follow_size(&f)?;
-        let size = f.shadow.data_size()?;
+        let Some((data_fd, _)) = f.shadow.data() else {
+            return Ok(());
+        };
+        let size = sys::fstat(data_fd)?.st_size as u64;
         let (off, len) = (off.max(0) as u64, len.max(0) as u64);
         if shifts {
-            refresh_from_backing(&f, off, size)?;
+            refresh_from_backing(&f, data_fd, off, size)?;
         } else if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-            refresh_from_backing(&f, off, (off + len).min(size))?;
+            refresh_from_backing(&f, data_fd, off, (off + len).min(size))?;
         }
         Ok::<(), Errno>(())
     })();

@@ -111,16 +111,27 @@ fn mmap_impl(
         debug!("direct mapping of {} at {p:?}", file.path);
         return Ok(p);
     }
-    // Unaware caller: let the kernel validate everything and choose the
-    // address by mapping the file itself, then put the shadow over it.
+    // Unaware caller: the shadow's data must exist (the first mapping of
+    // the file creates it).
+    let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("{}: {e}; mapping the file directly", file.path);
+            add(&STATS.fallbacks_direct, 1);
+            add(&STATS.mappings_direct, 1);
+            let p = real_mmap(addr, len, prot, flags, fd, off)?;
+            if fixed {
+                forget_replaced(p as usize, len);
+            }
+            return Ok(p);
+        }
+    };
+    // Let the kernel validate everything and choose the address by mapping
+    // the file itself, then put the shadow over it.
     let probe_flags = flags & !(libc::MAP_POPULATE | libc::MAP_LOCKED);
     let p = real_mmap(addr, len, prot, probe_flags, fd, off)?;
     let writable_fd = shared && fd_writable(fd);
-    let sfd = if writable_fd {
-        file.shadow.data_fd
-    } else {
-        file.shadow.data_ro_fd
-    };
+    let sfd = if writable_fd { data_fd } else { data_ro_fd };
     let stype = if shared {
         libc::MAP_SHARED
     } else {

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const SLOTS: usize = 128;
 pub const META_SIZE: usize = 4096;
 
@@ -40,6 +40,9 @@ pub struct Header {
     pub rec_size: AtomicU64,
     pub rec_mtime_sec: AtomicI64,
     pub rec_mtime_nsec: AtomicU64,
+    /// 1 once the data file holds a copy of the file (created by the first
+    /// process that maps it); 0 while reads and writes go to the backing.
+    pub data_valid: AtomicU32,
     /// Serialises changes to the backing (write hooks, truncation,
     /// writeback) with the record above, across processes. Robust: a holder
     /// that dies leaves it `EOWNERDEAD`, which tells the next attacher that a

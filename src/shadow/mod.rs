@@ -17,6 +17,7 @@ use crate::sys::{self, Errno, SysResult};
 use header::*;
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 /// Identity of a backing file: a recreated file with a reused inode number
 /// gets another birth time, hence another shadow.
@@ -40,10 +41,13 @@ impl FileId {
 pub struct Shadow {
     pub base: String,
     meta_fd: std::sync::atomic::AtomicI32,
-    pub data_fd: i32,
-    pub data_ro_fd: i32,
     header: *mut Header,
     slot: std::sync::atomic::AtomicUsize,
+    /// This process's descriptors of the data file (read-write, read-only),
+    /// opened once the data exists. The data is created lazily, by the first
+    /// process that maps the file: until then reads and writes go straight
+    /// to the backing, which is coherent because there is no copy.
+    data: OnceLock<(i32, i32)>,
 }
 
 // SAFETY: the header is shared memory designed for concurrent access.
@@ -284,20 +288,14 @@ fn attach_locked(
         // SAFETY: our mapping.
         let _ = unsafe { sys::munmap(hp as *mut _, META_SIZE) };
     };
-    let r = prepare_data(base, meta_fd, hdr, id, backing_fd, opt);
-    let (data_fd, data_ro_fd) = match r {
-        Ok(fds) => fds,
-        Err(e) => {
-            unmap();
-            return Err(e);
-        }
-    };
+    if let Err(e) = prepare(base, meta_fd, hdr, id, backing_fd, opt) {
+        unmap();
+        return Err(e);
+    }
     // Take a free slot and hold its liveness lock.
     let slot = (0..SLOTS).find(|&i| hdr.slots[i].pid.load(Ordering::Relaxed) == 0);
     let Some(slot) = slot else {
         unmap();
-        sys::close(data_fd);
-        sys::close(data_ro_fd);
         return Err(format!("{meta_path}: all {SLOTS} process slots are in use"));
     };
     if let Err(e) = sys::ofd_lock(
@@ -308,8 +306,6 @@ fn attach_locked(
         1,
     ) {
         unmap();
-        sys::close(data_fd);
-        sys::close(data_ro_fd);
         return Err(err("cannot lock a slot of", &meta_path, e));
     }
     hdr.slots[slot].flags.store(0, Ordering::Relaxed);
@@ -317,170 +313,150 @@ fn attach_locked(
     Ok(Shadow {
         base: base.to_string(),
         meta_fd: meta_fd.into(),
-        data_fd,
-        data_ro_fd,
         header: hp,
         slot: slot.into(),
+        data: OnceLock::new(),
     })
 }
 
-/// Under the attach lock: make the data file valid for the backing file.
-fn prepare_data(
-    base: &str,
-    meta_fd: i32,
-    hdr: &mut Header,
-    id: FileId,
-    backing_fd: i32,
-    opt: &AttachOptions,
-) -> Result<(i32, i32), String> {
-    let valid = hdr.magic.load(Ordering::Acquire) == MAGIC
-        && hdr.version == VERSION
-        && hdr.dev == id.dev
-        && hdr.ino == id.ino
-        && hdr.gen_sec == id.gen_sec
-        && hdr.gen_nsec == id.gen_nsec as u64;
-    if valid {
-        let mut live = 0;
-        let mut dead_writer = false;
-        for i in 0..SLOTS {
-            let s = &hdr.slots[i];
-            if s.pid.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            if slot_alive(meta_fd, i) {
-                live += 1;
-            } else if s.flags.load(Ordering::Relaxed) & SLOT_WRITER != 0 {
-                dead_writer = true;
-            } else {
-                s.pid.store(0, Ordering::Relaxed);
-            }
-        }
-        let data = open_owned(base, false);
-        if let Ok(data_fd) = data {
-            if live > 0 {
-                return Ok((data_fd, open_ro(base, data_fd)?));
-            }
-            // Nobody attached: the record tells whether the backing changed
-            // behind the shim's back.
-            // SAFETY: robust process-shared mutex in the shared header.
-            let rc = unsafe { libc::pthread_mutex_lock(&mut hdr.io_lock) };
-            let holder_died = rc == libc::EOWNERDEAD;
-            if holder_died {
-                // SAFETY: we own the mutex after EOWNERDEAD.
-                unsafe { libc::pthread_mutex_consistent(&mut hdr.io_lock) };
-            }
-            let now = backing_state(backing_fd).unwrap_or((u64::MAX, 0, 0));
-            let changed = now != hdr.recorded();
-            let outcome = if changed && !holder_died {
-                if dead_writer {
-                    let orphan = format!(
-                        "{base}.orphan-{}",
-                        std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0)
-                    );
-                    let _ = sys::rename(&cstr(base), &cstr(&orphan));
-                    warn!(
-                        "{base}: the backing file was changed without the shim while the shadow \
-                         held unsynced stores of a process that died; the shadow was kept as \
-                         {orphan} and the backing file is served"
-                    );
-                }
-                None // rebuild below
-            } else if dead_writer || holder_died {
-                Some(
-                    reconcile(data_fd, backing_fd, opt.emulated, opt.flush)
-                        .map_err(|e| err("cannot write back shadow", base, e))
-                        .and_then(|()| {
-                            // The backing's size is the truth for the shadow.
-                            let old = sys::fstat(data_fd).map(|s| s.st_size as u64).unwrap_or(0);
-                            sys::ftruncate(data_fd, now.0)
-                                .and_then(|()| {
-                                    if now.0 > old {
-                                        copy_from_backing(data_fd, backing_fd, old, now.0)
-                                    } else {
-                                        Ok(())
-                                    }
-                                })
-                                .map_err(|e| err("cannot resize", base, e))
-                        }),
-                )
-            } else {
-                Some(Ok(()))
-            };
-            let result = match outcome {
-                Some(Ok(())) => {
-                    for s in hdr.slots.iter() {
-                        s.pid.store(0, Ordering::Relaxed);
-                        s.flags.store(0, Ordering::Relaxed);
-                    }
-                    if let Ok(st) = backing_state(backing_fd) {
-                        hdr.record(st.0, st.1, st.2);
-                    }
-                    Ok(Some(data_fd))
-                }
-                Some(Err(e)) => Err(e),
-                None => Ok(None),
-            };
-            // SAFETY: we hold the mutex.
-            unsafe { libc::pthread_mutex_unlock(&mut hdr.io_lock) };
-            match result {
-                Ok(Some(fd)) => return Ok((fd, open_ro(base, fd)?)),
-                Ok(None) => sys::close(data_fd),
-                Err(e) => {
-                    sys::close(data_fd);
-                    return Err(e);
-                }
-            }
-        } else if live > 0 {
-            return Err(data.err().unwrap_or_default());
-        }
-    }
-    // Fresh shadow: invalidate the header, build the data, publish.
+fn init_header(base: &str, hdr: &mut Header, id: FileId, backing_fd: i32) {
     hdr.magic.store(0, Ordering::Release);
-    let _ = sys::unlink(&cstr(base));
-    let data_fd = open_owned(base, true)?;
-    let size = backing_state(backing_fd)
-        .map_err(|e| err("cannot stat backing of", base, e))?
-        .0;
-    if let Err(e) = fill_from_backing(data_fd, backing_fd, size) {
-        sys::close(data_fd);
-        let _ = sys::unlink(&cstr(base));
-        return Err(err("cannot fill shadow", base, e));
-    }
+    let _ = sys::unlink(&cstr(base)); // data left by an older header
     hdr.version = VERSION;
     hdr.slot_count = SLOTS as u32;
     hdr.dev = id.dev;
     hdr.ino = id.ino;
     hdr.gen_sec = id.gen_sec;
     hdr.gen_nsec = id.gen_nsec as u64;
-    for s in hdr.slots.iter() {
-        s.pid.store(0, Ordering::Relaxed);
-        s.flags.store(0, Ordering::Relaxed);
-    }
+    hdr.data_valid.store(0, Ordering::Relaxed);
+    clear_slots(hdr);
     // SAFETY: the header is invalid (magic 0) and we hold the attach lock.
     unsafe { hdr.init_io_lock() };
     if let Ok(st) = backing_state(backing_fd) {
         hdr.record(st.0, st.1, st.2);
     }
     hdr.magic.store(MAGIC, Ordering::Release);
-    crate::stats::add(&crate::stats::STATS.shadows_created, 1);
-    let ro = open_ro(base, data_fd)?;
-    let _ = meta_fd;
-    Ok((data_fd, ro))
+}
+
+fn clear_slots(hdr: &Header) {
+    for s in hdr.slots.iter() {
+        s.pid.store(0, Ordering::Relaxed);
+        s.flags.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Under the attach lock: make the shadow valid for the backing file. A
+/// shadow nobody is attached to is reconciled (writers died), dropped
+/// (backing changed behind the shim's back, nothing unsynced) or kept aside
+/// as an orphan (backing changed and unsynced stores exist).
+fn prepare(
+    base: &str,
+    meta_fd: i32,
+    hdr: &mut Header,
+    id: FileId,
+    backing_fd: i32,
+    opt: &AttachOptions,
+) -> Result<(), String> {
+    let valid = hdr.magic.load(Ordering::Acquire) == MAGIC
+        && hdr.version == VERSION
+        && hdr.dev == id.dev
+        && hdr.ino == id.ino
+        && hdr.gen_sec == id.gen_sec
+        && hdr.gen_nsec == id.gen_nsec as u64;
+    if !valid {
+        init_header(base, hdr, id, backing_fd);
+        return Ok(());
+    }
+    let mut live = 0;
+    let mut dead_writer = false;
+    for i in 0..SLOTS {
+        let s = &hdr.slots[i];
+        if s.pid.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        if slot_alive(meta_fd, i) {
+            live += 1;
+        } else if s.flags.load(Ordering::Relaxed) & SLOT_WRITER != 0 {
+            dead_writer = true;
+        } else {
+            s.pid.store(0, Ordering::Relaxed);
+        }
+    }
+    if live > 0 {
+        return Ok(());
+    }
+    if hdr.data_valid.load(Ordering::Acquire) == 0 {
+        // No copy exists: nothing can be stale or unsynced.
+        clear_slots(hdr);
+        if let Ok(st) = backing_state(backing_fd) {
+            hdr.record(st.0, st.1, st.2);
+        }
+        return Ok(());
+    }
+    // SAFETY: robust process-shared mutex in the shared header.
+    let rc = unsafe { libc::pthread_mutex_lock(&mut hdr.io_lock) };
+    let holder_died = rc == libc::EOWNERDEAD;
+    if holder_died {
+        // SAFETY: we own the mutex after EOWNERDEAD.
+        unsafe { libc::pthread_mutex_consistent(&mut hdr.io_lock) };
+    }
+    let now = backing_state(backing_fd).unwrap_or((u64::MAX, 0, 0));
+    let changed = now != hdr.recorded();
+    let result = if changed && !holder_died {
+        if dead_writer {
+            let orphan = format!(
+                "{base}.orphan-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            );
+            let _ = sys::rename(&cstr(base), &cstr(&orphan));
+            warn!(
+                "{base}: the backing file was changed without the shim while the shadow \
+                 held unsynced stores of a process that died; the shadow was kept as \
+                 {orphan} and the backing file is served"
+            );
+        } else {
+            let _ = sys::unlink(&cstr(base));
+        }
+        hdr.data_valid.store(0, Ordering::Release);
+        Ok(())
+    } else if dead_writer || holder_died {
+        open_owned(base, false).and_then(|data_fd| {
+            let r = reconcile(data_fd, backing_fd, opt.emulated, opt.flush)
+                .and_then(|()| {
+                    // The backing's size is the truth for the shadow.
+                    let old = sys::fstat(data_fd)?.st_size as u64;
+                    sys::ftruncate(data_fd, now.0)?;
+                    if now.0 > old {
+                        copy_from_backing(data_fd, backing_fd, old, now.0)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| err("cannot write back shadow", base, e));
+            sys::close(data_fd);
+            r
+        })
+    } else {
+        Ok(())
+    };
+    if result.is_ok() {
+        clear_slots(hdr);
+        if let Ok(st) = backing_state(backing_fd) {
+            hdr.record(st.0, st.1, st.2);
+        }
+    }
+    // SAFETY: we hold the mutex.
+    unsafe { libc::pthread_mutex_unlock(&mut hdr.io_lock) };
+    result
 }
 
 fn open_ro(base: &str, data_fd: i32) -> Result<i32, String> {
     // Through /proc so that it is the very file we checked.
     let p = cstr(&format!("/proc/self/fd/{data_fd}"));
-    match sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
-        Ok(fd) => Ok(fd),
-        Err(e) => {
-            sys::close(data_fd);
-            Err(err("cannot reopen read-only", base, e))
-        }
-    }
+    sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map_err(|e| err("cannot reopen read-only", base, e))
 }
 
 /// Holds the shadow's io lock.
@@ -570,8 +546,60 @@ impl Shadow {
         unlock_attach(self.meta_fd());
     }
 
-    pub fn data_size(&self) -> SysResult<u64> {
-        sys::fstat(self.data_fd).map(|st| st.st_size as u64)
+    /// This process's descriptors of the data file, if the data exists.
+    pub fn data(&self) -> Option<(i32, i32)> {
+        if let Some(d) = self.data.get() {
+            return Some(*d);
+        }
+        if self.header().data_valid.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.open_data().ok()
+    }
+
+    fn open_data(&self) -> Result<(i32, i32), String> {
+        let fd = open_owned(&self.base, false)?;
+        let ro = match open_ro(&self.base, fd) {
+            Ok(ro) => ro,
+            Err(e) => {
+                sys::close(fd);
+                return Err(e);
+            }
+        };
+        if self.data.set((fd, ro)).is_err() {
+            // Another thread was first.
+            sys::close(fd);
+            sys::close(ro);
+        }
+        Ok(*self.data.get().expect("set above"))
+    }
+
+    /// The data file, created from the backing if no process mapped the file
+    /// yet. Creation holds the io lock, so no write(2) of any process runs
+    /// between the copy and the moment the data becomes valid.
+    pub fn ensure_data(&self, backing_fd: i32) -> Result<(i32, i32), String> {
+        if let Some(d) = self.data() {
+            return Ok(d);
+        }
+        let _io = self.io_lock();
+        let h = self.header();
+        if h.data_valid.load(Ordering::Acquire) != 0 {
+            return self.open_data();
+        }
+        let _ = sys::unlink(&cstr(&self.base));
+        let fd = open_owned(&self.base, true)?;
+        let filled = backing_state(backing_fd)
+            .and_then(|(size, _, _)| fill_from_backing(fd, backing_fd, size));
+        if let Err(e) = filled {
+            sys::close(fd);
+            let _ = sys::unlink(&cstr(&self.base));
+            return Err(err("cannot fill shadow", &self.base, e));
+        }
+        self.record_backing(backing_fd);
+        sys::close(fd);
+        h.data_valid.store(1, Ordering::Release);
+        crate::stats::add(&crate::stats::STATS.shadows_created, 1);
+        self.open_data()
     }
 
     /// Detaches. With `synced`, this process left nothing unsynced; if it is
@@ -606,7 +634,11 @@ impl Shadow {
             }
             if !live && dead_writer && backing_fd >= 0 {
                 let _g = self.io_lock();
-                if reconcile(self.data_fd, backing_fd, opt.emulated, opt.flush).is_ok() {
+                let reconciled = match self.data() {
+                    Some((fd, _)) => reconcile(fd, backing_fd, opt.emulated, opt.flush).is_ok(),
+                    None => true,
+                };
+                if reconciled {
                     dead_writer = false;
                     self.record_backing(backing_fd);
                 }
@@ -623,8 +655,10 @@ impl Shadow {
     fn release(&self) {
         // SAFETY: our mapping of the header.
         let _ = unsafe { sys::munmap(self.header as *mut _, META_SIZE) };
-        sys::close(self.data_fd);
-        sys::close(self.data_ro_fd);
+        if let Some((fd, ro)) = self.data.get() {
+            sys::close(*fd);
+            sys::close(*ro);
+        }
         sys::close(self.meta_fd());
     }
 
