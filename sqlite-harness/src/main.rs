@@ -515,7 +515,7 @@ fn bench(a: &Args) -> Res<()> {
     }
     let base = std::path::PathBuf::from(a.0.get("dir").map(|s| s.as_str()).unwrap_or("/tmp"))
         .join(format!("daxshim-bench-{}", std::process::id()));
-    let repeats = a.num("repeat", 3)?;
+    let repeats = a.num("repeat", 5)?;
     println!(
         "# SQLite speedtest1-like benchmark, journal_mode=delete, synchronous=FULL, mmap_size=1GiB"
     );
@@ -531,10 +531,11 @@ fn bench(a: &Args) -> Res<()> {
     ];
     let mut overall = [0f64; 3];
     for rows in sizes {
-        let mut results: Vec<Vec<(String, f64)>> = Vec::new();
-        for (ci, (name, shim, tracker)) in configs.iter().enumerate() {
-            let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
-            for r in 0..repeats {
+        // Configurations interleaved within each repeat, so that drift of
+        // the machine affects all three alike.
+        let mut runs: Vec<Vec<Vec<(String, f64)>>> = vec![Vec::new(); configs.len()];
+        for r in 0..repeats {
+            for (ci, (name, shim, tracker)) in configs.iter().enumerate() {
                 let dir = base.join(format!("{name}-{rows}-{r}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).map_err(e)?;
@@ -557,7 +558,7 @@ fn bench(a: &Args) -> Res<()> {
                 if !out.status.success() {
                     return Err(format!("{name}: {}", String::from_utf8_lossy(&out.stderr)));
                 }
-                runs.push(
+                runs[ci].push(
                     String::from_utf8_lossy(&out.stdout)
                         .lines()
                         .filter_map(|l| l.split_once(' '))
@@ -565,17 +566,20 @@ fn bench(a: &Args) -> Res<()> {
                         .collect(),
                 );
             }
-            // Median per phase.
-            let phases = runs[0].len();
-            let med: Vec<(String, f64)> = (0..phases)
-                .map(|p| {
-                    let mut v: Vec<f64> = runs.iter().map(|r| r[p].1).collect();
-                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    (runs[0][p].0.clone(), v[v.len() / 2])
-                })
-                .collect();
-            results.push(med);
         }
+        // Median per phase.
+        let results: Vec<Vec<(String, f64)>> = runs
+            .iter()
+            .map(|runs| {
+                (0..runs[0].len())
+                    .map(|p| {
+                        let mut v: Vec<f64> = runs.iter().map(|r| r[p].1).collect();
+                        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                        (runs[0][p].0.clone(), v[v.len() / 2])
+                    })
+                    .collect()
+            })
+            .collect();
         println!("\n## {rows} rows");
         println!(
             "{:<26} {:>12} {:>12} {:>13} {:>8} {:>14}",
