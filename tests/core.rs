@@ -1508,3 +1508,124 @@ os.execv("/bin/true", ["true"])
     w.drop_shadows();
     assert!(contains(&backing(&f), "exec"));
 }
+
+// Lazy shadow data: a process that only reads and writes the file and a
+// process that maps it later (creating the shadow's data then) stay
+// coherent in both directions.
+#[test]
+fn file_io_process_and_later_mapper_stay_coherent() {
+    let w = World::new("lazy");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let (a1, a2, b1) = (w.root.join("a1"), w.root.join("a2"), w.root.join("b1"));
+    let mut a = w.shim_cmd(probe());
+    a.args([
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "pwrite",
+        "0",
+        "AAAA",
+        ",",
+        "touch",
+        s(&a1),
+        ",",
+        "waitfor",
+        s(&b1),
+        ",",
+    ])
+    .args([
+        "pwrite",
+        "100",
+        "A2",
+        ",",
+        "pread",
+        "200",
+        "4",
+        ",",
+        "touch",
+        s(&a2),
+        ",",
+        "exit",
+    ]);
+    let ha = std::thread::spawn(move || run(a));
+    wait_for(&a1);
+    let out_b = ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "load",
+        "0",
+        "4",
+        ",",
+        "store",
+        "200",
+        "BBBB",
+        ",",
+        "touch",
+        s(&b1),
+        ",",
+        "waitfor",
+        s(&a2),
+        ",",
+        "load",
+        "100",
+        "2",
+        ",",
+        "msync",
+        ",",
+        "exit",
+    ]));
+    let out_a = ok(ha.join().unwrap());
+    assert!(
+        out_b.contains("load: AAAA") && out_b.contains("load: A2"),
+        "{out_b}"
+    );
+    assert!(
+        out_a.contains("pread: BBBB"),
+        "the writer did not see the mapper's store: {out_a}"
+    );
+    let b = backing(&f);
+    assert!(contains(&b, "AAAA") && contains(&b, "A2") && contains(&b, "BBBB"));
+    assert_eq!(w.stat_sum("shadows_created"), 1);
+}
+
+// A file that is only opened, read and written gets no shadow data.
+#[test]
+fn unmapped_files_get_no_shadow_copy() {
+    let w = World::new("nocopy");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let stored = w.root.join("stored");
+    let go = w.root.join("go");
+    let mut c = w.shim_cmd(probe());
+    c.args([
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "pwrite",
+        "0",
+        "direct",
+        ",",
+        "touch",
+        s(&stored),
+        ",",
+        "waitfor",
+        s(&go),
+        ",",
+    ])
+    .args(["fsync", ",", "exit"]);
+    let h = std::thread::spawn(move || run(c));
+    wait_for(&stored);
+    // Only the header exists while the file is open.
+    let files = w.shadow_files();
+    assert!(files.iter().all(|n| n.ends_with(".meta")), "{files:?}");
+    std::fs::write(&go, b"").unwrap();
+    ok(h.join().unwrap());
+    assert_eq!(w.stat_sum("shadows_created"), 0);
+    assert!(contains(&backing(&f), "direct"));
+}
