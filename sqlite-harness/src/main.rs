@@ -586,15 +586,15 @@ fn bench(a: &Args) -> Res<()> {
             "phase", "page-cache s", "shim s", "shim-cmp s", "ratio", "ratio-compare"
         );
         let mut tot = [0f64; 3];
-        for p in 0..results[0].len() {
-            let v: Vec<f64> = (0..3).map(|c| results[c][p].1).collect();
+        for (p, (phase, _)) in results[0].iter().enumerate() {
+            let v: Vec<f64> = results.iter().map(|r| r[p].1).collect();
             for c in 0..3 {
                 tot[c] += v[c];
                 overall[c] += v[c];
             }
             println!(
                 "{:<26} {:>12.4} {:>12.4} {:>13.4} {:>8.3} {:>14.3}",
-                results[0][p].0,
+                phase,
                 v[0],
                 v[1],
                 v[2],
