@@ -133,6 +133,9 @@ extern "C" fn daxshim_init() {
         .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
         .collect();
     let shadow_dir = cfg.shadow_dir.to_string_lossy().into_owned();
+    let dax_devs = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| dax_mount_devices(&s))
+        .unwrap_or_default();
     info!(
         "tracker {}, flush {}, pmem {:?}, shadows in {shadow_dir}",
         tracker.name(),
@@ -143,6 +146,7 @@ extern "C" fn daxshim_init() {
         cfg,
         flush,
         pmem_devs,
+        dax_devs,
         shadow_dir,
         shadow_dir_bad: AtomicBool::new(false),
     });
@@ -156,6 +160,25 @@ extern "C" fn daxshim_init() {
     }
     state::READY.store(true, Ordering::Release);
     state::scan_inherited_fds();
+}
+
+/// Devices of file systems mounted with `dax` or `dax=always` (not
+/// `dax=inode`/`dax=never`, where statx tells file by file).
+fn dax_mount_devices(mountinfo: &str) -> Vec<u64> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            // "id parent major:minor root mountpoint opts ... - fstype source superopts"
+            let mut halves = l.splitn(2, " - ");
+            let left: Vec<&str> = halves.next()?.split(' ').collect();
+            let right: Vec<&str> = halves.next()?.split(' ').collect();
+            let opts = format!("{},{}", left.get(5)?, right.get(2)?);
+            let dax = opts.split(',').any(|o| o == "dax" || o == "dax=always");
+            let (maj, min) = left.get(2)?.split_once(':')?;
+            let dev = libc::makedev(maj.parse().ok()?, min.parse().ok()?);
+            dax.then_some(dev)
+        })
+        .collect()
 }
 
 /// Runs at exit (after the program's own destructors): write back
@@ -176,6 +199,23 @@ extern "C" fn daxshim_fini() {
         if let Err(e) = std::fs::write(&path, json) {
             warn!("cannot write stats to {path}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dax_mounts_are_found_in_mountinfo() {
+        let mi = "\
+22 1 259:0 / / rw,relatime - ext4 /dev/vda rw
+30 22 259:1 / /mnt/dax rw,relatime - ext4 /dev/pmem0 rw,dax=always
+31 22 259:2 / /mnt/x rw - xfs /dev/pmem1 rw,attr2,dax
+32 22 259:3 / /mnt/i rw - ext4 /dev/pmem2 rw,dax=inode
+33 22 0:25 / /dev/shm rw - tmpfs tmpfs rw";
+        assert_eq!(
+            super::dax_mount_devices(mi),
+            vec![libc::makedev(259, 1), libc::makedev(259, 2)]
+        );
     }
 }
 

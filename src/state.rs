@@ -26,6 +26,9 @@ pub struct Runtime {
     /// `st_dev` of each `DAXSHIM_PMEM` directory: a file on another device
     /// cannot be under one, so most files are ruled out without a readlink.
     pub pmem_devs: Vec<u64>,
+    /// Devices mounted with `-o dax` / `dax=always` (every file there is DAX,
+    /// even where statx does not say so).
+    pub dax_devs: Vec<u64>,
     pub shadow_dir: String,
     /// Set once the shadow directory was found unusable (warned once).
     pub shadow_dir_bad: AtomicBool,
@@ -55,6 +58,9 @@ pub struct FileState {
     pub untracked: AtomicBool,
     /// See [`FileState::poison`].
     pub poisoned: AtomicBool,
+    /// The backing's size changed since the last durable sync: an
+    /// msync(MS_SYNC) must make that metadata durable too (fdatasync).
+    pub size_dirty: AtomicBool,
     /// Serialises syncs of this file, so that a sync never returns while
     /// another thread is still copying pages it harvested.
     pub sync_lock: Lock<()>,
@@ -162,8 +168,8 @@ pub fn classify(fd: i32) -> Option<(FileId, bool, String)> {
         return None;
     }
     let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
-    let dax = stx.stx_attributes & STATX_ATTR_DAX != 0;
     let r = rt();
+    let dax = stx.stx_attributes & STATX_ATTR_DAX != 0 || r.dax_devs.contains(&dev);
     if !dax && !r.pmem_devs.contains(&dev) {
         return None;
     }
@@ -245,6 +251,7 @@ fn get_or_attach(
         backing_writable,
         untracked: AtomicBool::new(false),
         poisoned: AtomicBool::new(false),
+        size_dirty: AtomicBool::new(false),
         sync_lock: Lock::new(()),
         inner: Lock::new(FileInner {
             shadow_view: (0, 0),
@@ -399,12 +406,28 @@ fn unmap_views(inner: &mut FileInner) {
     unmap_view(&mut inner.backing_view);
 }
 
-fn ensure_view(v: &mut (usize, usize), fd: i32, len: usize, prot: i32) -> SysResult<usize> {
+/// Maps `len` bytes of `fd` (again, if the view is too small). `sync`:
+/// the real-DAX backing, mapped `MAP_SYNC` so that the block allocations its
+/// write faults make are durable at once and cache flushes suffice for data.
+fn ensure_view(
+    v: &mut (usize, usize),
+    fd: i32,
+    len: usize,
+    prot: i32,
+    sync: bool,
+) -> SysResult<usize> {
     let len = sys::page_up(len.max(1));
     if v.1 < len {
         unmap_view(v);
-        // SAFETY: a fresh mapping the kernel places.
-        let p = unsafe { sys::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0)? };
+        let map = |flags| {
+            // SAFETY: a fresh mapping the kernel places.
+            unsafe { sys::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
+        };
+        let p = if sync {
+            map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC).or_else(|_| map(libc::MAP_SHARED))?
+        } else {
+            map(libc::MAP_SHARED)?
+        };
         *v = (p as usize, len);
     }
     Ok(v.0)
@@ -446,7 +469,15 @@ impl FileState {
         if !full {
             harvest_file(self, lo, hi, &mut dirty);
         }
-        let r = self.write_back_dirty(dirty, lo, hi, full, msync_touched);
+        let mut r = self.write_back_dirty(dirty, lo, hi, full, msync_touched);
+        // Data pages are durable now (flushed, or msynced on emulated pmem);
+        // a size change is metadata, which only the kernel can persist.
+        if r.is_ok() && msync_touched && self.size_dirty.swap(false, Ordering::Relaxed) {
+            if let Err(e) = sys::fdatasync(self.backing_fd) {
+                self.size_dirty.store(true, Ordering::Relaxed);
+                r = Err(e);
+            }
+        }
         add(&STATS.syncs, 1);
         add(&STATS.sync_ns, t0.elapsed().as_nanos() as u64);
         if r.is_ok() && full && range.is_none() {
@@ -502,12 +533,14 @@ impl FileState {
                 data_fd,
                 size as usize,
                 libc::PROT_READ,
+                false,
             )?;
             let bv = ensure_view(
                 &mut inner.backing_view,
                 bfd,
                 size as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
+                !self.emulated,
             )?;
             if !full {
                 add(

@@ -187,6 +187,10 @@ pub fn ftruncate(fd: i32, len: u64) -> SysResult<()> {
     }
 }
 
+pub fn fdatasync(fd: i32) -> SysResult<()> {
+    sc!(libc::SYS_fdatasync, fd).map(|_| ())
+}
+
 pub fn fcntl(fd: i32, cmd: i32, arg: libc::c_long) -> SysResult<i64> {
     sc!(libc::SYS_fcntl, fd, cmd, arg)
 }

@@ -1000,13 +1000,17 @@ fn sync_writes_only_changed_cachelines() {
         "munmap",
     ]));
     assert_eq!(w.stat_sum("lines_written"), 3);
-    assert_eq!(w.stat_sum("pages_dirtied"), 2);
-    assert!(
-        w.stat_sum("lines_compared") <= 128,
-        "compared {}",
-        w.stat_sum("lines_compared")
-    );
     assert_eq!(w.stat_sum("bytes_flushed"), 3 * 64);
+    if w.tracker() == "uffd" {
+        // Exact tracking: two dirty pages, 64 lines each, were compared.
+        assert_eq!(w.stat_sum("pages_dirtied"), 2);
+        let compared = w.stat_sum("lines_compared");
+        assert!(compared <= 128, "compared {compared}");
+    } else {
+        // No tracker (kernel without userfaultfd WP async): every line of
+        // the file is compared.
+        assert!(w.stat_sum("lines_compared") >= 16384);
+    }
 }
 
 #[test]

@@ -17,6 +17,7 @@
  *   pwrite OFF TEXT | write TEXT | pread OFF LEN | read LEN | seek OFF
  *   writev TEXT1 TEXT2      | preadv OFF LEN1 LEN2
  *   ftruncate LEN | fallocate OFF LEN | punch OFF LEN | mremap NEWLEN | munmap | close | dup
+ *   vmflags                 print "vmflags: ..." of the mapping (/proc/self/smaps)
  *   sleep MS | touch PATH | waitfor PATH
  *   exit | _exit | kill     end the process that way
  *   try_msync OFF LEN FLAGS         print "ret=R errno=E"
@@ -191,6 +192,16 @@ int main(int argc, char **argv) {
             if (n < 0) die("dup");
             close(fd);
             fd = n;
+        } else if (!strcmp(c, "vmflags")) {
+            FILE *sm = fopen("/proc/self/smaps", "r");
+            char line[512], start[32];
+            int in = 0;
+            snprintf(start, sizeof start, "%lx-", (unsigned long)map);
+            while (sm && fgets(line, sizeof line, sm)) {
+                if (!strncmp(line, start, strlen(start))) in = 1;
+                else if (in && !strncmp(line, "VmFlags:", 8)) { printf("vmflags:%s", line + 8); break; }
+            }
+            if (sm) fclose(sm);
         } else if (!strcmp(c, "sleep")) {
             usleep(num(argv[++i]) * 1000);
         } else if (!strcmp(c, "touch")) {

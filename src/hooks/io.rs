@@ -260,6 +260,8 @@ pub unsafe extern "C" fn __pread_chk(
 
 /// The shadow follows a size change the kernel made to the backing.
 fn follow_size(f: &FileState) -> Result<(), Errno> {
+    f.size_dirty
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let Some((data_fd, _)) = f.shadow.data() else {
         return Ok(());
     };

@@ -66,13 +66,23 @@ pub struct World {
     pub extra_env: Vec<(String, String)>,
 }
 
+/// In the real-DAX VM: the DAX mount the pmem directories go under. The
+/// shim then finds pmem by itself (no DAXSHIM_PMEM).
+pub fn real_dax_dir() -> Option<PathBuf> {
+    std::env::var_os("DAXSHIM_TEST_DAX_DIR").map(PathBuf::from)
+}
+
 impl World {
     pub fn new(tag: &str) -> World {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{tag}-{}-{n}", std::process::id());
         let root = std::env::temp_dir().join(format!("daxshim-test-{id}"));
         let _ = std::fs::remove_dir_all(&root);
-        let pmem = root.join("pmem");
+        let pmem = match real_dax_dir() {
+            Some(d) => d.join(format!("daxshim-test-{id}")),
+            None => root.join("pmem"),
+        };
+        let _ = std::fs::remove_dir_all(&pmem);
         let plain = root.join("plain");
         std::fs::create_dir_all(&pmem).unwrap();
         std::fs::create_dir_all(&plain).unwrap();
@@ -126,13 +136,21 @@ impl World {
     /// A command with the shim preloaded on the child only.
     pub fn shim_cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(prog);
-        c.env("LD_PRELOAD", lib())
-            .env("DAXSHIM_PMEM", &self.pmem)
-            .env("DAXSHIM_SHADOW_DIR", &self.shadow)
+        c.env("LD_PRELOAD", lib());
+        if real_dax_dir().is_none() {
+            c.env("DAXSHIM_PMEM", &self.pmem);
+        } else {
+            c.env_remove("DAXSHIM_PMEM");
+        }
+        c.env("DAXSHIM_SHADOW_DIR", &self.shadow)
             .env("DAXSHIM_STATS", self.stats_pattern())
             .env_remove("DAXSHIM_DAX")
             .env_remove("DAXSHIM_TRACKER")
             .env_remove("DAXSHIM_LOG");
+        // The whole suite can run on the full-compare oracle.
+        if let Ok(t) = std::env::var("DAXSHIM_TEST_TRACKER") {
+            c.env("DAXSHIM_TRACKER", t);
+        }
         for (k, v) in &self.extra_env {
             c.env(k, v);
         }
@@ -177,11 +195,20 @@ impl World {
     pub fn stat_sum(&self, key: &str) -> u64 {
         self.stats().iter().map(|s| s.get(key)).sum()
     }
+
+    /// The tracker the shim chose (from the stats files).
+    pub fn tracker(&self) -> String {
+        self.stats()
+            .first()
+            .map(|s| s.text("tracker"))
+            .expect("no stats file")
+    }
 }
 
 impl Drop for World {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.pmem);
         let _ = std::fs::remove_dir_all(&self.shadow);
     }
 }
@@ -202,6 +229,14 @@ impl Stats {
                 })
                 .collect(),
         )
+    }
+
+    pub fn text(&self, k: &str) -> String {
+        self.0
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {k} in stats"))
     }
 
     pub fn get(&self, k: &str) -> u64 {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs the integration tests inside a throw-away QEMU guest whose pmem
+# directory is a real ext4 (or xfs: DAXVM_FS=xfs) file system mounted -o dax
+# on an emulated NVDIMM (../shared/daxvm/daxvm.sh). No DAXSHIM_PMEM there: the
+# shim must find DAX files by itself. Exit status: the tests' (125: the VM
+# could not be started).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DAXVM=${DAXVM:-$(cd .. && pwd)/shared/daxvm/daxvm.sh}
+[ -f "$DAXVM" ] || { echo "test-dax: $DAXVM not found" >&2; exit 125; }
+[ "$(id -u)" = 0 ] || { echo "test-dax: the VM needs root" >&2; exit 125; }
+
+scripts/deps.sh
+# daxvm installs qemu itself, but where qemu-utils comes from bookworm-
+# backports its apt call cannot resolve qemu-system-x86's dependencies:
+# install it from backports here (idempotent).
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  qv=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+  if [[ $qv == *bpo* ]]; then
+    d=${DAXVM_HOME:-/tmp/daxvm}/apt-bpo
+    mkdir -p "$d/lists/partial" "$d/archives/partial"
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+    base=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    [ -n "$base" ] || base=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+    printf 'deb %s %s-backports main\n' "${base:-http://deb.debian.org/debian}" "$codename" > "$d/sources.list"
+    A=(-o "Dir::Etc::sourcelist=$d/sources.list" -o "Dir::State::lists=$d/lists"
+       -o "Dir::Cache::archives=$d/archives" -o APT::Sandbox::User=root)
+    apt-get "${A[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get "${A[@]}" -t "$codename-backports" install -y -qq \
+      --no-install-recommends --no-remove qemu-system-x86 busybox-static cpio >/dev/null
+  fi
+fi
+
+cargo build --release --workspace
+# The test executables cargo built (core, sqlite, realdax).
+mapfile -t bins < <(cargo test --release --workspace --no-run 2>&1 |
+  sed -n 's/.*Executable tests\/\(core\|sqlite\|realdax\)\.rs (\(.*\))$/\2/p')
+[ ${#bins[@]} = 3 ] || { echo "test-dax: expected 3 test executables, got: ${bins[*]}" >&2; exit 1; }
+# The C examples are compiled on the host (the guest's gcc is slow).
+guest=target/dax-guest.sh
+{
+  echo 'set -u; rc=0'
+  echo 'echo "guest kernel $(uname -r); DAX mount: $(grep " $DAX_DIR " /proc/mounts)"'
+  for b in "${bins[@]}"; do
+    echo "DAXSHIM_TEST_DAX_DIR=\$DAX_DIR $PWD/$b --include-ignored --test-threads=2 || rc=1"
+  done
+  echo 'exit $rc'
+} > "$guest"
+DAXVM_TIMEOUT=${DAXVM_TIMEOUT:-600} bash "$DAXVM" bash "$guest"
