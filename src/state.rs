@@ -197,10 +197,11 @@ pub fn classify(fd: i32) -> Option<(FileId, bool, String)> {
     Some((id, !dax, path))
 }
 
-fn attach_options(emulated: bool) -> AttachOptions {
+fn attach_options(emulated: bool, path: &str) -> AttachOptions {
     AttachOptions {
         emulated,
         flush: rt().flush,
+        path: path.to_string(),
     }
 }
 
@@ -234,7 +235,12 @@ fn get_or_attach(
     }
     let (backing_fd, backing_writable) =
         reopen_backing(fd).map_err(|e| format!("cannot reopen {path}: {e}"))?;
-    let shadow = match shadow::attach(&r.shadow_dir, id, backing_fd, &attach_options(emulated)) {
+    let shadow = match shadow::attach(
+        &r.shadow_dir,
+        id,
+        backing_fd,
+        &attach_options(emulated, path),
+    ) {
         Ok(s) => s,
         Err(e) => {
             sys::close(backing_fd);
@@ -478,8 +484,7 @@ impl FileState {
                 r = Err(e);
             }
         }
-        add(&STATS.syncs, 1);
-        add(&STATS.sync_ns, t0.elapsed().as_nanos() as u64);
+        crate::stats::record_sync(t0.elapsed().as_nanos() as u64);
         if r.is_ok() && full && range.is_none() {
             self.shadow.clear_dead_writers();
         }
@@ -584,7 +589,7 @@ impl Drop for FileState {
         unmap_views(&mut self.inner.lock());
         let bfd = self.backing_fd;
         self.shadow
-            .detach(synced, bfd, &attach_options(self.emulated));
+            .detach(synced, bfd, &attach_options(self.emulated, &self.path));
         sys::close(bfd);
         debug!("detached {}", self.path);
     }

@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-#[derive(Default)]
+/// Sync latency histogram: bucket k counts syncs that took [2^k, 2^(k+1)) ns.
+pub const HIST_BUCKETS: usize = 40;
+
 pub struct Stats {
     pub mappings_shadowed: AtomicU64,
     pub mappings_direct: AtomicU64,
@@ -16,6 +18,26 @@ pub struct Stats {
     pub shadows_created: AtomicU64,
     pub reconciles: AtomicU64,
     pub fallbacks_direct: AtomicU64,
+    pub sync_hist: [AtomicU64; HIST_BUCKETS],
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            mappings_shadowed: AtomicU64::new(0),
+            mappings_direct: AtomicU64::new(0),
+            pages_dirtied: AtomicU64::new(0),
+            lines_compared: AtomicU64::new(0),
+            lines_written: AtomicU64::new(0),
+            bytes_flushed: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            sync_ns: AtomicU64::new(0),
+            shadows_created: AtomicU64::new(0),
+            reconciles: AtomicU64::new(0),
+            fallbacks_direct: AtomicU64::new(0),
+            sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
+        }
+    }
 }
 
 pub static STATS: Stats = Stats {
@@ -30,7 +52,16 @@ pub static STATS: Stats = Stats {
     shadows_created: AtomicU64::new(0),
     reconciles: AtomicU64::new(0),
     fallbacks_direct: AtomicU64::new(0),
+    sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
 };
+
+/// Counts one sync of `ns` nanoseconds.
+pub fn record_sync(ns: u64) {
+    add(&STATS.syncs, 1);
+    add(&STATS.sync_ns, ns);
+    let k = (63 - ns.max(1).leading_zeros() as usize).min(HIST_BUCKETS - 1);
+    add(&STATS.sync_hist[k], 1);
+}
 
 pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Relaxed);
@@ -57,6 +88,12 @@ impl Stats {
         for (k, v) in fields {
             s.push_str(&format!(",\"{k}\":{}", v.load(Relaxed)));
         }
+        let hist: Vec<String> = self
+            .sync_hist
+            .iter()
+            .map(|b| b.load(Relaxed).to_string())
+            .collect();
+        s.push_str(&format!(",\"sync_hist_log2_ns\":[{}]", hist.join(",")));
         s.push_str("}\n");
         s
     }
@@ -89,6 +126,19 @@ mod tests {
             assert!(j.contains(k), "{k} missing in {j}");
         }
         assert!(j.starts_with('{') && j.trim_end().ends_with('}'));
+    }
+
+    #[test]
+    fn histogram_buckets_are_log2_ns() {
+        let s = Stats::default();
+        for (ns, k) in [(1u64, 0usize), (1000, 9), (1024, 10), (1_000_000, 19)] {
+            let b = (63 - ns.max(1).leading_zeros() as usize).min(HIST_BUCKETS - 1);
+            assert_eq!(b, k, "{ns}");
+            s.sync_hist[b].fetch_add(1, Relaxed);
+        }
+        assert!(s
+            .to_json("uffd", "clwb")
+            .contains("\"sync_hist_log2_ns\":[1,0,0,0,0,0,0,0,0,1,1,"));
     }
 
     #[test]

@@ -1,12 +1,34 @@
-//! `daxshim`: run programs under libdaxshim.so.
+//! `daxshim`: run programs under libdaxshim.so, inspect and write back what
+//! it left in the shadow directory, crash-test programs.
 //!
-//! This binary does not link the hook library: it only finds it and puts it
-//! in front of `LD_PRELOAD` for the command it runs.
+//! This binary does not link the hook library: it finds it and puts it in
+//! front of `LD_PRELOAD` for the commands it runs (`run`, `crashtest`, and
+//! the helper `sync` uses). It shares only the header layout with it.
+
+mod commands;
+mod crashtest;
+mod shadows;
+mod statsview;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+const MAIN_USAGE: &str = "\
+usage: daxshim COMMAND [ARGS...]
+
+commands:
+  run        run a command under the shim
+  status     list this user's shadows and what they hold
+  sync       write back shadows whose writers are gone
+  drop       remove the shadows of given files
+  gc         remove unused clean shadows and those of deleted files
+  stats      summarise DAXSHIM_STATS files
+  crashtest  kill a command at random moments, drop every shadow, check the files
+
+`daxshim COMMAND --help` describes each. Exit status: the command's own for
+run; 0 success, 1 a check or operation failed, 125 daxshim itself failed.";
 
 const USAGE: &str = "\
 usage: daxshim run [--pmem DIR]... [--dax | --dax-dir DIR...] [--stats FILE] [--log LEVEL] -- CMD [ARGS...]
@@ -24,13 +46,29 @@ The library is looked up in $DAXSHIM_LIB, next to this executable, and in
 Exit status: CMD's own; 125 if daxshim itself failed; 126 if CMD cannot be
 run; 127 if CMD was not found.";
 
-fn fail(msg: &str) -> ExitCode {
+pub(crate) fn fail(msg: &str) -> ExitCode {
     eprintln!("daxshim: {msg}");
     ExitCode::from(125)
 }
 
+/// Bytes for people.
+pub(crate) fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < U.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[u])
+    }
+}
+
 /// Where libdaxshim.so is, wherever daxshim was installed.
-fn find_library() -> Result<PathBuf, String> {
+pub(crate) fn find_library() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("DAXSHIM_LIB") {
         let p = PathBuf::from(p);
         return if p.is_file() {
@@ -169,16 +207,24 @@ fn run(args: &[String]) -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]);
     match args.first().map(String::as_str) {
-        Some("run") => run(&args[1..]),
-        Some("-h" | "--help" | "help") | None => {
-            println!("{USAGE}");
-            if args.is_empty() {
-                ExitCode::from(125)
-            } else {
-                ExitCode::SUCCESS
-            }
+        Some("run") => run(rest),
+        Some("status") => commands::status(rest),
+        Some("sync") => commands::sync(rest),
+        Some("drop") => commands::drop(rest),
+        Some("gc") => commands::gc(rest),
+        Some("stats") => statsview::stats(rest),
+        Some("crashtest") => crashtest::crashtest(rest),
+        Some("__attach") => commands::attach_helper(rest),
+        Some("-h" | "--help" | "help") => {
+            println!("{MAIN_USAGE}");
+            ExitCode::SUCCESS
         }
-        Some(other) => fail(&format!("unknown subcommand {other} (try daxshim --help)")),
+        None => {
+            eprintln!("{MAIN_USAGE}");
+            ExitCode::from(125)
+        }
+        Some(other) => fail(&format!("unknown command {other} (try daxshim --help)")),
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const SLOTS: usize = 128;
 pub const META_SIZE: usize = 4096;
 
@@ -49,11 +49,53 @@ pub struct Header {
     /// mismatch between record and backing came from the shim itself.
     pub io_lock: libc::pthread_mutex_t,
     pub slots: [Slot; SLOTS],
+    /// 1: emulated pmem (a DAXSHIM_PMEM directory); 0: real DAX.
+    pub emulated: AtomicU32,
+    /// The backing file's path as the last attaching process saw it (for
+    /// `daxshim status`/`sync`/`gc`; may be stale after a rename).
+    pub path_len: AtomicU32,
+    pub path: [u8; PATH_MAX_STORED],
 }
+
+pub const PATH_MAX_STORED: usize = 2048;
 
 const _: () = assert!(std::mem::size_of::<Header>() <= META_SIZE);
 
+/// Identity of a backing file: a recreated file with a reused inode number
+/// gets another birth time, hence another shadow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub gen_sec: i64,
+    pub gen_nsec: u32,
+}
+
+impl FileId {
+    /// The shadow's file name (data; the header adds `.meta`).
+    pub fn key(&self) -> String {
+        format!(
+            "{:x}-{:x}-{:x}.{:08x}",
+            self.dev, self.ino, self.gen_sec, self.gen_nsec
+        )
+    }
+}
+
 impl Header {
+    /// Stores the backing path (truncated to what fits).
+    pub fn set_path(&mut self, p: &str) {
+        let b = p.as_bytes();
+        let n = b.len().min(PATH_MAX_STORED);
+        self.path[..n].copy_from_slice(&b[..n]);
+        self.path_len.store(n as u32, Ordering::Release);
+    }
+
+    #[allow(dead_code)] // read by the CLI, which shares this module
+    pub fn path(&self) -> String {
+        let n = (self.path_len.load(Ordering::Acquire) as usize).min(PATH_MAX_STORED);
+        String::from_utf8_lossy(&self.path[..n]).into_owned()
+    }
+
     pub fn record(&self, size: u64, mtime_sec: i64, mtime_nsec: u64) {
         self.rec_size.store(size, Ordering::Relaxed);
         self.rec_mtime_sec.store(mtime_sec, Ordering::Relaxed);

@@ -19,24 +19,7 @@ use std::ffi::CString;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-/// Identity of a backing file: a recreated file with a reused inode number
-/// gets another birth time, hence another shadow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileId {
-    pub dev: u64,
-    pub ino: u64,
-    pub gen_sec: i64,
-    pub gen_nsec: u32,
-}
-
-impl FileId {
-    pub fn key(&self) -> String {
-        format!(
-            "{:x}-{:x}-{:x}.{:08x}",
-            self.dev, self.ino, self.gen_sec, self.gen_nsec
-        )
-    }
-}
+pub use header::FileId;
 
 pub struct Shadow {
     pub base: String,
@@ -233,6 +216,8 @@ pub fn reconcile(data_fd: i32, backing_fd: i32, emulated: bool, flush: FlushKind
 pub struct AttachOptions {
     pub emulated: bool,
     pub flush: FlushKind,
+    /// The backing file's path, recorded in the header for the CLI.
+    pub path: String,
 }
 
 /// Attaches this process to the shadow of `id`, creating, reconciling or
@@ -310,6 +295,8 @@ fn attach_locked(
     }
     hdr.slots[slot].flags.store(0, Ordering::Relaxed);
     hdr.slots[slot].pid.store(sys::getpid(), Ordering::Relaxed);
+    hdr.emulated.store(opt.emulated as u32, Ordering::Relaxed);
+    hdr.set_path(&opt.path);
     Ok(Shadow {
         base: base.to_string(),
         meta_fd: meta_fd.into(),

@@ -146,7 +146,11 @@ impl World {
             .env("DAXSHIM_STATS", self.stats_pattern())
             .env_remove("DAXSHIM_DAX")
             .env_remove("DAXSHIM_TRACKER")
-            .env_remove("DAXSHIM_LOG");
+            .env_remove("DAXSHIM_LOG")
+            // The suite's own knobs are not the shim's.
+            .env_remove("DAXSHIM_TEST_DAX_DIR")
+            .env_remove("DAXSHIM_TEST_TRACKER")
+            .env_remove("DAXSHIM_CRASH_ITERS");
         // The whole suite can run on the full-compare oracle.
         if let Ok(t) = std::env::var("DAXSHIM_TEST_TRACKER") {
             c.env("DAXSHIM_TRACKER", t);

@@ -1,0 +1,373 @@
+//! The `daxshim` command (issue: "The daxshim command"), run as a user
+//! would: installed into a prefix the way scripts/install.sh lays it out
+//! (bin/daxshim, lib/libdaxshim.so), started from a directory outside the
+//! repository.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// An installed copy: prefix/bin/daxshim and prefix/lib/libdaxshim.so.
+fn install(w: &World) -> PathBuf {
+    let prefix = w.root.join("prefix");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir_all(prefix.join("lib")).unwrap();
+    std::fs::copy(target_dir().join("daxshim"), prefix.join("bin/daxshim")).unwrap();
+    std::fs::copy(lib(), prefix.join("lib/libdaxshim.so")).unwrap();
+    prefix.join("bin/daxshim")
+}
+
+/// `daxshim ARGS` from the world's root (outside the repository), with the
+/// world's shadow directory.
+fn daxshim(w: &World, exe: &Path, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(exe);
+    c.current_dir(&w.root)
+        .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env_remove("LD_PRELOAD")
+        .env_remove("DAXSHIM_PMEM")
+        .env_remove("DAXSHIM_LIB")
+        .args(args);
+    run(c)
+}
+
+/// A writer killed with unsynced stores, leaving its shadow behind.
+fn killed_writer(w: &World, exe: &Path, f: &Path, text: &str) {
+    let o = daxshim(
+        w,
+        exe,
+        &[
+            "run",
+            "--pmem",
+            s(&w.pmem),
+            "--",
+            s(&probe()),
+            "open",
+            s(f),
+            "rw",
+            ",",
+            "map",
+            "4096",
+            ",",
+            "store",
+            "0",
+            text,
+            ",",
+            "kill",
+        ],
+    );
+    assert_eq!(o.status.code(), None, "{}", stderr(&o));
+}
+
+#[test]
+fn every_subcommand_has_help_and_errors_exit_125() {
+    let w = World::new("clihelp");
+    let exe = install(&w);
+    let o = daxshim(&w, &exe, &["--help"]);
+    let out = ok(o);
+    for sub in ["run", "status", "sync", "drop", "gc", "stats", "crashtest"] {
+        assert!(out.contains(sub), "{sub} missing from --help");
+        let o = daxshim(&w, &exe, &[sub, "--help"]);
+        let text = ok(o);
+        assert!(
+            text.starts_with("usage: daxshim") && text.contains(&format!("daxshim {sub}")),
+            "{sub}: {text}"
+        );
+    }
+    for bad in [
+        &["frobnicate"][..],
+        &["run", "--bogus", "--", "true"],
+        &["run"],
+        &["status", "extra"],
+        &["crashtest", "--", "true"],
+        &[],
+    ] {
+        let o = daxshim(&w, &exe, bad);
+        assert_eq!(o.status.code(), Some(125), "{bad:?}");
+        assert!(!stderr(&o).is_empty(), "{bad:?} said nothing");
+    }
+}
+
+#[test]
+fn run_works_installed_from_any_directory_and_keeps_the_exit_status() {
+    let w = World::new("clirun");
+    let exe = install(&w);
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    let o = daxshim(
+        &w,
+        &exe,
+        &[
+            "run",
+            "--pmem",
+            s(&w.pmem),
+            "--stats",
+            &w.stats_pattern(),
+            "--log",
+            "info",
+            "--",
+            s(&probe()),
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "4096",
+            ",",
+            "store",
+            "0",
+            "installed",
+            ",",
+            "exit",
+        ],
+    );
+    let err = stderr(&o);
+    ok(o);
+    assert!(
+        err.contains("daxshim[") && err.contains("info: tracker"),
+        "--log info: {err}"
+    );
+    assert_eq!(
+        w.stat_sum("mappings_shadowed"),
+        1,
+        "not run under the installed library"
+    );
+    assert!(contains(&backing(&f), "installed"));
+    // The command's own exit status.
+    let o = daxshim(&w, &exe, &["run", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(o.status.code(), Some(3));
+    // --dax: direct mappings.
+    w.clear_stats();
+    ok(daxshim(
+        &w,
+        &exe,
+        &[
+            "run",
+            "--pmem",
+            s(&w.pmem),
+            "--dax",
+            "--stats",
+            &w.stats_pattern(),
+            "--",
+            s(&probe()),
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "4096",
+            ",",
+            "exit",
+        ],
+    ));
+    assert_eq!(w.stat_sum("mappings_direct"), 1);
+    // A missing library is daxshim's own failure.
+    let mut c = Command::new(&exe);
+    c.current_dir(&w.root)
+        .env("DAXSHIM_LIB", "/nonexistent/libdaxshim.so")
+        .args(["run", "--", "true"]);
+    let o = run(c);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("DAXSHIM_LIB"));
+}
+
+#[test]
+fn status_drop_sync_and_gc_manage_what_crashed_processes_left() {
+    let w = World::new("clistatus");
+    let exe = install(&w);
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    killed_writer(&w, &exe, &f, "unsynced");
+    assert!(!contains(&backing(&f), "unsynced"));
+    let out = ok(daxshim(&w, &exe, &["status"]));
+    assert!(
+        out.contains(s(&f)) && out.contains("dead, writer") && out.contains("NOT WRITTEN BACK"),
+        "{out}"
+    );
+    let json = ok(daxshim(&w, &exe, &["status", "--json"]));
+    assert!(
+        json.contains("\"may_hold_unsynced\":true") && json.contains("\"alive\":false"),
+        "{json}"
+    );
+    // drop refuses to lose unsynced data.
+    let o = daxshim(&w, &exe, &["drop", s(&f)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("--force"));
+    assert!(!w.shadow_files().is_empty());
+    // sync writes it back, durably, and removes the shadow.
+    let out = ok(daxshim(&w, &exe, &["sync"]));
+    assert!(
+        out.contains("written back") && out.contains("shadow removed"),
+        "{out}"
+    );
+    assert!(w.shadow_files().is_empty());
+    assert!(contains(&backing(&f), "unsynced"));
+    assert!(ok(daxshim(&w, &exe, &["status"])).contains("no shadows"));
+
+    // gc: a clean shadow left by a killed reader goes; the shadow of a
+    // deleted file with unsynced data stays unless --force.
+    let r = w.pmem_file("r", &[0u8; 4096]);
+    let o = daxshim(
+        &w,
+        &exe,
+        &[
+            "run",
+            "--pmem",
+            s(&w.pmem),
+            "--",
+            s(&probe()),
+            "open",
+            s(&r),
+            "ro",
+            ",",
+            "map",
+            "4096",
+            "ro",
+            ",",
+            "kill",
+        ],
+    );
+    assert_eq!(o.status.code(), None);
+    let g = w.pmem_file("g", &[0u8; 4096]);
+    killed_writer(&w, &exe, &g, "lostfile");
+    std::fs::remove_file(&g).unwrap();
+    let out = ok(daxshim(&w, &exe, &["gc"]));
+    assert!(
+        out.contains(&format!("{}: shadow removed (clean)", s(&r))),
+        "{out}"
+    );
+    assert!(out.contains("1 removed, 1 kept"), "{out}");
+    let out = ok(daxshim(&w, &exe, &["gc", "--force"]));
+    assert!(out.contains("shadow removed (file gone)"), "{out}");
+    assert!(w.shadow_files().is_empty(), "{:?}", w.shadow_files());
+    // drop --force of a clean file with no shadow says so.
+    assert!(ok(daxshim(&w, &exe, &["drop", "--force", s(&f)])).contains("no shadow"));
+}
+
+#[test]
+fn stats_renders_counters_and_latency_percentiles() {
+    let w = World::new("clistats");
+    let exe = install(&w);
+    let f = w.pmem_file("f", &[0u8; 65536]);
+    ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "65536",
+        ",",
+        "store",
+        "100",
+        "a",
+        ",",
+        "msync",
+        ",",
+        "store",
+        "9000",
+        "b",
+        ",",
+        "msync",
+        ",",
+        "exit",
+    ]));
+    let files: Vec<String> = std::fs::read_dir(&w.root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("stats-"))
+        .map(|e| e.path().to_string_lossy().into_owned())
+        .collect();
+    let mut args = vec!["stats"];
+    args.extend(files.iter().map(|x| x.as_str()));
+    let out = ok(daxshim(&w, &exe, &args));
+    assert!(out.contains("1 shadowed"), "{out}");
+    assert!(out.contains("lines written        2 "), "{out}");
+    assert!(
+        out.contains("writeback saved") && out.contains("p50 <") && out.contains("p99 <"),
+        "{out}"
+    );
+    let bogus = w.root.join("bogus.json");
+    std::fs::write(&bogus, "{\"x\":1}").unwrap();
+    assert_eq!(
+        daxshim(&w, &exe, &["stats", s(&bogus)]).status.code(),
+        Some(125)
+    );
+}
+
+#[test]
+fn crashtest_finds_no_failure_in_sqlite_and_reports_a_broken_check() {
+    let w = World::new("clicrash");
+    let exe = install(&w);
+    let h = target_dir().join("sqlharness");
+    let db = w.pmem.join("db");
+    let check = format!(
+        "a=$(tail -n1 \"$DAXSHIM_CRASHTEST_OUTPUT\"); {} check --db {} --acked ${{a:-0}}",
+        s(&h),
+        s(&db)
+    );
+    let o = daxshim(
+        &w,
+        &exe,
+        &[
+            "crashtest",
+            "--iterations",
+            "9",
+            "--seed",
+            "5",
+            "--max-delay",
+            "150",
+            "--pmem",
+            s(&w.pmem),
+            "--check",
+            &check,
+            "--",
+            s(&h),
+            "writer",
+            "--db",
+            s(&db),
+            "--journal",
+            "delete",
+        ],
+    );
+    let out = ok(o);
+    assert!(out.contains("9 iterations, 0 failed"), "{out}");
+    assert!(
+        out.contains("died inside a writeback"),
+        "no iteration crashed inside a writeback: {out}"
+    );
+    // A check that fails is reported with the seed to replay it.
+    let o = daxshim(
+        &w,
+        &exe,
+        &[
+            "crashtest",
+            "--iterations",
+            "2",
+            "--seed",
+            "0x10",
+            "--max-delay",
+            "20",
+            "--pmem",
+            s(&w.pmem),
+            "--check",
+            "echo broken >&2; exit 4",
+            "--",
+            s(&h),
+            "writer",
+            "--db",
+            s(&db),
+            "--journal",
+            "delete",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(
+        out.contains("2 iterations, 2 failed")
+            && out.contains("seed 0x10")
+            && out.contains("broken"),
+        "{out}"
+    );
+}
