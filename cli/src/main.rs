@@ -83,6 +83,9 @@ pub(crate) fn find_library() -> Result<PathBuf, String> {
         dir.join("libdaxshim.so"),
         dir.join("../lib/libdaxshim.so"),
         dir.join("../lib/daxshim/libdaxshim.so"),
+        // `cargo install --path cli` copies only the executable: the source
+        // tree's build, if it is still there.
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/libdaxshim.so")),
     ];
     candidates
         .iter()
