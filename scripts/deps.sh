@@ -12,4 +12,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
+# Python's lmdb binding (LMDB itself is bundled in the wheel), for the
+# LMDB tests.
+python3 -c 'import lmdb' 2>/dev/null || python3 -m pip install -q --root-user-action=ignore lmdb
 command -v cargo >/dev/null 2>&1 || { echo "deps: cargo (Rust toolchain) is required" >&2; exit 1; }

@@ -1076,7 +1076,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 "#,
         f = s(&f)
     );
-    let mut c = w.shim_cmd("python3");
+    let mut c = w.shim_cmd(python());
     c.args(["-c", &script]);
     let o = run(c);
     let out = stdout(&o);
@@ -1181,7 +1181,7 @@ os.execv({probe:?}, ["probe", "usefd", str(fd), ",", "map", "4096", ",", "store"
         "os.environ['LD_PRELOAD'] = os.environ['X_PRELOAD']; os.execve(",
     );
     let script = script.replace("\"kill\"])", "\"kill\"], os.environ)");
-    let mut c = Command::new("python3");
+    let mut c = Command::new(python());
     c.args(["-c", &script])
         .env("DAXSHIM_PMEM", &w.pmem)
         .env("DAXSHIM_SHADOW_DIR", &w.shadow)
@@ -1288,7 +1288,7 @@ except Exception as e:
 "#,
         f = s(&f)
     );
-    let mut c = w.shim_cmd("python3");
+    let mut c = w.shim_cmd(python());
     c.args(["-c", &script]);
     let o = run(c);
     use std::os::unix::process::ExitStatusExt;
@@ -1489,7 +1489,7 @@ os.execv("/bin/true", ["true"])
 "#,
         f = s(&f)
     );
-    let mut c = w.shim_cmd("python3");
+    let mut c = w.shim_cmd(python());
     c.args(["-c", &script]);
     ok(run(c));
     let out = killed(w.probe(&[

@@ -136,9 +136,9 @@ print(c.execute("pragma integrity_check").fetchone()[0], c.execute("select count
         for (dir, shim) in [(&w.pmem, true), (&w.plain, false)] {
             let db = dir.join("db");
             let mut c = if shim {
-                w.shim_cmd("python3")
+                w.shim_cmd(python())
             } else {
-                Command::new("python3")
+                Command::new(python())
             };
             c.args(["-c", script, s(&db), journal]);
             outs.push(ok(run(c)));
@@ -148,7 +148,7 @@ print(c.execute("pragma integrity_check").fetchone()[0], c.execute("select count
         assert!(w.stat_sum("mappings_shadowed") >= 1);
         // The backing, through Python without the shim.
         w.drop_shadows();
-        let mut c = Command::new("python3");
+        let mut c = Command::new(python());
         c.args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); print(c.execute('pragma integrity_check').fetchone()[0], c.execute('select count(*) from t').fetchone()[0])", s(&w.pmem.join("db"))]);
         assert_eq!(ok(run(c)).trim(), "ok 2400");
     }
@@ -208,7 +208,7 @@ print("py-reads", n, last)
         db = s(&db),
         done = s(&done)
     );
-    let mut pc = w.shim_cmd("python3");
+    let mut pc = w.shim_cmd(python());
     pc.args(["-c", &py]);
     let pyreader = std::thread::spawn(move || run(pc));
     let wo = ok(harness_shim(

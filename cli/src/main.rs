@@ -85,7 +85,10 @@ pub(crate) fn find_library() -> Result<PathBuf, String> {
         dir.join("../lib/daxshim/libdaxshim.so"),
         // `cargo install --path cli` copies only the executable: the source
         // tree's build, if it is still there.
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/libdaxshim.so")),
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/release/libdaxshim.so"
+        )),
     ];
     candidates
         .iter()

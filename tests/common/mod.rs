@@ -333,3 +333,17 @@ pub fn wait_for(p: &Path) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// The Python interpreter itself (not a version-manager wrapper script,
+/// which would start many processes under the shim).
+pub fn python() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let o = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3");
+        PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+    })
+    .clone()
+}
