@@ -1,0 +1,503 @@
+//! Robustness (issue: "Robustness"): signals, fork during syncs, calls from
+//! signal handlers, fuzzed arguments compared with the kernel's answers,
+//! descriptor juggling, files renamed, unlinked and truncated under their
+//! mappings, hostile shadow directories.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn hostile(w: &World, shim: bool, args: &[&str]) -> std::process::Output {
+    let mut c = if shim {
+        w.shim_cmd(c_example("hostile"))
+    } else {
+        Command::new(c_example("hostile"))
+    };
+    c.args(args);
+    run(c)
+}
+
+// The program's own SIGBUS/SIGSEGV handlers get the fault, with the right
+// address, exactly as without the shim.
+#[test]
+fn programs_own_fault_handlers_see_the_right_siginfo() {
+    let w = World::new("signals");
+    let pf = w.pmem_file("f", &[0u8; 4096]);
+    let of = w.plain_file("f", &[0u8; 4096]);
+    for mode in ["sigbus", "sigsegv"] {
+        let shim = ok(hostile(&w, true, &[mode, s(&pf)]));
+        let plain = ok(hostile(&w, false, &[mode, s(&of)]));
+        assert_eq!(shim, plain, "{mode}");
+        assert!(shim.starts_with("ok"), "{shim}");
+    }
+    assert!(w.stat_sum("mappings_shadowed") >= 2);
+}
+
+// pwrite() from a signal handler while the interrupted code stores, syncs
+// and reads: no deadlock, and the handler's writes are all there.
+#[test]
+fn hooked_calls_from_signal_handlers_do_not_deadlock() {
+    let w = World::new("sigwrite");
+    let f = w.pmem_file("f", &[0u8; 16384]);
+    let out = ok(hostile(&w, true, &["sigwrite", s(&f), "3000"]));
+    let n: usize = out.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let b = backing(&f);
+    let last = n - 1;
+    let want = format!("H{last:07}");
+    assert!(
+        contains(&b, &want),
+        "the handler's last write is missing: {out}"
+    );
+}
+
+// fork while another thread is inside a sync: the child neither deadlocks
+// nor loses its own sync.
+#[test]
+fn fork_while_another_thread_syncs() {
+    let w = World::new("forksync");
+    let f = w.pmem_file("f", &vec![0u8; 2 << 20]);
+    let out = ok(hostile(&w, true, &["forksync", s(&f), "40"]));
+    assert!(out.contains("ok forksync 40"), "{out}");
+    w.drop_shadows();
+    let b = backing(&f);
+    for i in 0..40 {
+        assert_eq!(
+            b[(1 << 20) + 4096 * 3 + i],
+            b'c',
+            "child {i}'s msync did not persist"
+        );
+    }
+}
+
+// Random mmap/msync/mremap/munmap/madvise arguments: the same return values
+// and errno as the kernel gives on an ordinary file.
+#[test]
+fn fuzzed_mapping_calls_match_the_kernel() {
+    let w = World::new("fuzz");
+    let pf = w.pmem_file("f", &[0u8; 65536]);
+    let of = w.plain_file("f", &[0u8; 65536]);
+    for seed in ["1", "5", "9", "13"] {
+        let shim = ok(hostile(&w, true, &["fuzz", s(&pf), seed, "400"]));
+        let plain = ok(hostile(&w, false, &["fuzz", s(&of), seed, "400"]));
+        let diff: Vec<_> = shim
+            .lines()
+            .zip(plain.lines())
+            .filter(|(a, b)| a != b)
+            .take(5)
+            .collect();
+        assert!(diff.is_empty(), "seed {seed}: shim vs kernel: {diff:#?}");
+        assert_eq!(shim.lines().count(), plain.lines().count());
+        assert!(
+            shim.matches(" -1 ").count() > 100,
+            "too few error cases: {shim}"
+        );
+    }
+    assert!(w.stat_sum("mappings_shadowed") > 0);
+}
+
+// dup/dup2/dup3/F_DUPFD keep the descriptor table right: writes through a
+// duplicate reach mappings, closing one duplicate keeps the others working.
+#[test]
+fn duplicated_descriptors_stay_coherent() {
+    let script = r#"
+import os, mmap, fcntl, sys
+f = sys.argv[1]
+fd = os.open(f, os.O_RDWR)
+m = mmap.mmap(fd, 4096)
+d1 = os.dup(fd); d2 = os.dup2(fd, 50); d3 = fcntl.fcntl(fd, fcntl.F_DUPFD, 60)
+os.close(fd)
+os.pwrite(d1, b"dup1", 0); os.pwrite(d2, b"dup2", 10); os.pwrite(d3, b"dup3", 20)
+print(m[0:4], m[10:14], m[20:24])
+m[30:34] = b"mmap"
+os.close(d1); os.close(d2)
+print(os.pread(d3, 4, 30))
+m.flush()
+"#;
+    let w = World::new("dup");
+    let pf = w.pmem_file("f", &[0u8; 4096]);
+    let of = w.plain_file("f", &[0u8; 4096]);
+    let mut outs = Vec::new();
+    for (f, shim) in [(&pf, true), (&of, false)] {
+        let mut c = if shim {
+            w.shim_cmd(python())
+        } else {
+            Command::new(python())
+        };
+        c.args(["-c", script, s(f)]);
+        outs.push(ok(run(c)));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert!(
+        outs[0].contains("b'dup1' b'dup2' b'dup3'") && outs[0].contains("b'mmap'"),
+        "{}",
+        outs[0]
+    );
+    assert_eq!(backing(&pf), backing(&of));
+}
+
+// O_APPEND writes land at the end, in the backing and in the mapping.
+#[test]
+fn append_writes_land_at_the_end() {
+    let w = World::new("append");
+    let pf = w.pmem_file("f", b"0123456789");
+    let of = w.plain_file("f", b"0123456789");
+    let script = |p: &str| -> Vec<String> {
+        [
+            "open", p, "append", ",", "map", "4096", ",", "write", "AAA", ",", "pwrite", "0",
+            "BBB", ",", "pread", "0", "16", ",", "load", "10", "6",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let a = script(s(&pf));
+    let b = script(s(&of));
+    let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+    let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+    assert_eq!(shim, plain);
+    assert!(shim.contains("pread: 0123456789AAABBB"), "{shim}");
+    assert_eq!(backing(&pf), backing(&of));
+}
+
+// Renamed and unlinked while mapped: stores still reach the file through
+// its mapping and syncs (the kernel keeps the inode; so does the shim).
+#[test]
+fn rename_and_unlink_while_mapped() {
+    let w = World::new("rename");
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    let g = w.pmem.join("g");
+    let renamed = w.root.join("renamed");
+    let go = w.root.join("go");
+    let mut c = w.shim_cmd(probe());
+    c.args([
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "touch",
+        s(&renamed),
+        ",",
+        "waitfor",
+        s(&go),
+        ",",
+    ])
+    .args(["store", "0", "after-rename", ",", "fsync", ",", "exit"]);
+    let h = std::thread::spawn(move || run(c));
+    wait_for(&renamed);
+    std::fs::rename(&f, &g).unwrap();
+    std::fs::write(&go, b"").unwrap();
+    ok(h.join().unwrap());
+    assert!(contains(&backing(&g), "after-rename"));
+    // Unlinked while mapped: the mapping still works, no stale shadow stays.
+    ok(w.probe(&[
+        "open",
+        s(&g),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "unlinked",
+        ",",
+        "pread",
+        "0",
+        "8",
+        ",",
+        "fsync",
+        ",",
+        "exit",
+    ]));
+    std::fs::remove_file(&g).unwrap();
+    assert!(w.shadow_files().is_empty(), "{:?}", w.shadow_files());
+}
+
+// Another process truncates the file to zero and regrows it while it is
+// mapped: the mapping sees zeros after the regrow, as with the kernel.
+#[test]
+fn truncate_to_zero_and_regrow_by_another_process() {
+    let w = World::new("truncregrow");
+    let mut outs = Vec::new();
+    for pmem in [true, false] {
+        let f = if pmem {
+            w.pmem_file("f", &[b'x'; 8192])
+        } else {
+            w.plain_file("f", &[b'x'; 8192])
+        };
+        let (a, b) = (
+            w.root.join(format!("a{pmem}")),
+            w.root.join(format!("b{pmem}")),
+        );
+        let mut c = if pmem {
+            w.shim_cmd(probe())
+        } else {
+            Command::new(probe())
+        };
+        c.args([
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "map",
+            "8192",
+            ",",
+            "load",
+            "0",
+            "4",
+            ",",
+            "touch",
+            s(&a),
+            ",",
+            "waitfor",
+            s(&b),
+            ",",
+        ])
+        .args([
+            "load", "0", "4", ",", "store", "100", "new", ",", "msync", ",", "exit",
+        ]);
+        let h = std::thread::spawn(move || run(c));
+        wait_for(&a);
+        let script = [
+            "open",
+            s(&f),
+            "rw",
+            ",",
+            "ftruncate",
+            "0",
+            ",",
+            "ftruncate",
+            "8192",
+            ",",
+            "pwrite",
+            "4096",
+            "regrown",
+        ];
+        ok(if pmem {
+            w.probe(&script)
+        } else {
+            w.probe_plain(&script)
+        });
+        std::fs::write(&b, b"").unwrap();
+        let out = ok(h.join().unwrap());
+        let bk = backing(&f);
+        outs.push((
+            out.replace(['\0'], "."),
+            bk.len(),
+            contains(&bk, "new"),
+            contains(&bk, "regrown"),
+            bk[0],
+        ));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0].4, 0, "the regrown file starts with zeros");
+}
+
+// A symlink or a hard link to a pmem file, and a pmem directory that is
+// itself a symlink: the same file, the same shadow.
+#[test]
+fn links_and_symlinked_pmem_directories_reach_the_same_shadow() {
+    let w = World::new("links");
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    let sym = w.pmem.join("sym");
+    std::os::unix::fs::symlink(&f, &sym).unwrap();
+    let hard = w.pmem.join("hard");
+    std::fs::hard_link(&f, &hard).unwrap();
+    let out = ok(w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "viaorig",
+        ",",
+        "open",
+        s(&sym),
+        "rw",
+        ",",
+        "pread",
+        "0",
+        "7",
+        ",",
+        "open",
+        s(&hard),
+        "rw",
+        ",",
+        "pread",
+        "0",
+        "7",
+        ",",
+        "exit",
+    ]));
+    assert_eq!(out.matches("pread: viaorig").count(), 2, "{out}");
+    // DAXSHIM_PMEM naming a symlink to the directory.
+    if real_dax_dir().is_none() {
+        let link = w.root.join("pmemlink");
+        std::os::unix::fs::symlink(&w.pmem, &link).unwrap();
+        let mut c = w.shim_cmd(probe());
+        c.env("DAXSHIM_PMEM", &link).args([
+            "open",
+            s(&link.join("f")),
+            "rw",
+            ",",
+            "map",
+            "4096",
+            ",",
+            "store",
+            "20",
+            "vialink",
+            ",",
+            "kill",
+        ]);
+        killed(run(c));
+        assert!(
+            !contains(&backing(&f), "vialink"),
+            "not shadowed through the symlinked directory"
+        );
+    }
+}
+
+// Hostile shadow directories: a symlink as the directory, or a symlink
+// planted where a shadow file goes, is refused with a warning; the program
+// maps the file directly and loses nothing.
+#[test]
+fn planted_symlinks_are_refused() {
+    let w = World::new("planted");
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    // The directory itself is a symlink.
+    let target = w.root.join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::symlink(&target, &w.shadow).unwrap();
+    let o = w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "safe1",
+        ",",
+        "kill",
+    ]);
+    let err = stderr(&o);
+    killed(o);
+    assert!(
+        err.contains("not a directory") || err.contains("symlink"),
+        "{err}"
+    );
+    assert!(contains(&backing(&f), "safe1"));
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "wrote through the planted symlink"
+    );
+    std::fs::remove_file(&w.shadow).unwrap();
+    // A symlink planted in place of the shadow's meta file.
+    std::fs::create_dir(&w.shadow).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&w.shadow, std::fs::Permissions::from_mode(0o700)).unwrap();
+    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "kill"]));
+    let meta = std::fs::read_dir(&w.shadow)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".meta"))
+        .unwrap()
+        .path();
+    let victim = w.root.join("victim");
+    std::fs::write(&victim, b"do not touch").unwrap();
+    for e in std::fs::read_dir(&w.shadow).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    std::os::unix::fs::symlink(&victim, &meta).unwrap();
+    let o = w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "safe2",
+        ",",
+        "kill",
+    ]);
+    let err = stderr(&o);
+    killed(o);
+    assert!(
+        err.contains("bypasses the shadow") || err.contains("directly"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"do not touch");
+    assert!(contains(&backing(&f), "safe2"));
+}
+
+// Fuzzed DAXSHIM_* values: always exit 125 with one line, or run; never a
+// crash or a hang.
+#[test]
+fn fuzzed_environment_values_never_crash() {
+    let vars = [
+        "DAXSHIM_PMEM",
+        "DAXSHIM_DAX",
+        "DAXSHIM_SHADOW_DIR",
+        "DAXSHIM_LOG",
+        "DAXSHIM_STATS",
+        "DAXSHIM_TRACKER",
+        "DAXSHIM_FLUSH",
+        "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
+        "DAXSHIM_DEBUG_FAIL_SYNCS",
+    ];
+    let values = [
+        "",
+        "1",
+        "0",
+        "-1",
+        "/",
+        "//",
+        "::",
+        "/tmp:",
+        ":/tmp",
+        "x".repeat(5000).as_str(),
+        "\u{e9}t\u{e9}",
+        "debug\n",
+        "/nonexistent",
+        "99999999999999999999999",
+        "auto",
+        "uffd ",
+        "%p%p%p",
+    ]
+    .map(String::from);
+    let w = World::new("envfuzz");
+    for v in vars {
+        for val in &values {
+            let mut c = w.shim_cmd(probe());
+            c.env(v, val).args(["sleep", "0"]);
+            let o = run(c);
+            match o.status.code() {
+                Some(0) => {}
+                Some(125) => {
+                    let err = stderr(&o);
+                    assert_eq!(err.lines().count(), 1, "{v}={val:?}: {err}");
+                    assert!(err.contains(v), "{v}={val:?}: {err}");
+                }
+                other => panic!("{v}={val:?}: status {other:?}, stderr {}", stderr(&o)),
+            }
+        }
+    }
+}
