@@ -31,8 +31,14 @@ pub fn c_example(name: &str) -> PathBuf {
     let out_dir = target_dir().join("c-examples");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out = out_dir.join(name);
-    if !b.iter().any(|n| n == name) {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/c/{name}.c"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/c/{name}.c"));
+    let fresh = |o: &Path| {
+        let (Ok(a), Ok(b)) = (std::fs::metadata(o), std::fs::metadata(&src)) else {
+            return false;
+        };
+        a.modified().ok() > b.modified().ok()
+    };
+    if !b.iter().any(|n| n == name) && !fresh(&out) {
         let tmp = out_dir.join(format!("{name}.{}.tmp", std::process::id()));
         let st = Command::new("gcc")
             .args(["-O2", "-Wall", "-D_GNU_SOURCE", "-I"])
@@ -45,6 +51,8 @@ pub fn c_example(name: &str) -> PathBuf {
             .expect("gcc");
         assert!(st.success(), "compiling {}", src.display());
         std::fs::rename(&tmp, &out).unwrap();
+    }
+    if !b.iter().any(|n| n == name) {
         b.push(name.to_string());
     }
     out
