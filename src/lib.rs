@@ -51,10 +51,10 @@ pub use hooks::fd::{
     dup, dup2, dup3, fcntl, fcntl64, open, open64, openat, openat64,
 };
 pub use hooks::io::{
-    __pread64_chk, __pread_chk, __read_chk, fallocate, fallocate64, ftruncate, ftruncate64,
-    posix_fallocate, posix_fallocate64, pread, pread64, preadv, preadv2, preadv64, preadv64v2,
-    pwrite, pwrite64, pwritev, pwritev2, pwritev64, pwritev64v2, read, readv, truncate, truncate64,
-    write, writev,
+    __pread64_chk, __pread_chk, __read_chk, copy_file_range, fallocate, fallocate64, ftruncate,
+    ftruncate64, posix_fallocate, posix_fallocate64, pread, pread64, preadv, preadv2, preadv64,
+    preadv64v2, pwrite, pwrite64, pwritev, pwritev2, pwritev64, pwritev64v2, read, readv, truncate,
+    truncate64, write, writev,
 };
 pub use hooks::map::{madvise, mmap, mmap64, mremap, munmap};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};

@@ -109,6 +109,12 @@ real_fns! {
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int
         => sc(SYS_close_range, first, last, flags) as c_int;
     fn closefrom(first: c_int) -> () => { sc(SYS_close_range, first, !0u32, 0); };
+    fn sendfile64(out: c_int, inp: c_int, off: *mut off64_t, n: size_t) -> ssize_t
+        => sc(SYS_sendfile, out, inp, off, n) as ssize_t;
+    fn copy_file_range(inp: c_int, off_in: *mut off64_t, out: c_int, off_out: *mut off64_t, n: size_t, flags: c_uint) -> ssize_t
+        => sc(SYS_copy_file_range, inp, off_in, out, off_out, n, flags) as ssize_t;
+    fn splice(inp: c_int, off_in: *mut off64_t, out: c_int, off_out: *mut off64_t, n: size_t, flags: c_uint) -> ssize_t
+        => sc(SYS_splice, inp, off_in, out, off_out, n, flags) as ssize_t;
     fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t
         => { let _ = buflen; sc(SYS_read, fd, buf, n) as ssize_t };
     fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t

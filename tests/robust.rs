@@ -488,7 +488,11 @@ fn fuzzed_environment_values_never_crash() {
         for val in &values {
             let mut c = w.shim_cmd(probe());
             // Stats paths stay inside the test's directory (the shim writes them).
-            let val = if v == "DAXSHIM_STATS" { format!("{}/stats{val}", w.root.display()) } else { val.clone() };
+            let val = if v == "DAXSHIM_STATS" {
+                format!("{}/stats{val}", w.root.display())
+            } else {
+                val.clone()
+            };
             c.env(v, &val).args(["sleep", "0"]);
             let o = run(c);
             match o.status.code() {
@@ -502,4 +506,128 @@ fn fuzzed_environment_values_never_crash() {
             }
         }
     }
+}
+
+// sendfile, copy_file_range and splice move bytes inside the kernel; the
+// shim keeps them coherent with mappings, as the page cache is.
+#[test]
+fn kernel_copies_are_coherent_with_mappings() {
+    let script = r#"
+import os, mmap, sys
+a, b = sys.argv[1], sys.argv[2]   # a: the mapped file, b: another file
+fa = os.open(a, os.O_RDWR); fb = os.open(b, os.O_RDWR)
+m = mmap.mmap(fa, 8192)
+m[0:6] = b"mapped"                         # only in the mapping (unsynced)
+os.copy_file_range(fa, fb, 6, 0, 100)      # out of the mapped file
+print("cfr-out", os.pread(fb, 6, 100))
+os.pwrite(fb, b"fromB!", 200)
+os.copy_file_range(fb, fa, 6, 200, 300)    # into the mapped file
+print("cfr-in", m[300:306])
+os.lseek(fa, 400, 0)
+os.sendfile(fa, fb, 200, 6)                # into the mapped file at its position
+print("sendfile-in", m[400:406], os.lseek(fa, 0, 1))
+os.sendfile(fb, fa, 0, 6)                  # out of the mapped file
+print("sendfile-out", os.pread(fb, 6, 0))
+r, w = os.pipe()
+os.write(w, b"piped!")
+os.splice(r, fa, 6, offset_dst=500)        # pipe into the mapped file
+print("splice-in", m[500:506])
+os.splice(fa, w, 6, offset_src=0)          # mapped file into a pipe
+print("splice-out", os.read(r, 6))
+m.flush()
+"#;
+    let w = World::new("kcopy");
+    let (pa, pb) = (
+        w.pmem_file("a", &[0u8; 8192]),
+        w.pmem_file("b", &[0u8; 8192]),
+    );
+    let (oa, ob) = (
+        w.plain_file("a", &[0u8; 8192]),
+        w.plain_file("b", &[0u8; 8192]),
+    );
+    let mut shim = w.shim_cmd(python());
+    shim.args(["-c", script, s(&pa), s(&pb)]);
+    let mut plain = Command::new(python());
+    plain.args(["-c", script, s(&oa), s(&ob)]);
+    let (x, y) = (ok(run(shim)), ok(run(plain)));
+    assert_eq!(x, y);
+    assert!(
+        x.contains("cfr-out b'mapped'")
+            && x.contains("sendfile-in b'fromB!'")
+            && x.contains("splice-out b'mapped'"),
+        "{x}"
+    );
+    assert_eq!(backing(&pa), backing(&oa));
+    assert_eq!(backing(&pb), backing(&ob));
+}
+
+// posix_spawn, subprocess (vfork), and daemon-style double fork from a
+// process with shadow mappings: no deadlock, children run with or without
+// the shim, the parent's stores survive.
+#[test]
+fn spawn_vfork_and_double_fork_with_shadow_mappings() {
+    let script = r#"
+import os, mmap, subprocess, sys
+f = sys.argv[1]
+fd = os.open(f, os.O_RDWR)
+m = mmap.mmap(fd, 4096)
+m[0:6] = b"parent"
+pid = os.posix_spawn("/bin/true", ["true"], os.environ)
+assert os.waitpid(pid, 0)[1] == 0
+env = dict(os.environ); env.pop("LD_PRELOAD", None)
+assert subprocess.run(["/bin/true"], env=env).returncode == 0    # without the shim
+assert subprocess.run(["/bin/true"]).returncode == 0             # with the shim
+r, w = os.pipe()
+if os.fork() == 0:                    # daemon(): fork, setsid, fork again
+    os.setsid()
+    if os.fork() == 0:
+        m[10:16] = b"daemon"
+        m.flush()
+        os.write(w, b"x")
+        os._exit(0)
+    os._exit(0)
+os.wait()
+os.read(r, 1)
+print(m[0:6], m[10:16])
+m.flush()
+"#;
+    let w = World::new("spawn");
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    let mut c = w.shim_cmd(python());
+    c.args(["-c", script, s(&f)]);
+    let out = ok(run(c));
+    assert!(out.contains("b'parent' b'daemon'"), "{out}");
+    w.drop_shadows();
+    let b = backing(&f);
+    assert!(contains(&b, "parent") && contains(&b, "daemon"));
+}
+
+// O_DIRECT reads and writes stay coherent with the shadow.
+#[test]
+fn o_direct_io_is_coherent() {
+    let script = r#"
+import os, mmap, sys
+f = sys.argv[1]
+m = mmap.mmap(os.open(f, os.O_RDWR), 8192)
+d = os.open(f, os.O_RDWR | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)              # page-aligned buffer
+buf[0:6] = b"direct"
+os.pwritev(d, [buf], 4096)
+print("mapped sees", m[4096:4102])
+m[0:6] = b"mapped"
+n = os.preadv(d, [buf], 0)
+print("direct read sees", buf[0:6])
+m.flush()
+"#;
+    let w = World::new("odirect");
+    let pf = w.pmem_file("f", &[0u8; 8192]);
+    let of = w.plain_file("f", &[0u8; 8192]);
+    let mut shim = w.shim_cmd(python());
+    shim.args(["-c", script, s(&pf)]);
+    let mut plain = Command::new(python());
+    plain.args(["-c", script, s(&of)]);
+    let (x, y) = (ok(run(shim)), ok(run(plain)));
+    assert_eq!(x, y);
+    assert!(x.contains("mapped sees b'direct'"), "{x}");
+    assert_eq!(backing(&pf), backing(&of));
 }

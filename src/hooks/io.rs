@@ -468,3 +468,138 @@ pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off64_t, len: off64_t) 
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { posix_fallocate64(fd, off, len) }
 }
+
+// sendfile, copy_file_range, splice: the kernel moves the bytes between
+// backing files, so a shadowed source first writes back this process's
+// stores (the kernel then reads what the program sees) and a shadowed
+// destination takes the moved bytes from its backing afterwards.
+
+/// Before the kernel reads `fd`: its shadow's dirty lines go to the backing.
+fn before_kernel_reads(fd: c_int) -> Result<(), Errno> {
+    match state::lookup_fd(fd) {
+        Some(f) if f.shadow.data().is_some() => f.sync(None, false),
+        _ => Ok(()),
+    }
+}
+
+/// After the kernel wrote `n` bytes into `fd` at `off` (None: at the
+/// descriptor's position, which the call advanced).
+fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
+    if n <= 0 {
+        return;
+    }
+    let Some(f) = state::lookup_fd(fd) else {
+        return;
+    };
+    let _io = f.shadow.io_lock();
+    let Some((data_fd, _)) = f.shadow.data() else {
+        return;
+    };
+    let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
+    let start = if append {
+        sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
+    } else {
+        off.or_else(|| pos_before(fd, n as usize))
+    };
+    let r = follow_size(&f).and_then(|()| match start {
+        Some(s) => refresh_from_backing(&f, data_fd, s, s + n as u64),
+        None => Err(Errno(libc::EIO)),
+    });
+    if let Err(e) = r {
+        error!("{}: cannot update the shadow after a kernel copy ({e}); the file is no longer shadowed", f.path);
+        f.poison();
+    }
+}
+
+/// Runs a kernel copy from `inp` to `out` with the shadows kept coherent.
+/// `off_out` is the caller's output offset pointer (null: file position).
+fn kernel_copy(
+    inp: c_int,
+    out: c_int,
+    off_out: *mut off64_t,
+    call: impl FnOnce() -> isize,
+) -> Result<isize, Errno> {
+    if state::fd_maybe_pmem(inp) {
+        before_kernel_reads(inp)?;
+    }
+    // SAFETY: the caller's pointer, valid per the C contract when non-null.
+    let out_start = (!off_out.is_null()).then(|| unsafe { *off_out } as u64);
+    let n = check_ssize(call())?;
+    if state::fd_maybe_pmem(out) {
+        after_kernel_wrote(out, out_start, n);
+    }
+    Ok(n)
+}
+
+/// # Safety
+/// C ABI, contract of sendfile(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn sendfile64(
+    out: c_int,
+    inp: c_int,
+    off: *mut off64_t,
+    n: size_t,
+) -> ssize_t {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+    let kernel = || unsafe { real::sendfile64(out, inp, off, n) };
+    if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
+        return kernel();
+    }
+    match enter() {
+        None => kernel(),
+        // sendfile writes `out` at its file position.
+        Some(g) => g.ret(kernel_copy(inp, out, std::ptr::null_mut(), kernel)),
+    }
+}
+
+/// # Safety
+/// C ABI, contract of sendfile(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off64_t, n: size_t) -> ssize_t {
+    // SAFETY: same function.
+    unsafe { sendfile64(out, inp, off, n) }
+}
+
+/// # Safety
+/// C ABI, contract of copy_file_range(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn copy_file_range(
+    inp: c_int,
+    off_in: *mut off64_t,
+    out: c_int,
+    off_out: *mut off64_t,
+    n: size_t,
+    flags: libc::c_uint,
+) -> ssize_t {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+    let kernel = || unsafe { real::copy_file_range(inp, off_in, out, off_out, n, flags) };
+    if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
+        return kernel();
+    }
+    match enter() {
+        None => kernel(),
+        Some(g) => g.ret(kernel_copy(inp, out, off_out, kernel)),
+    }
+}
+
+/// # Safety
+/// C ABI, contract of splice(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn splice(
+    inp: c_int,
+    off_in: *mut off64_t,
+    out: c_int,
+    off_out: *mut off64_t,
+    n: size_t,
+    flags: libc::c_uint,
+) -> ssize_t {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+    let kernel = || unsafe { real::splice(inp, off_in, out, off_out, n, flags) };
+    if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
+        return kernel();
+    }
+    match enter() {
+        None => kernel(),
+        Some(g) => g.ret(kernel_copy(inp, out, off_out, kernel)),
+    }
+}
