@@ -553,7 +553,7 @@ impl FileState {
                     dirty.clip(0, size).len().div_ceil(PAGE as u64),
                 );
             }
-            persist::write_back(
+            let counts = persist::write_back(
                 sv,
                 bv,
                 size,
@@ -561,6 +561,10 @@ impl FileState {
                 rt().flush,
                 msync_touched && self.emulated,
             )?;
+            if full {
+                // Without a tracker, the pages found changed are the dirty ones.
+                add(&STATS.pages_dirtied, counts.pages_written);
+            }
             self.shadow.record_backing(bfd);
             Ok(())
         })();

@@ -85,15 +85,22 @@ fn lmdb_writemap_crash_with_power_failure_keeps_acknowledged_commits() {
         }
         let mut child = c.spawn().unwrap();
         let out = child.stdout.take().unwrap();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
             let mut last = 0u64;
             for l in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Ok(n) = l.trim().parse() {
+                    if last == 0 {
+                        let _ = first_tx.send(());
+                    }
                     last = n;
                 }
             }
             last
         });
+        // The random moment counts from the first commit, however slowly
+        // the interpreter starts (an emulated VM).
+        let _ = first_rx.recv_timeout(Duration::from_secs(30));
         let start = Instant::now();
         while start.elapsed() < delay && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(1));

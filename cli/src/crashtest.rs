@@ -47,7 +47,7 @@ fn plan(seed: u64, max_delay_ms: u64) -> Plan {
     let inside_writeback = r.is_multiple_of(3);
     Plan {
         delay: Duration::from_millis(mix(r) % max_delay_ms.max(1)),
-        crash_after_lines: inside_writeback.then(|| 1 + mix(r ^ 0x5a5a) % 5000),
+        crash_after_lines: inside_writeback.then(|| 1 + mix(r ^ 0x5a5a) % 1000),
     }
 }
 

@@ -13,12 +13,15 @@ pub const LINE: usize = 64;
 pub struct LineCounts {
     pub compared: u64,
     pub written: u64,
+    /// Pages with at least one line written (set by `write_back`).
+    pub pages_written: u64,
 }
 
 impl std::ops::AddAssign for LineCounts {
     fn add_assign(&mut self, o: LineCounts) {
         self.compared += o.compared;
         self.written += o.written;
+        self.pages_written += o.pages_written;
     }
 }
 
@@ -118,7 +121,8 @@ mod tests {
             c,
             LineCounts {
                 compared: 64,
-                written: 0
+                written: 0,
+                pages_written: 0
             }
         );
         assert_eq!(flushed, 0);
@@ -138,7 +142,8 @@ mod tests {
             c,
             LineCounts {
                 compared: 64,
-                written: 3
+                written: 3,
+                pages_written: 0
             }
         );
         assert_eq!(flushed, 3);
@@ -156,7 +161,8 @@ mod tests {
             c,
             LineCounts {
                 compared: 2,
-                written: 1
+                written: 1,
+                pages_written: 0
             }
         );
         assert_eq!(b.0[100], 1);

@@ -78,6 +78,7 @@ pub fn write_back(
         CRASH_BUDGET.store(b, Ordering::Relaxed);
     }
     flusher.fence();
+    total.pages_written = touched.len() / PAGE as u64;
     add(&STATS.lines_compared, total.compared);
     add(&STATS.lines_written, total.written);
     add(&STATS.bytes_flushed, flusher.lines * LINE as u64);
