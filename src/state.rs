@@ -399,6 +399,38 @@ pub fn scan_inherited_fds() {
     }
 }
 
+/// The page-aligned data segments of `fd` within `[lo, hi)` (SEEK_DATA /
+/// SEEK_HOLE; the whole range where the file system cannot tell).
+fn data_segments(fd: i32, lo: u64, hi: u64) -> RangeSet {
+    let mut out = RangeSet::new();
+    let size = sys::fstat(fd).map(|st| st.st_size as u64).unwrap_or(hi);
+    let hi = hi.min(size);
+    let mut off = lo;
+    while off < hi {
+        let start = match sys::lseek(fd, off as i64, libc::SEEK_DATA) {
+            Ok(s) => s as u64,
+            Err(Errno(libc::ENXIO)) => break,
+            Err(_) => {
+                out.insert(off, hi);
+                break;
+            }
+        };
+        if start >= hi {
+            break;
+        }
+        let end = sys::lseek(fd, start as i64, libc::SEEK_HOLE)
+            .map(|e| e as u64)
+            .unwrap_or(hi)
+            .min(hi);
+        out.insert(
+            start - start % PAGE as u64,
+            end.div_ceil(PAGE as u64) * PAGE as u64,
+        );
+        off = end.max(start + 1);
+    }
+    out
+}
+
 fn unmap_view(v: &mut (usize, usize)) {
     if v.1 > 0 {
         // SAFETY: a view mapping owned by this FileInner.
@@ -507,8 +539,12 @@ impl FileState {
         inner.pending.remove(lo, hi);
         dirty.extend(&in_range);
         if full {
-            dirty = RangeSet::new();
-            dirty.insert(lo - lo % PAGE as u64, hi);
+            // Every page that holds data; a hole in the shadow is a hole
+            // (zeros) in the backing too, since all changes to the backing
+            // go through the shim. Ranges punched on purpose are pending.
+            let mut all = data_segments(data_fd, lo - lo % PAGE as u64, hi);
+            all.extend(&dirty);
+            dirty = all;
         }
         if dirty.is_empty() {
             return Ok(());
@@ -643,6 +679,21 @@ pub fn harvest_range_to_pending(reg: &Registry, addr: usize, len: usize) {
         if !got.is_empty() {
             m.file.inner.lock().pending.extend(&got);
         }
+    }
+}
+
+/// Marks the file ranges behind `[addr, addr+len)` dirty whatever the
+/// tracker saw (MADV_REMOVE zeroes them in the shadow).
+pub fn mark_range_pending(reg: &Registry, addr: usize, len: usize) {
+    let end = addr.saturating_add(len);
+    for m in overlapping(reg, addr, end) {
+        if !m.shared {
+            continue;
+        }
+        let a = addr.max(m.start);
+        let b = end.min(m.start + m.len);
+        let fo = m.off + (a - m.start) as u64;
+        m.file.inner.lock().pending.insert(fo, fo + (b - a) as u64);
     }
 }
 

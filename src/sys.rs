@@ -314,3 +314,56 @@ pub fn page_down(x: usize) -> usize {
 pub fn page_up(x: usize) -> usize {
     (x + PAGE - 1) & !(PAGE - 1)
 }
+
+/// Blocks asynchronous signals while the shim changes shadow state, so that
+/// a handler's own file I/O (write(2) is async-signal-safe) runs after the
+/// section, through the shim, instead of inside it, where it would bypass
+/// the shadow. Synchronous faults (SIGSEGV, SIGBUS…) are never blocked.
+pub struct SignalBlock {
+    old: [u64; 1],
+}
+
+#[allow(clippy::new_without_default)]
+impl SignalBlock {
+    pub fn new() -> SignalBlock {
+        let mut set: u64 = !0;
+        for s in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+            libc::SIGSYS,
+        ] {
+            set &= !(1u64 << (s - 1));
+        }
+        let mut old = [0u64; 1];
+        // SAFETY: rt_sigprocmask with 8-byte sets (the kernel's sigset size).
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                &set as *const u64,
+                old.as_mut_ptr(),
+                8usize,
+            );
+        }
+        SignalBlock { old }
+    }
+}
+
+impl Drop for SignalBlock {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                self.old.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+        }
+    }
+}

@@ -116,3 +116,102 @@ fn lmdb_writemap_crash_with_power_failure_keeps_acknowledged_commits() {
     }
     assert!(total > 0, "no LMDB transaction was ever acknowledged");
 }
+
+/// Runs a tdbtool session on `db` (through the shim if `shim`) and kills it
+/// once every command was processed: no quit, no clean close.
+fn tdb_session_then_kill(w: &World, db: &Path, shim: bool) {
+    use std::io::{Read, Write};
+    let cmds = format!(
+        "create {}\ntransaction_start\ninsert alpha one\ninsert beta two\ntransaction_commit\n\
+         transaction_start\ninsert gamma three\ndelete alpha\ntransaction_commit\nstore beta TWO\n",
+        s(db)
+    );
+    let ncmds = cmds.lines().count();
+    // stdbuf: prompts unbuffered (one per processed command), so the test
+    // knows when the commits are done; it keeps LD_PRELOAD.
+    let mut c = if shim {
+        w.shim_cmd("stdbuf")
+    } else {
+        Command::new("stdbuf")
+    };
+    c.args(["-o0", "tdbtool"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c
+        .spawn()
+        .expect("tdbtool (scripts/deps.sh installs tdb-tools)");
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(cmds.as_bytes())
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let start = Instant::now();
+    while seen.matches("tdb> ").count() <= ncmds {
+        assert!(start.elapsed() < TIMEOUT, "tdbtool stalled: {seen}");
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push_str(&chunk);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn tdbdump(w: &World, db: &Path, shim: bool) -> String {
+    let mut d = if shim {
+        w.shim_cmd("tdbdump")
+    } else {
+        Command::new("tdbdump")
+    };
+    d.arg(db);
+    ok(run(d))
+}
+
+/// Samba's TDB (`tdbtool`, from Debian) maps its file `MAP_SHARED` and
+/// commits transactions with fsync and msync.
+#[test]
+fn tdb_transactions_survive_kill_and_power_failure() {
+    let w = World::new("tdb");
+    // The kernel page cache after a kill: the reference.
+    let plain_db = w.plain.join("t.tdb");
+    tdb_session_then_kill(&w, &plain_db, false);
+    let reference = tdbdump(&w, &plain_db, false);
+    assert!(
+        reference.contains("\"gamma\"")
+            && reference.contains("\"TWO\"")
+            && !reference.contains("\"alpha\""),
+        "{reference}"
+    );
+    // Killed only: the next process through the shim sees the same.
+    let a = w.pmem.join("a.tdb");
+    tdb_session_then_kill(&w, &a, true);
+    assert_eq!(tdbdump(&w, &a, true), reference);
+    // Killed, then power failure: the committed transactions are in the
+    // backing; the last store was never synced and may be lost.
+    let b = w.pmem.join("b.tdb");
+    tdb_session_then_kill(&w, &b, true);
+    w.drop_shadows();
+    let after = tdbdump(&w, &b, false);
+    let as_committed = reference.replace("\"TWO\"", "\"two\"");
+    assert!(after == reference || after == as_committed, "{after}");
+    assert!(
+        w.stat_sum("mappings_shadowed") >= 1,
+        "the tdb file was never shadowed"
+    );
+}

@@ -6,7 +6,7 @@
 //! Writes: under the shadow's io lock, the kernel writes the backing, then
 //! the same bytes go into the shadow and are noted dirty for the next sync.
 
-use super::{check_int, check_ssize, enter};
+use super::{check_int, check_ssize, enter_critical as enter};
 use crate::real;
 use crate::state::{self, FileState};
 use crate::sys::{self, Errno};

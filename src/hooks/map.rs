@@ -1,7 +1,7 @@
 //! mmap/munmap/mremap/madvise/mprotect: shadow mappings for unaware callers,
 //! direct mappings for DAX-aware ones.
 
-use super::enter;
+use super::enter_critical as enter;
 use crate::real;
 use crate::state::{self, Mapping, REG, SHADOW_MAPS};
 use crate::stats::{add, STATS};
@@ -274,6 +274,10 @@ fn munmap_impl(addr: *mut c_void, len: size_t) -> Result<i32, Errno> {
 /// C ABI, contract of munmap(2).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    if no_shadow_maps() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+        return unsafe { real::munmap(addr, len) };
+    }
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::munmap(addr, len) },
@@ -416,6 +420,10 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
     if drops_ptes(advice) && !no_shadow_maps() {
         if let Some(_g) = enter() {
             harvest_before_replace(addr as usize, len);
+            if advice == libc::MADV_REMOVE {
+                // The shadow's bytes become zeros: write those back too.
+                state::mark_range_pending(&REG.lock(), addr as usize, sys::page_up(len));
+            }
         }
     }
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).

@@ -38,6 +38,30 @@ pub fn enter() -> Option<Entered> {
     enter_always()
 }
 
+/// A section that changes shadow state: asynchronous signals are blocked
+/// from before the thread enters the shim until after it left, so a signal
+/// handler's own I/O never runs nested (and bypassing the shadow) inside it.
+pub struct Critical {
+    pub g: Entered,
+    _signals: sys::SignalBlock, // dropped after `g`
+}
+
+#[inline]
+pub fn enter_critical() -> Option<Critical> {
+    if !READY.load(Ordering::Acquire) {
+        return None;
+    }
+    let sb = sys::SignalBlock::new();
+    enter_always().map(|g| Critical { g, _signals: sb })
+}
+
+impl std::ops::Deref for Critical {
+    type Target = Entered;
+    fn deref(&self) -> &Entered {
+        &self.g
+    }
+}
+
 /// Enters even before `READY` (the constructor itself).
 pub fn enter_always() -> Option<Entered> {
     let fresh = IN_SHIM

@@ -1,7 +1,7 @@
 //! msync/fsync/fdatasync/sync_file_range/syncfs/sync: write back the
 //! changed cachelines of shadowed files, then let the kernel do its part.
 
-use super::{check_int, enter, Entered};
+use super::{check_int, enter_critical as enter, Entered};
 use crate::real;
 use crate::state::{self, REG, SHADOW_MAPS};
 use crate::sys::{self, Errno, PAGE};
@@ -54,6 +54,10 @@ fn msync_impl(addr: *mut c_void, len: size_t, flags: c_int) -> Result<i32, Errno
 /// C ABI, contract of msync(2).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> c_int {
+    if SHADOW_MAPS.load(Ordering::Relaxed) == 0 {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+        return unsafe { real::msync(addr, len, flags) };
+    }
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::msync(addr, len, flags) },
