@@ -241,11 +241,14 @@ fn writer(a: &Args) -> Res<()> {
     let journal = a.get("journal")?;
     let max = a.num("max", u64::MAX)?;
     let mut c = open(db, journal, true)?;
+    // One transaction: a crash leaves no schema or the whole schema.
     c.execute_batch(
-        "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, payload BLOB NOT NULL, h INTEGER NOT NULL);
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, payload BLOB NOT NULL, h INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS counter(k INTEGER PRIMARY KEY, v INTEGER NOT NULL);
          INSERT OR IGNORE INTO counter VALUES (1, 0);
-         CREATE INDEX IF NOT EXISTS t_h ON t(h);",
+         CREATE INDEX IF NOT EXISTS t_h ON t(h);
+         COMMIT;",
     )
     .map_err(e)?;
     let start: i64 = c
