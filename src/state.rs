@@ -321,9 +321,13 @@ pub fn on_open(fd: i32, flags: i32) {
     if fd < 0 {
         return;
     }
-    let Some((id, emulated, path)) = classify(fd) else {
-        return;
-    };
+    if let Some(class) = classify(fd) {
+        on_open_classified(fd, flags, class);
+    }
+}
+
+/// `on_open` for a descriptor already classified as pmem.
+pub fn on_open_classified(fd: i32, flags: i32, (id, emulated, path): (FileId, bool, String)) {
     match get_or_attach(fd, id, emulated, &path) {
         Ok(f) => {
             if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {

@@ -6,10 +6,16 @@ use crate::state;
 use libc::{c_char, c_int, c_long, c_uint, mode_t};
 
 fn opened(fd: c_int, flags: c_int) -> c_int {
-    if fd >= 0 {
-        if let Some(_g) = enter() {
-            crate::sys::preserving_errno(|| state::on_open(fd, flags));
-        }
+    if fd < 0 || !crate::state::READY.load(std::sync::atomic::Ordering::Acquire) {
+        return fd;
+    }
+    // Classifying uses raw system calls only: most files are not pmem and
+    // never enter the shim (nor pay for blocking signals).
+    let Some(class) = crate::sys::preserving_errno(|| state::classify(fd)) else {
+        return fd;
+    };
+    if let Some(_g) = enter() {
+        crate::sys::preserving_errno(|| state::on_open_classified(fd, flags, class));
     }
     fd
 }
