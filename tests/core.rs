@@ -1136,25 +1136,35 @@ fn daxshim_run_preloads_and_keeps_ld_preload() {
 // other threads mapping and unmapping the same file; nothing is lost.
 #[test]
 fn threads_store_sync_map_and_unmap_concurrently() {
-    let (threads, rounds) = (8usize, 300usize);
-    let w = World::new("threads");
-    let f = w.pmem_file("f", &zeros(PAGE));
-    let mut c = w.shim_cmd(c_example("threads"));
-    c.arg(&f).arg(threads.to_string()).arg(rounds.to_string());
-    assert!(ok(run(c)).contains("done"));
-    assert!(!w.shadow_files().is_empty(), "the mapping was not shadowed");
-    w.drop_shadows(); // only what the syncs persisted counts
-    let b = backing(&f);
-    for t in 0..threads {
-        let slot = u64::from_ne_bytes(b[t * 8..t * 8 + 8].try_into().unwrap());
-        assert_eq!(slot, rounds as u64, "thread {t}'s counter");
-        let page = &b[PAGE * (t + 1)..PAGE * (t + 2)];
-        let want = format!("{t}:{rounds}\0");
-        for l in 0..64 {
-            assert!(
-                page[l * 64..].starts_with(want.as_bytes()),
-                "thread {t} line {l}"
-            );
+    // Seeded; DAXSHIM_STRESS_ROUNDS=N for a long run.
+    let rounds: usize = std::env::var("DAXSHIM_STRESS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    for seed in ["1", "7"] {
+        let threads = 8usize;
+        let w = World::new("threads");
+        let f = w.pmem_file("f", &zeros(PAGE));
+        let mut c = w.shim_cmd(c_example("threads"));
+        c.arg(&f)
+            .arg(threads.to_string())
+            .arg(rounds.to_string())
+            .arg(seed);
+        assert!(ok(run(c)).contains("done"), "seed {seed}");
+        assert!(!w.shadow_files().is_empty(), "the mapping was not shadowed");
+        w.drop_shadows(); // only what the syncs persisted counts
+        let b = backing(&f);
+        for t in 0..threads {
+            let slot = u64::from_ne_bytes(b[t * 8..t * 8 + 8].try_into().unwrap());
+            assert_eq!(slot, rounds as u64, "thread {t}'s counter");
+            let page = &b[PAGE * (t + 1)..PAGE * (t + 2)];
+            let want = format!("{t}:{rounds}\0");
+            for l in 0..64 {
+                assert!(
+                    page[l * 64..].starts_with(want.as_bytes()),
+                    "thread {t} line {l}"
+                );
+            }
         }
     }
 }

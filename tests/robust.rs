@@ -114,7 +114,8 @@ os.close(fd)
 os.pwrite(d1, b"dup1", 0); os.pwrite(d2, b"dup2", 10); os.pwrite(d3, b"dup3", 20)
 print(m[0:4], m[10:14], m[20:24])
 m[30:34] = b"mmap"
-os.close(d1); os.close(d2)
+os.close(d1)
+os.closerange(d2, d2 + 1)            # close_range(2)
 print(os.pread(d3, 4, 30))
 m.flush()
 "#;
@@ -446,6 +447,34 @@ fn planted_symlinks_are_refused() {
     );
     assert_eq!(std::fs::read(&victim).unwrap(), b"do not touch");
     assert!(contains(&backing(&f), "safe2"));
+    // A shadow directory that belongs to another user.
+    for e in std::fs::read_dir(&w.shadow).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    std::os::unix::fs::chown(&w.shadow, Some(65534), Some(65534)).unwrap();
+    let o = w.probe(&[
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "safe3",
+        ",",
+        "kill",
+    ]);
+    let err = stderr(&o);
+    killed(o);
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    assert!(contains(&backing(&f), "safe3"));
+    assert_eq!(
+        std::fs::read_dir(&w.shadow).unwrap().count(),
+        0,
+        "wrote into another user's directory"
+    );
 }
 
 // Fuzzed DAXSHIM_* values: always exit 125 with one line, or run; never a

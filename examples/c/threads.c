@@ -2,8 +2,9 @@
  * threads: many threads store to the same and to different pages of one
  * shared mapping and sync concurrently; others map and unmap the same file.
  *
- *   threads FILE NTHREADS ROUNDS
+ *   threads FILE NTHREADS ROUNDS [SEED]
  *
+ * SEED varies how often each thread syncs and with which call.
  * Thread t owns page t (writes its round number into every line) and bumps
  * its own slot in the shared page 0 with an atomic add. After the run, page t
  * holds "t:ROUNDS" and slot t of page 0 holds ROUNDS. Exits via _exit after a
@@ -22,10 +23,13 @@
 static char *map;
 static size_t len;
 static int fd, rounds;
+static unsigned long seed = 1;
 static const char *path;
 
 static void *worker(void *arg) {
     long t = (long)arg;
+    unsigned long r = seed * 2654435761UL + (unsigned long)t * 40503UL + 1;
+    int msync_every = 2 + (int)(r % 11), fsync_every = 3 + (int)((r >> 8) % 13);
     char *page = map + 4096 * (t + 1);
     uint64_t *slot = (uint64_t *)map + t;
     for (int r = 1; r <= rounds; r++) {
@@ -33,8 +37,8 @@ static void *worker(void *arg) {
         snprintf(line, sizeof line, "%ld:%d", t, r);
         for (int l = 0; l < 64; l++) memcpy(page + 64 * l, line, sizeof line);
         __atomic_add_fetch(slot, 1, __ATOMIC_SEQ_CST);
-        if (r % 7 == 0 && msync(page, 4096, MS_SYNC)) { perror("msync"); exit(3); }
-        if (r % 11 == 0 && fdatasync(fd)) { perror("fdatasync"); exit(3); }
+        if (r % msync_every == 0 && msync(page, 4096, MS_SYNC)) { perror("msync"); exit(3); }
+        if (r % fsync_every == 0 && fdatasync(fd)) { perror("fdatasync"); exit(3); }
     }
     return NULL;
 }
@@ -57,6 +61,7 @@ int main(int argc, char **argv) {
     path = argv[1];
     int n = atoi(argv[2]);
     rounds = atoi(argv[3]);
+    if (argc > 4) seed = strtoul(argv[4], NULL, 0);
     len = 4096 * (n + 1);
     fd = open(path, O_RDWR);
     if (fd < 0 || ftruncate(fd, len)) { perror("open"); return 3; }
