@@ -21,8 +21,8 @@ pub struct Stats {
     pub sync_hist: [AtomicU64; HIST_BUCKETS],
 }
 
-impl Default for Stats {
-    fn default() -> Stats {
+impl Stats {
+    pub const fn new() -> Stats {
         Stats {
             mappings_shadowed: AtomicU64::new(0),
             mappings_direct: AtomicU64::new(0),
@@ -40,20 +40,13 @@ impl Default for Stats {
     }
 }
 
-pub static STATS: Stats = Stats {
-    mappings_shadowed: AtomicU64::new(0),
-    mappings_direct: AtomicU64::new(0),
-    pages_dirtied: AtomicU64::new(0),
-    lines_compared: AtomicU64::new(0),
-    lines_written: AtomicU64::new(0),
-    bytes_flushed: AtomicU64::new(0),
-    syncs: AtomicU64::new(0),
-    sync_ns: AtomicU64::new(0),
-    shadows_created: AtomicU64::new(0),
-    reconciles: AtomicU64::new(0),
-    fallbacks_direct: AtomicU64::new(0),
-    sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
-};
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats::new()
+    }
+}
+
+pub static STATS: Stats = Stats::new();
 
 /// Counts one sync of `ns` nanoseconds.
 pub fn record_sync(ns: u64) {

@@ -560,46 +560,30 @@ pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off64_t, n: 
     unsafe { sendfile64(out, inp, off, n) }
 }
 
-/// # Safety
-/// C ABI, contract of copy_file_range(2).
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn copy_file_range(
-    inp: c_int,
-    off_in: *mut off64_t,
-    out: c_int,
-    off_out: *mut off64_t,
-    n: size_t,
-    flags: libc::c_uint,
-) -> ssize_t {
-    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    let kernel = || unsafe { real::copy_file_range(inp, off_in, out, off_out, n, flags) };
-    if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
-        return kernel();
-    }
-    match enter() {
-        None => kernel(),
-        Some(g) => g.ret(kernel_copy(inp, out, off_out, kernel)),
-    }
+macro_rules! copy_hook {
+    ($name:ident, $what:literal) => {
+        #[doc = concat!("# Safety\nC ABI, contract of ", $what, ".")]
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(
+            inp: c_int,
+            off_in: *mut off64_t,
+            out: c_int,
+            off_out: *mut off64_t,
+            n: size_t,
+            flags: libc::c_uint,
+        ) -> ssize_t {
+            // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+            let kernel = || unsafe { real::$name(inp, off_in, out, off_out, n, flags) };
+            if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
+                return kernel();
+            }
+            match enter() {
+                None => kernel(),
+                Some(g) => g.ret(kernel_copy(inp, out, off_out, kernel)),
+            }
+        }
+    };
 }
 
-/// # Safety
-/// C ABI, contract of splice(2).
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn splice(
-    inp: c_int,
-    off_in: *mut off64_t,
-    out: c_int,
-    off_out: *mut off64_t,
-    n: size_t,
-    flags: libc::c_uint,
-) -> ssize_t {
-    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    let kernel = || unsafe { real::splice(inp, off_in, out, off_out, n, flags) };
-    if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
-        return kernel();
-    }
-    match enter() {
-        None => kernel(),
-        Some(g) => g.ret(kernel_copy(inp, out, off_out, kernel)),
-    }
-}
+copy_hook!(copy_file_range, "copy_file_range(2)");
+copy_hook!(splice, "splice(2)");
