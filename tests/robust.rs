@@ -22,7 +22,8 @@ fn hostile(w: &World, shim: bool, args: &[&str]) -> std::process::Output {
     run(c)
 }
 
-// The program's own SIGBUS/SIGSEGV handlers get the fault, with the right
+// The program's own SIGBUS/SIGSEGV handlers (sigaction with SA_SIGINFO and
+// SA_ONSTACK or SA_RESETHAND, or signal()) get the fault, with the right
 // address, exactly as without the shim.
 #[test]
 fn programs_own_fault_handlers_see_the_right_siginfo() {
@@ -30,10 +31,12 @@ fn programs_own_fault_handlers_see_the_right_siginfo() {
     let pf = w.pmem_file("f", &[0u8; 4096]);
     let of = w.plain_file("f", &[0u8; 4096]);
     for mode in ["sigbus", "sigsegv"] {
-        let shim = ok(hostile(&w, true, &[mode, s(&pf)]));
-        let plain = ok(hostile(&w, false, &[mode, s(&of)]));
-        assert_eq!(shim, plain, "{mode}");
-        assert!(shim.starts_with("ok"), "{shim}");
+        for how in ["sigaction", "resethand", "signal"] {
+            let shim = ok(hostile(&w, true, &[mode, s(&pf), how]));
+            let plain = ok(hostile(&w, false, &[mode, s(&of), how]));
+            assert_eq!(shim, plain, "{mode} {how}");
+            assert!(shim.starts_with("ok"), "{shim}");
+        }
     }
     assert!(w.stat_sum("mappings_shadowed") >= 2);
 }

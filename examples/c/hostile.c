@@ -1,8 +1,10 @@
 /*
  * hostile: what real programs do to a preload library.
  *
- *   hostile sigbus FILE      own SIGBUS handler (SA_SIGINFO): read past EOF
- *   hostile sigsegv FILE     own SIGSEGV handler: store to a read-only mapping
+ *   hostile sigbus FILE [HOW]   own SIGBUS handler: read past EOF
+ *   hostile sigsegv FILE [HOW]  own SIGSEGV handler: store to a read-only mapping
+ *                            HOW: sigaction (SA_SIGINFO|SA_ONSTACK, default),
+ *                            resethand (SA_SIGINFO|SA_RESETHAND), signal (signal())
  *   hostile sigwrite FILE N  pwrite() to the file from a SIGALRM handler
  *                            while the main loop stores and msyncs
  *   hostile forksync FILE N  fork N times while another thread syncs
@@ -52,12 +54,22 @@ static int open_rw(const char *p) {
     return fd;
 }
 
-static int sig_mode(const char *path, int sig) {
-    struct sigaction sa = {0};
-    sa.sa_sigaction = on_fault;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(sig, &sa, NULL)) die("sigaction");
+static void on_fault_plain(int sig) {
+    fault_sig = sig;
+    siglongjmp(jb, 1);
+}
+
+static int sig_mode(const char *path, int sig, const char *how) {
+    int plain = !strcmp(how, "signal");
+    if (plain) {
+        if (signal(sig, on_fault_plain) == SIG_ERR) die("signal");
+    } else {
+        struct sigaction sa = {0};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | (!strcmp(how, "resethand") ? SA_RESETHAND : SA_ONSTACK);
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(sig, &sa, NULL)) die("sigaction");
+    }
     int fd = open_rw(path);
     size_t len = 8192;
     char *m = mmap(NULL, len, sig == SIGBUS ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
@@ -72,6 +84,18 @@ static int sig_mode(const char *path, int sig) {
         }
         printf("FAIL no signal\n");
         return 2;
+    }
+    if (plain) {
+        printf("ok %s via signal()\n", sig == SIGBUS ? "sigbus" : "sigsegv");
+        return fault_sig == sig ? 0 : 2;
+    }
+    if (!strcmp(how, "resethand")) {
+        struct sigaction now;
+        sigaction(sig, NULL, &now);
+        if (now.sa_handler != SIG_DFL) {
+            printf("FAIL SA_RESETHAND did not reset\n");
+            return 2;
+        }
     }
     if (fault_sig != sig || fault_addr != target) {
         printf("FAIL signal %d at %p, expected %d at %p\n", fault_sig, (void *)fault_addr, sig, target);
@@ -245,8 +269,9 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 3) return 2;
     const char *m = argv[1], *f = argv[2];
-    if (!strcmp(m, "sigbus")) return sig_mode(f, SIGBUS);
-    if (!strcmp(m, "sigsegv")) return sig_mode(f, SIGSEGV);
+    const char *how = argc > 3 ? argv[3] : "sigaction";
+    if (!strcmp(m, "sigbus")) return sig_mode(f, SIGBUS, how);
+    if (!strcmp(m, "sigsegv")) return sig_mode(f, SIGSEGV, how);
     if (!strcmp(m, "sigwrite")) return sigwrite_mode(f, atoi(argv[3]));
     if (!strcmp(m, "forksync")) return forksync_mode(f, atoi(argv[3]));
     if (!strcmp(m, "fuzz")) return fuzz_mode(f, strtoull(argv[3], NULL, 0), atoi(argv[4]));
