@@ -2,7 +2,8 @@
 # The project's test command. Installs what the tests need, builds the
 # library, the CLI and the SQLite harness, then runs:
 #   1. unit and integration tests (userfaultfd tracker where the kernel has it);
-#   2. the core and SQLite suites again on the full-compare tracker (the oracle);
+#   2. the core, robustness, programs and SQLite suites again on the
+#      full-compare tracker (the oracle);
 #   3. the integration suite inside a QEMU guest on a real -o dax file system
 #      (scripts/test-dax.sh), when the VM can be started here (root, qemu).
 #      DAXSHIM_TEST_DAX=0 skips it, DAXSHIM_TEST_DAX=1 makes a VM that
@@ -19,7 +20,7 @@ logged() { "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
 
 logged cargo test --release --workspace || status=1
 echo "== the same suites on the full-compare tracker (the correctness oracle)"
-DAXSHIM_TEST_TRACKER=compare logged cargo test --release --test core --test sqlite || status=1
+DAXSHIM_TEST_TRACKER=compare logged cargo test --release --test core --test robust --test programs --test sqlite || status=1
 
 if [ "${DAXSHIM_TEST_DAX:-auto}" != 0 ]; then
   echo "== the integration suite on a real -o dax file system (QEMU guest)"
