@@ -26,7 +26,9 @@
  *   fork                    the rest of the script runs in a child too;
  *                           the parent waits for it, then continues
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>

@@ -10,7 +10,9 @@
  * holds "t:ROUNDS" and slot t of page 0 holds ROUNDS. Exits via _exit after a
  * final msync, so the backing shows only what the syncs persisted.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
