@@ -754,6 +754,8 @@ fn access_beyond_eof_raises_sigbus_like_the_kernel() {
         };
         assert_eq!(o.status.signal(), Some(7), "{}", s(f));
     }
+    // The shim was in the path: the killed process left its shadow.
+    assert!(!w.shadow_files().is_empty());
 }
 
 // Bad configuration: one line naming the variable, status 125, before main.

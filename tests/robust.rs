@@ -56,6 +56,7 @@ fn hooked_calls_from_signal_handlers_do_not_deadlock() {
         contains(&b, &want),
         "the handler's last write is missing: {out}"
     );
+    w.assert_shadowed();
 }
 
 // fork while another thread is inside a sync: the child neither deadlocks
@@ -75,6 +76,7 @@ fn fork_while_another_thread_syncs() {
             "child {i}'s msync did not persist"
         );
     }
+    w.assert_shadowed();
 }
 
 // Random mmap/msync/mremap/munmap/madvise arguments: the same return values
@@ -142,6 +144,7 @@ m.flush()
         outs[0]
     );
     assert_eq!(backing(&pf), backing(&of));
+    w.assert_shadowed();
 }
 
 // O_APPEND writes land at the end, in the backing and in the mapping.
@@ -166,6 +169,7 @@ fn append_writes_land_at_the_end() {
     assert_eq!(shim, plain);
     assert!(shim.contains("pread: 0123456789AAABBB"), "{shim}");
     assert_eq!(backing(&pf), backing(&of));
+    w.assert_shadowed();
 }
 
 // Renamed and unlinked while mapped: stores still reach the file through
@@ -223,6 +227,7 @@ fn rename_and_unlink_while_mapped() {
     ]));
     std::fs::remove_file(&g).unwrap();
     assert!(w.shadow_files().is_empty(), "{:?}", w.shadow_files());
+    w.assert_shadowed();
 }
 
 // Another process truncates the file to zero and regrows it while it is
@@ -303,6 +308,7 @@ fn truncate_to_zero_and_regrow_by_another_process() {
     }
     assert_eq!(outs[0], outs[1]);
     assert_eq!(outs[0].4, 0, "the regrown file starts with zeros");
+    w.assert_shadowed();
 }
 
 // A symlink or a hard link to a pmem file, and a pmem directory that is
@@ -371,6 +377,7 @@ fn links_and_symlinked_pmem_directories_reach_the_same_shadow() {
             "not shadowed through the symlinked directory"
         );
     }
+    w.assert_shadowed();
 }
 
 // Hostile shadow directories: a symlink as the directory, or a symlink
@@ -591,6 +598,7 @@ m.flush()
     );
     assert_eq!(backing(&pa), backing(&oa));
     assert_eq!(backing(&pb), backing(&ob));
+    w.assert_shadowed();
 }
 
 // posix_spawn, subprocess (vfork), and daemon-style double fork from a
@@ -632,6 +640,10 @@ m.flush()
     w.drop_shadows();
     let b = backing(&f);
     assert!(contains(&b, "parent") && contains(&b, "daemon"));
+    assert!(
+        w.stats().len() >= 2,
+        "parent and children ran without the shim"
+    );
 }
 
 // O_DIRECT reads and writes stay coherent with the shadow.
@@ -669,4 +681,5 @@ m.flush()
     } else {
         assert!(stderr(&o).contains("Invalid argument"), "{}", stderr(&o));
     }
+    w.assert_shadowed();
 }

@@ -208,6 +208,15 @@ impl World {
         self.stats().iter().map(|s| s.get(key)).sum()
     }
 
+    /// Fails unless the shim shadowed at least one mapping in this world
+    /// (a test that would pass without the shim proves nothing).
+    pub fn assert_shadowed(&self) {
+        assert!(
+            self.stat_sum("mappings_shadowed") >= 1,
+            "the shim shadowed nothing: was it loaded?"
+        );
+    }
+
     /// The tracker the shim chose (from the stats files).
     pub fn tracker(&self) -> String {
         self.stats()
