@@ -21,6 +21,21 @@ fn pos_before(fd: c_int, n: usize) -> Option<u64> {
         .map(|p| p as u64 - n as u64)
 }
 
+/// Where the `n` bytes the kernel just wrote through `fd` landed: at end of
+/// file for `O_APPEND` (even pwrite's), else at the offset or the position
+/// the call advanced.
+fn written_at(fd: c_int, at: At, n: usize) -> Option<u64> {
+    let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
+    if append {
+        sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
+    } else {
+        match at {
+            At::Offset(o) => Some(o),
+            At::Position => pos_before(fd, n),
+        }
+    }
+}
+
 /// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
 fn patch_from_shadow(data_fd: i32, iov: &[iovec], mut n: usize, mut off: u64) {
     for v in iov {
@@ -113,17 +128,7 @@ fn write_impl(
     if n <= 0 {
         return Ok(n);
     }
-    let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
-    let off = if append {
-        // O_APPEND writes land at end of file, even pwrite's.
-        sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
-    } else {
-        match at {
-            At::Offset(o) => Some(o),
-            At::Position => pos_before(fd, n as usize),
-        }
-    };
-    let copied = off
+    let copied = written_at(fd, at, n as usize)
         .ok_or(Errno(libc::EIO))
         .and_then(|off| copy_to_shadow(&f, data_fd, iov, n as usize, off));
     if let Err(e) = copied {
@@ -495,13 +500,8 @@ fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
     let Some((data_fd, _)) = f.shadow.data() else {
         return;
     };
-    let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
-    let start = if append {
-        sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
-    } else {
-        off.or_else(|| pos_before(fd, n as usize))
-    };
-    let r = follow_size(&f).and_then(|()| match start {
+    let at = off.map_or(At::Position, At::Offset);
+    let r = follow_size(&f).and_then(|()| match written_at(fd, at, n as usize) {
         Some(s) => refresh_from_backing(&f, data_fd, s, s + n as u64),
         None => Err(Errno(libc::EIO)),
     });

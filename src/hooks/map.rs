@@ -14,10 +14,6 @@ use std::sync::atomic::Ordering;
 pub const MAP_DAX: c_int = 0x0100_0000;
 const MAP_TYPE: c_int = 0x0f;
 
-fn failed(p: *mut c_void) -> bool {
-    p == libc::MAP_FAILED
-}
-
 fn no_shadow_maps() -> bool {
     SHADOW_MAPS.load(Ordering::Relaxed) == 0
 }
@@ -47,8 +43,12 @@ fn real_mmap(
     off: off64_t,
 ) -> Result<*mut c_void, Errno> {
     // SAFETY: forwarded with the caller's own arguments.
-    let p = unsafe { real::mmap64(addr, len, prot, flags, fd, off) };
-    if failed(p) {
+    mapped(unsafe { real::mmap64(addr, len, prot, flags, fd, off) })
+}
+
+/// A real mapping call's result: the address, or the errno it left.
+fn mapped(p: *mut c_void) -> Result<*mut c_void, Errno> {
+    if p == libc::MAP_FAILED {
         Err(Errno(sys::get_errno()))
     } else {
         Ok(p)
@@ -293,14 +293,7 @@ fn mremap_impl(
     new_addr: *mut c_void,
 ) -> Result<*mut c_void, Errno> {
     // SAFETY: forwarded; the kernel validates.
-    let real = || {
-        let p = unsafe { real::mremap(old, old_len, new_len, flags, new_addr) };
-        if failed(p) {
-            Err(Errno(sys::get_errno()))
-        } else {
-            Ok(p)
-        }
-    };
+    let real = || mapped(unsafe { real::mremap(old, old_len, new_len, flags, new_addr) });
     let o = old as usize;
     if no_shadow_maps() || !o.is_multiple_of(PAGE) {
         return real();
