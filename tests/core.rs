@@ -168,83 +168,20 @@ fn msync_is_range_scoped() {
 // 4. Coherence within a process, same observations as the kernel page cache.
 #[test]
 fn file_io_and_mappings_agree_like_the_page_cache() {
-    let script = |p: &str| -> Vec<String> {
-        [
-            "open",
-            p,
-            "rw",
-            ",",
-            "map",
-            "8192",
-            ",",
-            "store",
-            "100",
-            "mapped",
-            ",",
-            "pread",
-            "100",
-            "6",
-            ",",
-            "pwrite",
-            "200",
-            "written",
-            ",",
-            "load",
-            "200",
-            "7",
-            ",",
-            "seek",
-            "100",
-            ",",
-            "read",
-            "6",
-            ",",
-            "seek",
-            "300",
-            ",",
-            "writev",
-            "ab",
-            "cd",
-            ",",
-            "load",
-            "300",
-            "4",
-            ",",
-            "preadv",
-            "100",
-            "3",
-            "3",
-            ",",
-            "ftruncate",
-            "16384",
-            ",",
-            "mremap",
-            "16384",
-            ",",
-            "store",
-            "12000",
-            "grown",
-            ",",
-            "pread",
-            "12000",
-            "5",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
-    };
     let w = World::new("coherent");
     let pf = w.pmem_file("f", &zeros(2 * PAGE));
     let of = w.plain_file("f", &zeros(2 * PAGE));
-    let a = script(s(&pf));
-    let b = script(s(&of));
-    let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-    let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-    assert_eq!(shim, plain);
+    let out = w.probe_both(
+        &pf,
+        &of,
+        "open {f} rw , map 8192 , store 100 mapped , pread 100 6 , pwrite 200 written , \
+         load 200 7 , seek 100 , read 6 , seek 300 , writev ab cd , load 300 4 , \
+         preadv 100 3 3 , ftruncate 16384 , mremap 16384 , store 12000 grown , pread 12000 5",
+    );
     assert!(
-        shim.contains("pread: mapped")
-            && shim.contains("load: written")
-            && shim.contains("pread: grown")
+        out.contains("pread: mapped")
+            && out.contains("load: written")
+            && out.contains("pread: grown")
     );
     assert_eq!(w.stat_sum("mappings_shadowed"), 1);
     // Exit wrote everything back: the backing equals the ordinary file.
@@ -630,98 +567,49 @@ fn errors_match_the_kernel() {
     let w = World::new("errno");
     let pf = w.pmem_file("f", &zeros(2 * PAGE));
     let of = w.plain_file("f", &zeros(2 * PAGE));
-    let script = |p: &str, mode: &str| -> Vec<String> {
-        [
-            "open",
-            p,
-            mode,
-            ",",
-            "map",
-            "8192",
-            "ro",
-            ",",
-            "try_msync",
-            "1",
-            "4096",
-            "4", // unaligned -> EINVAL
-            "try_msync",
-            "0",
-            "1048576",
-            "4", // beyond the mapping -> ENOMEM
-            "try_msync",
-            "0",
-            "4096",
-            "7", // MS_ASYNC|MS_SYNC -> EINVAL
-            "try_msync",
-            "0",
-            "4096",
-            "64", // unknown flag -> EINVAL
-            "try_fsync",
-            "987", // EBADF
-            "try_mmap",
-            "0",
-            "3",
-            "1",
-            "0", // length 0 -> EINVAL
-            "try_mmap",
-            "4096",
-            "3",
-            "1",
-            "1", // unaligned offset -> EINVAL
-            "try_mmap",
-            "4096",
-            "3",
-            "1",
-            "0", // PROT_WRITE|SHARED on a read-only fd -> EACCES (ro) / ok (rw)
-            "try_mmap",
-            "4096",
-            "3",
-            "3",
-            "0", // MAP_SHARED_VALIDATE without unknown flags
-            "try_munmap",
-            "1",
-            "4096", // EINVAL
-            "try_mremap",
-            "16384",
-            "0", // cannot grow in place without MAYMOVE?
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
-    };
     for mode in ["ro", "rw"] {
-        let a = script(s(&pf), mode);
-        let b = script(s(&of), mode);
-        let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-        let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-        assert_eq!(shim, plain, "mode {mode}");
-        assert!(shim.contains("errno=22") && shim.contains("errno=12") && shim.contains("errno=9"));
+        // msync: unaligned, beyond the mapping, MS_ASYNC|MS_SYNC, unknown
+        // flag, MS_INVALIDATE, no flag; fsync of a bad fd; mmap: length 0,
+        // unaligned offset, PROT_WRITE|MAP_SHARED (EACCES on a read-only fd),
+        // MAP_SHARED_VALIDATE; munmap unaligned; mremap growing in place.
+        let out = w.probe_both(
+            &pf,
+            &of,
+            &format!(
+                "open {{f}} {mode} , map 8192 ro , try_msync 1 4096 4 try_msync 0 1048576 4 \
+                 try_msync 0 4096 7 try_msync 0 4096 64 try_msync 0 4096 2 try_msync 0 4096 0 \
+                 try_fsync 987 try_mmap 0 3 1 0 try_mmap 4096 3 1 1 try_mmap 4096 3 1 0 \
+                 try_mmap 4096 3 3 0 try_munmap 1 4096 try_mremap 16384 0"
+            ),
+        );
+        assert!(
+            out.contains("errno=22") && out.contains("errno=12") && out.contains("errno=9"),
+            "{mode}: {out}"
+        );
     }
     // MAP_SHARED_VALIDATE|MAP_SYNC: EOPNOTSUPP on an ordinary file, as the
     // kernel says; on (emulated) pmem the shim strips MAP_SYNC and maps.
-    let sync_map = |p: &str| {
-        vec![
-            "open".to_string(),
-            p.into(),
-            "rw".into(),
-            ",".into(),
-            "try_mmap".into(),
-            "4096".into(),
-            "3".into(),
-            "0x80003".into(),
-            "0".into(),
+    let sync_map = |f: &std::path::Path| {
+        [
+            "open",
+            s(f),
+            "rw",
+            ",",
+            "try_mmap",
+            "4096",
+            "3",
+            "0x80003",
+            "0",
         ]
+        .map(String::from)
     };
-    let a = sync_map(s(&pf));
-    let b = sync_map(s(&of));
-    assert_eq!(
-        ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>())),
-        "ret=ok errno=0\n"
-    );
-    assert_eq!(
-        ok(w.probe(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>())),
-        "ret=-1 errno=95\n"
-    );
+    let run_it = |shim: bool, f: &std::path::Path| {
+        let a = sync_map(f);
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        ok(if shim { w.probe(&a) } else { w.probe_plain(&a) })
+    };
+    assert_eq!(run_it(true, &pf), "ret=ok errno=0\n");
+    assert_eq!(run_it(false, &of), "ret=-1 errno=95\n");
 }
 
 // Beyond end of file: SIGBUS, as with the kernel.
@@ -1211,71 +1099,15 @@ os.execv({probe:?}, ["probe", "usefd", str(fd), ",", "map", "4096", ",", "store"
 #[test]
 fn size_and_allocation_changes_match_the_page_cache() {
     let w = World::new("falloc");
-    let script = |p: &str| -> Vec<String> {
-        [
-            "open",
-            p,
-            "rw",
-            ",",
-            "map",
-            "16384",
-            ",",
-            "fill",
-            "0",
-            "8192",
-            "a",
-            ",",
-            "msync",
-            ",",
-            "fallocate",
-            "0",
-            "16384",
-            ",",
-            "store",
-            "12000",
-            "tail",
-            ",",
-            "pread",
-            "12000",
-            "4",
-            ",",
-            "punch",
-            "4096",
-            "4096",
-            ",",
-            "load",
-            "4090",
-            "12",
-            ",",
-            "pread",
-            "4090",
-            "12",
-            ",",
-            "ftruncate",
-            "6000",
-            ",",
-            "pread",
-            "5990",
-            "100",
-            ",",
-            "ftruncate",
-            "8192",
-            ",",
-            "load",
-            "5998",
-            "4",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
-    };
     let pf = w.pmem_file("f", &zeros(2 * PAGE));
     let of = w.plain_file("f", &zeros(2 * PAGE));
-    let a = script(s(&pf));
-    let b = script(s(&of));
-    let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-    let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-    assert_eq!(shim, plain);
+    w.probe_both(
+        &pf,
+        &of,
+        "open {f} rw , map 16384 , fill 0 8192 a , msync , fallocate 0 16384 , store 12000 tail , \
+         pread 12000 4 , punch 4096 4096 , load 4090 12 , pread 4090 12 , ftruncate 6000 , \
+         pread 5990 100 , ftruncate 8192 , load 5998 4",
+    );
     assert_eq!(backing(&pf), backing(&of));
     assert_eq!(w.stat_sum("mappings_shadowed"), 1);
 }

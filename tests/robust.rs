@@ -153,21 +153,12 @@ fn append_writes_land_at_the_end() {
     let w = World::new("append");
     let pf = w.pmem_file("f", b"0123456789");
     let of = w.plain_file("f", b"0123456789");
-    let script = |p: &str| -> Vec<String> {
-        [
-            "open", p, "append", ",", "map", "4096", ",", "write", "AAA", ",", "pwrite", "0",
-            "BBB", ",", "pread", "0", "16", ",", "load", "10", "6",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
-    };
-    let a = script(s(&pf));
-    let b = script(s(&of));
-    let shim = ok(w.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-    let plain = ok(w.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-    assert_eq!(shim, plain);
-    assert!(shim.contains("pread: 0123456789AAABBB"), "{shim}");
+    let out = w.probe_both(
+        &pf,
+        &of,
+        "open {f} append , map 4096 , write AAA , pwrite 0 BBB , pread 0 16 , load 10 6",
+    );
+    assert!(out.contains("pread: 0123456789AAABBB"), "{out}");
     assert_eq!(backing(&pf), backing(&of));
     w.assert_shadowed();
 }

@@ -176,6 +176,24 @@ impl World {
         run(c)
     }
 
+    /// Runs a probe script given as one string ("open {f} rw , map 4096 ,
+    /// …", split at spaces) on `pmem_file` under the shim and on
+    /// `plain_file` without it: both must exit 0 with the same output (the
+    /// kernel page cache is the reference), which is returned.
+    pub fn probe_both(&self, pmem_file: &Path, plain_file: &Path, script: &str) -> String {
+        let args = |f: &Path| -> Vec<String> {
+            script
+                .split_whitespace()
+                .map(|a| a.replace("{f}", f.to_str().unwrap()))
+                .collect()
+        };
+        let (a, b) = (args(pmem_file), args(plain_file));
+        let shim = ok(self.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+        let plain = ok(self.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
+        assert_eq!(shim, plain, "shim vs kernel page cache for: {script}");
+        shim
+    }
+
     /// Runs the probe without the shim (the kernel page cache reference).
     pub fn probe_plain(&self, script: &[&str]) -> Output {
         let mut c = Command::new(probe());
