@@ -85,12 +85,17 @@ fn mmap_impl(
             }
         }
     };
-    let Some(file) = file else {
-        let p = real_mmap(addr, len, prot, flags, fd, off)?;
+    // The kernel maps the file itself; with MAP_FIXED it replaced whatever
+    // the registry had there.
+    let kernel_map = |kflags: c_int| -> Result<*mut c_void, Errno> {
+        let p = real_mmap(addr, len, prot, kflags, fd, off)?;
         if fixed {
             forget_replaced(p as usize, len);
         }
-        return Ok(p);
+        Ok(p)
+    };
+    let Some(file) = file else {
+        return kernel_map(flags);
     };
     let typ = flags & MAP_TYPE;
     let shared = typ == libc::MAP_SHARED || typ == libc::MAP_SHARED_VALIDATE;
@@ -103,10 +108,7 @@ fn mmap_impl(
         } else {
             flags
         };
-        let p = real_mmap(addr, len, prot, kflags, fd, off)?;
-        if fixed {
-            forget_replaced(p as usize, len);
-        }
+        let p = kernel_map(kflags)?;
         add(&STATS.mappings_direct, 1);
         debug!("direct mapping of {} at {p:?}", file.path);
         return Ok(p);
@@ -119,11 +121,7 @@ fn mmap_impl(
             warn!("{}: {e}; mapping the file directly", file.path);
             add(&STATS.fallbacks_direct, 1);
             add(&STATS.mappings_direct, 1);
-            let p = real_mmap(addr, len, prot, flags, fd, off)?;
-            if fixed {
-                forget_replaced(p as usize, len);
-            }
-            return Ok(p);
+            return kernel_map(flags);
         }
     };
     // Let the kernel validate everything and choose the address by mapping
