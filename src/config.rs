@@ -48,6 +48,12 @@ pub struct Config {
     pub stats: Option<String>,
     pub tracker: TrackerKind,
     pub flush: FlushChoice,
+    /// Populate shadows on first access (userfaultfd) instead of copying
+    /// the file when it is first mapped.
+    pub lazy: bool,
+    /// Clean shadow pages this process filled lazily are evicted beyond
+    /// this many bytes (`DAXSHIM_CACHE_MAX`); `None`: no limit.
+    pub cache_max: Option<u64>,
     /// Testing only: die after writing this many cachelines.
     pub crash_after_lines: Option<u64>,
     /// Testing only: this many writebacks fail with EIO before copying.
@@ -81,6 +87,8 @@ pub const KNOWN_VARS: &[&str] = &[
     "DAXSHIM_STATS",
     "DAXSHIM_TRACKER",
     "DAXSHIM_FLUSH",
+    "DAXSHIM_LAZY",
+    "DAXSHIM_CACHE_MAX",
     "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
     "DAXSHIM_DEBUG_FAIL_SYNCS",
 ];
@@ -175,6 +183,26 @@ pub fn parse(
         }
     };
 
+    let lazy = match get("DAXSHIM_LAZY").as_deref() {
+        None | Some("") | Some("auto") => true,
+        Some("off") => false,
+        Some(v) => return Err(err("DAXSHIM_LAZY", v, "auto or off")),
+    };
+
+    let cache_max =
+        match get("DAXSHIM_CACHE_MAX") {
+            None => None,
+            Some(v) if v.is_empty() => None,
+            Some(v) => match parse_size(&v) {
+                Some(n) if n >= MIN_CACHE => Some(n),
+                _ => return Err(err(
+                    "DAXSHIM_CACHE_MAX",
+                    &v,
+                    "a size of at least 1M: bytes, or a number with K, M, G or T (powers of 1024)",
+                )),
+            },
+        };
+
     let crash_after_lines = match get("DAXSHIM_DEBUG_CRASH_AFTER_LINES") {
         None => None,
         Some(v) => match v.parse::<u64>() {
@@ -204,9 +232,34 @@ pub fn parse(
         stats,
         tracker,
         flush,
+        lazy,
+        cache_max,
         crash_after_lines,
         fail_syncs,
     })
+}
+
+/// The smallest cache limit: a few fill chunks.
+const MIN_CACHE: u64 = 1 << 20;
+
+/// `123`, `64K`, `512M`, `2G`, `1T` (binary multiples; `KiB`/`MB`… spellings
+/// too). None for anything else or on overflow.
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    if digits == 0 {
+        return None;
+    }
+    let n: u64 = v[..digits].parse().ok()?;
+    let shift = match v[digits..].to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }
 
 /// Names of set `DAXSHIM_*` variables the shim does not know (likely typos).
@@ -304,6 +357,11 @@ mod tests {
             ("DAXSHIM_STATS", ""),
             ("DAXSHIM_DEBUG_CRASH_AFTER_LINES", "-1"),
             ("DAXSHIM_DEBUG_FAIL_SYNCS", "x"),
+            ("DAXSHIM_LAZY", "yes"),
+            ("DAXSHIM_CACHE_MAX", "lots"),
+            ("DAXSHIM_CACHE_MAX", "512X"),
+            ("DAXSHIM_CACHE_MAX", "4096"),
+            ("DAXSHIM_CACHE_MAX", "99999999999999T"),
         ] {
             let e = parse_map(&[(var, bad)]).unwrap_err();
             assert_eq!(e.var, var);
@@ -318,6 +376,24 @@ mod tests {
                 .tracker,
             TrackerKind::Compare
         );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        for bad in ["", "M", "-1", "1.5G", "12Q", "99999999999999999999"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        let c = parse_map(&[("DAXSHIM_CACHE_MAX", "512M"), ("DAXSHIM_LAZY", "off")]).unwrap();
+        assert_eq!(c.cache_max, Some(512 << 20));
+        assert!(!c.lazy);
+        let d = parse_map(&[]).unwrap();
+        assert!(d.lazy && d.cache_max.is_none());
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod log;
 
 mod config;
 mod hooks;
+mod lazy;
 mod lock;
 mod persist;
 mod ranges;

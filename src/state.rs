@@ -65,6 +65,9 @@ pub struct FileState {
     /// another thread is still copying pages it harvested.
     pub sync_lock: Lock<()>,
     pub inner: Lock<FileInner>,
+    /// Chunks of lazy mappings this process may have pages of (see
+    /// [`crate::lazy::ChunkBits`]).
+    pub lazy_chunks: Lock<crate::lazy::ChunkBits>,
 }
 
 pub struct FileInner {
@@ -85,6 +88,10 @@ pub struct Mapping {
     pub off: u64,
     pub shared: bool,
     pub tracked: bool,
+    /// Missing pages are filled by the fault thread ([`crate::lazy`]).
+    pub lazy: bool,
+    /// Protection asked for at mmap (to map the backing in its place at exit).
+    pub prot: i32,
 }
 
 pub struct Registry {
@@ -266,6 +273,7 @@ fn get_or_attach(
             fd_refs: 0,
             map_refs: 0,
         }),
+        lazy_chunks: Lock::new(Default::default()),
     });
     REG.lock().files.push(f.clone());
     Ok(f)
@@ -403,38 +411,6 @@ pub fn scan_inherited_fds() {
     }
 }
 
-/// The page-aligned data segments of `fd` within `[lo, hi)` (SEEK_DATA /
-/// SEEK_HOLE; the whole range where the file system cannot tell).
-fn data_segments(fd: i32, lo: u64, hi: u64) -> RangeSet {
-    let mut out = RangeSet::new();
-    let size = sys::fstat(fd).map(|st| st.st_size as u64).unwrap_or(hi);
-    let hi = hi.min(size);
-    let mut off = lo;
-    while off < hi {
-        let start = match sys::lseek(fd, off as i64, libc::SEEK_DATA) {
-            Ok(s) => s as u64,
-            Err(Errno(libc::ENXIO)) => break,
-            Err(_) => {
-                out.insert(off, hi);
-                break;
-            }
-        };
-        if start >= hi {
-            break;
-        }
-        let end = sys::lseek(fd, start as i64, libc::SEEK_HOLE)
-            .map(|e| e as u64)
-            .unwrap_or(hi)
-            .min(hi);
-        out.insert(
-            start - start % PAGE as u64,
-            end.div_ceil(PAGE as u64) * PAGE as u64,
-        );
-        off = end.max(start + 1);
-    }
-    out
-}
-
 fn unmap_view(v: &mut (usize, usize)) {
     if v.1 > 0 {
         // SAFETY: a view mapping owned by this FileInner.
@@ -481,6 +457,7 @@ impl FileState {
     pub fn set_shadow_size(&self, size: u64, take_io_lock: bool) -> SysResult<()> {
         let _g = take_io_lock.then(|| self.shadow.io_lock());
         if let Some((data_fd, _)) = self.shadow.data() {
+            let _fill = self.shadow.fill_lock();
             sys::ftruncate(data_fd, size)?;
             self.shadow.record_backing(self.backing_fd);
         }
@@ -546,7 +523,7 @@ impl FileState {
             // Every page that holds data; a hole in the shadow is a hole
             // (zeros) in the backing too, since all changes to the backing
             // go through the shim. Ranges punched on purpose are pending.
-            let mut all = data_segments(data_fd, lo - lo % PAGE as u64, hi);
+            let mut all = shadow::data_segments(data_fd, lo - lo % PAGE as u64, hi);
             all.extend(&dirty);
             dirty = all;
         }
@@ -562,6 +539,17 @@ impl FileState {
             return Ok(());
         }
         let io = self.shadow.io_lock();
+        // A lazy data file: no page may be filled or evicted while the
+        // writeback reads it through its own (unwatched) view, and only
+        // pages it holds are read (a hole would read as a page of zeros).
+        let fill = self.shadow.is_lazy().then(|| self.shadow.fill_lock());
+        if fill.is_some() {
+            let mut present = RangeSet::new();
+            for (a, b) in dirty.iter() {
+                present.extend(&shadow::data_segments(data_fd, a, b));
+            }
+            dirty = present;
+        }
         let r = (|| -> SysResult<()> {
             if persist::inject_failure() {
                 return Err(Errno(libc::EIO));
@@ -608,6 +596,7 @@ impl FileState {
             self.shadow.record_backing(bfd);
             Ok(())
         })();
+        drop(fill);
         drop(io);
         if let Err(e) = r {
             // Keep the dirty state: a retry must still write the data.
@@ -647,21 +636,42 @@ fn harvest_file(f: &Arc<FileState>, lo: u64, hi: u64, out: &mut RangeSet) {
         if !m.tracked || !Arc::ptr_eq(&m.file, f) {
             continue;
         }
-        let mstart = m.off;
-        let mend = m.off + m.len as u64;
-        let a = lo.max(mstart);
-        let b = hi.min(mend);
-        if a >= b {
-            continue;
+        let a = lo.max(m.off);
+        let b = hi.min(m.off + m.len as u64);
+        if a < b {
+            let addr = m.start + (a - m.off) as usize;
+            harvest_mapping(m, addr, m.start + (b - m.off) as usize, out);
         }
-        let addr = m.start + (a - mstart) as usize;
-        let addr_lo = sys::page_down(addr);
-        let addr_hi = sys::page_up(m.start + (b - mstart) as usize);
-        let _ = track::tracker().harvest(addr_lo, addr_hi - addr_lo, &mut |s, n| {
+    }
+}
+
+/// Harvests `[addr, end)` of tracked mapping `m` into `out` (file offsets).
+/// A lazy mapping is scanned only over the chunks this process filled or
+/// mapped: elsewhere it has no pages, and scanning would arm (and allocate
+/// page tables for) the whole range.
+pub fn harvest_mapping(m: &Mapping, addr: usize, end: usize, out: &mut RangeSet) {
+    let addr = sys::page_down(addr).max(m.start);
+    let end = sys::page_up(end).min(m.start + m.len);
+    let mut scan = |a: usize, b: usize| {
+        let _ = track::tracker().harvest(a, b - a, &mut |s, n| {
             let fo = m.off + (s - m.start) as u64;
             out.insert(fo, fo + n as u64);
         });
+    };
+    if !m.lazy {
+        scan(addr, end);
+        return;
     }
+    let chunk = crate::lazy::CHUNK;
+    let fo = |va: usize| m.off + (va - m.start) as u64;
+    let va = |fo: u64| m.start + (fo - m.off) as usize;
+    let (lo, hi) = (fo(addr), fo(end));
+    let bits = m.file.lazy_chunks.lock();
+    bits.runs(lo / chunk, hi.div_ceil(chunk), &mut |c0, c1| {
+        let a = (c0 * chunk).max(lo);
+        let b = (c1 * chunk).min(hi);
+        scan(va(a), va(b));
+    });
 }
 
 /// Harvests the dirty pages of tracked mappings overlapping `[addr,
@@ -673,31 +683,11 @@ pub fn harvest_range_to_pending(reg: &Registry, addr: usize, len: usize) {
         if !m.tracked {
             continue;
         }
-        let a = addr.max(m.start);
-        let b = end.min(m.start + m.len);
         let mut got = RangeSet::new();
-        let _ = track::tracker().harvest(a, b - a, &mut |s, n| {
-            let fo = m.off + (s - m.start) as u64;
-            got.insert(fo, fo + n as u64);
-        });
+        harvest_mapping(m, addr.max(m.start), end.min(m.start + m.len), &mut got);
         if !got.is_empty() {
             m.file.inner.lock().pending.extend(&got);
         }
-    }
-}
-
-/// Marks the file ranges behind `[addr, addr+len)` dirty whatever the
-/// tracker saw (MADV_REMOVE zeroes them in the shadow).
-pub fn mark_range_pending(reg: &Registry, addr: usize, len: usize) {
-    let end = addr.saturating_add(len);
-    for m in overlapping(reg, addr, end) {
-        if !m.shared {
-            continue;
-        }
-        let a = addr.max(m.start);
-        let b = end.min(m.start + m.len);
-        let fo = m.off + (a - m.start) as u64;
-        m.file.inner.lock().pending.insert(fo, fo + (b - a) as u64);
     }
 }
 
@@ -731,6 +721,8 @@ pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<File
                     off: m.off,
                     shared: m.shared,
                     tracked: m.tracked,
+                    lazy: m.lazy,
+                    prot: m.prot,
                 },
             );
             pieces += 1;
@@ -745,6 +737,8 @@ pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<File
                     off: m.off + (end - m.start) as u64,
                     shared: m.shared,
                     tracked: m.tracked,
+                    lazy: m.lazy,
+                    prot: m.prot,
                 },
             );
             pieces += 1;
@@ -798,6 +792,7 @@ pub fn shutdown() {
         for (a, l) in ranges {
             harvest_range_to_pending(&reg, a, l);
         }
+        retire_lazy_mappings(&reg);
         for w in FD_BITS.iter() {
             w.store(0, Ordering::Relaxed);
         }
@@ -811,6 +806,35 @@ pub fn shutdown() {
     drop(maps);
     drop(fds);
     drop(files); // the last references: each FileState writes back and detaches
+}
+
+/// At exit, before the registry is emptied: lazy mappings still in place
+/// would have no one to fill them once their files are detached, so each
+/// becomes a mapping of the backing (which holds this process's stores:
+/// they were just harvested and are written back next).
+fn retire_lazy_mappings(reg: &Registry) {
+    for m in reg.maps.values().filter(|m| m.lazy) {
+        let flags = if m.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        } | libc::MAP_FIXED;
+        // SAFETY: replaces our own shadow mapping at the same place; the
+        // registry forgets it right after.
+        let r = unsafe {
+            sys::mmap(
+                m.start as *mut _,
+                m.len,
+                m.prot,
+                flags,
+                m.file.backing_fd,
+                m.off as i64,
+            )
+        };
+        if let Err(e) = r {
+            debug!("{}: cannot retire a lazy mapping at exit: {e}", m.file.path);
+        }
+    }
 }
 
 /// pthread_atfork handlers: no lock of ours may be held across fork.
@@ -848,19 +872,54 @@ pub fn atfork_child() {
             warn!("{}: {e}", f.path);
         }
     }
-    if let Err(e) = track::tracker().after_fork_child() {
-        warn!("cannot track writes in the forked child ({e}); comparing whole files at sync");
-        track::force_compare();
-        return;
-    }
-    let reg = REG.lock();
-    for m in reg.maps.values().filter(|m| m.tracked) {
-        if let Err(e) = track::tracker().track(m.start, m.len) {
-            warn!(
-                "cannot track a mapping of {} in the child: {e}",
-                m.file.path
-            );
+    let tracking = match track::tracker().after_fork_child() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("cannot track writes in the forked child ({e}); comparing whole files at sync");
             track::force_compare();
+            false
+        }
+    };
+    crate::lazy::forget_thread_after_fork();
+    let mut reg = REG.lock();
+    let mut lazy_failed = Vec::new();
+    for m in reg.maps.values_mut() {
+        if m.lazy {
+            let r = if tracking && track::uffd::lazy_ok() {
+                crate::lazy::start().map_err(|e| {
+                    warn!("{e}");
+                    Errno(libc::EAGAIN)
+                })
+            } else {
+                Err(Errno(libc::ENOTSUP))
+            };
+            if r.and_then(|()| track::uffd::register_lazy(m.start, m.len))
+                .is_ok()
+            {
+                continue;
+            }
+            // Nobody would fill its holes: fill them all now and track it
+            // the ordinary way.
+            m.lazy = false;
+            lazy_failed.push(m.file.clone());
+        }
+        if m.tracked && tracking {
+            if let Err(e) = track::tracker().track(m.start, m.len) {
+                warn!(
+                    "cannot track a mapping of {} in the child: {e}",
+                    m.file.path
+                );
+                track::force_compare();
+            }
+        }
+    }
+    drop(reg);
+    for f in lazy_failed {
+        if let Err(e) = f.shadow.ensure_data(f.backing_fd, false) {
+            error!(
+                "{}: cannot fill the shadow in the forked child: {e}",
+                f.path
+            );
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct Stats {
     pub shadows_created: AtomicU64,
     pub reconciles: AtomicU64,
     pub fallbacks_direct: AtomicU64,
+    pub lazy_faults: AtomicU64,
+    pub lazy_filled_bytes: AtomicU64,
+    pub evicted_bytes: AtomicU64,
     pub sync_hist: [AtomicU64; HIST_BUCKETS],
 }
 
@@ -35,6 +38,9 @@ impl Stats {
             shadows_created: AtomicU64::new(0),
             reconciles: AtomicU64::new(0),
             fallbacks_direct: AtomicU64::new(0),
+            lazy_faults: AtomicU64::new(0),
+            lazy_filled_bytes: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
             sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
         }
     }
@@ -62,7 +68,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 impl Stats {
     pub fn to_json(&self, tracker: &str, flush: &str) -> String {
-        let fields: [(&str, &AtomicU64); 11] = [
+        let fields: [(&str, &AtomicU64); 14] = [
             ("mappings_shadowed", &self.mappings_shadowed),
             ("mappings_direct", &self.mappings_direct),
             ("pages_dirtied", &self.pages_dirtied),
@@ -74,6 +80,9 @@ impl Stats {
             ("shadows_created", &self.shadows_created),
             ("reconciles", &self.reconciles),
             ("fallbacks_direct", &self.fallbacks_direct),
+            ("lazy_faults", &self.lazy_faults),
+            ("lazy_filled_bytes", &self.lazy_filled_bytes),
+            ("evicted_bytes", &self.evicted_bytes),
         ];
         let mut s = String::from("{");
         s.push_str(&format!("\"pid\":{},", crate::sys::getpid()));

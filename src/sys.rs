@@ -282,6 +282,36 @@ pub fn userfaultfd(flags: i32) -> SysResult<i32> {
     sc!(libc::SYS_userfaultfd, flags).map(|n| n as i32)
 }
 
+pub fn fallocate(fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
+    sc!(libc::SYS_fallocate, fd, mode, off, len).map(|_| ())
+}
+
+/// Waits until `fd` is readable (EINTR retried).
+pub fn poll_in(fd: i32) -> SysResult<()> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        match sc!(
+            libc::SYS_ppoll,
+            &mut p as *mut libc::pollfd,
+            1,
+            0usize,
+            0usize,
+            8usize
+        ) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(|_| ()),
+        }
+    }
+}
+
+pub fn read(fd: i32, buf: &mut [u8]) -> SysResult<usize> {
+    sc!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()).map(|n| n as usize)
+}
+
 pub fn mkdir(path: &CStr, mode: u32) -> SysResult<()> {
     sc!(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), mode).map(|_| ())
 }
@@ -325,6 +355,11 @@ pub struct SignalBlock {
 
 #[allow(clippy::new_without_default)]
 impl SignalBlock {
+    /// Blocks every signal (a shim-owned thread).
+    pub fn all() -> SignalBlock {
+        SignalBlock::mask(!0)
+    }
+
     pub fn new() -> SignalBlock {
         let mut set: u64 = !0;
         for s in [
@@ -338,6 +373,10 @@ impl SignalBlock {
         ] {
             set &= !(1u64 << (s - 1));
         }
+        SignalBlock::mask(set)
+    }
+
+    fn mask(set: u64) -> SignalBlock {
         let mut old = [0u64; 1];
         // SAFETY: rt_sigprocmask with 8-byte sets (the kernel's sigset size).
         unsafe {

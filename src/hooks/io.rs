@@ -37,7 +37,12 @@ fn written_at(fd: c_int, at: At, n: usize) -> Option<u64> {
 }
 
 /// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
-fn patch_from_shadow(data_fd: i32, iov: &[iovec], mut n: usize, mut off: u64) {
+fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: u64) {
+    if f.shadow.is_lazy() {
+        return patch_from_lazy_shadow(f, data_fd, iov, n, off);
+    }
+    let mut n = n;
+    let mut off = off;
     for v in iov {
         if n == 0 {
             break;
@@ -53,6 +58,70 @@ fn patch_from_shadow(data_fd: i32, iov: &[iovec], mut n: usize, mut off: u64) {
     }
 }
 
+/// A lazy shadow holds only some pages; elsewhere the kernel's bytes (the
+/// backing's) are right. The pages are read under the fill lock into our
+/// own buffer: the caller's buffer may itself be a lazy mapping whose
+/// faults need that lock.
+fn patch_from_lazy_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: u64) {
+    let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
+    {
+        let _fill = f.shadow.fill_lock();
+        let end = off + n as u64;
+        for (a, b) in
+            crate::shadow::data_segments(data_fd, sys::page_down(off as usize) as u64, end).iter()
+        {
+            let (a, b) = (a.max(off), b.min(end));
+            if a >= b {
+                continue;
+            }
+            let mut buf = vec![0u8; (b - a) as usize];
+            match sys::pread_full(data_fd, &mut buf, a) {
+                Ok(k) => buf.truncate(k),
+                Err(_) => return,
+            }
+            parts.push((a, buf));
+        }
+    }
+    for (a, bytes) in parts {
+        iov_put(iov, (a - off) as usize, &bytes);
+    }
+}
+
+/// Copies `bytes` into the buffers of `iov` at logical position `pos`.
+fn iov_put(iov: &[iovec], mut pos: usize, mut bytes: &[u8]) {
+    for v in iov {
+        if bytes.is_empty() {
+            break;
+        }
+        if pos >= v.iov_len {
+            pos -= v.iov_len;
+            continue;
+        }
+        let k = (v.iov_len - pos).min(bytes.len());
+        // SAFETY: within the caller's buffer, which the kernel just filled.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), (v.iov_base as *mut u8).add(pos), k)
+        };
+        bytes = &bytes[k..];
+        pos = 0;
+    }
+}
+
+/// The first `n` bytes of the buffers of `iov`, gathered.
+fn iov_gather(iov: &[iovec], mut n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    for v in iov {
+        if n == 0 {
+            break;
+        }
+        let len = v.iov_len.min(n);
+        // SAFETY: the caller's buffer, which the kernel just read.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, len) });
+        n -= len;
+    }
+    out
+}
+
 /// Copies the `n` bytes the kernel just wrote at `off` into the shadow.
 /// Runs under the io lock, like every writeback's copy: shadow and backing
 /// agree on these bytes afterwards, so nothing is left to write back.
@@ -63,6 +132,12 @@ fn copy_to_shadow(
     mut n: usize,
     mut off: u64,
 ) -> Result<(), Errno> {
+    if f.shadow.is_lazy() {
+        // Gathered before the fill lock: the buffer may be a lazy mapping.
+        store_in_lazy_shadow(f, data_fd, &iov_gather(iov, n), off)?;
+        f.shadow.record_backing(f.backing_fd);
+        return Ok(());
+    }
     for v in iov {
         if n == 0 {
             break;
@@ -75,6 +150,43 @@ fn copy_to_shadow(
         off += len as u64;
     }
     f.shadow.record_backing(f.backing_fd);
+    Ok(())
+}
+
+/// Puts bytes the backing already holds at `off` into a lazy shadow: pages
+/// it does not hold are the backing's anyway, so only held pages take them.
+/// Where some process maps the data without handling missing pages
+/// (`no_evict`), every page must be held: holes are filled first.
+fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> Result<(), Errno> {
+    let end = off + bytes.len() as u64;
+    let backing_size = sys::fstat(f.backing_fd)?.st_size as u64;
+    let fill_holes = f.shadow.no_evict();
+    if fill_holes {
+        let mut buf = vec![0u8; crate::lazy::CHUNK as usize];
+        let mut a = sys::page_down(off as usize) as u64;
+        while a < end {
+            let b = (a + crate::lazy::CHUNK).min(sys::page_up(end as usize) as u64);
+            crate::lazy::fill(f, a, b, &mut buf)?;
+            a = b;
+        }
+    }
+    let _fill = f.shadow.fill_lock();
+    if sys::fstat(data_fd)?.st_size as u64 != backing_size {
+        sys::ftruncate(data_fd, backing_size)?; // grown: holes are the backing's
+    }
+    let held = if fill_holes {
+        let mut all = crate::ranges::RangeSet::new();
+        all.insert(off, end);
+        all
+    } else {
+        crate::shadow::data_segments(data_fd, sys::page_down(off as usize) as u64, end)
+    };
+    for (a, b) in held.iter() {
+        let (a, b) = (a.max(off), b.min(end));
+        if a < b {
+            sys::pwrite_all(data_fd, &bytes[(a - off) as usize..(b - off) as usize], a)?;
+        }
+    }
     Ok(())
 }
 
@@ -103,7 +215,7 @@ fn read_impl(
             At::Position => pos_before(fd, n as usize),
         };
         if let Some(off) = off {
-            patch_from_shadow(data_fd, iov, n as usize, off);
+            patch_from_shadow(&f, data_fd, iov, n as usize, off);
         }
     }
     Ok(n)
@@ -271,6 +383,7 @@ fn follow_size(f: &FileState) -> Result<(), Errno> {
         return Ok(());
     };
     let size = sys::fstat(f.backing_fd)?.st_size as u64;
+    let _fill = f.shadow.fill_lock();
     if sys::fstat(data_fd)?.st_size as u64 != size {
         sys::ftruncate(data_fd, size)?;
     }
@@ -362,6 +475,7 @@ const FALLOC_FL_INSERT_RANGE: c_int = 0x20;
 /// shadow takes the backing's bytes there.
 fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Result<(), Errno> {
     let mut buf = vec![0u8; 1 << 16];
+    let lazy = f.shadow.is_lazy();
     let mut off = from;
     while off < to {
         let want = ((to - off) as usize).min(buf.len());
@@ -369,7 +483,11 @@ fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Resu
         if n == 0 {
             break;
         }
-        sys::pwrite_all(data_fd, &buf[..n], off)?;
+        if lazy {
+            store_in_lazy_shadow(f, data_fd, &buf[..n], off)?;
+        } else {
+            sys::pwrite_all(data_fd, &buf[..n], off)?;
+        }
         off += n as u64;
     }
     Ok(())

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 /// Our own per-mapping DAX opt-in (`include/daxshim.h`).
 pub const MAP_DAX: c_int = 0x0100_0000;
 const MAP_TYPE: c_int = 0x0f;
+const MADV_POPULATE_READ: c_int = 22;
 
 fn no_shadow_maps() -> bool {
     SHADOW_MAPS.load(Ordering::Relaxed) == 0
@@ -115,7 +116,8 @@ fn mmap_impl(
     }
     // Unaware caller: the shadow's data must exist (the first mapping of
     // the file creates it).
-    let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd) {
+    let lazy_capable = crate::lazy::capable();
+    let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd, lazy_capable) {
         Ok(d) => d,
         Err(e) => {
             warn!("{}: {e}; mapping the file directly", file.path);
@@ -135,7 +137,21 @@ fn mmap_impl(
     } else {
         libc::MAP_PRIVATE
     };
-    let sflags = (flags & !(MAP_TYPE | libc::MAP_SYNC | libc::MAP_FIXED_NOREPLACE))
+    // A lazy data file has holes that only the fault thread may fill: the
+    // mapping must not fault anything in before it is registered.
+    let mut lazy = lazy_capable && file.shadow.is_lazy();
+    if lazy {
+        if let Err(e) = crate::lazy::start() {
+            warn!("{}: {e}; filling its shadow now", file.path);
+            lazy = false;
+        }
+    }
+    let strip = if lazy {
+        libc::MAP_POPULATE | libc::MAP_LOCKED
+    } else {
+        0
+    };
+    let sflags = (flags & !(MAP_TYPE | libc::MAP_SYNC | libc::MAP_FIXED_NOREPLACE | strip))
         | stype
         | libc::MAP_FIXED;
     let maplen = sys::page_up(len);
@@ -154,12 +170,34 @@ fn mmap_impl(
         return Ok(p);
     }
     let mut tracked = false;
+    if lazy {
+        match track::uffd::register_lazy(p as usize, maplen) {
+            Ok(()) => tracked = shared && writable_fd,
+            Err(e) => {
+                warn!(
+                    "{}: cannot watch a lazy mapping ({e}); filling its shadow now",
+                    file.path
+                );
+                lazy = false;
+                if let Err(e) = file.shadow.ensure_data(file.backing_fd, false) {
+                    // Unregistered holes would read as zeros: the file's
+                    // own mapping is the only safe answer now.
+                    warn!("{}: {e}; mapping the file directly", file.path);
+                    add(&STATS.fallbacks_direct, 1);
+                    add(&STATS.mappings_direct, 1);
+                    let fixed_flags = (flags & !libc::MAP_FIXED_NOREPLACE) | libc::MAP_FIXED;
+                    return real_mmap(p, len, prot, fixed_flags, fd, off);
+                }
+            }
+        }
+    }
     if shared {
         // Huge pages would make one written byte look like 512 dirty pages.
         let _ = sys::madvise(p as usize, maplen, libc::MADV_NOHUGEPAGE);
         if writable_fd {
             file.shadow.mark_writer();
-            if track::tracker().is_exact() {
+            // A lazy mapping is tracked by its registration above.
+            if !lazy && track::tracker().is_exact() {
                 match track::tracker().track(p as usize, maplen) {
                     Ok(()) => tracked = true,
                     Err(e) => {
@@ -189,13 +227,21 @@ fn mmap_impl(
                 off: off as u64,
                 shared,
                 tracked,
+                lazy,
+                prot,
             },
         );
         drop(reg);
         drop(released);
     }
     if flags & libc::MAP_POPULATE != 0 {
-        let _ = sys::madvise(p as usize, maplen, libc::MADV_WILLNEED);
+        // Lazy: populate through the fault thread.
+        let advice = if lazy {
+            MADV_POPULATE_READ
+        } else {
+            libc::MADV_WILLNEED
+        };
+        let _ = sys::madvise(p as usize, maplen, advice);
     }
     add(&STATS.mappings_shadowed, 1);
     debug!(
@@ -317,13 +363,15 @@ fn mremap_impl(
                 m.off + (o - m.start) as u64,
                 m.shared,
                 m.tracked,
+                m.lazy,
+                m.prot,
             )
         });
     let p = real()?;
     let n = p as usize;
     let new_span = sys::page_up(new_len);
     let mut released = Vec::new();
-    if let Some((file, off, shared, tracked)) = &src {
+    if let Some((file, off, shared, tracked, lazy, prot)) = &src {
         // Hold a reference across the move so the file stays attached.
         file.inner.lock().map_refs += 1;
         SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
@@ -340,7 +388,23 @@ fn mremap_impl(
             ));
         }
         let mut tracked = *tracked;
-        if tracked {
+        let mut lazy = *lazy;
+        if lazy && n != o {
+            // A moved range lost its registration (one grown in place keeps
+            // it; lazy ranges are never armed ahead).
+            if let Err(e) = track::uffd::register_lazy(n, new_span) {
+                warn!(
+                    "{}: cannot watch a moved lazy mapping ({e}); filling its shadow",
+                    file.path
+                );
+                lazy = false;
+                if let Err(e) = file.shadow.ensure_data(file.backing_fd, false) {
+                    error!("{}: {e}", file.path);
+                }
+            }
+        }
+        if lazy {
+        } else if tracked {
             let r = if n != o {
                 track::tracker().track(n, new_span)
             } else if new_span > old_span {
@@ -366,6 +430,8 @@ fn mremap_impl(
                 off: *off,
                 shared: *shared,
                 tracked,
+                lazy,
+                prot: *prot,
             },
         );
     } else {
@@ -408,15 +474,61 @@ fn drops_ptes(advice: c_int) -> bool {
 /// C ABI, contract of madvise(2).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
-    if drops_ptes(advice) && !no_shadow_maps() {
-        if let Some(_g) = enter() {
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+    let real = || unsafe { real::madvise(addr, len, advice) };
+    if !drops_ptes(advice) || no_shadow_maps() {
+        return real();
+    }
+    match enter() {
+        None => real(),
+        Some(g) => {
             harvest_before_replace(addr as usize, len);
             if advice == libc::MADV_REMOVE {
-                // The shadow's bytes become zeros: write those back too.
-                state::mark_range_pending(&REG.lock(), addr as usize, sys::page_up(len));
+                g.ret(remove_impl(addr as usize, len, real))
+            } else {
+                real()
             }
         }
     }
-    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    unsafe { real::madvise(addr, len, advice) }
+}
+
+/// MADV_REMOVE frees the range in the file itself, as the kernel does for
+/// a shared file mapping: the shadow's pages and the backing's blocks.
+fn remove_impl(addr: usize, len: usize, real: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+    let end = addr.saturating_add(sys::page_up(len));
+    let targets: Vec<(std::sync::Arc<state::FileState>, u64, u64)> = {
+        let reg = REG.lock();
+        reg.maps
+            .range(..end)
+            .rev()
+            .map(|(_, m)| m)
+            .take_while(|m| m.start + m.len > addr)
+            .filter(|m| m.shared && m.start < end)
+            .map(|m| {
+                let a = addr.max(m.start);
+                let b = end.min(m.start + m.len);
+                (m.file.clone(), m.off + (a - m.start) as u64, (b - a) as u64)
+            })
+            .collect()
+    };
+    let guards: Vec<_> = targets
+        .iter()
+        .map(|(f, _, _)| (f.shadow.io_lock(), f.shadow.fill_lock()))
+        .collect();
+    let r = super::check_int(real())?;
+    for (f, off, n) in &targets {
+        let punched = sys::fallocate(
+            f.backing_fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            *off,
+            *n,
+        );
+        if let Err(e) = punched {
+            // The shadow reads zeros there now; the backing must too.
+            warn!("{}: cannot punch the backing ({e}); writing zeros", f.path);
+            f.inner.lock().pending.insert(*off, off + n);
+        }
+    }
+    drop(guards);
+    Ok(r)
 }

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 pub const SLOTS: usize = 128;
 pub const META_SIZE: usize = 4096;
 
@@ -55,6 +55,17 @@ pub struct Header {
     /// `daxshim status`/`sync`/`gc`; may be stale after a rename).
     pub path_len: AtomicU32,
     pub path: [u8; PATH_MAX_STORED],
+    /// 1: the data file is filled lazily, on first access (userfaultfd): a
+    /// hole in it means "the backing's bytes", not zeros.
+    pub lazy: AtomicU32,
+    /// 1: some process maps the data without handling missing pages, so no
+    /// page may be punched out of it again (eviction is off).
+    pub no_evict: AtomicU32,
+    /// Serialises filling holes of a lazy data file, evicting pages from it
+    /// and every reading of it through a mapping no userfaultfd watches (the
+    /// writeback's view): such a read of a hole would create a page of
+    /// zeros. Never held while touching memory of a watched mapping.
+    pub fill_lock: libc::pthread_mutex_t,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;
@@ -110,12 +121,12 @@ impl Header {
         )
     }
 
-    /// Initialises the process-shared robust io lock in place.
+    /// Initialises the process-shared robust io and fill locks in place.
     ///
     /// # Safety
     /// Nobody else may use the lock during initialisation (attach lock held
     /// on a header whose magic is not yet valid).
-    pub unsafe fn init_io_lock(&mut self) {
+    pub unsafe fn init_locks(&mut self) {
         // SAFETY: standard attr + init on memory we own exclusively.
         unsafe {
             let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
@@ -123,6 +134,7 @@ impl Header {
             libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
             libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
             libc::pthread_mutex_init(&mut self.io_lock, &attr);
+            libc::pthread_mutex_init(&mut self.fill_lock, &attr);
             libc::pthread_mutexattr_destroy(&mut attr);
         }
     }

@@ -13,7 +13,8 @@
 pub mod header;
 
 use crate::persist::{self, FlushKind};
-use crate::sys::{self, Errno, SysResult};
+use crate::ranges::RangeSet;
+use crate::sys::{self, Errno, SysResult, PAGE};
 use header::*;
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
@@ -173,6 +174,59 @@ fn fill_from_backing(data_fd: i32, backing_fd: i32, size: u64) -> SysResult<()> 
     Ok(())
 }
 
+/// The page-aligned data segments of `fd` within `[lo, hi)` (SEEK_DATA /
+/// SEEK_HOLE; the whole range where the file system cannot tell).
+pub fn data_segments(fd: i32, lo: u64, hi: u64) -> RangeSet {
+    let mut out = RangeSet::new();
+    let size = sys::fstat(fd).map(|st| st.st_size as u64).unwrap_or(hi);
+    let hi = hi.min(size);
+    let mut off = lo;
+    while off < hi {
+        let start = match sys::lseek(fd, off as i64, libc::SEEK_DATA) {
+            Ok(s) => s as u64,
+            Err(Errno(libc::ENXIO)) => break,
+            Err(_) => {
+                out.insert(off, hi);
+                break;
+            }
+        };
+        if start >= hi {
+            break;
+        }
+        let end = sys::lseek(fd, start as i64, libc::SEEK_HOLE)
+            .map(|e| e as u64)
+            .unwrap_or(hi)
+            .min(hi);
+        out.insert(
+            start - start % PAGE as u64,
+            end.div_ceil(PAGE as u64) * PAGE as u64,
+        );
+        off = end.max(start + 1);
+    }
+    out
+}
+
+/// Fills every hole of a lazy data file from the backing (for a process
+/// that maps it without handling missing pages). Holds the fill lock.
+fn fill_holes(data_fd: i32, backing_fd: i32) -> SysResult<()> {
+    let size = sys::fstat(data_fd)?.st_size as u64;
+    let mut off = 0u64;
+    while off < size {
+        let hole = sys::lseek(data_fd, off as i64, libc::SEEK_HOLE)? as u64;
+        if hole >= size {
+            break;
+        }
+        let data = match sys::lseek(data_fd, hole as i64, libc::SEEK_DATA) {
+            Ok(d) => d as u64,
+            Err(Errno(libc::ENXIO)) => size,
+            Err(e) => return Err(e),
+        };
+        copy_from_backing(data_fd, backing_fd, hole, data)?;
+        off = data;
+    }
+    Ok(())
+}
+
 /// Maps `len` bytes of `fd` shared; `len` 0 gives a null pointer.
 fn map_shared(fd: i32, len: usize, prot: i32) -> SysResult<usize> {
     if len == 0 {
@@ -201,8 +255,9 @@ pub fn reconcile(data_fd: i32, backing_fd: i32, emulated: bool, flush: FlushKind
             return Err(e);
         }
     };
-    let mut all = crate::ranges::RangeSet::new();
-    all.insert(0, size as u64);
+    // Only pages the data file holds: a hole is either not filled yet (lazy:
+    // the backing's bytes) or zeros in the backing too.
+    let all = data_segments(data_fd, 0, size as u64);
     let r = persist::write_back(s, b, size as u64, &all, flush, emulated);
     // SAFETY: our mappings.
     unsafe {
@@ -318,7 +373,9 @@ fn init_header(base: &str, hdr: &mut Header, id: FileId, backing_fd: i32) {
     hdr.data_valid.store(0, Ordering::Relaxed);
     clear_slots(hdr);
     // SAFETY: the header is invalid (magic 0) and we hold the attach lock.
-    unsafe { hdr.init_io_lock() };
+    unsafe { hdr.init_locks() };
+    hdr.lazy.store(0, Ordering::Relaxed);
+    hdr.no_evict.store(0, Ordering::Relaxed);
     if let Ok(st) = backing_state(backing_fd) {
         hdr.record(st.0, st.1, st.2);
     }
@@ -408,6 +465,8 @@ fn prepare(
             let _ = sys::unlink(&cstr(base));
         }
         hdr.data_valid.store(0, Ordering::Release);
+        hdr.lazy.store(0, Ordering::Relaxed);
+        hdr.no_evict.store(0, Ordering::Relaxed);
         Ok(())
     } else if dead_writer || holder_died {
         open_owned(base, false).and_then(|data_fd| {
@@ -446,16 +505,34 @@ fn open_ro(base: &str, data_fd: i32) -> Result<i32, String> {
         .map_err(|e| err("cannot reopen read-only", base, e))
 }
 
-/// Holds the shadow's io lock.
-pub struct IoGuard<'a> {
-    shadow: &'a Shadow,
+/// Holds one of the shadow's robust locks (io or fill).
+pub struct HeaderLockGuard {
+    m: *mut libc::pthread_mutex_t,
 }
 
-impl Drop for IoGuard<'_> {
+impl Drop for HeaderLockGuard {
     fn drop(&mut self) {
-        // SAFETY: we hold the mutex (see `Shadow::io_lock`).
-        unsafe { libc::pthread_mutex_unlock(&mut (*self.shadow.header).io_lock) };
+        // SAFETY: we hold the mutex (see `lock_robust`), whose header stays
+        // mapped while the Shadow lives, which outlives the guard's users.
+        unsafe { libc::pthread_mutex_unlock(self.m) };
     }
+}
+
+pub type IoGuard = HeaderLockGuard;
+
+/// Locks a robust process-shared mutex of the header; a holder that died
+/// leaves it consistent-able (its work is re-checked by the callers).
+///
+/// # Safety
+/// `m` points into the mapped header of a live Shadow.
+unsafe fn lock_robust(m: *mut libc::pthread_mutex_t) -> HeaderLockGuard {
+    // SAFETY: per the function contract.
+    unsafe {
+        if libc::pthread_mutex_lock(m) == libc::EOWNERDEAD {
+            libc::pthread_mutex_consistent(m);
+        }
+    }
+    HeaderLockGuard { m }
 }
 
 impl Shadow {
@@ -472,15 +549,33 @@ impl Shadow {
         unsafe { &*self.header }
     }
 
-    pub fn io_lock(&self) -> IoGuard<'_> {
+    pub fn io_lock(&self) -> IoGuard {
         // SAFETY: robust process-shared mutex in the mapped header.
-        unsafe {
-            let m = &mut (*self.header).io_lock;
-            if libc::pthread_mutex_lock(m) == libc::EOWNERDEAD {
-                libc::pthread_mutex_consistent(m);
-            }
-        }
-        IoGuard { shadow: self }
+        unsafe { lock_robust(&raw mut (*self.header).io_lock) }
+    }
+
+    /// See [`Header::fill_lock`]. Taken after the io lock, never before.
+    pub fn fill_lock(&self) -> HeaderLockGuard {
+        // SAFETY: robust process-shared mutex in the mapped header.
+        unsafe { lock_robust(&raw mut (*self.header).fill_lock) }
+    }
+
+    /// Holes in the data file mean "the backing's bytes" (lazy filling).
+    pub fn is_lazy(&self) -> bool {
+        self.header().lazy.load(Ordering::Acquire) != 0
+    }
+
+    /// Some process maps the data without handling missing pages: holes
+    /// must be filled when created and nothing may be evicted.
+    pub fn no_evict(&self) -> bool {
+        self.header().no_evict.load(Ordering::Acquire) != 0
+    }
+
+    /// Only this process is attached (no other process can be storing to
+    /// the data behind our back). Dead slots count as attached.
+    pub fn alone(&self) -> bool {
+        let h = self.header();
+        (0..SLOTS).all(|i| i == self.slot() || h.slots[i].pid.load(Ordering::Relaxed) == 0)
     }
 
     /// Records the backing's size and mtime after the shim changed it. Call
@@ -564,19 +659,37 @@ impl Shadow {
     /// The data file, created from the backing if no process mapped the file
     /// yet. Creation holds the io lock, so no write(2) of any process runs
     /// between the copy and the moment the data becomes valid.
-    pub fn ensure_data(&self, backing_fd: i32) -> Result<(i32, i32), String> {
+    ///
+    /// `lazy`: the caller handles missing pages of its mappings (userfaultfd),
+    /// so a new data file starts as holes. Otherwise the copy is complete
+    /// before it returns, holes of a lazy data file included.
+    pub fn ensure_data(&self, backing_fd: i32, lazy: bool) -> Result<(i32, i32), String> {
+        let h = self.header();
         if let Some(d) = self.data() {
-            return Ok(d);
+            if lazy || h.no_evict.load(Ordering::Acquire) != 0 || !self.is_lazy() {
+                return Ok(d);
+            }
         }
         let _io = self.io_lock();
-        let h = self.header();
         if h.data_valid.load(Ordering::Acquire) != 0 {
-            return self.open_data();
+            let d = self.open_data()?;
+            if !lazy && self.is_lazy() && h.no_evict.load(Ordering::Acquire) == 0 {
+                let _fill = self.fill_lock();
+                fill_holes(d.0, backing_fd)
+                    .map_err(|e| err("cannot fill shadow", &self.base, e))?;
+                h.no_evict.store(1, Ordering::Release);
+            }
+            return Ok(d);
         }
         let _ = sys::unlink(&cstr(&self.base));
         let fd = open_owned(&self.base, true)?;
-        let filled = backing_state(backing_fd)
-            .and_then(|(size, _, _)| fill_from_backing(fd, backing_fd, size));
+        let filled = backing_state(backing_fd).and_then(|(size, _, _)| {
+            if lazy {
+                sys::ftruncate(fd, size)
+            } else {
+                fill_from_backing(fd, backing_fd, size)
+            }
+        });
         if let Err(e) = filled {
             sys::close(fd);
             let _ = sys::unlink(&cstr(&self.base));
@@ -584,6 +697,8 @@ impl Shadow {
         }
         self.record_backing(backing_fd);
         sys::close(fd);
+        h.lazy.store(lazy as u32, Ordering::Release);
+        h.no_evict.store(!lazy as u32, Ordering::Release);
         h.data_valid.store(1, Ordering::Release);
         crate::stats::add(&crate::stats::STATS.shadows_created, 1);
         self.open_data()

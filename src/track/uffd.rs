@@ -9,14 +9,22 @@
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
 
 use crate::sys::{self, Errno, SysResult};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 const UFFD_USER_MODE_ONLY: i32 = 1;
 const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_API: u64 = 0xc018aa3f;
 const UFFDIO_REGISTER: u64 = 0xc020aa00;
+const UFFDIO_WAKE: u64 = 0x8010aa02;
+const UFFDIO_CONTINUE: u64 = 0xc020aa07;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 4;
+const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const PAGEMAP_SCAN: u64 = 0xc0606610;
 const PM_SCAN_WP_MATCHING: u64 = 1;
 const PM_SCAN_CHECK_WPASYNC: u64 = 2;
@@ -61,14 +69,46 @@ struct PageRegion {
     categories: u64,
 }
 
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
+/// `struct uffd_msg` (32 bytes) as a page-fault event lays it out.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    flags: u64,
+    address: u64,
+    ptid: u32,
+    pad: u32,
+}
+
 static UFFD: AtomicI32 = AtomicI32::new(-1);
 static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
+/// The uffd handles faults of the kernel's own accesses (not
+/// `UFFD_USER_MODE_ONLY`) and missing/minor faults on shmem: lazy filling
+/// is possible. A user-mode-only uffd would make a `read()` into a page not
+/// filled yet fail with EFAULT, which no program expects.
+static LAZY_OK: AtomicBool = AtomicBool::new(false);
 
-fn open_handles() -> SysResult<(i32, i32)> {
-    let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY)?;
+fn open_uffd(flags: i32, features: u64) -> SysResult<i32> {
+    let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK | flags)?;
     let mut api = UffdioApi {
         api: UFFD_API,
-        features: UFFD_FEATURE_WP_ASYNC,
+        features,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API takes a struct uffdio_api.
@@ -76,6 +116,22 @@ fn open_handles() -> SysResult<(i32, i32)> {
         sys::close(fd);
         return Err(e);
     }
+    Ok(fd)
+}
+
+fn open_handles() -> SysResult<(i32, i32)> {
+    let lazy_features =
+        UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM;
+    let fd = match open_uffd(0, lazy_features) {
+        Ok(fd) => {
+            LAZY_OK.store(true, Ordering::Relaxed);
+            fd
+        }
+        Err(_) => {
+            LAZY_OK.store(false, Ordering::Relaxed);
+            open_uffd(UFFD_USER_MODE_ONLY, UFFD_FEATURE_WP_ASYNC)?
+        }
+    };
     let pm = match sys::open(c"/proc/self/pagemap", libc::O_RDONLY | libc::O_CLOEXEC, 0) {
         Ok(pm) => pm,
         Err(e) => {
@@ -127,11 +183,11 @@ pub fn init() -> SysResult<()> {
     r
 }
 
-pub fn register_and_arm(addr: usize, len: usize) -> SysResult<()> {
+fn register(addr: usize, len: usize, mode: u64) -> SysResult<()> {
     let mut reg = UffdioRegister {
         start: addr as u64,
         len: len as u64,
-        mode: UFFDIO_REGISTER_MODE_WP,
+        mode,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register.
@@ -142,8 +198,112 @@ pub fn register_and_arm(addr: usize, len: usize) -> SysResult<()> {
             &mut reg as *mut _ as *mut _,
         )?
     };
+    Ok(())
+}
+
+pub fn register_and_arm(addr: usize, len: usize) -> SysResult<()> {
+    register(addr, len, UFFDIO_REGISTER_MODE_WP)?;
     // Arming reports unarmed pages as written: discard that first answer.
     harvest(addr, len, &mut |_, _| {})
+}
+
+/// Can this process fill shadows lazily?
+pub fn lazy_ok() -> bool {
+    LAZY_OK.load(Ordering::Relaxed) && UFFD.load(Ordering::Relaxed) >= 0
+}
+
+/// Registers a lazily filled shadow mapping: missing and minor faults go
+/// to the fault thread ([`crate::lazy`]), writes are tracked. Nothing is
+/// armed: pages are mapped write-protected as they are filled
+/// (`UFFDIO_CONTINUE_MODE_WP`), and only filled chunks are ever scanned.
+pub fn register_lazy(addr: usize, len: usize) -> SysResult<()> {
+    register(
+        addr,
+        len,
+        UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MINOR,
+    )
+}
+
+/// Maps the pages of `[addr, addr+len)` that the data file holds
+/// (write-protected, so the first store is tracked), skipping pages already
+/// mapped. Returns false if a page is missing from the file.
+pub fn map_filled(addr: usize, len: usize) -> bool {
+    let end = addr + len;
+    let mut cur = addr;
+    while cur < end {
+        let mut c = UffdioContinue {
+            range: UffdioRange {
+                start: cur as u64,
+                len: (end - cur) as u64,
+            },
+            mode: UFFDIO_CONTINUE_MODE_WP,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
+        let r = unsafe {
+            sys::ioctl(
+                UFFD.load(Ordering::Relaxed),
+                UFFDIO_CONTINUE,
+                &mut c as *mut _ as *mut _,
+            )
+        };
+        let done = if c.mapped > 0 { c.mapped as usize } else { 0 };
+        match r {
+            Ok(_) => return true,
+            // Already mapped (another fault got there first): skip the page.
+            Err(Errno(libc::EEXIST)) => cur += done + sys::PAGE,
+            Err(Errno(libc::EAGAIN)) => cur += done,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Wakes threads waiting on faults in `[addr, addr+len)`.
+pub fn wake(addr: usize, len: usize) {
+    let mut r = UffdioRange {
+        start: addr as u64,
+        len: len as u64,
+    };
+    // SAFETY: UFFDIO_WAKE takes a struct uffdio_range.
+    let _ = unsafe {
+        sys::ioctl(
+            UFFD.load(Ordering::Relaxed),
+            UFFDIO_WAKE,
+            &mut r as *mut _ as *mut _,
+        )
+    };
+}
+
+/// Waits for page-fault events and passes each faulting address to `f`.
+/// Returns on an error of the descriptor (closed after fork…).
+pub fn serve_faults(fd: i32, f: &mut dyn FnMut(usize)) -> SysResult<()> {
+    let mut msgs = [UffdMsg::default(); 16];
+    loop {
+        sys::poll_in(fd)?;
+        // SAFETY: the buffer is plain bytes of the right size.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                msgs.as_mut_ptr() as *mut u8,
+                std::mem::size_of_val(&msgs),
+            )
+        };
+        let n = match sys::read(fd, bytes) {
+            Ok(n) => n / std::mem::size_of::<UffdMsg>(),
+            Err(Errno(libc::EAGAIN)) | Err(Errno(libc::EINTR)) => continue,
+            Err(e) => return Err(e),
+        };
+        for m in &msgs[..n] {
+            if m.event == UFFD_EVENT_PAGEFAULT {
+                f(m.address as usize);
+            }
+        }
+    }
+}
+
+/// The current userfaultfd (for the fault thread).
+pub fn fd() -> i32 {
+    UFFD.load(Ordering::Relaxed)
 }
 
 /// Reports written page ranges in `[addr, addr+len)` and write-protects them.
