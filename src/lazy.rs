@@ -118,12 +118,19 @@ pub fn forget_thread_after_fork() {
     unsafe { START.force_unlock() };
 }
 
+/// The largest fill: sequential access doubles the window from one chunk
+/// up to this (like the kernel's readahead).
+const MAX_WINDOW: u64 = 32 * CHUNK;
+
 fn fault_thread(fd: i32) {
     // Signals are for the program's threads; hooks pass straight through.
     let _signals = sys::SignalBlock::all();
     let _inside = crate::hooks::enter_always();
     let mut buf = vec![0u8; CHUNK as usize];
-    let r = uffd::serve_faults(fd, &mut |addr| on_fault(addr, &mut buf));
+    let mut seq = Sequence::default();
+    let r = uffd::serve_faults(fd, &mut |addr, write| {
+        on_fault(addr, write, &mut seq, &mut buf)
+    });
     if let Err(e) = r {
         if SERVED_FD.load(Ordering::Acquire) == fd {
             error!("the fault thread stopped: {e}");
@@ -131,9 +138,17 @@ fn fault_thread(fd: i32) {
     }
 }
 
-/// Serves one fault at `addr` in a lazy mapping: fills the chunk's holes
-/// from the backing, maps its pages, wakes the faulting thread.
-fn on_fault(addr: usize, buf: &mut [u8]) {
+/// Where the last fill ended and how large it was (sequential detection).
+#[derive(Default)]
+struct Sequence {
+    next_va: usize,
+    window: u64,
+}
+
+/// Serves one fault at `addr` in a lazy mapping: fills the holes of a
+/// window of chunks from the backing, maps its pages, wakes the faulting
+/// thread.
+fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
     let page = sys::page_down(addr);
     add(&STATS.lazy_faults, 1);
     let hit = {
@@ -151,8 +166,14 @@ fn on_fault(addr: usize, buf: &mut [u8]) {
         return;
     };
     let fo = off + (page - start) as u64;
-    let c0 = (fo - fo % CHUNK).max(off);
-    let c1 = (fo - fo % CHUNK + CHUNK).min(off + len as u64);
+    let chunk0 = fo - fo % CHUNK;
+    let window = if chunk0 > 0 && start + (chunk0.max(off) - off) as usize == seq.next_va {
+        (seq.window * 2).min(MAX_WINDOW)
+    } else {
+        CHUNK
+    };
+    let c0 = chunk0.max(off);
+    let c1 = (chunk0 + window).min(off + len as u64);
     let filled = match fill(&file, c0, c1, buf) {
         Ok(n) => n,
         Err(e) => {
@@ -163,22 +184,37 @@ fn on_fault(addr: usize, buf: &mut [u8]) {
             0
         }
     };
-    file.lazy_chunks.lock().set(fo / CHUNK);
-    let va = start + (c0 - off) as usize;
-    if !uffd::map_filled(va, (c1 - c0) as usize) {
-        // A page could not be filled (I/O error): map what there is; the
-        // faulting thread retries and lands here again.
-        let _ = uffd::map_filled(page, PAGE);
+    {
+        let mut bits = file.lazy_chunks.lock();
+        for c in chunk0 / CHUNK..c1.div_ceil(CHUNK) {
+            bits.set(c);
+        }
     }
-    uffd::wake(page, PAGE);
+    let va = start + (c0 - off) as usize;
+    let n = (c1 - c0) as usize;
+    // A store faulted: its page counts as written at once instead of
+    // taking a second, write-protect fault; the rest of the window is
+    // write-protected so that tracking stays exact.
+    if write {
+        let _ = uffd::map_filled(page, PAGE, false);
+    }
+    // Pages that cannot be mapped (an I/O error left a hole) fault again.
+    let _ = uffd::map_filled(va, n, true);
+    uffd::wake(va, n);
+    seq.next_va = va + n;
+    seq.window = window;
     if filled > 0 {
-        account(&file, fo / CHUNK, filled);
+        let mut c = chunk0;
+        while c < c1 {
+            account(&file, c / CHUNK, CHUNK.min(c1 - c));
+            c += CHUNK;
+        }
     }
 }
 
 /// Fills the holes of the data file within `[c0, c1)` from the backing.
 /// Returns the bytes filled.
-pub fn fill(file: &FileState, c0: u64, c1: u64, buf: &mut [u8]) -> SysResult<u64> {
+pub fn fill(file: &FileState, c0: u64, c1: u64, zeros: &mut [u8]) -> SysResult<u64> {
     let Some((data_fd, _)) = file.shadow.data() else {
         return Err(Errno(libc::EIO));
     };
@@ -197,11 +233,18 @@ pub fn fill(file: &FileState, c0: u64, c1: u64, buf: &mut [u8]) -> SysResult<u64
             Err(Errno(libc::ENXIO)) => end,
             Err(e) => return Err(e),
         };
-        let n = (data - hole) as usize;
-        let got = sys::pread_full(file.backing_fd, &mut buf[..n], hole)?;
-        buf[got..n].fill(0); // past the backing's end
-        sys::pwrite_all(data_fd, &buf[..n], hole)?;
-        filled += n as u64;
+        // In the kernel, one copy: backing page cache to shmem.
+        let got = crate::shadow::copy_from_backing(data_fd, file.backing_fd, hole, data)?;
+        // Past the backing's end (it shrank behind the shim's back): zeros,
+        // so that the hole does not fault forever.
+        let mut z = hole + got;
+        zeros.fill(0);
+        while z < data {
+            let k = ((data - z) as usize).min(zeros.len());
+            sys::pwrite_all(data_fd, &zeros[..k], z)?;
+            z += k as u64;
+        }
+        filled += data - hole;
         off = data;
     }
     add(&STATS.lazy_filled_bytes, filled);

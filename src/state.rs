@@ -68,6 +68,8 @@ pub struct FileState {
     /// Chunks of lazy mappings this process may have pages of (see
     /// [`crate::lazy::ChunkBits`]).
     pub lazy_chunks: Lock<crate::lazy::ChunkBits>,
+    /// Written back and detached ([`FileState::finish`]).
+    finished: AtomicBool,
 }
 
 pub struct FileInner {
@@ -274,6 +276,7 @@ fn get_or_attach(
             map_refs: 0,
         }),
         lazy_chunks: Lock::new(Default::default()),
+        finished: AtomicBool::new(false),
     });
     REG.lock().files.push(f.clone());
     Ok(f)
@@ -610,9 +613,14 @@ impl FileState {
     }
 }
 
-impl Drop for FileState {
-    /// The last reference is gone: write back what is pending, detach.
-    fn drop(&mut self) {
+impl FileState {
+    /// Writes back what is pending and detaches from the shadow, once. The
+    /// header and descriptors stay until the FileState is dropped: at exit
+    /// the fault thread may still hold a reference and touch them.
+    fn finish(&self) {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let synced = {
             let full = (!track::tracker().is_exact() || self.untracked.load(Ordering::Relaxed))
                 && self.shadow.is_writer();
@@ -620,11 +628,21 @@ impl Drop for FileState {
                 .is_ok()
         };
         unmap_views(&mut self.inner.lock());
-        let bfd = self.backing_fd;
-        self.shadow
-            .detach(synced, bfd, &attach_options(self.emulated, &self.path));
-        sys::close(bfd);
+        self.shadow.detach(
+            synced,
+            self.backing_fd,
+            &attach_options(self.emulated, &self.path),
+        );
         debug!("detached {}", self.path);
+    }
+}
+
+impl Drop for FileState {
+    /// The last reference is gone: write back what is pending, detach.
+    fn drop(&mut self) {
+        self.finish();
+        self.shadow.release();
+        sys::close(self.backing_fd);
     }
 }
 
@@ -805,7 +823,12 @@ pub fn shutdown() {
     };
     drop(maps);
     drop(fds);
-    drop(files); // the last references: each FileState writes back and detaches
+    // Usually the last references; the fault thread may hold one for a
+    // moment, so write back and detach explicitly.
+    for f in &files {
+        f.finish();
+    }
+    drop(files);
 }
 
 /// At exit, before the registry is emptied: lazy mappings still in place

@@ -139,8 +139,10 @@ fn backing_state(fd: i32) -> SysResult<(u64, i64, u64)> {
     Ok((st.st_size as u64, st.st_mtime, st.st_mtime_nsec as u64))
 }
 
-/// Copies `[start, end)` of the backing file into the data file.
-fn copy_from_backing(data_fd: i32, backing_fd: i32, start: u64, end: u64) -> SysResult<()> {
+/// Copies `[start, end)` of the backing file into the data file (up to
+/// the backing's end); returns the bytes copied. Uses the data descriptor's
+/// file position: callers hold the fill or io lock.
+pub fn copy_from_backing(data_fd: i32, backing_fd: i32, start: u64, end: u64) -> SysResult<u64> {
     let mut pos = start as i64;
     while (pos as u64) < end {
         // sendfile writes at the output's file position.
@@ -152,7 +154,7 @@ fn copy_from_backing(data_fd: i32, backing_fd: i32, start: u64, end: u64) -> Sys
         }
         pos += n as i64;
     }
-    Ok(())
+    Ok(pos as u64 - start)
 }
 
 /// Copies the backing file into a fresh data file, skipping holes.
@@ -751,10 +753,10 @@ impl Shadow {
             }
             unlock_attach(self.meta_fd());
         }
-        self.release();
     }
 
-    fn release(&self) {
+    /// Unmaps the header and closes the descriptors (after `detach`).
+    pub fn release(&self) {
         // SAFETY: our mapping of the header.
         let _ = unsafe { sys::munmap(self.header as *mut _, META_SIZE) };
         if let Some((fd, ro)) = self.data.get() {

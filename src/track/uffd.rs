@@ -23,8 +23,10 @@ const UFFDIO_CONTINUE: u64 = 0xc020aa07;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
 const UFFDIO_REGISTER_MODE_MINOR: u64 = 4;
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
 const PAGEMAP_SCAN: u64 = 0xc0606610;
 const PM_SCAN_WP_MATCHING: u64 = 1;
 const PM_SCAN_CHECK_WPASYNC: u64 = 2;
@@ -224,10 +226,13 @@ pub fn register_lazy(addr: usize, len: usize) -> SysResult<()> {
     )
 }
 
-/// Maps the pages of `[addr, addr+len)` that the data file holds
-/// (write-protected, so the first store is tracked), skipping pages already
-/// mapped. Returns false if a page is missing from the file.
-pub fn map_filled(addr: usize, len: usize) -> bool {
+/// Maps the pages of `[addr, addr+len)` that the data file holds, skipping
+/// pages already mapped. `protect`: write-protected, so that the first
+/// store is tracked; otherwise they count as written from the start (for a
+/// store that faulted them in: the next harvest reports and re-arms them).
+/// Returns false if a page is missing from the file. Wakes nobody: see
+/// [`wake`].
+pub fn map_filled(addr: usize, len: usize, protect: bool) -> bool {
     let end = addr + len;
     let mut cur = addr;
     while cur < end {
@@ -236,7 +241,10 @@ pub fn map_filled(addr: usize, len: usize) -> bool {
                 start: cur as u64,
                 len: (end - cur) as u64,
             },
-            mode: UFFDIO_CONTINUE_MODE_WP,
+            // Woken by the caller once the whole window is mapped: a thread
+            // that ran on early could harvest the window's unmapped pages,
+            // which count as written.
+            mode: UFFDIO_CONTINUE_MODE_DONTWAKE | if protect { UFFDIO_CONTINUE_MODE_WP } else { 0 },
             mapped: 0,
         };
         // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
@@ -275,9 +283,10 @@ pub fn wake(addr: usize, len: usize) {
     };
 }
 
-/// Waits for page-fault events and passes each faulting address to `f`.
-/// Returns on an error of the descriptor (closed after fork…).
-pub fn serve_faults(fd: i32, f: &mut dyn FnMut(usize)) -> SysResult<()> {
+/// Waits for page-fault events and passes each faulting address, and
+/// whether the access was a store, to `f`. Returns on an error of the
+/// descriptor (closed after fork…).
+pub fn serve_faults(fd: i32, f: &mut dyn FnMut(usize, bool)) -> SysResult<()> {
     let mut msgs = [UffdMsg::default(); 16];
     loop {
         sys::poll_in(fd)?;
@@ -295,7 +304,7 @@ pub fn serve_faults(fd: i32, f: &mut dyn FnMut(usize)) -> SysResult<()> {
         };
         for m in &msgs[..n] {
             if m.event == UFFD_EVENT_PAGEFAULT {
-                f(m.address as usize);
+                f(m.address as usize, m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0);
             }
         }
     }
