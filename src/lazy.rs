@@ -221,18 +221,17 @@ pub fn fill(file: &FileState, c0: u64, c1: u64, zeros: &mut [u8]) -> SysResult<u
     let _fill = file.shadow.fill_lock();
     let size = sys::fstat(data_fd)?.st_size as u64;
     let end = c1.min(size);
-    let mut off = c0;
+    if c0 >= end {
+        return Ok(0);
+    }
+    let held = present(file, data_fd, c0, end);
+    let mut holes = RangeSet::new();
+    holes.insert(c0, end);
+    for (a, b) in held.iter() {
+        holes.remove(a, b);
+    }
     let mut filled = 0;
-    while off < end {
-        let hole = sys::lseek(data_fd, off as i64, libc::SEEK_HOLE)? as u64;
-        if hole >= end {
-            break;
-        }
-        let data = match sys::lseek(data_fd, hole as i64, libc::SEEK_DATA) {
-            Ok(d) => (d as u64).min(end),
-            Err(Errno(libc::ENXIO)) => end,
-            Err(e) => return Err(e),
-        };
+    for (hole, data) in holes.iter() {
         // In the kernel, one copy: backing page cache to shmem.
         let got = crate::shadow::copy_from_backing(data_fd, file.backing_fd, hole, data)?;
         // Past the backing's end (it shrank behind the shim's back): zeros,
@@ -245,10 +244,83 @@ pub fn fill(file: &FileState, c0: u64, c1: u64, zeros: &mut [u8]) -> SysResult<u
             z += k as u64;
         }
         filled += data - hole;
-        off = data;
     }
     add(&STATS.lazy_filled_bytes, filled);
     Ok(filled)
+}
+
+/// The pages of `[a, b)` that the data file holds, as page-aligned ranges.
+/// Call under the fill lock. `mincore` on a `PROT_NONE` view answers for
+/// pages in memory in one call; a page it calls absent may be swapped out,
+/// which `SEEK_DATA` tells (one call per absent run). SEEK_HOLE alone would
+/// walk every page up to the next hole: the whole file when it is full.
+pub fn present(file: &FileState, data_fd: i32, a: u64, b: u64) -> RangeSet {
+    let mut out = RangeSet::new();
+    let Ok(st) = sys::fstat(data_fd) else {
+        return crate::shadow::data_segments(data_fd, a, b);
+    };
+    let size = st.st_size as u64;
+    let a = a - a % PAGE as u64;
+    let b = (sys::page_up(b.min(size) as usize)) as u64;
+    if a >= b {
+        return out;
+    }
+    let mut view = file.probe_view.lock();
+    let need = sys::page_up(size as usize);
+    if view.1 < need {
+        crate::state::unmap_view(&mut view);
+        // SAFETY: a fresh PROT_NONE mapping the kernel places; never read.
+        match unsafe {
+            sys::mmap(
+                std::ptr::null_mut(),
+                need,
+                libc::PROT_NONE,
+                libc::MAP_SHARED,
+                data_fd,
+                0,
+            )
+        } {
+            Ok(p) => *view = (p as usize, need),
+            Err(_) => return crate::shadow::data_segments(data_fd, a, b),
+        }
+    }
+    let mut vec = [0u8; 1024];
+    let mut p = a;
+    while p < b {
+        let pages = (((b - p) / PAGE as u64) as usize).min(vec.len());
+        if sys::mincore(view.0 + p as usize, pages * PAGE, &mut vec).is_err() {
+            out.extend(&crate::shadow::data_segments(data_fd, p, b));
+            return out;
+        }
+        let mut i = 0;
+        while i < pages {
+            let at = p + (i * PAGE) as u64;
+            if vec[i] & 1 != 0 {
+                out.insert(at, at + PAGE as u64);
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < pages && vec[j] & 1 == 0 {
+                j += 1;
+            }
+            let run_end = p + (j * PAGE) as u64;
+            let mut q = at;
+            while q < run_end {
+                match sys::lseek(data_fd, q as i64, libc::SEEK_DATA) {
+                    Ok(d) if (d as u64) < run_end => {
+                        let d = d as u64 - d as u64 % PAGE as u64;
+                        out.insert(d, d + PAGE as u64);
+                        q = d + PAGE as u64;
+                    }
+                    _ => break,
+                }
+            }
+            i = j;
+        }
+        p += (pages * PAGE) as u64;
+    }
+    out
 }
 
 struct Filled {
@@ -352,7 +424,7 @@ fn compare_and_punch(file: &FileState, data_fd: i32, chunk: u64) -> SysResult<bo
     let c1 = c0 + CHUNK;
     let size = sys::fstat(data_fd)?.st_size as u64;
     let end = c1.min(size);
-    let present = crate::shadow::data_segments(data_fd, c0, end);
+    let present = present(file, data_fd, c0, end);
     let mut shadow = vec![0u8; PAGE];
     let mut backing = vec![0u8; PAGE];
     let mut left = false;

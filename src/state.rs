@@ -70,6 +70,9 @@ pub struct FileState {
     pub lazy_chunks: Lock<crate::lazy::ChunkBits>,
     /// Written back and detached ([`FileState::finish`]).
     finished: AtomicBool,
+    /// A `PROT_NONE` mapping of the data file, for `mincore` (which pages
+    /// a lazy data file holds). Used under the fill lock only.
+    pub probe_view: Lock<(usize, usize)>,
 }
 
 pub struct FileInner {
@@ -277,6 +280,7 @@ fn get_or_attach(
         }),
         lazy_chunks: Lock::new(Default::default()),
         finished: AtomicBool::new(false),
+        probe_view: Lock::new((0, 0)),
     });
     REG.lock().files.push(f.clone());
     Ok(f)
@@ -414,7 +418,7 @@ pub fn scan_inherited_fds() {
     }
 }
 
-fn unmap_view(v: &mut (usize, usize)) {
+pub fn unmap_view(v: &mut (usize, usize)) {
     if v.1 > 0 {
         // SAFETY: a view mapping owned by this FileInner.
         let _ = unsafe { sys::munmap(v.0 as *mut _, v.1) };
@@ -549,7 +553,7 @@ impl FileState {
         if fill.is_some() {
             let mut present = RangeSet::new();
             for (a, b) in dirty.iter() {
-                present.extend(&shadow::data_segments(data_fd, a, b));
+                present.extend(&crate::lazy::present(self, data_fd, a, b));
             }
             dirty = present;
         }
@@ -641,6 +645,7 @@ impl Drop for FileState {
     /// The last reference is gone: write back what is pending, detach.
     fn drop(&mut self) {
         self.finish();
+        unmap_view(&mut self.probe_view.lock());
         self.shadow.release();
         sys::close(self.backing_fd);
     }

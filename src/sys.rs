@@ -282,6 +282,12 @@ pub fn userfaultfd(flags: i32) -> SysResult<i32> {
     sc!(libc::SYS_userfaultfd, flags).map(|n| n as i32)
 }
 
+/// Page-cache residency of `[addr, addr+len)` (one byte per page).
+pub fn mincore(addr: usize, len: usize, vec: &mut [u8]) -> SysResult<()> {
+    debug_assert!(vec.len() >= len.div_ceil(PAGE));
+    sc!(libc::SYS_mincore, addr, len, vec.as_mut_ptr()).map(|_| ())
+}
+
 pub fn fallocate(fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
     sc!(libc::SYS_fallocate, fd, mode, off, len).map(|_| ())
 }

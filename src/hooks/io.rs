@@ -67,9 +67,7 @@ fn patch_from_lazy_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, 
     {
         let _fill = f.shadow.fill_lock();
         let end = off + n as u64;
-        for (a, b) in
-            crate::shadow::data_segments(data_fd, sys::page_down(off as usize) as u64, end).iter()
-        {
+        for (a, b) in crate::lazy::present(f, data_fd, off, end).iter() {
             let (a, b) = (a.max(off), b.min(end));
             if a >= b {
                 continue;
@@ -179,7 +177,7 @@ fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> 
         all.insert(off, end);
         all
     } else {
-        crate::shadow::data_segments(data_fd, sys::page_down(off as usize) as u64, end)
+        crate::lazy::present(f, data_fd, off, end)
     };
     for (a, b) in held.iter() {
         let (a, b) = (a.max(off), b.min(end));
