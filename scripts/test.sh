@@ -3,7 +3,8 @@
 # library, the CLI and the SQLite harness, then runs:
 #   1. unit and integration tests (userfaultfd tracker where the kernel has it);
 #   2. the core, robustness, programs and SQLite suites again on the
-#      full-compare tracker (the oracle);
+#      full-compare tracker (the oracle), with emulated pmem written back by
+#      stores and cache flushes through the mapping, as real pmem is;
 #   3. the integration suite inside a QEMU guest on a real -o dax file system
 #      (scripts/test-dax.sh), when the VM can be started here (root, qemu).
 #      DAXSHIM_TEST_DAX=0 skips it, DAXSHIM_TEST_DAX=1 makes a VM that
@@ -19,8 +20,8 @@ status=0
 logged() { "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
 
 logged cargo test --release --workspace || status=1
-echo "== the same suites on the full-compare tracker (the correctness oracle)"
-DAXSHIM_TEST_TRACKER=compare logged cargo test --release --test core --test robust --test programs --test sqlite || status=1
+echo "== the same suites on the full-compare tracker (the correctness oracle), writeback by stores"
+DAXSHIM_TEST_TRACKER=compare DAXSHIM_TEST_WRITEBACK=stores logged cargo test --release --test core --test robust --test programs --test sqlite || status=1
 
 if [ "${DAXSHIM_TEST_DAX:-auto}" != 0 ]; then
   echo "== the integration suite on a real -o dax file system (QEMU guest)"

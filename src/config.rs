@@ -48,6 +48,9 @@ pub struct Config {
     pub stats: Option<String>,
     pub tracker: TrackerKind,
     pub flush: FlushChoice,
+    /// `DAXSHIM_WRITEBACK=stores`: emulated pmem too is written back with
+    /// stores and cache flushes through a mapping, as real pmem is.
+    pub writeback_stores: bool,
     /// Populate shadows on first access (userfaultfd) instead of copying
     /// the file when it is first mapped.
     pub lazy: bool,
@@ -87,6 +90,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "DAXSHIM_STATS",
     "DAXSHIM_TRACKER",
     "DAXSHIM_FLUSH",
+    "DAXSHIM_WRITEBACK",
     "DAXSHIM_LAZY",
     "DAXSHIM_CACHE_MAX",
     "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
@@ -183,6 +187,12 @@ pub fn parse(
         }
     };
 
+    let writeback_stores = match get("DAXSHIM_WRITEBACK").as_deref() {
+        None | Some("") | Some("auto") => false,
+        Some("stores") => true,
+        Some(v) => return Err(err("DAXSHIM_WRITEBACK", v, "auto or stores")),
+    };
+
     let lazy = match get("DAXSHIM_LAZY").as_deref() {
         None | Some("") | Some("auto") => true,
         Some("off") => false,
@@ -232,6 +242,7 @@ pub fn parse(
         stats,
         tracker,
         flush,
+        writeback_stores,
         lazy,
         cache_max,
         crash_after_lines,
@@ -358,6 +369,7 @@ mod tests {
             ("DAXSHIM_DEBUG_CRASH_AFTER_LINES", "-1"),
             ("DAXSHIM_DEBUG_FAIL_SYNCS", "x"),
             ("DAXSHIM_LAZY", "yes"),
+            ("DAXSHIM_WRITEBACK", "pwrite"),
             ("DAXSHIM_CACHE_MAX", "lots"),
             ("DAXSHIM_CACHE_MAX", "512X"),
             ("DAXSHIM_CACHE_MAX", "4096"),
@@ -393,7 +405,12 @@ mod tests {
         assert_eq!(c.cache_max, Some(512 << 20));
         assert!(!c.lazy);
         let d = parse_map(&[]).unwrap();
-        assert!(d.lazy && d.cache_max.is_none());
+        assert!(d.lazy && d.cache_max.is_none() && !d.writeback_stores);
+        assert!(
+            parse_map(&[("DAXSHIM_WRITEBACK", "stores")])
+                .unwrap()
+                .writeback_stores
+        );
     }
 
     #[test]

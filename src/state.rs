@@ -471,6 +471,15 @@ impl FileState {
         Ok(())
     }
 
+    /// Emulated pmem is written back with pwrite(2) into the backing (its
+    /// "media" is the kernel's page cache, which flush instructions do not
+    /// make durable, and stores into its mapping take a file system write
+    /// fault per page); real DAX with stores and flushes through the
+    /// mapping. `DAXSHIM_WRITEBACK=stores` uses the latter everywhere.
+    pub fn writeback_fd(&self) -> Option<i32> {
+        (self.emulated && !rt().cfg.writeback_stores).then_some(self.backing_fd)
+    }
+
     /// The shadow no longer agrees with the backing where it should (an
     /// update of the shadow failed). Writing it back could put stale bytes
     /// over newer ones, so every later sync of this file fails with EIO.
@@ -595,6 +604,7 @@ impl FileState {
                 &dirty,
                 rt().flush,
                 msync_touched && self.emulated,
+                self.writeback_fd(),
             )?;
             if full {
                 // Without a tracker, the pages found changed are the dirty ones.

@@ -13,6 +13,7 @@ pub struct Stats {
     pub lines_compared: AtomicU64,
     pub lines_written: AtomicU64,
     pub bytes_flushed: AtomicU64,
+    pub bytes_streamed: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_ns: AtomicU64,
     pub shadows_created: AtomicU64,
@@ -33,6 +34,7 @@ impl Stats {
             lines_compared: AtomicU64::new(0),
             lines_written: AtomicU64::new(0),
             bytes_flushed: AtomicU64::new(0),
+            bytes_streamed: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_ns: AtomicU64::new(0),
             shadows_created: AtomicU64::new(0),
@@ -68,13 +70,14 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 impl Stats {
     pub fn to_json(&self, tracker: &str, flush: &str) -> String {
-        let fields: [(&str, &AtomicU64); 14] = [
+        let fields: [(&str, &AtomicU64); 15] = [
             ("mappings_shadowed", &self.mappings_shadowed),
             ("mappings_direct", &self.mappings_direct),
             ("pages_dirtied", &self.pages_dirtied),
             ("lines_compared", &self.lines_compared),
             ("lines_written", &self.lines_written),
             ("bytes_flushed", &self.bytes_flushed),
+            ("bytes_streamed", &self.bytes_streamed),
             ("syncs", &self.syncs),
             ("sync_ns", &self.sync_ns),
             ("shadows_created", &self.shadows_created),

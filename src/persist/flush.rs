@@ -80,12 +80,49 @@ pub fn detect() -> CpuFlushFeatures {
 /// Flushes lines and fences; counts what it flushed.
 pub struct Flusher {
     pub kind: FlushKind,
+    /// Lines flushed with the flush instruction.
     pub lines: u64,
+    /// Lines written with non-temporal stores (need no flush).
+    pub streamed: u64,
 }
 
 impl Flusher {
     pub fn new(kind: FlushKind) -> Flusher {
-        Flusher { kind, lines: 0 }
+        Flusher {
+            kind,
+            lines: 0,
+            streamed: 0,
+        }
+    }
+
+    /// Non-temporal stores are used only where lines must reach the media
+    /// (a flush instruction was chosen) and the CPU has them (x86_64: SSE2).
+    pub fn can_stream(&self) -> bool {
+        cfg!(target_arch = "x86_64") && self.kind != FlushKind::None
+    }
+
+    /// Copies one 64-byte line with non-temporal stores.
+    ///
+    /// # Safety
+    /// `s` readable and `d` writable for 64 bytes, `d` 16-byte aligned.
+    #[inline]
+    pub unsafe fn stream_line(&mut self, s: *const u8, d: *mut u8) {
+        self.streamed += 1;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE2 is part of x86_64; alignment per the contract.
+        unsafe {
+            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+            for i in 0..4 {
+                let v = _mm_loadu_si128(s.add(16 * i) as *const __m128i);
+                _mm_stream_si128(d.add(16 * i) as *mut __m128i, v);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: per the contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(s, d, 64);
+            self.flush_line(d);
+        }
     }
 
     #[inline]

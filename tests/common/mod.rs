@@ -158,10 +158,15 @@ impl World {
             // The suite's own knobs are not the shim's.
             .env_remove("DAXSHIM_TEST_DAX_DIR")
             .env_remove("DAXSHIM_TEST_TRACKER")
+            .env_remove("DAXSHIM_TEST_WRITEBACK")
             .env_remove("DAXSHIM_CRASH_ITERS");
         // The whole suite can run on the full-compare oracle.
         if let Ok(t) = std::env::var("DAXSHIM_TEST_TRACKER") {
             c.env("DAXSHIM_TRACKER", t);
+        }
+        // …and with emulated pmem written back the way real pmem is.
+        if let Ok(t) = std::env::var("DAXSHIM_TEST_WRITEBACK") {
+            c.env("DAXSHIM_WRITEBACK", t);
         }
         for (k, v) in &self.extra_env {
             c.env(k, v);
