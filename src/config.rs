@@ -27,6 +27,8 @@ pub enum TrackerKind {
     /// userfaultfd write-protect where the kernel has it, else full compare.
     Auto,
     Uffd,
+    /// Write-protect clean pages, record the first store from SIGSEGV.
+    Mprotect,
     /// Compare every line of the file at each sync: the correctness oracle.
     Compare,
 }
@@ -169,8 +171,15 @@ pub fn parse(
     let tracker = match get("DAXSHIM_TRACKER").as_deref() {
         None | Some("") | Some("auto") => TrackerKind::Auto,
         Some("uffd") => TrackerKind::Uffd,
+        Some("mprotect") => TrackerKind::Mprotect,
         Some("compare") => TrackerKind::Compare,
-        Some(v) => return Err(err("DAXSHIM_TRACKER", v, "one of auto, uffd, compare")),
+        Some(v) => {
+            return Err(err(
+                "DAXSHIM_TRACKER",
+                v,
+                "one of auto, uffd, mprotect, compare",
+            ))
+        }
     };
 
     let flush = match get("DAXSHIM_FLUSH").as_deref() {
@@ -387,6 +396,12 @@ mod tests {
                 .unwrap()
                 .tracker,
             TrackerKind::Compare
+        );
+        assert_eq!(
+            parse_map(&[("DAXSHIM_TRACKER", "mprotect")])
+                .unwrap()
+                .tracker,
+            TrackerKind::Mprotect
         );
     }
 

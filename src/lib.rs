@@ -58,6 +58,7 @@ pub use hooks::io::{
     truncate64, write, writev,
 };
 pub use hooks::map::{madvise, mmap, mmap64, mremap, munmap};
+pub use hooks::signal::{mprotect, sigaction, signal};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
 
 use std::path::Path;
@@ -121,7 +122,7 @@ extern "C" fn daxshim_init() {
     let flush = persist::flush::select(cfg.flush, persist::flush::detect());
     let tracker = match track::select(cfg.tracker) {
         Ok(b) => b,
-        Err(e) => config_error(&format!("DAXSHIM_TRACKER=uffd: {e}")),
+        Err(e) => config_error(&format!("DAXSHIM_TRACKER: {e}")),
     };
     persist::FAIL_BUDGET.store(cfg.fail_syncs, Ordering::Relaxed);
     if let Some(n) = cfg.crash_after_lines {

@@ -67,6 +67,11 @@ real_fns! {
     fn mremap(old: *mut c_void, old_len: size_t, new_len: size_t, flags: c_int, new_addr: *mut c_void) -> *mut c_void
         => sc(SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void;
     fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> c_int => sc(SYS_msync, addr, len, flags) as c_int;
+    fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -> c_int => sc(SYS_mprotect, addr, len, prot) as c_int;
+    fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int
+        => { let _ = (sig, act, old); *__errno_location() = ENOSYS; -1 };
+    fn signal(sig: c_int, handler: sighandler_t) -> sighandler_t
+        => { let _ = (sig, handler); *__errno_location() = ENOSYS; SIG_ERR };
     fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int => sc(SYS_madvise, addr, len, advice) as c_int;
     fn fsync(fd: c_int) -> c_int => sc(SYS_fsync, fd) as c_int;
     fn fdatasync(fd: c_int) -> c_int => sc(SYS_fdatasync, fd) as c_int;

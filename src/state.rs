@@ -738,6 +738,7 @@ fn overlapping(reg: &Registry, addr: usize, end: usize) -> impl Iterator<Item = 
 /// reference went away.
 pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<FileState>> {
     let end = addr.saturating_add(len);
+    track::tracker().untrack(addr, len);
     let keys: Vec<usize> = overlapping(reg, addr, end).map(|m| m.start).collect();
     let mut released = Vec::new();
     for k in keys {

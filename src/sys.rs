@@ -268,6 +268,10 @@ pub fn msync(addr: usize, len: usize, flags: i32) -> SysResult<()> {
     sc!(libc::SYS_msync, addr, len, flags).map(|_| ())
 }
 
+pub fn mprotect(addr: usize, len: usize, prot: i32) -> SysResult<()> {
+    sc!(libc::SYS_mprotect, addr, len, prot).map(|_| ())
+}
+
 pub fn madvise(addr: usize, len: usize, advice: i32) -> SysResult<()> {
     sc!(libc::SYS_madvise, addr, len, advice).map(|_| ())
 }

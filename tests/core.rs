@@ -902,7 +902,7 @@ fn sync_writes_only_changed_cachelines_with(mode: &str) {
     assert_eq!(w.stat_sum("bytes_flushed"), flushed, "{mode}");
     assert_eq!(backing(&f)[70000], b'x');
     assert_eq!(backing(&f)[900000], b'z');
-    if w.tracker() == "uffd" {
+    if w.tracker() == "uffd" || w.tracker() == "mprotect" {
         // Exact tracking: two dirty pages, 64 lines each, were compared.
         assert_eq!(w.stat_sum("pages_dirtied"), 2);
         let compared = w.stat_sum("lines_compared");

@@ -280,6 +280,13 @@ macro_rules! io_hook {
         pub unsafe extern "C" fn $name($fd: c_int $(, $a: $t)*) -> ssize_t {
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let kernel = || unsafe { $kernel };
+            if stringify!($imp) == "read_impl" && crate::track::mprotect::active() {
+                // SAFETY: as below.
+                #[allow(unused_unsafe)]
+                for v in unsafe { $iov } {
+                    crate::track::mprotect::before_kernel_stores(v.iov_base as usize, v.iov_len);
+                }
+            }
             if !state::fd_maybe_pmem($fd) {
                 return kernel();
             }

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 pub const MAP_DAX: c_int = 0x0100_0000;
 const MAP_TYPE: c_int = 0x0f;
 const MADV_POPULATE_READ: c_int = 22;
+const MADV_POPULATE_WRITE: c_int = 23;
 
 fn no_shadow_maps() -> bool {
     SHADOW_MAPS.load(Ordering::Relaxed) == 0
@@ -169,6 +170,12 @@ fn mmap_impl(
         }
         return Ok(p);
     }
+    if fixed {
+        // What MAP_FIXED replaced is gone: forget it (and its tracking)
+        // before the new range is tracked.
+        let released = state::forget_range(&mut REG.lock(), p as usize, maplen);
+        drop(released);
+    }
     let mut tracked = false;
     if lazy {
         match track::uffd::register_lazy(p as usize, maplen) {
@@ -198,7 +205,7 @@ fn mmap_impl(
             file.shadow.mark_writer();
             // A lazy mapping is tracked by its registration above.
             if !lazy && track::tracker().is_exact() {
-                match track::tracker().track(p as usize, maplen) {
+                match track::tracker().track_with_prot(p as usize, maplen, prot) {
                     Ok(()) => tracked = true,
                     Err(e) => {
                         warn!(
@@ -213,11 +220,6 @@ fn mmap_impl(
     }
     {
         let mut reg = REG.lock();
-        let released = if fixed {
-            state::forget_range(&mut reg, p as usize, maplen)
-        } else {
-            Vec::new()
-        };
         state::add_mapping(
             &mut reg,
             Mapping {
@@ -231,8 +233,6 @@ fn mmap_impl(
                 prot,
             },
         );
-        drop(reg);
-        drop(released);
     }
     if flags & libc::MAP_POPULATE != 0 {
         // Lazy: populate through the fault thread.
@@ -405,8 +405,10 @@ fn mremap_impl(
         }
         if lazy {
         } else if tracked {
-            let r = if n != o {
-                track::tracker().track(n, new_span)
+            // The mprotect tracker's state for the old range went with it
+            // (forget_range): it tracks the whole new range afresh.
+            let r = if n != o || track::mprotect::active() {
+                track::tracker().track_with_prot(n, new_span, *prot)
             } else if new_span > old_span {
                 track::tracker().arm(o + old_span, new_span - old_span)
             } else {
@@ -476,6 +478,12 @@ fn drops_ptes(advice: c_int) -> bool {
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let real = || unsafe { real::madvise(addr, len, advice) };
+    if advice == MADV_POPULATE_WRITE && track::mprotect::active() {
+        // Write-protected clean pages would make the kernel refuse (EINVAL)
+        // what it grants on the program's own protection: open them, as a
+        // store would.
+        track::mprotect::before_kernel_stores(addr as usize, len);
+    }
     if !drops_ptes(advice) || no_shadow_maps() {
         return real();
     }

@@ -5,6 +5,7 @@
 pub mod fd;
 pub mod io;
 pub mod map;
+pub mod signal;
 pub mod sync;
 
 use crate::state::READY;

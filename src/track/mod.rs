@@ -4,9 +4,12 @@
 //!
 //! - [`uffd::UffdTracker`]: userfaultfd write-protect in async mode with
 //!   `PAGEMAP_SCAN` (exact, no signals, in-kernel);
+//! - [`mprotect::MprotectTracker`]: write-protection and SIGSEGV (kernels
+//!   without uffd write-protect in async mode);
 //! - [`CompareTracker`]: tracks nothing; every sync compares the whole file
-//!   (the correctness oracle, and the fallback where the kernel lacks uffd).
+//!   (the correctness oracle).
 
+pub mod mprotect;
 pub mod uffd;
 
 use crate::config::TrackerKind;
@@ -20,6 +23,12 @@ pub trait DirtyTracker: Sync {
     /// Starts tracking a fresh shadow mapping: nothing in it counts as
     /// written yet.
     fn track(&self, addr: usize, len: usize) -> SysResult<()>;
+    /// `track` for a mapping the program asked `prot` for.
+    fn track_with_prot(&self, addr: usize, len: usize, _prot: i32) -> SysResult<()> {
+        self.track(addr, len)
+    }
+    /// The range is gone (unmapped, moved or replaced).
+    fn untrack(&self, _addr: usize, _len: usize) {}
     /// Arms part of an already tracked range (a tail grown in place).
     fn arm(&self, addr: usize, len: usize) -> SysResult<()>;
     /// Reports every page range written since the last harvest (address,
@@ -54,41 +63,50 @@ impl DirtyTracker for CompareTracker {
 }
 
 static UFFD: uffd::UffdTracker = uffd::UffdTracker;
+static MPROTECT: mprotect::MprotectTracker = mprotect::MprotectTracker;
 static COMPARE: CompareTracker = CompareTracker;
 const USE_UFFD: u8 = 0;
-const USE_COMPARE: u8 = 1;
+const USE_MPROTECT: u8 = 1;
+const USE_COMPARE: u8 = 2;
 static CHOSEN: AtomicU8 = AtomicU8::new(USE_COMPARE);
 
 /// The tracker this process uses.
 pub fn tracker() -> &'static dyn DirtyTracker {
-    if CHOSEN.load(Ordering::Relaxed) == USE_UFFD {
-        &UFFD
-    } else {
-        &COMPARE
+    match CHOSEN.load(Ordering::Relaxed) {
+        USE_UFFD => &UFFD,
+        USE_MPROTECT => &MPROTECT,
+        _ => &COMPARE,
     }
 }
 
-/// Chooses the backend once at start-up. An explicit `uffd` the kernel
-/// refuses is an error; `auto` falls back to compare.
+/// Chooses the backend once at start-up. An explicit choice the kernel
+/// refuses is an error; `auto` falls back from uffd to mprotect to compare.
 pub fn select(kind: TrackerKind) -> Result<&'static dyn DirtyTracker, String> {
-    let use_uffd = match kind {
-        TrackerKind::Compare => false,
+    let chosen = match kind {
+        TrackerKind::Compare => USE_COMPARE,
         TrackerKind::Uffd => match uffd::init() {
-            Ok(()) => true,
+            Ok(()) => USE_UFFD,
             Err(e) => return Err(format!("userfaultfd tracking unavailable: {e}")),
         },
+        TrackerKind::Mprotect => match mprotect::init() {
+            Ok(()) => USE_MPROTECT,
+            Err(e) => return Err(format!("mprotect tracking unavailable: {e}")),
+        },
         TrackerKind::Auto => match uffd::init() {
-            Ok(()) => true,
+            Ok(()) => USE_UFFD,
             Err(e) => {
-                info!("userfaultfd tracking unavailable ({e}); comparing whole files at sync");
-                false
+                info!("userfaultfd tracking unavailable ({e}); write-protecting instead");
+                match mprotect::init() {
+                    Ok(()) => USE_MPROTECT,
+                    Err(e) => {
+                        info!("{e}; comparing whole files at sync");
+                        USE_COMPARE
+                    }
+                }
             }
         },
     };
-    CHOSEN.store(
-        if use_uffd { USE_UFFD } else { USE_COMPARE },
-        Ordering::Relaxed,
-    );
+    CHOSEN.store(chosen, Ordering::Relaxed);
     Ok(tracker())
 }
 
