@@ -308,8 +308,8 @@ fn run_case(case: &str, dir: &Path, lib: &Path, cfg: &str, quick: bool) -> Vec<(
             "shim-eager" => {
                 c.env("DAXSHIM_LAZY", "off");
             }
-            "shim-512M" => {
-                c.env("DAXSHIM_CACHE_MAX", "512M");
+            "shim-64M" => {
+                c.env("DAXSHIM_CACHE_MAX", "64M");
             }
             // Emulated pmem written back as real pmem is: stores (non-
             // temporal for long runs) and cache flushes through a mapping.
