@@ -209,7 +209,10 @@ fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
         let _ = uffd::map_filled(page, PAGE, false);
     }
     // Pages that cannot be mapped (an I/O error left a hole) fault again.
-    let _ = uffd::map_filled(va, n, !(write && sequential));
+    // A sequential window's part before the fault was mapped by the fill
+    // before: start at the fault (each mapped page costs an ioctl).
+    let from = if sequential { page } else { va };
+    let _ = uffd::map_filled(from, va + n - from, !(write && sequential));
     uffd::wake(va, n);
     seq.next_va = va + n;
     seq.window = window;
@@ -289,6 +292,7 @@ pub fn present(file: &FileState, data_fd: i32, a: u64, b: u64) -> RangeSet {
     let mut view = file.probe_view.lock();
     let need = sys::page_up(size as usize);
     if view.1 < need {
+        let need = need.next_power_of_two().max(1 << 20); // room to grow
         crate::state::unmap_view(&mut view);
         // SAFETY: a fresh PROT_NONE mapping the kernel places; never read.
         match unsafe {

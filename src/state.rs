@@ -444,6 +444,10 @@ fn ensure_view(
     let len = sys::page_up(len.max(1));
     if v.1 < len {
         unmap_view(v);
+        // Room to grow (address space only; nothing beyond the file's end
+        // is touched): a file that grows in small steps, as SQLite's does,
+        // is not remapped (and its pages refaulted) at every step.
+        let len = len.next_power_of_two().max(1 << 20);
         let map = |flags| {
             // SAFETY: a fresh mapping the kernel places.
             unsafe { sys::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
