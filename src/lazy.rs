@@ -279,15 +279,32 @@ fn swap_possible() -> bool {
 /// which `SEEK_DATA` tells (one call per absent run). SEEK_HOLE alone would
 /// walk every page up to the next hole: the whole file when it is full.
 pub fn present(file: &FileState, data_fd: i32, a: u64, b: u64) -> RangeSet {
-    let mut out = RangeSet::new();
+    let mut set = RangeSet::new();
+    set.insert(a, b);
+    present_in(file, data_fd, &set)
+}
+
+/// [`present`] for every range of `ranges` (one `fstat`).
+pub fn present_in(file: &FileState, data_fd: i32, ranges: &RangeSet) -> RangeSet {
     let Ok(st) = sys::fstat(data_fd) else {
-        return crate::shadow::data_segments(data_fd, a, b);
+        let mut out = RangeSet::new();
+        for (a, b) in ranges.iter() {
+            out.extend(&crate::shadow::data_segments(data_fd, a, b));
+        }
+        return out;
     };
-    let size = st.st_size as u64;
+    let mut out = RangeSet::new();
+    for (a, b) in ranges.iter() {
+        present_range(file, data_fd, st.st_size as u64, a, b, &mut out);
+    }
+    out
+}
+
+fn present_range(file: &FileState, data_fd: i32, size: u64, a: u64, b: u64, out: &mut RangeSet) {
     let a = a - a % PAGE as u64;
     let b = (sys::page_up(b.min(size) as usize)) as u64;
     if a >= b {
-        return out;
+        return;
     }
     let mut view = file.probe_view.lock();
     let need = sys::page_up(size as usize);
@@ -306,7 +323,10 @@ pub fn present(file: &FileState, data_fd: i32, a: u64, b: u64) -> RangeSet {
             )
         } {
             Ok(p) => *view = (p as usize, need),
-            Err(_) => return crate::shadow::data_segments(data_fd, a, b),
+            Err(_) => {
+                out.extend(&crate::shadow::data_segments(data_fd, a, b));
+                return;
+            }
         }
     }
     let mut vec = [0u8; 1024];
@@ -315,7 +335,7 @@ pub fn present(file: &FileState, data_fd: i32, a: u64, b: u64) -> RangeSet {
         let pages = (((b - p) / PAGE as u64) as usize).min(vec.len());
         if sys::mincore(view.0 + p as usize, pages * PAGE, &mut vec).is_err() {
             out.extend(&crate::shadow::data_segments(data_fd, p, b));
-            return out;
+            return;
         }
         let mut i = 0;
         while i < pages {
@@ -348,7 +368,6 @@ pub fn present(file: &FileState, data_fd: i32, a: u64, b: u64) -> RangeSet {
         }
         p += (pages * PAGE) as u64;
     }
-    out
 }
 
 struct Filled {

@@ -160,6 +160,7 @@ extern "C" fn daxshim_init() {
             Some(atfork_child),
         );
     }
+    hooks::signal::adopt_installed_handlers();
     state::READY.store(true, Ordering::Release);
     state::scan_inherited_fds();
 }

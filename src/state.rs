@@ -564,11 +564,7 @@ impl FileState {
         // pages it holds are read (a hole would read as a page of zeros).
         let fill = self.shadow.is_lazy().then(|| self.shadow.fill_lock());
         if fill.is_some() {
-            let mut present = RangeSet::new();
-            for (a, b) in dirty.iter() {
-                present.extend(&crate::lazy::present(self, data_fd, a, b));
-            }
-            dirty = present;
+            dirty = crate::lazy::present_in(self, data_fd, &dirty);
         }
         let r = (|| -> SysResult<()> {
             if persist::inject_failure() {

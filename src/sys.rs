@@ -355,35 +355,16 @@ pub fn page_up(x: usize) -> usize {
     (x + PAGE - 1) & !(PAGE - 1)
 }
 
-/// Blocks asynchronous signals while the shim changes shadow state, so that
-/// a handler's own file I/O (write(2) is async-signal-safe) runs after the
-/// section, through the shim, instead of inside it, where it would bypass
-/// the shadow. Synchronous faults (SIGSEGV, SIGBUS…) are never blocked.
+/// Blocks signals for a scope (a shim-owned thread; a short write that a
+/// signal handler on the same thread must not see half done).
 pub struct SignalBlock {
     old: [u64; 1],
 }
 
-#[allow(clippy::new_without_default)]
 impl SignalBlock {
     /// Blocks every signal (a shim-owned thread).
     pub fn all() -> SignalBlock {
         SignalBlock::mask(!0)
-    }
-
-    pub fn new() -> SignalBlock {
-        let mut set: u64 = !0;
-        for s in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGILL,
-            libc::SIGFPE,
-            libc::SIGTRAP,
-            libc::SIGABRT,
-            libc::SIGSYS,
-        ] {
-            set &= !(1u64 << (s - 1));
-        }
-        SignalBlock::mask(set)
     }
 
     fn mask(set: u64) -> SignalBlock {

@@ -108,18 +108,33 @@ static int sig_mode(const char *path, int sig, const char *how) {
 static int sw_fd;
 static volatile long handler_writes;
 
-static void on_alarm(int sig) {
-    (void)sig;
+static volatile long bad_infos;
+
+static void on_alarm(int sig, siginfo_t *info, void *ctx) {
+    (void)ctx;
+    /* Deferred or not, the handler gets its own signal's information. */
+    if (sig != SIGALRM || info == NULL || info->si_signo != SIGALRM) bad_infos++;
     char b[16];
     int n = snprintf(b, sizeof b, "H%07ld", handler_writes);
-    if (pwrite(sw_fd, b, n, 8192 + 16 * (handler_writes % 64)) == n) handler_writes++;
+    /* Into the page the main loop dirties (its stores stay below 3000): a
+       write that bypassed the shadow would be overwritten by the next
+       writeback of that page. */
+    if (pwrite(sw_fd, b, n, 3072 + 16 * (handler_writes % 64)) == n) handler_writes++;
 }
 
 static int sigwrite_mode(const char *path, int n) {
     sw_fd = open_rw(path);
     char *m = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, sw_fd, 0);
     if (m == MAP_FAILED) die("mmap");
-    signal(SIGALRM, on_alarm);
+    struct sigaction sa, back;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_alarm;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    if (sigaction(SIGALRM, &sa, NULL)) die("sigaction");
+    /* The program sees its own action, whatever the shim installed. */
+    if (sigaction(SIGALRM, NULL, &back) || back.sa_sigaction != on_alarm ||
+        !(back.sa_flags & SA_SIGINFO))
+        die("sigaction does not report the program's own action");
     struct itimerval it = {{0, 200}, {0, 200}};
     setitimer(ITIMER_REAL, &it, NULL);
     for (int i = 0; i < n; i++) {
@@ -130,6 +145,7 @@ static int sigwrite_mode(const char *path, int n) {
     }
     struct itimerval off = {{0, 0}, {0, 0}};
     setitimer(ITIMER_REAL, &off, NULL);
+    if (bad_infos) die("a handler got the wrong siginfo");
     printf("ok sigwrite %ld handler writes\n", handler_writes);
     return 0;
 }

@@ -26,7 +26,15 @@ pub struct Entered {
 impl Drop for Entered {
     fn drop(&mut self) {
         let _ = IN_SHIM.try_with(|c| c.set(false));
+        // Handlers of signals that arrived inside run now, outside.
+        signal::run_deferred();
     }
+}
+
+/// Is this thread inside the shim? (Read by signal trampolines.)
+#[inline]
+pub fn in_shim() -> bool {
+    IN_SHIM.try_with(|c| c.get()).unwrap_or(true)
 }
 
 /// Enters the shim unless this thread is already inside it or the shim is
@@ -39,28 +47,15 @@ pub fn enter() -> Option<Entered> {
     enter_always()
 }
 
-/// A section that changes shadow state: asynchronous signals are blocked
-/// from before the thread enters the shim until after it left, so a signal
-/// handler's own I/O never runs nested (and bypassing the shadow) inside it.
-pub struct Critical {
-    pub g: Entered,
-    _signals: sys::SignalBlock, // dropped after `g`
-}
+/// A section that changes shadow state. Handlers of asynchronous signals
+/// that arrive inside it are deferred until the thread leaves the shim
+/// (see [`signal`]), so that a handler's own I/O never runs nested inside
+/// it (bypassing the shadow, or waiting for a lock the thread holds).
+pub type Critical = Entered;
 
 #[inline]
 pub fn enter_critical() -> Option<Critical> {
-    if !READY.load(Ordering::Acquire) {
-        return None;
-    }
-    let sb = sys::SignalBlock::new();
-    enter_always().map(|g| Critical { g, _signals: sb })
-}
-
-impl std::ops::Deref for Critical {
-    type Target = Entered;
-    fn deref(&self) -> &Entered {
-        &self.g
-    }
+    enter()
 }
 
 /// Enters even before `READY` (the constructor itself).

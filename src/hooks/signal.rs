@@ -1,95 +1,179 @@
-//! sigaction/signal for SIGSEGV while the mprotect tracker runs: the shim's
-//! handler stays installed in the kernel; the program's action is kept here,
-//! reported back to it as if installed, and run for every fault that is not
-//! a tracked first store.
+//! Signals and the shim.
+//!
+//! 1. **Deferred handlers.** A handler that interrupts a thread inside the
+//!    shim must not run there: its own I/O would pass straight through
+//!    (bypassing the shadow), or deadlock on a lock the thread holds. The
+//!    shim installs a trampoline in the kernel in place of each handler the
+//!    program installs for an asynchronous signal; inside the shim the
+//!    trampoline only records the signal, and the thread runs the program's
+//!    handler when it leaves the shim ([`run_deferred`]). Outside the shim
+//!    the trampoline calls the handler at once. No system call on the hook
+//!    path (blocking signals around every hook cost two).
+//! 2. **SIGSEGV for the mprotect tracker**: its handler stays installed; the
+//!    program's action runs for every fault that is not a tracked store.
+//!
+//! The program sees its own actions through `sigaction`/`signal`.
 //!
 //! # Safety
-//! The trampoline runs in signal context: it reads an atomic pointer to an
-//! immutable action and uses only async-signal-safe calls.
+//! Trampolines run in signal context: they read the program's actions
+//! through a per-signal sequence lock (writers block signals while
+//! writing), use thread-local storage of the preloaded library (static TLS)
+//! and only async-signal-safe calls.
 
 use crate::real;
 use crate::sys::{self, Errno};
 use libc::{c_int, c_void, sighandler_t};
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
-/// The program's action for SIGSEGV (never freed: the trampoline may be
-/// reading an older one).
-static PROGRAM: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
-/// The tracker's test: true if the fault was a tracked first store.
-static OURS: AtomicUsize = AtomicUsize::new(0);
+const NSIG: usize = 65;
 
-fn leak(act: libc::sigaction) -> *mut libc::sigaction {
-    Box::into_raw(Box::new(act))
+/// The program's action for each signal, as it believes it installed it.
+struct Actions {
+    seq: [AtomicU32; NSIG],
+    /// Whether the program (or the kernel's state at start-up) set it.
+    known: [AtomicBool; NSIG],
+    acts: [UnsafeCell<libc::sigaction>; NSIG],
 }
+
+// SAFETY: `acts[i]` is written only by the holder of the odd `seq[i]`
+// (signals blocked), read by seqlock readers that retry on change.
+unsafe impl Sync for Actions {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const SEQ0: AtomicU32 = AtomicU32::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const NO: AtomicBool = AtomicBool::new(false);
+// SAFETY: all-zero is a valid sigaction (SIG_DFL, no flags, empty mask).
+#[allow(clippy::declare_interior_mutable_const)]
+const DFL: UnsafeCell<libc::sigaction> = UnsafeCell::new(unsafe { std::mem::zeroed() });
+
+static ACTIONS: Actions = Actions {
+    seq: [SEQ0; NSIG],
+    known: [NO; NSIG],
+    acts: [DFL; NSIG],
+};
 
 fn default_action() -> libc::sigaction {
     // SAFETY: all-zero is SIG_DFL with no flags and an empty mask.
     unsafe { std::mem::zeroed() }
 }
 
-/// Installs the shim's SIGSEGV handler; what was installed becomes the
-/// program's action.
-pub fn install_segv_handler(ours: fn(&libc::siginfo_t) -> bool) -> Result<(), String> {
-    OURS.store(ours as *const () as usize, Ordering::Release);
-    let mut act = default_action();
-    act.sa_sigaction = trampoline as *const () as usize;
-    act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER | libc::SA_RESTART;
-    let mut old = default_action();
-    // SAFETY: valid sigaction structs.
-    let r = unsafe { real::sigaction(libc::SIGSEGV, &act, &mut old) };
-    if r != 0 {
-        return Err(format!(
-            "cannot install the SIGSEGV handler: {}",
-            Errno(sys::get_errno())
-        ));
-    }
-    PROGRAM.store(leak(old), Ordering::Release);
-    Ok(())
-}
-
-fn tracking() -> bool {
-    OURS.load(Ordering::Acquire) != 0
-}
-
-extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let ours = OURS.load(Ordering::Acquire);
-    if ours != 0 && !info.is_null() {
-        // SAFETY: stored from a `fn(&siginfo_t) -> bool` in install.
-        let f: fn(&libc::siginfo_t) -> bool = unsafe { std::mem::transmute(ours) };
-        // SAFETY: the kernel's siginfo for this signal.
-        if sys::preserving_errno(|| f(unsafe { &*info })) {
-            return;
+fn program_action(sig: usize) -> libc::sigaction {
+    loop {
+        let s1 = ACTIONS.seq[sig].load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        // SAFETY: a racing write is detected by the sequence check below.
+        let a = unsafe { std::ptr::read_volatile(ACTIONS.acts[sig].get()) };
+        std::sync::atomic::fence(Ordering::Acquire);
+        if ACTIONS.seq[sig].load(Ordering::Relaxed) == s1 {
+            return a;
         }
     }
-    chain(sig, info, ctx);
 }
 
-/// Runs the program's action for a fault that is not ours.
-fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let p = PROGRAM.load(Ordering::Acquire);
-    // SAFETY: actions are leaked, never freed.
-    let act = if p.is_null() {
-        default_action()
-    } else {
-        unsafe { *p }
-    };
+fn set_program_action(sig: usize, act: &libc::sigaction) {
+    // No trampoline of this thread may read a half-written action.
+    let _block = sys::SignalBlock::all();
+    loop {
+        let s = ACTIONS.seq[sig].load(Ordering::Relaxed);
+        if s & 1 == 0
+            && ACTIONS.seq[sig]
+                .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    // SAFETY: we hold the odd sequence number (exclusive writer).
+    unsafe { std::ptr::write_volatile(ACTIONS.acts[sig].get(), *act) };
+    ACTIONS.known[sig].store(true, Ordering::Release);
+    ACTIONS.seq[sig].fetch_add(1, Ordering::Release);
+}
+
+/// Signals whose handlers are deferred: the asynchronous ones. Faults
+/// (and `abort`'s SIGABRT) concern the instruction that raised them.
+fn deferrable(sig: c_int) -> bool {
+    (1..NSIG as c_int).contains(&sig)
+        && !matches!(
+            sig,
+            libc::SIGSEGV
+                | libc::SIGBUS
+                | libc::SIGILL
+                | libc::SIGFPE
+                | libc::SIGTRAP
+                | libc::SIGSYS
+                | libc::SIGABRT
+                | libc::SIGKILL
+                | libc::SIGSTOP
+        )
+}
+
+fn is_handler(h: sighandler_t) -> bool {
+    h != libc::SIG_DFL && h != libc::SIG_IGN && h != libc::SIG_ERR
+}
+
+thread_local! {
+    // const-initialised, no destructors: usable from signal handlers.
+    static PENDING: Cell<u64> = const { Cell::new(0) };
+    static INFOS: UnsafeCell<[libc::siginfo_t; NSIG]> =
+        const { UnsafeCell::new(unsafe { std::mem::zeroed() }) };
+    static CONTEXT: UnsafeCell<[u64; 256]> = const { UnsafeCell::new([0; 256]) };
+}
+
+/// The trampoline the kernel runs for a deferrable signal with a handler.
+extern "C" fn defer_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    if super::in_shim() {
+        let i = sig as usize;
+        if !info.is_null() {
+            let _ = INFOS.try_with(|v| {
+                // SAFETY: this thread's own storage; the signal is blocked
+                // while its trampoline runs (unless SA_NODEFER, when a
+                // nested copy of the same info is harmless).
+                unsafe { (*v.get())[i] = *info };
+            });
+        }
+        let _ = PENDING.try_with(|p| p.set(p.get() | 1 << i));
+        return;
+    }
+    call_program(sig, info, ctx, false);
+}
+
+/// Runs the program's action for `sig`. `deferred`: not from the kernel's
+/// delivery, so the action's mask is applied here.
+fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, deferred: bool) {
+    let i = sig as usize;
+    let act = program_action(i);
     let h = act.sa_sigaction;
-    if h == libc::SIG_DFL || h == libc::SIG_IGN {
-        // Put the default back and return: the instruction faults again
-        // and the kernel's default action (core dump) follows, as without
-        // the shim. (A fault's SIGSEGV cannot be ignored.)
-        let dfl = default_action();
-        // SAFETY: valid sigaction; async-signal-safe.
-        unsafe { real::sigaction(sig, &dfl, std::ptr::null_mut()) };
+    if !is_handler(h) {
+        if h == libc::SIG_DFL {
+            // Changed meanwhile to the default: let the kernel apply it.
+            let dfl = default_action();
+            // SAFETY: valid sigaction; async-signal-safe calls.
+            unsafe {
+                real::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::raise(sig);
+            }
+        }
         return;
     }
     if act.sa_flags & libc::SA_RESETHAND != 0 {
-        PROGRAM.store(std::ptr::addr_of!(DEFAULT) as *mut _, Ordering::Release);
+        set_program_action(i, &default_action());
     }
-    // The program's mask for its handler.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pthread_sigmask is async-signal-safe; valid sets.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &act.sa_mask, &mut old) };
+    if deferred {
+        let mut mask = act.sa_mask;
+        if act.sa_flags & libc::SA_NODEFER == 0 {
+            // SAFETY: valid set.
+            unsafe { libc::sigaddset(&mut mask, sig) };
+        }
+        // SAFETY: async-signal-safe; valid sets.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &mask, &mut old) };
+    }
     if act.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the program installed a three-argument handler.
         let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
@@ -100,28 +184,165 @@ fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         let f: extern "C" fn(c_int) = unsafe { std::mem::transmute(h) };
         f(sig);
     }
-    // SAFETY: restores the mask saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if deferred {
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
 }
 
-/// SIG_DFL for SA_RESETHAND (a static, so the trampoline never allocates).
-static DEFAULT: libc::sigaction = unsafe { std::mem::zeroed() };
-
-fn sigaction_impl(act: *const libc::sigaction, old: *mut libc::sigaction) -> Result<i32, Errno> {
-    let prev = PROGRAM.load(Ordering::Acquire);
-    if !old.is_null() {
-        // SAFETY: the caller's out-parameter; `prev` is a leaked action.
-        unsafe {
-            *old = if prev.is_null() {
-                default_action()
-            } else {
-                *prev
-            }
-        };
+/// Called by a thread leaving the shim: runs the handlers of signals that
+/// arrived while it was inside, in signal-number order.
+#[inline]
+pub fn run_deferred() {
+    let pending = PENDING.try_with(|p| p.get()).unwrap_or(0);
+    if pending != 0 {
+        run_deferred_slow();
     }
+}
+
+#[cold]
+fn run_deferred_slow() {
+    loop {
+        let pending = PENDING.try_with(|p| p.replace(0)).unwrap_or(0);
+        if pending == 0 {
+            return;
+        }
+        for sig in 1..NSIG {
+            if pending & (1 << sig) == 0 {
+                continue;
+            }
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let _ = INFOS.try_with(|v| {
+                // SAFETY: this thread's own storage.
+                info = unsafe { (*v.get())[sig] };
+            });
+            // No saved machine context: the handler gets a zeroed one.
+            let ctx = CONTEXT
+                .try_with(|c| c.get() as *mut c_void)
+                .unwrap_or(std::ptr::null_mut());
+            sys::preserving_errno(|| call_program(sig as c_int, &mut info, ctx, true));
+        }
+    }
+}
+
+/// At start-up: handlers installed before the shim (another library's
+/// constructor) are deferred too.
+pub fn adopt_installed_handlers() {
+    for sig in 1..NSIG as c_int {
+        if !deferrable(sig) {
+            continue;
+        }
+        let mut cur = default_action();
+        // SAFETY: query only.
+        if unsafe { real::sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
+            continue;
+        }
+        set_program_action(sig as usize, &cur);
+        if is_handler(cur.sa_sigaction) {
+            let _ = install_kernel_action(sig, &cur);
+        }
+    }
+}
+
+/// Installs in the kernel what stands for the program's action `act`.
+fn install_kernel_action(sig: c_int, act: &libc::sigaction) -> Result<(), Errno> {
+    let mut k = *act;
+    if deferrable(sig) && is_handler(act.sa_sigaction) {
+        k.sa_sigaction = defer_trampoline as *const () as usize;
+        k.sa_flags |= libc::SA_SIGINFO;
+    }
+    // SAFETY: a valid sigaction.
+    if unsafe { real::sigaction(sig, &k, std::ptr::null_mut()) } != 0 {
+        return Err(Errno(sys::get_errno()));
+    }
+    Ok(())
+}
+
+// ---- SIGSEGV and the mprotect tracker -------------------------------------
+
+/// The tracker's test: true if the fault was a tracked first store.
+static OURS: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the shim's SIGSEGV handler; what was installed becomes the
+/// program's action.
+pub fn install_segv_handler(ours: fn(&libc::siginfo_t) -> bool) -> Result<(), String> {
+    let mut act = default_action();
+    act.sa_sigaction = segv_trampoline as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER | libc::SA_RESTART;
+    let mut old = default_action();
+    // SAFETY: valid sigaction structs.
+    let r = unsafe { real::sigaction(libc::SIGSEGV, &act, &mut old) };
+    if r != 0 {
+        return Err(format!(
+            "cannot install the SIGSEGV handler: {}",
+            Errno(sys::get_errno())
+        ));
+    }
+    set_program_action(libc::SIGSEGV as usize, &old);
+    OURS.store(ours as *const () as usize, Ordering::Release);
+    Ok(())
+}
+
+fn tracking_segv() -> bool {
+    OURS.load(Ordering::Acquire) != 0
+}
+
+extern "C" fn segv_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    let ours = OURS.load(Ordering::Acquire);
+    if ours != 0 && !info.is_null() {
+        // SAFETY: stored from a `fn(&siginfo_t) -> bool` in install.
+        let f: fn(&libc::siginfo_t) -> bool = unsafe { std::mem::transmute(ours) };
+        // SAFETY: the kernel's siginfo for this signal.
+        if sys::preserving_errno(|| f(unsafe { &*info })) {
+            return;
+        }
+    }
+    let act = program_action(sig as usize);
+    if !is_handler(act.sa_sigaction) {
+        // Put the default back and return: the instruction faults again
+        // and the kernel's default action (core dump) follows, as without
+        // the shim. (A fault's SIGSEGV cannot be ignored.)
+        let dfl = default_action();
+        // SAFETY: valid sigaction; async-signal-safe.
+        unsafe { real::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        return;
+    }
+    call_program(sig, info, ctx, true);
+}
+
+// ---- the interposed functions ---------------------------------------------
+
+fn interposed(sig: c_int) -> bool {
+    (sig == libc::SIGSEGV && tracking_segv()) || deferrable(sig)
+}
+
+fn sigaction_impl(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> Result<i32, Errno> {
+    let i = sig as usize;
+    let prev = if ACTIONS.known[i].load(Ordering::Acquire) {
+        program_action(i)
+    } else {
+        let mut cur = default_action();
+        // SAFETY: query only.
+        if unsafe { real::sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
+            return Err(Errno(sys::get_errno()));
+        }
+        cur
+    };
     if !act.is_null() {
         // SAFETY: the caller's action.
-        PROGRAM.store(leak(unsafe { *act }), Ordering::Release);
+        let a = unsafe { *act };
+        if !(sig == libc::SIGSEGV && tracking_segv()) {
+            install_kernel_action(sig, &a)?;
+        }
+        set_program_action(i, &a);
+    }
+    if !old.is_null() {
+        // SAFETY: the caller's out-parameter.
+        unsafe { *old = prev };
     }
     Ok(0)
 }
@@ -134,14 +355,17 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if sig != libc::SIGSEGV || !tracking() {
+    // No `enter`: sigaction is async-signal-safe and takes no shim lock.
+    if !crate::state::READY.load(Ordering::Acquire) || !interposed(sig) {
         // SAFETY: forwarded with the caller's own arguments.
         return unsafe { real::sigaction(sig, act, old) };
     }
-    match super::enter() {
-        // SAFETY: as above.
-        None => unsafe { real::sigaction(sig, act, old) },
-        Some(g) => g.ret(sigaction_impl(act, old)),
+    match sigaction_impl(sig, act, old) {
+        Ok(r) => r,
+        Err(e) => {
+            sys::set_errno(e.0);
+            -1
+        }
     }
 }
 
@@ -149,17 +373,22 @@ pub unsafe extern "C" fn sigaction(
 /// C ABI, contract of signal(2) (glibc: BSD semantics).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn signal(sig: c_int, handler: sighandler_t) -> sighandler_t {
-    if sig != libc::SIGSEGV || !tracking() {
+    if !crate::state::READY.load(Ordering::Acquire) || !interposed(sig) {
         // SAFETY: forwarded with the caller's own arguments.
         return unsafe { real::signal(sig, handler) };
     }
     let mut act = default_action();
     act.sa_sigaction = handler;
     act.sa_flags = libc::SA_RESTART;
+    // SAFETY: valid set.
+    unsafe { libc::sigaddset(&mut act.sa_mask, sig) };
     let mut old = default_action();
-    match sigaction_impl(&act, &mut old) {
+    match sigaction_impl(sig, &act, &mut old) {
         Ok(_) => old.sa_sigaction,
-        Err(_) => libc::SIG_ERR,
+        Err(e) => {
+            sys::set_errno(e.0);
+            libc::SIG_ERR
+        }
     }
 }
 
