@@ -279,6 +279,86 @@ fn nt_copy(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
 }
 
+/// The run length from which the writeback should switch from copy +
+/// `clwb` per line to non-temporal stores: ns per line both ways for runs
+/// of 1…32 lines at random places of a 256 MiB buffer (out of cache, as a
+/// writeback's lines are), then one `sfence` per 64 runs (a sync's worth).
+#[cfg(target_arch = "x86_64")]
+fn stream_threshold(quick: bool) {
+    use std::arch::x86_64::*;
+    let len: usize = if quick { 64 << 20 } else { 256 << 20 };
+    let src = vec![7u8; len];
+    let mut dst = vec![1u8; len];
+    // CPUID leaf 7, EBX bit 24: CLWB.
+    let clwb = __cpuid_count(7, 0).ebx & (1 << 24) != 0;
+    println!(
+        "\n## copy + flush vs non-temporal stores, by run length (ns per 64-byte line{})",
+        if clwb {
+            ", clwb"
+        } else {
+            ", clflush: no clwb here"
+        }
+    );
+    println!("{:<10} {:>12} {:>12}", "lines", "copy+flush", "streamed");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for lines in [1usize, 2, 4, 8, 16, 32] {
+        let runs = 20_000;
+        let offs: Vec<usize> = (0..runs)
+            .map(|_| (next() as usize % (len / 4096 - 1)) * 4096)
+            .collect();
+        let mut t_flush = f64::MAX;
+        let mut t_stream = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for (k, &o) in offs.iter().enumerate() {
+                // SAFETY: o + lines*64 <= len; clwb/clflush on our buffer.
+                unsafe {
+                    let d = dst.as_mut_ptr().add(o);
+                    std::ptr::copy_nonoverlapping(src.as_ptr().add(o), d, lines * 64);
+                    for l in 0..lines {
+                        if clwb {
+                            std::arch::asm!("clwb [{0}]", in(reg) d.add(l * 64), options(nostack));
+                        } else {
+                            _mm_clflush(d.add(l * 64));
+                        }
+                    }
+                    if k % 64 == 63 {
+                        _mm_sfence();
+                    }
+                }
+            }
+            t_flush = t_flush.min(secs(t));
+            let t = Instant::now();
+            for (k, &o) in offs.iter().enumerate() {
+                // SAFETY: as above; 16-byte aligned destinations.
+                unsafe {
+                    let d = dst.as_mut_ptr().add(o) as *mut __m128i;
+                    let s = src.as_ptr().add(o) as *const __m128i;
+                    for i in 0..lines * 4 {
+                        _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i)));
+                    }
+                    if k % 64 == 63 {
+                        _mm_sfence();
+                    }
+                }
+            }
+            t_stream = t_stream.min(secs(t));
+        }
+        let per = |t: f64| t * 1e9 / (runs * lines) as f64;
+        println!("{lines:<10} {:>12.1} {:>12.1}", per(t_flush), per(t_stream));
+    }
+    std::hint::black_box(&dst);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn stream_threshold(_quick: bool) {}
+
 fn run_case(case: &str, dir: &Path, lib: &Path, cfg: &str, quick: bool) -> Vec<(String, f64)> {
     let exe = std::env::current_exe().unwrap();
     let sub = dir.join(format!("{case}-{cfg}"));
@@ -316,6 +396,9 @@ fn run_case(case: &str, dir: &Path, lib: &Path, cfg: &str, quick: bool) -> Vec<(
             "shim-stores" => {
                 c.env("DAXSHIM_WRITEBACK", "stores");
             }
+            "shim-mprotect" => {
+                c.env("DAXSHIM_TRACKER", "mprotect");
+            }
             _ => {}
         }
     }
@@ -335,7 +418,13 @@ fn run_case(case: &str, dir: &Path, lib: &Path, cfg: &str, quick: bool) -> Vec<(
         .collect()
 }
 
-const CFGS: &[&str] = &["page-cache", "shim-uffd", "shim-eager", "shim-compare"];
+const CFGS: &[&str] = &[
+    "page-cache",
+    "shim-uffd",
+    "shim-eager",
+    "shim-mprotect",
+    "shim-compare",
+];
 
 fn table(
     title: &str,
@@ -459,6 +548,7 @@ fn main() {
         get(&wb[1], "msync") / nt,
         get(&wb[2], "msync") / nt
     );
+    stream_threshold(quick);
     table(
         "map a large file, read 1% of its pages",
         "ms / MiB",

@@ -27,6 +27,11 @@ impl std::ops::AddAssign for LineCounts {
 
 #[inline]
 pub unsafe fn line_equal(a: *const u8, b: *const u8, n: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if n == LINE && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; 64 readable bytes at both (caller).
+        return unsafe { line_equal_avx2(a, b) };
+    }
     if n == LINE {
         // XOR-OR over eight words: branch-free, vectorised by the compiler.
         let mut diff = 0u64;
@@ -41,6 +46,26 @@ pub unsafe fn line_equal(a: *const u8, b: *const u8, n: usize) -> bool {
     } else {
         // SAFETY: as above, n bytes.
         unsafe { std::slice::from_raw_parts(a, n) == std::slice::from_raw_parts(b, n) }
+    }
+}
+
+/// Two 32-byte loads per side, XOR, OR, one test: the compare runs at
+/// memory bandwidth (KERNEL-NOTES: ~13 GB/s, against ~6 for `memcmp`).
+///
+/// # Safety
+/// AVX2 present; 64 readable bytes at `a` and `b`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn line_equal_avx2(a: *const u8, b: *const u8) -> bool {
+    use std::arch::x86_64::*;
+    // SAFETY: 64 readable bytes at both (function contract); unaligned loads.
+    unsafe {
+        let x0 = _mm256_loadu_si256(a as *const __m256i);
+        let x1 = _mm256_loadu_si256(a.add(32) as *const __m256i);
+        let y0 = _mm256_loadu_si256(b as *const __m256i);
+        let y1 = _mm256_loadu_si256(b.add(32) as *const __m256i);
+        let d = _mm256_or_si256(_mm256_xor_si256(x0, y0), _mm256_xor_si256(x1, y1));
+        _mm256_testz_si256(d, d) != 0
     }
 }
 
@@ -198,6 +223,23 @@ mod tests {
         );
         assert_eq!(b.0[100], 1);
         assert_eq!(b.0[120], 0);
+    }
+
+    #[test]
+    fn line_compare_sees_every_byte() {
+        let a = Page([0x5a; 4096]);
+        let mut b = Page([0x5a; 4096]);
+        // SAFETY: 64 bytes within both pages.
+        assert!(unsafe { line_equal(a.0.as_ptr(), b.0.as_ptr(), 64) });
+        for i in 0..64 {
+            b.0[i] ^= 0x10;
+            // SAFETY: as above.
+            assert!(
+                !unsafe { line_equal(a.0.as_ptr(), b.0.as_ptr(), 64) },
+                "byte {i}"
+            );
+            b.0[i] ^= 0x10;
+        }
     }
 
     #[test]
