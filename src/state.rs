@@ -602,9 +602,12 @@ impl FileState {
                 bv,
                 size,
                 &dirty,
-                rt().flush,
-                msync_touched && self.emulated,
-                self.writeback_fd(),
+                &persist::Writeback {
+                    flush: rt().flush,
+                    emulated: self.emulated,
+                    msync_touched: msync_touched && self.emulated,
+                    via_fd: self.writeback_fd(),
+                },
             )?;
             if full {
                 // Without a tracker, the pages found changed are the dirty ones.

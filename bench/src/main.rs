@@ -307,19 +307,33 @@ fn stream_threshold(quick: bool) {
         seed ^= seed << 17;
         seed
     };
+    // As in a writeback, each run's destination lines were just read (the
+    // compare) before they are written; every pass uses fresh places.
+    let compare = |d: *const u8, lines: usize| {
+        let mut x = 0u64;
+        for l in 0..lines * 8 {
+            // SAFETY: within the run (callers' bounds).
+            x ^= unsafe { std::ptr::read_volatile((d as *const u64).add(l)) };
+        }
+        std::hint::black_box(x);
+    };
     for lines in [1usize, 2, 4, 8, 16, 32] {
         let runs = 20_000;
-        let offs: Vec<usize> = (0..runs)
-            .map(|_| (next() as usize % (len / 4096 - 1)) * 4096)
-            .collect();
         let mut t_flush = f64::MAX;
         let mut t_stream = f64::MAX;
         for _ in 0..3 {
+            let mut offs = || -> Vec<usize> {
+                (0..runs)
+                    .map(|_| (next() as usize % (len / 4096 - 1)) * 4096)
+                    .collect()
+            };
+            let (offs, offs2) = (offs(), offs());
             let t = Instant::now();
             for (k, &o) in offs.iter().enumerate() {
                 // SAFETY: o + lines*64 <= len; clwb/clflush on our buffer.
                 unsafe {
                     let d = dst.as_mut_ptr().add(o);
+                    compare(d, lines);
                     std::ptr::copy_nonoverlapping(src.as_ptr().add(o), d, lines * 64);
                     for l in 0..lines {
                         if clwb {
@@ -335,9 +349,10 @@ fn stream_threshold(quick: bool) {
             }
             t_flush = t_flush.min(secs(t));
             let t = Instant::now();
-            for (k, &o) in offs.iter().enumerate() {
+            for (k, &o) in offs2.iter().enumerate() {
                 // SAFETY: as above; 16-byte aligned destinations.
                 unsafe {
+                    compare(dst.as_ptr().add(o), lines);
                     let d = dst.as_mut_ptr().add(o) as *mut __m128i;
                     let s = src.as_ptr().add(o) as *const __m128i;
                     for i in 0..lines * 4 {
@@ -531,6 +546,7 @@ fn main() {
             "page-cache",
             "shim-uffd",
             "shim-eager",
+            "shim-mprotect",
             "shim-stores",
             "shim-compare",
         ],
@@ -557,7 +573,7 @@ fn main() {
         &[
             "page-cache",
             "shim-uffd",
-            "shim-512M",
+            "shim-64M",
             "shim-eager",
             "shim-compare",
         ],

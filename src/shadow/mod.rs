@@ -260,8 +260,13 @@ pub fn reconcile(data_fd: i32, backing_fd: i32, emulated: bool, flush: FlushKind
     // Only pages the data file holds: a hole is either not filled yet (lazy:
     // the backing's bytes) or zeros in the backing too.
     let all = data_segments(data_fd, 0, size as u64);
-    let via_fd = (emulated && !crate::state::rt().cfg.writeback_stores).then_some(backing_fd);
-    let r = persist::write_back(s, b, size as u64, &all, flush, emulated, via_fd);
+    let how = persist::Writeback {
+        flush,
+        emulated,
+        msync_touched: emulated,
+        via_fd: (emulated && !crate::state::rt().cfg.writeback_stores).then_some(backing_fd),
+    };
+    let r = persist::write_back(s, b, size as u64, &all, &how);
     // SAFETY: our mappings.
     unsafe {
         let _ = sys::munmap(s as *mut _, size);
