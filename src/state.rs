@@ -604,7 +604,6 @@ impl FileState {
                 &dirty,
                 &persist::Writeback {
                     flush: rt().flush,
-                    emulated: self.emulated,
                     msync_touched: msync_touched && self.emulated,
                     via_fd: self.writeback_fd(),
                 },

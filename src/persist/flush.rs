@@ -84,8 +84,6 @@ pub struct Flusher {
     pub lines: u64,
     /// Lines written with non-temporal stores (need no flush).
     pub streamed: u64,
-    /// Long runs may be streamed (see `persist::write_back`).
-    pub stream: bool,
 }
 
 impl Flusher {
@@ -94,14 +92,13 @@ impl Flusher {
             kind,
             lines: 0,
             streamed: 0,
-            stream: true,
         }
     }
 
     /// Non-temporal stores are used only where lines must reach the media
     /// (a flush instruction was chosen) and the CPU has them (x86_64: SSE2).
     pub fn can_stream(&self) -> bool {
-        cfg!(target_arch = "x86_64") && self.stream && self.kind != FlushKind::None
+        cfg!(target_arch = "x86_64") && self.kind != FlushKind::None
     }
 
     /// Copies one 64-byte line with non-temporal stores.

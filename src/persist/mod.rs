@@ -132,8 +132,6 @@ impl SpanWriter {
 /// How a writeback reaches the media.
 pub struct Writeback {
     pub flush: FlushKind,
-    /// The media is emulated pmem (DRAM: the kernel's page cache).
-    pub emulated: bool,
     /// Make the touched pages durable with msync (emulated pmem).
     pub msync_touched: bool,
     /// Write the changed spans with pwrite to this descriptor instead of
@@ -155,11 +153,6 @@ pub fn write_back(
 ) -> SysResult<LineCounts> {
     let (msync_touched, via_fd) = (how.msync_touched, how.via_fd);
     let mut flusher = Flusher::new(how.flush);
-    // Measured on this machine's DRAM (daxshim-bench): copy + clwb beats
-    // non-temporal stores for every run of 2+ lines whose destination the
-    // compare just read. Real pmem is another medium, where PMDK measured
-    // the opposite from 256 bytes up: stream there only.
-    flusher.stream = !how.emulated;
     let budget_in = CRASH_BUDGET.load(Ordering::Relaxed);
     let mut budget = (budget_in != u64::MAX).then_some(budget_in);
     let mut total = LineCounts::default();

@@ -262,7 +262,6 @@ pub fn reconcile(data_fd: i32, backing_fd: i32, emulated: bool, flush: FlushKind
     let all = data_segments(data_fd, 0, size as u64);
     let how = persist::Writeback {
         flush,
-        emulated,
         msync_touched: emulated,
         via_fd: (emulated && !crate::state::rt().cfg.writeback_stores).then_some(backing_fd),
     };
