@@ -162,9 +162,9 @@ fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
             .next_back()
             .map(|(_, m)| m)
             .filter(|m| m.lazy && page < m.start + m.len)
-            .map(|m| (m.file.clone(), m.start, m.len, m.off))
+            .map(|m| (m.file.clone(), m.start, m.len, m.off, m.tracked))
     };
-    let Some((file, start, len, off)) = hit else {
+    let Some((file, start, len, off, tracked)) = hit else {
         // Unmapped meanwhile: the retry faults the ordinary way (SIGSEGV).
         uffd::wake(page, PAGE);
         return;
@@ -205,6 +205,7 @@ fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
     // write-protected so that tracking stays exact, unless the stores run
     // sequentially (a grown window): then they will most likely all be
     // written, and one write-protect fault per page would double the cost.
+    // (Only mappings registered for write-protection can be protected.)
     if write {
         let _ = uffd::map_filled(page, PAGE, false);
     }
@@ -212,7 +213,7 @@ fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
     // A sequential window's part before the fault was mapped by the fill
     // before: start at the fault (each mapped page costs an ioctl).
     let from = if sequential { page } else { va };
-    let _ = uffd::map_filled(from, va + n - from, !(write && sequential));
+    let _ = uffd::map_filled(from, va + n - from, tracked && !(write && sequential));
     uffd::wake(va, n);
     seq.next_va = va + n;
     seq.window = window;
@@ -309,7 +310,7 @@ fn present_range(file: &FileState, data_fd: i32, size: u64, a: u64, b: u64, out:
     let mut view = file.probe_view.lock();
     let need = sys::page_up(size as usize);
     if view.1 < need {
-        let need = need.next_power_of_two().max(1 << 20); // room to grow
+        let need = need.next_power_of_two(); // room to grow
         crate::state::unmap_view(&mut view);
         // SAFETY: a fresh PROT_NONE mapping the kernel places; never read.
         match unsafe {

@@ -447,7 +447,7 @@ fn ensure_view(
         // Room to grow (address space only; nothing beyond the file's end
         // is touched): a file that grows in small steps, as SQLite's does,
         // is not remapped (and its pages refaulted) at every step.
-        let len = len.next_power_of_two().max(1 << 20);
+        let len = len.next_power_of_two();
         let map = |flags| {
             // SAFETY: a fresh mapping the kernel places.
             unsafe { sys::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
@@ -934,7 +934,7 @@ pub fn atfork_child() {
             } else {
                 Err(Errno(libc::ENOTSUP))
             };
-            if r.and_then(|()| track::uffd::register_lazy(m.start, m.len))
+            if r.and_then(|()| track::uffd::register_lazy(m.start, m.len, m.tracked))
                 .is_ok()
             {
                 continue;

@@ -117,7 +117,10 @@ fn mmap_impl(
     }
     // Unaware caller: the shadow's data must exist (the first mapping of
     // the file creates it).
-    let lazy_capable = crate::lazy::capable();
+    let writable_fd = shared && fd_writable(fd);
+    // userfaultfd refuses a shared mapping that can never be written (a
+    // read-only descriptor's): such a mapping needs the holes filled.
+    let lazy_capable = crate::lazy::capable() && (!shared || writable_fd);
     let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd, lazy_capable) {
         Ok(d) => d,
         Err(e) => {
@@ -131,7 +134,6 @@ fn mmap_impl(
     // the file itself, then put the shadow over it.
     let probe_flags = flags & !(libc::MAP_POPULATE | libc::MAP_LOCKED);
     let p = real_mmap(addr, len, prot, probe_flags, fd, off)?;
-    let writable_fd = shared && fd_writable(fd);
     let sfd = if writable_fd { data_fd } else { data_ro_fd };
     let stype = if shared {
         libc::MAP_SHARED
@@ -178,7 +180,7 @@ fn mmap_impl(
     }
     let mut tracked = false;
     if lazy {
-        match track::uffd::register_lazy(p as usize, maplen) {
+        match track::uffd::register_lazy(p as usize, maplen, shared && writable_fd) {
             Ok(()) => tracked = shared && writable_fd,
             Err(e) => {
                 warn!(
@@ -392,7 +394,7 @@ fn mremap_impl(
         if lazy && n != o {
             // A moved range lost its registration (one grown in place keeps
             // it; lazy ranges are never armed ahead).
-            if let Err(e) = track::uffd::register_lazy(n, new_span) {
+            if let Err(e) = track::uffd::register_lazy(n, new_span, tracked) {
                 warn!(
                     "{}: cannot watch a moved lazy mapping ({e}); filling its shadow",
                     file.path

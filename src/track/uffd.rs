@@ -218,11 +218,16 @@ pub fn lazy_ok() -> bool {
 /// to the fault thread ([`crate::lazy`]), writes are tracked. Nothing is
 /// armed: pages are mapped write-protected as they are filled
 /// (`UFFDIO_CONTINUE_MODE_WP`), and only filled chunks are ever scanned.
-pub fn register_lazy(addr: usize, len: usize) -> SysResult<()> {
+///
+/// `track`: also write-protect (a shared mapping of a writable descriptor;
+/// the kernel refuses write-protection where the mapping can never be
+/// written, e.g. a read-only descriptor's).
+pub fn register_lazy(addr: usize, len: usize, track: bool) -> SysResult<()> {
+    let wp = if track { UFFDIO_REGISTER_MODE_WP } else { 0 };
     register(
         addr,
         len,
-        UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MINOR,
+        UFFDIO_REGISTER_MODE_MISSING | wp | UFFDIO_REGISTER_MODE_MINOR,
     )
 }
 
