@@ -180,23 +180,17 @@ fn mmap_impl(
     }
     let mut tracked = false;
     if lazy {
-        match track::uffd::register_lazy(p as usize, maplen, shared && writable_fd) {
-            Ok(()) => tracked = shared && writable_fd,
+        match watch_lazy(&file, p as usize, maplen, shared && writable_fd) {
+            Ok(true) => tracked = shared && writable_fd,
+            Ok(false) => lazy = false,
             Err(e) => {
-                warn!(
-                    "{}: cannot watch a lazy mapping ({e}); filling its shadow now",
-                    file.path
-                );
-                lazy = false;
-                if let Err(e) = file.shadow.ensure_data(file.backing_fd, false) {
-                    // Unregistered holes would read as zeros: the file's
-                    // own mapping is the only safe answer now.
-                    warn!("{}: {e}; mapping the file directly", file.path);
-                    add(&STATS.fallbacks_direct, 1);
-                    add(&STATS.mappings_direct, 1);
-                    let fixed_flags = (flags & !libc::MAP_FIXED_NOREPLACE) | libc::MAP_FIXED;
-                    return real_mmap(p, len, prot, fixed_flags, fd, off);
-                }
+                // Unregistered holes would read as zeros: the file's own
+                // mapping is the only safe answer now.
+                warn!("{}: {e}; mapping the file directly", file.path);
+                add(&STATS.fallbacks_direct, 1);
+                add(&STATS.mappings_direct, 1);
+                let fixed_flags = (flags & !libc::MAP_FIXED_NOREPLACE) | libc::MAP_FIXED;
+                return real_mmap(p, len, prot, fixed_flags, fd, off);
             }
         }
     }
@@ -251,6 +245,29 @@ fn mmap_impl(
         file.path
     );
     Ok(p)
+}
+
+/// Registers a lazy shadow mapping with the fault thread's userfaultfd. If
+/// the kernel refuses, fills the shadow's holes instead: `Ok(false)`, an
+/// ordinary shadow mapping now. `Err`: the shadow could not be filled.
+fn watch_lazy(
+    file: &state::FileState,
+    addr: usize,
+    len: usize,
+    track: bool,
+) -> Result<bool, String> {
+    match track::uffd::register_lazy(addr, len, track) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            warn!(
+                "{}: cannot watch a lazy mapping ({e}); filling its shadow now",
+                file.path
+            );
+            file.shadow
+                .ensure_data(file.backing_fd, false)
+                .map(|_| false)
+        }
+    }
 }
 
 fn map_ret(g: &super::Entered, r: Result<*mut c_void, Errno>) -> *mut c_void {
@@ -394,19 +411,12 @@ fn mremap_impl(
         if lazy && n != o {
             // A moved range lost its registration (one grown in place keeps
             // it; lazy ranges are never armed ahead).
-            if let Err(e) = track::uffd::register_lazy(n, new_span, tracked) {
-                warn!(
-                    "{}: cannot watch a moved lazy mapping ({e}); filling its shadow",
-                    file.path
-                );
-                lazy = false;
-                if let Err(e) = file.shadow.ensure_data(file.backing_fd, false) {
-                    error!("{}: {e}", file.path);
-                }
-            }
+            lazy = watch_lazy(file, n, new_span, tracked).unwrap_or_else(|e| {
+                error!("{}: {e}", file.path);
+                false
+            });
         }
-        if lazy {
-        } else if tracked {
+        if !lazy && tracked {
             // The mprotect tracker's state for the old range went with it
             // (forget_range): it tracks the whole new range afresh.
             let r = if n != o || track::mprotect::active() {
