@@ -132,9 +132,7 @@ fn fault_thread(fd: i32) {
     let _inside = crate::hooks::enter_always();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut seq = Sequence::default();
-    let r = uffd::serve_faults(fd, &mut |addr, write| {
-        on_fault(addr, write, &mut seq, &mut buf)
-    });
+    let r = uffd::serve_faults(fd, &mut |f| on_fault(f, &mut seq, &mut buf));
     if let Err(e) = r {
         if SERVED_FD.load(Ordering::Acquire) == fd {
             error!("the fault thread stopped: {e}");
@@ -152,7 +150,8 @@ struct Sequence {
 /// Serves one fault at `addr` in a lazy mapping: fills the holes of a
 /// window of chunks from the backing, maps its pages, wakes the faulting
 /// thread.
-fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
+fn on_fault(fault: uffd::Fault, seq: &mut Sequence, buf: &mut [u8]) {
+    let (addr, write) = (fault.addr, fault.write);
     let page = sys::page_down(addr);
     add(&STATS.lazy_faults, 1);
     let hit = {
@@ -185,11 +184,18 @@ fn on_fault(addr: usize, write: bool, seq: &mut Sequence, buf: &mut [u8]) {
     let filled = match fill(&file, c0, c1, buf) {
         Ok(n) => n,
         Err(e) => {
+            // The page cannot be had (a read error of the backing, a full
+            // /dev/shm): as the kernel does when it cannot read a page in,
+            // the faulting thread gets SIGBUS instead of faulting forever.
             error!(
                 "{}: cannot fill the shadow from the backing: {e}",
                 file.path
             );
-            0
+            if fault.tid > 0 {
+                sys::tgkill(fault.tid, libc::SIGBUS);
+            }
+            uffd::wake(page, PAGE);
+            return;
         }
     };
     {

@@ -237,6 +237,11 @@ pub fn geteuid() -> u32 {
     unsafe { libc::syscall(libc::SYS_geteuid) as u32 }
 }
 
+/// Sends `sig` to thread `tid` of this process.
+pub fn tgkill(tid: i32, sig: i32) {
+    let _ = sc!(libc::SYS_tgkill, getpid(), tid, sig);
+}
+
 pub fn exit_group(code: i32) -> ! {
     // SAFETY: exit_group does not return.
     unsafe {

@@ -254,3 +254,56 @@ print("ok")
     let (out, _) = both(&w, script, &[]);
     assert!(out.contains("ok"), "{out}");
 }
+
+// A chunk that cannot be filled (here: the shadow directory is a 256 KiB
+// tmpfs, full after a few fills) must not leave the faulting thread
+// faulting forever: like the kernel when it cannot read a page in, the
+// shim raises SIGBUS in it.
+#[test]
+fn a_fill_that_cannot_be_done_raises_sigbus() {
+    let w = World::new("lazy-full");
+    if !lazy_expected(&w) {
+        eprintln!("note: lazy shadows unavailable here; nothing to fill");
+        return;
+    }
+    let f = w.pmem_file("f", &pattern()[..4 << 20]);
+    let small = w.root.join("small-shm");
+    std::fs::create_dir_all(&small).unwrap();
+    let script = r#"
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 0)
+print("start", flush=True)
+s = 0
+for i in range(0, len(m), 4096):
+    s += m[i]
+print("read all", s)
+"#;
+    // A private mount namespace, so the small tmpfs needs no cleanup.
+    let mut c = w.shim_cmd("unshare");
+    c.args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=256k,mode=0700 tmpfs {d} && exec \"$0\" -c \"$1\" \"$2\"",
+            d = small.display()
+        ))
+        .arg(python())
+        .arg(script)
+        .arg(&f)
+        .env("DAXSHIM_SHADOW_DIR", small.join("d"));
+    let started = std::time::Instant::now();
+    let out = run(c);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("start"), "the program did not start: {text}");
+    assert!(
+        !text.contains("read all"),
+        "reads past a failed fill: {text}"
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+}

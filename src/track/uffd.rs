@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 const UFFD_USER_MODE_ONLY: i32 = 1;
 const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_API: u64 = 0xc018aa3f;
@@ -122,8 +123,10 @@ fn open_uffd(flags: i32, features: u64) -> SysResult<i32> {
 }
 
 fn open_handles() -> SysResult<(i32, i32)> {
-    let lazy_features =
-        UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM;
+    let lazy_features = UFFD_FEATURE_WP_ASYNC
+        | UFFD_FEATURE_MISSING_SHMEM
+        | UFFD_FEATURE_MINOR_SHMEM
+        | UFFD_FEATURE_THREAD_ID;
     let fd = match open_uffd(0, lazy_features) {
         Ok(fd) => {
             LAZY_OK.store(true, Ordering::Relaxed);
@@ -288,10 +291,18 @@ pub fn wake(addr: usize, len: usize) {
     };
 }
 
-/// Waits for page-fault events and passes each faulting address, and
-/// whether the access was a store, to `f`. Returns on an error of the
-/// descriptor (closed after fork…).
-pub fn serve_faults(fd: i32, f: &mut dyn FnMut(usize, bool)) -> SysResult<()> {
+/// A page fault reported by the userfaultfd.
+pub struct Fault {
+    pub addr: usize,
+    /// The access was a store.
+    pub write: bool,
+    /// The faulting thread.
+    pub tid: i32,
+}
+
+/// Waits for page-fault events and passes each to `f`. Returns on an error
+/// of the descriptor (closed after fork…).
+pub fn serve_faults(fd: i32, f: &mut dyn FnMut(Fault)) -> SysResult<()> {
     let mut msgs = [UffdMsg::default(); 16];
     loop {
         sys::poll_in(fd)?;
@@ -309,7 +320,11 @@ pub fn serve_faults(fd: i32, f: &mut dyn FnMut(usize, bool)) -> SysResult<()> {
         };
         for m in &msgs[..n] {
             if m.event == UFFD_EVENT_PAGEFAULT {
-                f(m.address as usize, m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0);
+                f(Fault {
+                    addr: m.address as usize,
+                    write: m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    tid: m.ptid as i32,
+                });
             }
         }
     }
