@@ -237,6 +237,22 @@ pub fn geteuid() -> u32 {
     unsafe { libc::syscall(libc::SYS_geteuid) as u32 }
 }
 
+/// Queues `sig` with `info` to the calling thread (the kernel delivers it
+/// when the thread does not block it). Falls back to a plain `tgkill`.
+pub fn requeue_signal(sig: i32, info: &libc::siginfo_t) {
+    let tid = sc!(libc::SYS_gettid).unwrap_or(0) as i32;
+    let queued = sc!(
+        libc::SYS_rt_tgsigqueueinfo,
+        getpid(),
+        tid,
+        sig,
+        info as *const libc::siginfo_t
+    );
+    if queued.is_err() {
+        tgkill(tid, sig);
+    }
+}
+
 /// Sends `sig` to thread `tid` of this process.
 pub fn tgkill(tid: i32, sig: i32) {
     let _ = sc!(libc::SYS_tgkill, getpid(), tid, sig);

@@ -5,9 +5,9 @@
 //!    (bypassing the shadow), or deadlock on a lock the thread holds. The
 //!    shim installs a trampoline in the kernel in place of each handler the
 //!    program installs for an asynchronous signal; inside the shim the
-//!    trampoline only records the signal, and the thread runs the program's
-//!    handler when it leaves the shim ([`run_deferred`]). Outside the shim
-//!    the trampoline calls the handler at once. No system call on the hook
+//!    trampoline only records the signal, and the thread queues it to itself
+//!    again when it leaves the shim ([`run_deferred`]), so the kernel
+//!    delivers it then. Outside the shim the trampoline calls the handler. No system call on the hook
 //!    path (blocking signals around every hook cost two).
 //! 2. **SIGSEGV for the mprotect tracker**: its handler stays installed; the
 //!    program's action runs for every fault that is not a tracked store.
@@ -122,7 +122,6 @@ thread_local! {
     static PENDING: Cell<u64> = const { Cell::new(0) };
     static INFOS: UnsafeCell<[libc::siginfo_t; NSIG]> =
         const { UnsafeCell::new(unsafe { std::mem::zeroed() }) };
-    static CONTEXT: UnsafeCell<[u64; 256]> = const { UnsafeCell::new([0; 256]) };
 }
 
 /// The trampoline the kernel runs for a deferrable signal with a handler.
@@ -143,9 +142,10 @@ extern "C" fn defer_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut
     call_program(sig, info, ctx, false);
 }
 
-/// Runs the program's action for `sig`. `deferred`: not from the kernel's
-/// delivery, so the action's mask is applied here.
-fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, deferred: bool) {
+/// Runs the program's action for `sig`. `apply_mask`: the kernel ran the
+/// shim's handler with the shim's mask (SIGSEGV), so the action's mask is
+/// applied here.
+fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, apply_mask: bool) {
     let i = sig as usize;
     let act = program_action(i);
     let h = act.sa_sigaction;
@@ -162,10 +162,17 @@ fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, deferr
         return;
     }
     if act.sa_flags & libc::SA_RESETHAND != 0 {
+        // Emulated (the trampoline is installed without it, so that a
+        // queued-again signal still reaches it): the default from now on.
         set_program_action(i, &default_action());
+        if deferrable(sig) {
+            let dfl = default_action();
+            // SAFETY: valid sigaction; async-signal-safe.
+            unsafe { real::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        }
     }
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    if deferred {
+    if apply_mask {
         let mut mask = act.sa_mask;
         if act.sa_flags & libc::SA_NODEFER == 0 {
             // SAFETY: valid set.
@@ -184,44 +191,38 @@ fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, deferr
         let f: extern "C" fn(c_int) = unsafe { std::mem::transmute(h) };
         f(sig);
     }
-    if deferred {
+    if apply_mask {
         // SAFETY: restores the mask saved above.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     }
 }
 
-/// Called by a thread leaving the shim: runs the handlers of signals that
-/// arrived while it was inside, in signal-number order.
+/// Called by a thread leaving the shim: signals that arrived while it was
+/// inside are queued again to this thread, with their `siginfo`, so that the
+/// kernel delivers them now (or, if the thread blocks them, e.g. inside the
+/// handler of the same signal, when it unblocks them), with its own rules
+/// for masks, nesting and the machine context.
 #[inline]
 pub fn run_deferred() {
     let pending = PENDING.try_with(|p| p.get()).unwrap_or(0);
     if pending != 0 {
-        run_deferred_slow();
+        requeue_deferred();
     }
 }
 
 #[cold]
-fn run_deferred_slow() {
-    loop {
-        let pending = PENDING.try_with(|p| p.replace(0)).unwrap_or(0);
-        if pending == 0 {
-            return;
+fn requeue_deferred() {
+    let pending = PENDING.try_with(|p| p.replace(0)).unwrap_or(0);
+    for sig in 1..NSIG {
+        if pending & (1 << sig) == 0 {
+            continue;
         }
-        for sig in 1..NSIG {
-            if pending & (1 << sig) == 0 {
-                continue;
-            }
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            let _ = INFOS.try_with(|v| {
-                // SAFETY: this thread's own storage.
-                info = unsafe { (*v.get())[sig] };
-            });
-            // No saved machine context: the handler gets a zeroed one.
-            let ctx = CONTEXT
-                .try_with(|c| c.get() as *mut c_void)
-                .unwrap_or(std::ptr::null_mut());
-            sys::preserving_errno(|| call_program(sig as c_int, &mut info, ctx, true));
-        }
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let _ = INFOS.try_with(|v| {
+            // SAFETY: this thread's own storage.
+            info = unsafe { (*v.get())[sig] };
+        });
+        sys::preserving_errno(|| sys::requeue_signal(sig as c_int, &info));
     }
 }
 
@@ -249,7 +250,7 @@ fn install_kernel_action(sig: c_int, act: &libc::sigaction) -> Result<(), Errno>
     let mut k = *act;
     if deferrable(sig) && is_handler(act.sa_sigaction) {
         k.sa_sigaction = defer_trampoline as *const () as usize;
-        k.sa_flags |= libc::SA_SIGINFO;
+        k.sa_flags = (k.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
     }
     // SAFETY: a valid sigaction.
     if unsafe { real::sigaction(sig, &k, std::ptr::null_mut()) } != 0 {
