@@ -1,6 +1,6 @@
 //! open/close/dup family: keeps the descriptor table of pmem files.
 
-use super::{check_int, enter_critical as enter};
+use super::{check_int, enter};
 use crate::real;
 use crate::state;
 use libc::{c_char, c_int, c_long, c_uint, mode_t};

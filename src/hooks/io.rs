@@ -6,7 +6,7 @@
 //! Writes: under the shadow's io lock, the kernel writes the backing, then
 //! the same bytes go into the shadow and are noted dirty for the next sync.
 
-use super::{check_int, check_ssize, enter_critical as enter};
+use super::{check_int, check_ssize, enter};
 use crate::real;
 use crate::state::{self, FileState};
 use crate::sys::{self, Errno};
@@ -36,25 +36,30 @@ fn written_at(fd: c_int, at: At, n: usize) -> Option<u64> {
     }
 }
 
+/// The first `n` bytes of the buffers of `iov`, as (position among those
+/// bytes, address, length) per buffer.
+fn iov_parts(iov: &[iovec], n: usize) -> impl Iterator<Item = (usize, *mut u8, usize)> + '_ {
+    iov.iter()
+        .scan(0usize, move |pos, v| {
+            let at = *pos;
+            let len = v.iov_len.min(n.saturating_sub(at));
+            *pos += len;
+            Some((at, v.iov_base as *mut u8, len))
+        })
+        .filter(|&(_, _, len)| len > 0)
+}
+
 /// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
 fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: u64) {
     if f.shadow.is_lazy() {
         return patch_from_lazy_shadow(f, data_fd, iov, n, off);
     }
-    let mut n = n;
-    let mut off = off;
-    for v in iov {
-        if n == 0 {
-            break;
-        }
-        let len = v.iov_len.min(n);
+    for (pos, p, len) in iov_parts(iov, n) {
         // SAFETY: the kernel just wrote `len` bytes there for the caller.
-        let buf = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, len) };
-        if sys::pread_full(data_fd, buf, off).is_err() {
+        let buf = unsafe { std::slice::from_raw_parts_mut(p, len) };
+        if sys::pread_full(data_fd, buf, off + pos as u64).is_err() {
             return;
         }
-        n -= len;
-        off += len as u64;
     }
 }
 
@@ -86,36 +91,25 @@ fn patch_from_lazy_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, 
 }
 
 /// Copies `bytes` into the buffers of `iov` at logical position `pos`.
-fn iov_put(iov: &[iovec], mut pos: usize, mut bytes: &[u8]) {
-    for v in iov {
-        if bytes.is_empty() {
-            break;
+fn iov_put(iov: &[iovec], pos: usize, bytes: &[u8]) {
+    let end = pos + bytes.len();
+    for (at, p, len) in iov_parts(iov, end) {
+        let (a, b) = (pos.max(at), end.min(at + len));
+        if a < b {
+            // SAFETY: within the caller's buffer, which the kernel just filled.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes[a - pos..].as_ptr(), p.add(a - at), b - a)
+            };
         }
-        if pos >= v.iov_len {
-            pos -= v.iov_len;
-            continue;
-        }
-        let k = (v.iov_len - pos).min(bytes.len());
-        // SAFETY: within the caller's buffer, which the kernel just filled.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), (v.iov_base as *mut u8).add(pos), k)
-        };
-        bytes = &bytes[k..];
-        pos = 0;
     }
 }
 
 /// The first `n` bytes of the buffers of `iov`, gathered.
-fn iov_gather(iov: &[iovec], mut n: usize) -> Vec<u8> {
+fn iov_gather(iov: &[iovec], n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n);
-    for v in iov {
-        if n == 0 {
-            break;
-        }
-        let len = v.iov_len.min(n);
+    for (_, p, len) in iov_parts(iov, n) {
         // SAFETY: the caller's buffer, which the kernel just read.
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, len) });
-        n -= len;
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
     }
     out
 }
@@ -127,8 +121,8 @@ fn copy_to_shadow(
     f: &FileState,
     data_fd: i32,
     iov: &[iovec],
-    mut n: usize,
-    mut off: u64,
+    n: usize,
+    off: u64,
 ) -> Result<(), Errno> {
     if f.shadow.is_lazy() {
         // Gathered before the fill lock: the buffer may be a lazy mapping.
@@ -136,16 +130,10 @@ fn copy_to_shadow(
         f.shadow.record_backing(f.backing_fd);
         return Ok(());
     }
-    for v in iov {
-        if n == 0 {
-            break;
-        }
-        let len = v.iov_len.min(n);
+    for (pos, p, len) in iov_parts(iov, n) {
         // SAFETY: the caller's buffer, which the kernel just read.
-        let buf = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, len) };
-        sys::pwrite_all(data_fd, buf, off)?;
-        n -= len;
-        off += len as u64;
+        let buf = unsafe { std::slice::from_raw_parts(p, len) };
+        sys::pwrite_all(data_fd, buf, off + pos as u64)?;
     }
     f.shadow.record_backing(f.backing_fd);
     Ok(())
@@ -710,3 +698,35 @@ macro_rules! copy_hook {
 
 copy_hook!(copy_file_range, "copy_file_range(2)");
 copy_hook!(splice, "splice(2)");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iovec_parts_cover_the_first_n_bytes() {
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 0];
+        let mut c = [0u8; 8];
+        let iov = [
+            iovec {
+                iov_base: a.as_mut_ptr() as *mut c_void,
+                iov_len: 4,
+            },
+            iovec {
+                iov_base: b.as_mut_ptr() as *mut c_void,
+                iov_len: 0,
+            },
+            iovec {
+                iov_base: c.as_mut_ptr() as *mut c_void,
+                iov_len: 8,
+            },
+        ];
+        let parts: Vec<(usize, usize)> = iov_parts(&iov, 10).map(|(p, _, l)| (p, l)).collect();
+        assert_eq!(parts, vec![(0, 4), (4, 6)]);
+        iov_put(&iov, 2, b"xyzw");
+        assert_eq!(&a, b"\0\0xy");
+        assert_eq!(&c[..3], b"zw\0");
+        assert_eq!(iov_gather(&iov, 6), b"\0\0xyzw");
+    }
+}

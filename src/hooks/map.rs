@@ -1,7 +1,7 @@
 //! mmap/munmap/mremap/madvise/mprotect: shadow mappings for unaware callers,
 //! direct mappings for DAX-aware ones.
 
-use super::enter_critical as enter;
+use super::enter;
 use crate::real;
 use crate::state::{self, Mapping, REG, SHADOW_MAPS};
 use crate::stats::{add, STATS};

@@ -38,24 +38,15 @@ pub fn in_shim() -> bool {
 }
 
 /// Enters the shim unless this thread is already inside it or the shim is
-/// not initialised yet.
+/// not initialised yet. Handlers of asynchronous signals that arrive inside
+/// are deferred until the thread leaves (see [`signal`]), so that a
+/// handler's own I/O never runs nested inside the shim.
 #[inline]
 pub fn enter() -> Option<Entered> {
     if !READY.load(Ordering::Acquire) {
         return None;
     }
     enter_always()
-}
-
-/// A section that changes shadow state. Handlers of asynchronous signals
-/// that arrive inside it are deferred until the thread leaves the shim
-/// (see [`signal`]), so that a handler's own I/O never runs nested inside
-/// it (bypassing the shadow, or waiting for a lock the thread holds).
-pub type Critical = Entered;
-
-#[inline]
-pub fn enter_critical() -> Option<Critical> {
-    enter()
 }
 
 /// Enters even before `READY` (the constructor itself).
