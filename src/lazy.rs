@@ -33,7 +33,7 @@ pub const CHUNK: u64 = 64 << 10;
 /// Can this process fill shadows lazily? (Configuration allows it, the
 /// tracker is userfaultfd and the kernel serves kernel-side faults.)
 pub fn capable() -> bool {
-    crate::state::rt().cfg.lazy && track::tracker().name() == "uffd" && uffd::lazy_ok()
+    crate::state::rt().cfg.lazy && track::tracker().fills_lazily()
 }
 
 /// One bit per chunk of a file: the chunks whose pages this process may
@@ -129,7 +129,7 @@ const MAX_WINDOW: u64 = 32 * CHUNK;
 fn fault_thread(fd: i32) {
     // Signals are for the program's threads; hooks pass straight through.
     let _signals = sys::SignalBlock::all();
-    let _inside = crate::hooks::enter_always();
+    let _inside = crate::reentry::enter_always();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut seq = Sequence::default();
     let r = uffd::serve_faults(fd, &mut |f| on_fault(f, &mut seq, &mut buf));

@@ -37,7 +37,9 @@ mod lock;
 mod persist;
 mod ranges;
 mod real;
+mod reentry;
 mod shadow;
+mod sigchain;
 mod state;
 mod stats;
 mod sys;
@@ -57,8 +59,8 @@ pub use hooks::io::{
     preadv64v2, pwrite, pwrite64, pwritev, pwritev2, pwritev64, pwritev64v2, read, readv, truncate,
     truncate64, write, writev,
 };
-pub use hooks::map::{madvise, mmap, mmap64, mremap, munmap};
-pub use hooks::signal::{mprotect, sigaction, signal};
+pub use hooks::map::{madvise, mmap, mmap64, mprotect, mremap, munmap};
+pub use hooks::signal::{sigaction, signal};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
 
 use std::path::Path;
@@ -70,7 +72,7 @@ fn config_error(msg: &str) -> ! {
 }
 
 extern "C" fn atfork_prepare() {
-    if let Some(g) = hooks::enter() {
+    if let Some(g) = reentry::enter() {
         state::atfork_prepare();
         std::mem::forget(g); // stay "inside" until parent/child handler
     }
@@ -87,13 +89,13 @@ extern "C" fn atfork_child() {
 }
 
 fn leave_after_fork() {
-    drop(hooks::Entered::assume_entered());
+    drop(reentry::Entered::assume_entered());
 }
 
 /// Load-time constructor: resolve real functions, parse the configuration,
 /// pick the flush instruction and the tracker, adopt inherited descriptors.
 extern "C" fn daxshim_init() {
-    let Some(_g) = hooks::enter_always() else {
+    let Some(_g) = reentry::enter_always() else {
         return;
     };
     let mut missing = real::resolve_all();
@@ -160,8 +162,8 @@ extern "C" fn daxshim_init() {
             Some(atfork_child),
         );
     }
-    hooks::signal::adopt_installed_handlers();
-    state::READY.store(true, Ordering::Release);
+    sigchain::adopt_installed_handlers();
+    reentry::READY.store(true, Ordering::Release);
     state::scan_inherited_fds();
 }
 
@@ -187,14 +189,14 @@ fn dax_mount_devices(mountinfo: &str) -> Vec<u64> {
 /// Runs at exit (after the program's own destructors): write back
 /// everything, detach from every shadow, write the stats.
 extern "C" fn daxshim_fini() {
-    if !state::READY.load(Ordering::Acquire) {
+    if !reentry::READY.load(Ordering::Acquire) {
         return;
     }
-    let Some(_g) = hooks::enter() else {
+    let Some(_g) = reentry::enter() else {
         return;
     };
     state::shutdown();
-    state::READY.store(false, Ordering::Release);
+    reentry::READY.store(false, Ordering::Release);
     let rt = state::rt();
     if let Some(p) = &rt.cfg.stats {
         let path = stats::expand_path(p, sys::getpid());

@@ -35,7 +35,6 @@ pub struct Runtime {
 }
 
 pub static RT: OnceLock<Runtime> = OnceLock::new();
-pub static READY: AtomicBool = AtomicBool::new(false);
 
 pub fn rt() -> &'static Runtime {
     RT.get()
@@ -408,7 +407,7 @@ pub fn scan_inherited_fds() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     for fd in fds {
-        if track::uffd::owned_fds().contains(&fd) {
+        if track::tracker().owns_fd(fd) {
             continue;
         }
         // Only descriptors that are still open (the read_dir one is gone).
@@ -926,7 +925,7 @@ pub fn atfork_child() {
     let mut lazy_failed = Vec::new();
     for m in reg.maps.values_mut() {
         if m.lazy {
-            let r = if tracking && track::uffd::lazy_ok() {
+            let r = if tracking && track::tracker().fills_lazily() {
                 crate::lazy::start().map_err(|e| {
                     warn!("{e}");
                     Errno(libc::EAGAIN)
@@ -934,7 +933,7 @@ pub fn atfork_child() {
             } else {
                 Err(Errno(libc::ENOTSUP))
             };
-            if r.and_then(|()| track::uffd::register_lazy(m.start, m.len, m.tracked))
+            if r.and_then(|()| track::tracker().register_lazy(m.start, m.len, m.tracked))
                 .is_ok()
             {
                 continue;

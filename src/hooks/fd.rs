@@ -1,12 +1,13 @@
 //! open/close/dup family: keeps the descriptor table of pmem files.
 
-use super::{check_int, enter};
+use super::check_int;
+use crate::reentry::enter;
 use crate::real;
 use crate::state;
 use libc::{c_char, c_int, c_long, c_uint, mode_t};
 
 fn opened(fd: c_int, flags: c_int) -> c_int {
-    if fd < 0 || !crate::state::READY.load(std::sync::atomic::Ordering::Acquire) {
+    if fd < 0 || !crate::reentry::READY.load(std::sync::atomic::Ordering::Acquire) {
         return fd;
     }
     // Classifying uses raw system calls only: most files are not pmem and

@@ -6,7 +6,8 @@
 //! Writes: under the shadow's io lock, the kernel writes the backing, then
 //! the same bytes go into the shadow and are noted dirty for the next sync.
 
-use super::{check_int, check_ssize, enter};
+use super::{check_int, check_ssize};
+use crate::reentry::enter;
 use crate::real;
 use crate::state::{self, FileState};
 use crate::sys::{self, Errno};
@@ -268,11 +269,11 @@ macro_rules! io_hook {
         pub unsafe extern "C" fn $name($fd: c_int $(, $a: $t)*) -> ssize_t {
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let kernel = || unsafe { $kernel };
-            if stringify!($imp) == "read_impl" && crate::track::mprotect::active() {
+            if stringify!($imp) == "read_impl" && crate::track::write_protects_pages() {
                 // SAFETY: as below.
                 #[allow(unused_unsafe)]
                 for v in unsafe { $iov } {
-                    crate::track::mprotect::before_kernel_stores(v.iov_base as usize, v.iov_len);
+                    crate::track::tracker().before_kernel_stores(v.iov_base as usize, v.iov_len);
                 }
             }
             if !state::fd_maybe_pmem($fd) {

@@ -1,7 +1,7 @@
 //! mmap/munmap/mremap/madvise/mprotect: shadow mappings for unaware callers,
 //! direct mappings for DAX-aware ones.
 
-use super::enter;
+use crate::reentry::enter;
 use crate::real;
 use crate::state::{self, Mapping, REG, SHADOW_MAPS};
 use crate::stats::{add, STATS};
@@ -256,7 +256,7 @@ fn watch_lazy(
     len: usize,
     track: bool,
 ) -> Result<bool, String> {
-    match track::uffd::register_lazy(addr, len, track) {
+    match track::tracker().register_lazy(addr, len, track) {
         Ok(()) => Ok(true),
         Err(e) => {
             warn!(
@@ -270,7 +270,7 @@ fn watch_lazy(
     }
 }
 
-fn map_ret(g: &super::Entered, r: Result<*mut c_void, Errno>) -> *mut c_void {
+fn map_ret(g: &crate::reentry::Entered, r: Result<*mut c_void, Errno>) -> *mut c_void {
     match r {
         Ok(p) => {
             g.restore_errno();
@@ -419,7 +419,7 @@ fn mremap_impl(
         if !lazy && tracked {
             // The mprotect tracker's state for the old range went with it
             // (forget_range): it tracks the whole new range afresh.
-            let r = if n != o || track::mprotect::active() {
+            let r = if n != o || track::write_protects_pages() {
                 track::tracker().track_with_prot(n, new_span, *prot)
             } else if new_span > old_span {
                 track::tracker().arm(o + old_span, new_span - old_span)
@@ -490,11 +490,11 @@ fn drops_ptes(advice: c_int) -> bool {
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let real = || unsafe { real::madvise(addr, len, advice) };
-    if advice == MADV_POPULATE_WRITE && track::mprotect::active() {
+    if advice == MADV_POPULATE_WRITE && track::write_protects_pages() {
         // Write-protected clean pages would make the kernel refuse (EINVAL)
         // what it grants on the program's own protection: open them, as a
         // store would.
-        track::mprotect::before_kernel_stores(addr as usize, len);
+        track::tracker().before_kernel_stores(addr as usize, len);
     }
     if !drops_ptes(advice) || no_shadow_maps() {
         return real();
@@ -551,4 +551,18 @@ fn remove_impl(addr: usize, len: usize, real: impl FnOnce() -> c_int) -> Result<
     }
     drop(guards);
     Ok(r)
+}
+
+/// # Safety
+/// C ABI, contract of mprotect(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: libc::size_t, prot: c_int) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments.
+    let r = unsafe { real::mprotect(addr, len, prot) };
+    if r == 0 && track::write_protects_pages() {
+        if let Some(_g) = enter() {
+            track::tracker().on_program_mprotect(addr as usize, len, prot);
+        }
+    }
+    r
 }

@@ -1,7 +1,8 @@
 //! msync/fsync/fdatasync/sync_file_range/syncfs/sync: write back the
 //! changed cachelines of shadowed files, then let the kernel do its part.
 
-use super::{check_int, enter, Entered};
+use super::check_int;
+use crate::reentry::{enter, Entered};
 use crate::real;
 use crate::state::{self, REG, SHADOW_MAPS};
 use crate::sys::{self, Errno, PAGE};

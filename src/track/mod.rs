@@ -37,6 +37,26 @@ pub trait DirtyTracker: Sync {
     /// In a forked child: drop the parent's handles and start afresh (the
     /// caller then tracks its ranges again).
     fn after_fork_child(&self) -> SysResult<()>;
+    /// The kernel is about to store into `[addr, addr+len)` for the program
+    /// (only called where [`write_protects_pages`]).
+    fn before_kernel_stores(&self, _addr: usize, _len: usize) {}
+    /// The program changed the protection of `[addr, addr+len)`.
+    fn on_program_mprotect(&self, _addr: usize, _len: usize, _prot: i32) {}
+    /// Can missing pages of shadow mappings be filled on first access
+    /// ([`crate::lazy`])? Needs a userfaultfd that serves the kernel's own
+    /// faults too.
+    fn fills_lazily(&self) -> bool {
+        false
+    }
+    /// Registers a lazily filled mapping (missing and minor faults go to the
+    /// fault thread); `track`: its stores are tracked as well.
+    fn register_lazy(&self, _addr: usize, _len: usize, _track: bool) -> SysResult<()> {
+        Err(crate::sys::Errno(libc::ENOTSUP))
+    }
+    /// Is `fd` one of the tracker's own descriptors?
+    fn owns_fd(&self, _fd: i32) -> bool {
+        false
+    }
 }
 
 pub struct CompareTracker;
@@ -108,6 +128,16 @@ pub fn select(kind: TrackerKind) -> Result<&'static dyn DirtyTracker, String> {
     };
     CHOSEN.store(chosen, Ordering::Relaxed);
     Ok(tracker())
+}
+
+/// Does the tracker in use make clean pages read-only? Then the kernel's own
+/// stores into them (`read()` into a mapped buffer, `MADV_POPULATE_WRITE`)
+/// need [`DirtyTracker::before_kernel_stores`] first, and the program's
+/// `mprotect` calls [`DirtyTracker::on_program_mprotect`]. One relaxed load:
+/// the read hooks ask on every call.
+#[inline]
+pub fn write_protects_pages() -> bool {
+    CHOSEN.load(Ordering::Relaxed) == USE_MPROTECT
 }
 
 /// Falls back to full compare (a forked child that cannot track).

@@ -9,7 +9,7 @@
 //!   next sync compares it entirely. A store never stays unable to complete.
 //! - The program's own SIGSEGV handler keeps working: `sigaction`/`signal`
 //!   for SIGSEGV are interposed while this tracker runs (see
-//!   `hooks::signal`), faults that are not ours go to the program's action.
+//!   `sigchain`), faults that are not ours go to the program's action.
 //! - Kernel-side stores (`read(2)` into a shadow page) would fail with EFAULT
 //!   on a read-only page: the read hooks open the destination pages first
 //!   ([`before_kernel_stores`]).
@@ -59,19 +59,11 @@ const EMPTY: Slot = Slot {
 static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 /// Serialises changes to `TABLE` and harvests (never taken by the handler).
 static TABLE_LOCK: Lock<()> = Lock::new(());
-static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Slots in use (0: the read hooks skip the lookup).
 static USED: AtomicUsize = AtomicUsize::new(0);
 
-/// Is this tracker the one running?
-#[inline]
-pub fn active() -> bool {
-    ACTIVE.load(Ordering::Relaxed)
-}
-
 pub fn init() -> Result<(), String> {
-    crate::hooks::signal::install_segv_handler(on_segv)?;
-    ACTIVE.store(true, Ordering::Relaxed);
+    crate::sigchain::install_segv_handler(on_segv)?;
     Ok(())
 }
 
@@ -127,7 +119,7 @@ fn on_segv(info: &libc::siginfo_t) -> bool {
 /// Before the kernel stores into `[addr, addr+len)` on the program's
 /// behalf: tracked pages there are recorded and opened (the kernel would
 /// get EFAULT from a read-only page instead of a signal).
-pub fn before_kernel_stores(addr: usize, len: usize) {
+fn before_kernel_stores(addr: usize, len: usize) {
     if USED.load(Ordering::Relaxed) == 0 || len == 0 {
         return;
     }
@@ -142,7 +134,7 @@ pub fn before_kernel_stores(addr: usize, len: usize) {
 }
 
 /// Starts tracking `[addr, addr+len)`: write-protects it.
-pub fn track(addr: usize, len: usize, prot: i32) -> SysResult<()> {
+fn track(addr: usize, len: usize, prot: i32) -> SysResult<()> {
     let _g = TABLE_LOCK.lock();
     remove_locked(addr, len);
     let Some(slot) = TABLE.iter().find(|s| s.lo.load(Ordering::Relaxed) == 0) else {
@@ -165,7 +157,7 @@ pub fn track(addr: usize, len: usize, prot: i32) -> SysResult<()> {
 }
 
 /// Stops tracking `[addr, addr+len)` (unmapped or moved).
-pub fn untrack(addr: usize, len: usize) {
+fn untrack(addr: usize, len: usize) {
     let _g = TABLE_LOCK.lock();
     remove_locked(addr, len);
 }
@@ -227,7 +219,7 @@ fn remove_locked(addr: usize, len: usize) {
 /// The program changed the protection of `[addr, addr+len)`: stores it now
 /// allows are not tracked page by page, so tracked slots there count as
 /// all dirty until the next harvest protects them again.
-pub fn on_mprotect(addr: usize, len: usize, prot: i32) {
+fn on_mprotect(addr: usize, len: usize, prot: i32) {
     let _g = TABLE_LOCK.lock();
     let end = addr.saturating_add(len);
     for s in TABLE.iter() {
@@ -244,7 +236,7 @@ pub fn on_mprotect(addr: usize, len: usize, prot: i32) {
 /// Bits are taken *before* the pages are protected: a store between the two
 /// lands before the caller copies the page; one after faults and sets its
 /// bit again (the handler opens the page before setting it).
-pub fn harvest(addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
+fn harvest(addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
     let _g = TABLE_LOCK.lock();
     let end = addr.saturating_add(len);
     for s in TABLE.iter() {
@@ -352,5 +344,11 @@ impl super::DirtyTracker for MprotectTracker {
         // SAFETY: no other thread exists in the child.
         unsafe { TABLE_LOCK.force_unlock() };
         Ok(())
+    }
+    fn before_kernel_stores(&self, addr: usize, len: usize) {
+        before_kernel_stores(addr, len)
+    }
+    fn on_program_mprotect(&self, addr: usize, len: usize, prot: i32) {
+        on_mprotect(addr, len, prot)
     }
 }

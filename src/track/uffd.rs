@@ -421,4 +421,13 @@ impl super::DirtyTracker for UffdTracker {
     fn after_fork_child(&self) -> SysResult<()> {
         reinit_in_child()
     }
+    fn fills_lazily(&self) -> bool {
+        lazy_ok()
+    }
+    fn register_lazy(&self, addr: usize, len: usize, track: bool) -> SysResult<()> {
+        register_lazy(addr, len, track)
+    }
+    fn owns_fd(&self, fd: i32) -> bool {
+        owned_fds().contains(&fd)
+    }
 }
