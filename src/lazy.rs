@@ -16,9 +16,10 @@
 //!   mappings lost the chunk's page table entries, and only the pages whose
 //!   bytes equal the backing's (so no store, synced or not, is lost).
 
+use crate::file::FileState;
 use crate::lock::Lock;
 use crate::ranges::RangeSet;
-use crate::state::{FileState, REG};
+use crate::registry::REG;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, SysResult, PAGE};
 use crate::track::{self, uffd};
@@ -33,7 +34,7 @@ pub const CHUNK: u64 = 64 << 10;
 /// Can this process fill shadows lazily? (Configuration allows it, the
 /// tracker is userfaultfd and the kernel serves kernel-side faults.)
 pub fn capable() -> bool {
-    crate::state::rt().cfg.lazy && track::tracker().fills_lazily()
+    crate::runtime::rt().cfg.lazy && track::tracker().fills_lazily()
 }
 
 /// One bit per chunk of a file: the chunks whose pages this process may
@@ -317,7 +318,7 @@ fn present_range(file: &FileState, data_fd: i32, size: u64, a: u64, b: u64, out:
     let need = sys::page_up(size as usize);
     if view.1 < need {
         let need = need.next_power_of_two(); // room to grow
-        crate::state::unmap_view(&mut view);
+        crate::writeback::unmap_view(&mut view);
         // SAFETY: a fresh PROT_NONE mapping the kernel places; never read.
         match unsafe {
             sys::mmap(
@@ -391,7 +392,7 @@ static FILLED_BYTES: AtomicU64 = AtomicU64::new(0);
 const EVICT_TRIES: usize = 64;
 
 fn account(file: &Arc<FileState>, chunk: u64, bytes: u64) {
-    let Some(max) = crate::state::rt().cfg.cache_max else {
+    let Some(max) = crate::runtime::rt().cfg.cache_max else {
         return;
     };
     FILLED.lock().push_back(Filled {
@@ -457,7 +458,7 @@ fn evict_chunk(file: &Arc<FileState>, chunk: u64) -> SysResult<bool> {
             let va = m.start + (a - m.off) as usize;
             let n = (b - a) as usize;
             if m.tracked {
-                crate::state::harvest_mapping(m, va, va + n, &mut written);
+                crate::registry::harvest_mapping(m, va, va + n, &mut written);
             }
             sys::madvise(va, n, libc::MADV_DONTNEED)?;
         }

@@ -30,20 +30,26 @@
 #[macro_use]
 mod log;
 
+mod classify;
 mod config;
+mod fdtable;
+mod file;
 mod hooks;
 mod lazy;
+mod lifecycle;
 mod lock;
 mod persist;
 mod ranges;
 mod real;
 mod reentry;
+mod registry;
+mod runtime;
 mod shadow;
 mod sigchain;
-mod state;
 mod stats;
 mod sys;
 mod track;
+mod writeback;
 
 /// Per-mapping DAX opt-in flag (also in `include/daxshim.h`).
 pub const MAP_DAX: i32 = hooks::map::MAP_DAX;
@@ -73,18 +79,18 @@ fn config_error(msg: &str) -> ! {
 
 extern "C" fn atfork_prepare() {
     if let Some(g) = reentry::enter() {
-        state::atfork_prepare();
+        crate::lifecycle::atfork_prepare();
         std::mem::forget(g); // stay "inside" until parent/child handler
     }
 }
 
 extern "C" fn atfork_parent() {
-    state::atfork_parent();
+    crate::lifecycle::atfork_parent();
     leave_after_fork();
 }
 
 extern "C" fn atfork_child() {
-    state::atfork_child();
+    crate::lifecycle::atfork_child();
     leave_after_fork();
 }
 
@@ -146,7 +152,7 @@ extern "C" fn daxshim_init() {
         flush.name(),
         cfg.pmem_dirs
     );
-    let _ = state::RT.set(state::Runtime {
+    let _ = crate::runtime::RT.set(crate::runtime::Runtime {
         cfg,
         flush,
         pmem_devs,
@@ -164,7 +170,7 @@ extern "C" fn daxshim_init() {
     }
     sigchain::adopt_installed_handlers();
     reentry::READY.store(true, Ordering::Release);
-    state::scan_inherited_fds();
+    crate::fdtable::scan_inherited_fds();
 }
 
 /// Devices of file systems mounted with `dax` or `dax=always` (not
@@ -195,9 +201,9 @@ extern "C" fn daxshim_fini() {
     let Some(_g) = reentry::enter() else {
         return;
     };
-    state::shutdown();
+    crate::lifecycle::shutdown();
     reentry::READY.store(false, Ordering::Release);
-    let rt = state::rt();
+    let rt = crate::runtime::rt();
     if let Some(p) = &rt.cfg.stats {
         let path = stats::expand_path(p, sys::getpid());
         let json = stats::STATS.to_json(track::tracker().name(), rt.flush.name());

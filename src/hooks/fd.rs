@@ -1,9 +1,8 @@
 //! open/close/dup family: keeps the descriptor table of pmem files.
 
 use super::check_int;
-use crate::reentry::enter;
 use crate::real;
-use crate::state;
+use crate::reentry::enter;
 use libc::{c_char, c_int, c_long, c_uint, mode_t};
 
 fn opened(fd: c_int, flags: c_int) -> c_int {
@@ -12,11 +11,11 @@ fn opened(fd: c_int, flags: c_int) -> c_int {
     }
     // Classifying uses raw system calls only: most files are not pmem and
     // never enter the shim (nor pay for blocking signals).
-    let Some(class) = crate::sys::preserving_errno(|| state::classify(fd)) else {
+    let Some(class) = crate::sys::preserving_errno(|| crate::classify::classify(fd)) else {
         return fd;
     };
     if let Some(_g) = enter() {
-        crate::sys::preserving_errno(|| state::on_open_classified(fd, flags, class));
+        crate::sys::preserving_errno(|| crate::fdtable::on_open_classified(fd, flags, class));
     }
     fd
 }
@@ -119,9 +118,9 @@ pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: 
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    if state::fd_maybe_pmem(fd) {
+    if crate::fdtable::fd_maybe_pmem(fd) {
         if let Some(_g) = enter() {
-            crate::sys::preserving_errno(|| state::on_close(fd));
+            crate::sys::preserving_errno(|| crate::fdtable::on_close(fd));
         }
     }
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
@@ -131,7 +130,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 fn duped(oldfd: c_int, newfd: c_int) -> c_int {
     if newfd >= 0 {
         if let Some(_g) = enter() {
-            crate::sys::preserving_errno(|| state::on_dup(oldfd, newfd));
+            crate::sys::preserving_errno(|| crate::fdtable::on_dup(oldfd, newfd));
         }
     }
     newfd
@@ -192,7 +191,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let r = unsafe { real::close_range(first, last, flags) };
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         if let Some(_g) = enter() {
-            crate::sys::preserving_errno(|| state::on_close_range(first, last));
+            crate::sys::preserving_errno(|| crate::fdtable::on_close_range(first, last));
         }
     }
     r
@@ -205,6 +204,8 @@ pub unsafe extern "C" fn closefrom(first: c_int) {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { real::closefrom(first) };
     if let Some(_g) = enter() {
-        crate::sys::preserving_errno(|| state::on_close_range(first.max(0) as u32, u32::MAX));
+        crate::sys::preserving_errno(|| {
+            crate::fdtable::on_close_range(first.max(0) as u32, u32::MAX)
+        });
     }
 }

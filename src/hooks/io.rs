@@ -7,9 +7,9 @@
 //! the same bytes go into the shadow and are noted dirty for the next sync.
 
 use super::{check_int, check_ssize};
-use crate::reentry::enter;
+use crate::file::FileState;
 use crate::real;
-use crate::state::{self, FileState};
+use crate::reentry::enter;
 use crate::sys::{self, Errno};
 use libc::{c_char, c_int, c_void, iovec, off64_t, size_t, ssize_t};
 use std::sync::Arc;
@@ -191,7 +191,7 @@ fn read_impl(
     at: At,
     kernel: impl FnOnce() -> isize,
 ) -> Result<isize, Errno> {
-    let Some(f) = state::lookup_fd(fd) else {
+    let Some(f) = crate::fdtable::lookup_fd(fd) else {
         return check_ssize(kernel());
     };
     let n = check_ssize(kernel())?;
@@ -214,7 +214,7 @@ fn write_impl(
     at: At,
     kernel: impl FnOnce() -> isize,
 ) -> Result<isize, Errno> {
-    let Some(f) = state::lookup_fd(fd) else {
+    let Some(f) = crate::fdtable::lookup_fd(fd) else {
         return check_ssize(kernel());
     };
     let _io = f.shadow.io_lock();
@@ -276,7 +276,7 @@ macro_rules! io_hook {
                     crate::track::tracker().before_kernel_stores(v.iov_base as usize, v.iov_len);
                 }
             }
-            if !state::fd_maybe_pmem($fd) {
+            if !crate::fdtable::fd_maybe_pmem($fd) {
                 return kernel();
             }
             match enter() {
@@ -329,7 +329,7 @@ pub unsafe extern "C" fn __read_chk(
     n: size_t,
     buflen: size_t,
 ) -> ssize_t {
-    if n > buflen || !state::fd_maybe_pmem(fd) {
+    if n > buflen || !crate::fdtable::fd_maybe_pmem(fd) {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::__read_chk(fd, buf, n, buflen) };
     }
@@ -347,7 +347,7 @@ pub unsafe extern "C" fn __pread64_chk(
     off: off64_t,
     buflen: size_t,
 ) -> ssize_t {
-    if n > buflen || !state::fd_maybe_pmem(fd) {
+    if n > buflen || !crate::fdtable::fd_maybe_pmem(fd) {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::__pread64_chk(fd, buf, n, off, buflen) };
     }
@@ -401,12 +401,12 @@ fn ftruncate_impl(f: Arc<FileState>, kernel: impl FnOnce() -> c_int) -> Result<i
 pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::ftruncate64(fd, len) };
-    if !state::fd_maybe_pmem(fd) {
+    if !crate::fdtable::fd_maybe_pmem(fd) {
         return kernel();
     }
     match enter() {
         None => kernel(),
-        Some(g) => match state::lookup_fd(fd) {
+        Some(g) => match crate::fdtable::lookup_fd(fd) {
             None => g.ret(check_int(kernel())),
             Some(f) => g.ret(ftruncate_impl(f, kernel)),
         },
@@ -428,13 +428,13 @@ fn truncate_impl(path: *const c_char, len: off64_t) -> Result<i32, Errno> {
     // SAFETY: the kernel accepted `path` as a C string.
     let cpath = unsafe { std::ffi::CStr::from_ptr(path) };
     if let Ok(fd) = sys::open(cpath, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
-        if state::classify(fd).is_some() {
-            state::on_open(fd, 0);
-            if let Some(f) = state::lookup_fd(fd) {
+        if crate::classify::classify(fd).is_some() {
+            crate::fdtable::on_open(fd, 0);
+            if let Some(f) = crate::fdtable::lookup_fd(fd) {
                 let _io = f.shadow.io_lock();
                 let _ = follow_size(&f);
             }
-            state::on_close(fd);
+            crate::fdtable::on_close(fd);
         }
         sys::close(fd);
     }
@@ -528,12 +528,12 @@ fn fallocate_impl(
 pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::fallocate64(fd, mode, off, len) };
-    if !state::fd_maybe_pmem(fd) {
+    if !crate::fdtable::fd_maybe_pmem(fd) {
         return kernel();
     }
     match enter() {
         None => kernel(),
-        Some(g) => match state::lookup_fd(fd) {
+        Some(g) => match crate::fdtable::lookup_fd(fd) {
             None => g.ret(check_int(kernel())),
             Some(f) => g.ret(fallocate_impl(f, mode, off, len, kernel)),
         },
@@ -556,12 +556,12 @@ pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off64_t, len: of
 pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::posix_fallocate64(fd, off, len) };
-    if !state::fd_maybe_pmem(fd) {
+    if !crate::fdtable::fd_maybe_pmem(fd) {
         return kernel();
     }
     match enter() {
         None => kernel(),
-        Some(g) => match state::lookup_fd(fd) {
+        Some(g) => match crate::fdtable::lookup_fd(fd) {
             None => kernel(),
             Some(f) => {
                 let _io = f.shadow.io_lock();
@@ -593,7 +593,7 @@ pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off64_t, len: off64_t) 
 
 /// Before the kernel reads `fd`: its shadow's dirty lines go to the backing.
 fn before_kernel_reads(fd: c_int) -> Result<(), Errno> {
-    match state::lookup_fd(fd) {
+    match crate::fdtable::lookup_fd(fd) {
         Some(f) if f.shadow.data().is_some() => f.sync(None, false),
         _ => Ok(()),
     }
@@ -605,7 +605,7 @@ fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
     if n <= 0 {
         return;
     }
-    let Some(f) = state::lookup_fd(fd) else {
+    let Some(f) = crate::fdtable::lookup_fd(fd) else {
         return;
     };
     let _io = f.shadow.io_lock();
@@ -631,13 +631,13 @@ fn kernel_copy(
     off_out: *mut off64_t,
     call: impl FnOnce() -> isize,
 ) -> Result<isize, Errno> {
-    if state::fd_maybe_pmem(inp) {
+    if crate::fdtable::fd_maybe_pmem(inp) {
         before_kernel_reads(inp)?;
     }
     // SAFETY: the caller's pointer, valid per the C contract when non-null.
     let out_start = (!off_out.is_null()).then(|| unsafe { *off_out } as u64);
     let n = check_ssize(call())?;
-    if state::fd_maybe_pmem(out) {
+    if crate::fdtable::fd_maybe_pmem(out) {
         after_kernel_wrote(out, out_start, n);
     }
     Ok(n)
@@ -654,7 +654,7 @@ pub unsafe extern "C" fn sendfile64(
 ) -> ssize_t {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::sendfile64(out, inp, off, n) };
-    if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
+    if !crate::fdtable::fd_maybe_pmem(out) && !crate::fdtable::fd_maybe_pmem(inp) {
         return kernel();
     }
     match enter() {
@@ -686,7 +686,7 @@ macro_rules! copy_hook {
         ) -> ssize_t {
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let kernel = || unsafe { real::$name(inp, off_in, out, off_out, n, flags) };
-            if !state::fd_maybe_pmem(out) && !state::fd_maybe_pmem(inp) {
+            if !crate::fdtable::fd_maybe_pmem(out) && !crate::fdtable::fd_maybe_pmem(inp) {
                 return kernel();
             }
             match enter() {

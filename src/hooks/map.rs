@@ -1,9 +1,9 @@
 //! mmap/munmap/mremap/madvise/mprotect: shadow mappings for unaware callers,
 //! direct mappings for DAX-aware ones.
 
-use crate::reentry::enter;
 use crate::real;
-use crate::state::{self, Mapping, REG, SHADOW_MAPS};
+use crate::reentry::enter;
+use crate::registry::{Mapping, REG, SHADOW_MAPS};
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, PAGE};
 use crate::track;
@@ -26,13 +26,13 @@ fn forget_replaced(addr: usize, len: usize) {
     if no_shadow_maps() {
         return;
     }
-    let released = state::forget_range(&mut REG.lock(), addr, sys::page_up(len));
+    let released = crate::registry::forget_range(&mut REG.lock(), addr, sys::page_up(len));
     drop(released);
 }
 
 fn harvest_before_replace(addr: usize, len: usize) {
     if !no_shadow_maps() {
-        state::harvest_range_to_pending(&REG.lock(), addr, sys::page_up(len));
+        crate::registry::harvest_range_to_pending(&REG.lock(), addr, sys::page_up(len));
     }
 }
 
@@ -78,7 +78,7 @@ fn mmap_impl(
     let file = if flags & libc::MAP_ANONYMOUS != 0 || fd < 0 {
         None
     } else {
-        match state::file_for_fd(fd) {
+        match crate::fdtable::file_for_fd(fd) {
             Ok(f) => f,
             Err(e) => {
                 warn!("fd {fd}: {e}; mapping the file directly");
@@ -102,7 +102,7 @@ fn mmap_impl(
     let typ = flags & MAP_TYPE;
     let shared = typ == libc::MAP_SHARED || typ == libc::MAP_SHARED_VALIDATE;
     let sync_flag = typ == libc::MAP_SHARED_VALIDATE && flags & libc::MAP_SYNC != 0;
-    if dax_flag || sync_flag || state::process_opted_in(&file.path) {
+    if dax_flag || sync_flag || crate::classify::process_opted_in(&file.path) {
         // DAX-aware caller: the real file mapping. Emulated pmem cannot
         // honour MAP_SYNC; the shim's contract is to strip it there.
         let kflags = if sync_flag && file.emulated {
@@ -175,7 +175,7 @@ fn mmap_impl(
     if fixed {
         // What MAP_FIXED replaced is gone: forget it (and its tracking)
         // before the new range is tracked.
-        let released = state::forget_range(&mut REG.lock(), p as usize, maplen);
+        let released = crate::registry::forget_range(&mut REG.lock(), p as usize, maplen);
         drop(released);
     }
     let mut tracked = false;
@@ -216,7 +216,7 @@ fn mmap_impl(
     }
     {
         let mut reg = REG.lock();
-        state::add_mapping(
+        crate::registry::add_mapping(
             &mut reg,
             Mapping {
                 start: p as usize,
@@ -251,7 +251,7 @@ fn mmap_impl(
 /// the kernel refuses, fills the shadow's holes instead: `Ok(false)`, an
 /// ordinary shadow mapping now. `Err`: the shadow could not be filled.
 fn watch_lazy(
-    file: &state::FileState,
+    file: &crate::file::FileState,
     addr: usize,
     len: usize,
     track: bool,
@@ -325,9 +325,9 @@ fn munmap_impl(addr: *mut c_void, len: size_t) -> Result<i32, Errno> {
     }
     let mut reg = REG.lock();
     // The tracker's dirty bits vanish with the range: keep them as pending.
-    state::harvest_range_to_pending(&reg, a, sys::page_up(len));
+    crate::registry::harvest_range_to_pending(&reg, a, sys::page_up(len));
     let r = real()?;
-    let released = state::forget_range(&mut reg, a, sys::page_up(len));
+    let released = crate::registry::forget_range(&mut reg, a, sys::page_up(len));
     drop(reg);
     drop(released);
     Ok(r)
@@ -365,9 +365,9 @@ fn mremap_impl(
     let dontunmap = flags & libc::MREMAP_DONTUNMAP != 0;
     let old_span = sys::page_up(old_len.max(1));
     let mut reg = REG.lock();
-    state::harvest_range_to_pending(&reg, o, old_span);
+    crate::registry::harvest_range_to_pending(&reg, o, old_span);
     if fixed {
-        state::harvest_range_to_pending(&reg, new_addr as usize, sys::page_up(new_len));
+        crate::registry::harvest_range_to_pending(&reg, new_addr as usize, sys::page_up(new_len));
     }
     // The shadow mapping the old range lies in, if any.
     let src = reg
@@ -395,12 +395,12 @@ fn mremap_impl(
         file.inner.lock().map_refs += 1;
         SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
         if !dontunmap {
-            released.extend(state::forget_range(&mut reg, o, old_span));
+            released.extend(crate::registry::forget_range(&mut reg, o, old_span));
         }
         if fixed || n != o {
-            released.extend(state::forget_range(&mut reg, n, new_span));
+            released.extend(crate::registry::forget_range(&mut reg, n, new_span));
         } else if new_span > old_span {
-            released.extend(state::forget_range(
+            released.extend(crate::registry::forget_range(
                 &mut reg,
                 o + old_span,
                 new_span - old_span,
@@ -450,9 +450,9 @@ fn mremap_impl(
         );
     } else {
         if !dontunmap {
-            released.extend(state::forget_range(&mut reg, o, old_span));
+            released.extend(crate::registry::forget_range(&mut reg, o, old_span));
         }
-        released.extend(state::forget_range(&mut reg, n, new_span));
+        released.extend(crate::registry::forget_range(&mut reg, n, new_span));
     }
     drop(reg);
     drop(released);
@@ -516,7 +516,7 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 /// a shared file mapping: the shadow's pages and the backing's blocks.
 fn remove_impl(addr: usize, len: usize, real: impl FnOnce() -> c_int) -> Result<i32, Errno> {
     let end = addr.saturating_add(sys::page_up(len));
-    let targets: Vec<(std::sync::Arc<state::FileState>, u64, u64)> = {
+    let targets: Vec<(std::sync::Arc<crate::file::FileState>, u64, u64)> = {
         let reg = REG.lock();
         reg.maps
             .range(..end)

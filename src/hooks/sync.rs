@@ -2,9 +2,9 @@
 //! changed cachelines of shadowed files, then let the kernel do its part.
 
 use super::check_int;
-use crate::reentry::{enter, Entered};
 use crate::real;
-use crate::state::{self, REG, SHADOW_MAPS};
+use crate::reentry::{enter, Entered};
+use crate::registry::{REG, SHADOW_MAPS};
 use crate::sys::{self, Errno, PAGE};
 use libc::{c_int, c_uint, c_void, off64_t, size_t};
 use std::sync::atomic::Ordering;
@@ -75,7 +75,7 @@ fn file_sync(
     msync_touched: bool,
     kernel: impl FnOnce() -> c_int,
 ) -> c_int {
-    let ours = match state::lookup_fd(fd) {
+    let ours = match crate::fdtable::lookup_fd(fd) {
         Some(f) => f.sync(range, msync_touched),
         None => Ok(()),
     };
@@ -91,7 +91,7 @@ fn file_sync(
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
-    if !state::fd_maybe_pmem(fd) {
+    if !crate::fdtable::fd_maybe_pmem(fd) {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::fsync(fd) };
     }
@@ -106,7 +106,7 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
-    if !state::fd_maybe_pmem(fd) {
+    if !crate::fdtable::fd_maybe_pmem(fd) {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         return unsafe { real::fdatasync(fd) };
     }
@@ -128,7 +128,11 @@ pub unsafe extern "C" fn sync_file_range(
 ) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let kernel = || unsafe { real::sync_file_range(fd, off, n, flags) };
-    if !state::fd_maybe_pmem(fd) || flags & libc::SYNC_FILE_RANGE_WRITE == 0 || off < 0 || n < 0 {
+    if !crate::fdtable::fd_maybe_pmem(fd)
+        || flags & libc::SYNC_FILE_RANGE_WRITE == 0
+        || off < 0
+        || n < 0
+    {
         return kernel();
     }
     match enter() {
@@ -155,7 +159,7 @@ pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
         None => unsafe { real::syncfs(fd) },
         Some(g) => {
             let ours = match sys::fstat(fd) {
-                Ok(st) => state::sync_all(Some(st.st_dev)),
+                Ok(st) => crate::writeback::sync_all(Some(st.st_dev)),
                 Err(_) => Ok(()),
             };
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
@@ -174,7 +178,7 @@ pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn sync() {
     if let Some(_g) = enter() {
-        let _ = state::sync_all(None);
+        let _ = crate::writeback::sync_all(None);
     }
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     unsafe { real::sync() }

@@ -269,7 +269,7 @@ pub fn reconcile(data_fd: i32, backing_fd: i32, emulated: bool, flush: FlushKind
     let how = persist::Writeback {
         flush,
         msync_touched: emulated,
-        via_fd: (emulated && !crate::state::rt().cfg.writeback_stores).then_some(backing_fd),
+        via_fd: (emulated && !crate::runtime::rt().cfg.writeback_stores).then_some(backing_fd),
     };
     let r = persist::write_back(s, b, size as u64, &all, &how);
     // SAFETY: our mappings.

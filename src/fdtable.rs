@@ -1,0 +1,161 @@
+//! The descriptor table: which descriptors are pmem files (one bit each,
+//! so that I/O on any other descriptor costs one array lookup), kept by the
+//! open/close/dup family and filled at start-up from `/proc/self/fd`.
+
+use crate::classify::classify;
+use crate::file::FileState;
+use crate::registry::{get_or_attach, release_ref, REG};
+use crate::shadow::FileId;
+use crate::sys::{self};
+use crate::track;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const FD_WORDS: usize = 1 << 14; // 1M descriptors
+pub static FD_BITS: [AtomicU64; FD_WORDS] = [const { AtomicU64::new(0) }; FD_WORDS];
+
+pub fn set_fd_bit(fd: i32, on: bool) {
+    let fd = fd as usize;
+    if fd / 64 < FD_WORDS {
+        let bit = 1u64 << (fd % 64);
+        if on {
+            FD_BITS[fd / 64].fetch_or(bit, Ordering::Relaxed);
+        } else {
+            FD_BITS[fd / 64].fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One array lookup: might `fd` be a pmem file? (Exact for fd < 1M.)
+#[inline]
+pub fn fd_maybe_pmem(fd: i32) -> bool {
+    if fd < 0 {
+        return false;
+    }
+    let fd = fd as usize;
+    if fd / 64 < FD_WORDS {
+        FD_BITS[fd / 64].load(Ordering::Relaxed) & (1u64 << (fd % 64)) != 0
+    } else {
+        true
+    }
+}
+
+pub fn lookup_fd(fd: i32) -> Option<Arc<FileState>> {
+    if !fd_maybe_pmem(fd) {
+        return None;
+    }
+    REG.lock().fds.get(&fd).cloned()
+}
+
+/// The attached file behind `fd`, classifying and attaching a descriptor the
+/// table has not seen (opened before the shim, or by a path it cannot see).
+/// `Ok(None)`: not pmem. `Err`: pmem, but no shadow could be had.
+pub fn file_for_fd(fd: i32) -> Result<Option<Arc<FileState>>, String> {
+    if let Some(f) = lookup_fd(fd) {
+        return Ok(Some(f));
+    }
+    let Some((id, emulated, path)) = classify(fd) else {
+        return Ok(None);
+    };
+    let f = get_or_attach(fd, id, emulated, &path)?;
+    let dropped = register_fd(fd, f.clone());
+    drop(dropped);
+    Ok(Some(f))
+}
+
+/// Enters `fd → file` in the table; returns a file whose last reference
+/// this removed (to be dropped by the caller outside any lock).
+pub fn register_fd(fd: i32, f: Arc<FileState>) -> Option<Arc<FileState>> {
+    f.inner.lock().fd_refs += 1;
+    let mut reg = REG.lock();
+    let old = reg.fds.insert(fd, f);
+    set_fd_bit(fd, true);
+    old.and_then(|o| release_ref(&mut reg, o, true))
+}
+
+/// After a successful open: enter pmem files in the table.
+pub fn on_open(fd: i32, flags: i32) {
+    if fd < 0 {
+        return;
+    }
+    if let Some(class) = classify(fd) {
+        on_open_classified(fd, flags, class);
+    }
+}
+
+/// `on_open` for a descriptor already classified as pmem.
+pub fn on_open_classified(fd: i32, flags: i32, (id, emulated, path): (FileId, bool, String)) {
+    match get_or_attach(fd, id, emulated, &path) {
+        Ok(f) => {
+            if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+                // The kernel truncated the backing; the shadow follows.
+                let _ = f.set_shadow_size(0, true);
+            }
+            let dropped = register_fd(fd, f);
+            drop(dropped);
+        }
+        Err(e) => warn!("{path}: {e}; this descriptor bypasses the shadow"),
+    }
+}
+
+/// Before close (or implicit close by dup2/dup3): forget `fd`.
+pub fn on_close(fd: i32) {
+    if !fd_maybe_pmem(fd) {
+        return;
+    }
+    let dropped = {
+        let mut reg = REG.lock();
+        set_fd_bit(fd, false);
+        match reg.fds.remove(&fd) {
+            Some(f) => release_ref(&mut reg, f, true),
+            None => None,
+        }
+    };
+    drop(dropped);
+}
+
+pub fn on_close_range(first: u32, last: u32) {
+    let fds: Vec<i32> = {
+        let reg = REG.lock();
+        reg.fds
+            .range(first as i32..=last.min(i32::MAX as u32) as i32)
+            .map(|(&fd, _)| fd)
+            .collect()
+    };
+    for fd in fds {
+        on_close(fd);
+    }
+}
+
+/// After `newfd` became a duplicate of `oldfd`.
+pub fn on_dup(oldfd: i32, newfd: i32) {
+    if newfd < 0 || oldfd == newfd {
+        return;
+    }
+    match lookup_fd(oldfd) {
+        Some(f) => {
+            let dropped = register_fd(newfd, f);
+            drop(dropped);
+        }
+        None => on_close(newfd),
+    }
+}
+
+/// Rescans descriptors inherited from the parent (start-up).
+pub fn scan_inherited_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if track::tracker().owns_fd(fd) {
+            continue;
+        }
+        // Only descriptors that are still open (the read_dir one is gone).
+        if sys::fcntl(fd, libc::F_GETFD, 0).is_ok() {
+            on_open(fd, 0);
+        }
+    }
+}

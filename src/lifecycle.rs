@@ -1,0 +1,192 @@
+//! Exit and fork: write back and detach every file at exit, keep locks and
+//! tracking right across fork.
+
+use crate::fdtable::FD_BITS;
+use crate::file::FileState;
+use crate::ranges::RangeSet;
+use crate::registry::*;
+use crate::sys::{self, Errno};
+use crate::track;
+use crate::writeback::{unmap_view, unmap_views};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl FileState {
+    /// Writes back what is pending and detaches from the shadow, once. The
+    /// header and descriptors stay until the FileState is dropped: at exit
+    /// the fault thread may still hold a reference and touch them.
+    fn finish(&self) {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let synced = {
+            let full = (!track::tracker().is_exact() || self.untracked.load(Ordering::Relaxed))
+                && self.shadow.is_writer();
+            self.write_back_dirty(RangeSet::new(), 0, u64::MAX, full, true)
+                .is_ok()
+        };
+        unmap_views(&mut self.inner.lock());
+        self.shadow.detach(
+            synced,
+            self.backing_fd,
+            &attach_options(self.emulated, &self.path),
+        );
+        debug!("detached {}", self.path);
+    }
+}
+
+impl Drop for FileState {
+    /// The last reference is gone: write back what is pending, detach.
+    fn drop(&mut self) {
+        self.finish();
+        unmap_view(&mut self.probe_view.lock());
+        self.shadow.release();
+        sys::close(self.backing_fd);
+    }
+}
+
+/// At exit: write back everything and detach from every shadow.
+pub fn shutdown() {
+    let (maps, fds, files) = {
+        let mut reg = REG.lock();
+        // Harvest every tracked mapping before forgetting it.
+        let ranges: Vec<(usize, usize)> = reg.maps.values().map(|m| (m.start, m.len)).collect();
+        for (a, l) in ranges {
+            harvest_range_to_pending(&reg, a, l);
+        }
+        retire_lazy_mappings(&reg);
+        for w in FD_BITS.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        SHADOW_MAPS.store(0, Ordering::Relaxed);
+        (
+            std::mem::take(&mut reg.maps),
+            std::mem::take(&mut reg.fds),
+            std::mem::take(&mut reg.files),
+        )
+    };
+    drop(maps);
+    drop(fds);
+    // Usually the last references; the fault thread may hold one for a
+    // moment, so write back and detach explicitly.
+    for f in &files {
+        f.finish();
+    }
+    drop(files);
+}
+
+/// At exit, before the registry is emptied: lazy mappings still in place
+/// would have no one to fill them once their files are detached, so each
+/// becomes a mapping of the backing (which holds this process's stores:
+/// they were just harvested and are written back next).
+fn retire_lazy_mappings(reg: &Registry) {
+    for m in reg.maps.values().filter(|m| m.lazy) {
+        let flags = if m.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        } | libc::MAP_FIXED;
+        // SAFETY: replaces our own shadow mapping at the same place; the
+        // registry forgets it right after.
+        let r = unsafe {
+            sys::mmap(
+                m.start as *mut _,
+                m.len,
+                m.prot,
+                flags,
+                m.file.backing_fd,
+                m.off as i64,
+            )
+        };
+        if let Err(e) = r {
+            debug!("{}: cannot retire a lazy mapping at exit: {e}", m.file.path);
+        }
+    }
+}
+
+/// pthread_atfork handlers: no lock of ours may be held across fork.
+pub fn atfork_prepare() {
+    let a = ATTACHING.lock();
+    std::mem::forget(a);
+    let reg = REG.lock();
+    for f in reg.files.iter() {
+        std::mem::forget(f.inner.lock());
+    }
+    std::mem::forget(reg);
+}
+
+fn atfork_release() {
+    // SAFETY: atfork_prepare took exactly these locks and forgot the guards.
+    unsafe {
+        for f in REG.data_unchecked().files.iter() {
+            f.inner.force_unlock();
+        }
+        REG.force_unlock();
+        ATTACHING.force_unlock();
+    }
+}
+
+pub fn atfork_parent() {
+    atfork_release();
+}
+
+pub fn atfork_child() {
+    atfork_release();
+    let files: Vec<Arc<FileState>> = REG.lock().files.clone();
+    for f in &files {
+        f.sync_lock.reset_after_fork();
+        if let Err(e) = f.shadow.reslot_after_fork() {
+            warn!("{}: {e}", f.path);
+        }
+    }
+    let tracking = match track::tracker().after_fork_child() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("cannot track writes in the forked child ({e}); comparing whole files at sync");
+            track::force_compare();
+            false
+        }
+    };
+    crate::lazy::forget_thread_after_fork();
+    let mut reg = REG.lock();
+    let mut lazy_failed = Vec::new();
+    for m in reg.maps.values_mut() {
+        if m.lazy {
+            let r = if tracking && track::tracker().fills_lazily() {
+                crate::lazy::start().map_err(|e| {
+                    warn!("{e}");
+                    Errno(libc::EAGAIN)
+                })
+            } else {
+                Err(Errno(libc::ENOTSUP))
+            };
+            if r.and_then(|()| track::tracker().register_lazy(m.start, m.len, m.tracked))
+                .is_ok()
+            {
+                continue;
+            }
+            // Nobody would fill its holes: fill them all now and track it
+            // the ordinary way.
+            m.lazy = false;
+            lazy_failed.push(m.file.clone());
+        }
+        if m.tracked && tracking {
+            if let Err(e) = track::tracker().track(m.start, m.len) {
+                warn!(
+                    "cannot track a mapping of {} in the child: {e}",
+                    m.file.path
+                );
+                track::force_compare();
+            }
+        }
+    }
+    drop(reg);
+    for f in lazy_failed {
+        if let Err(e) = f.shadow.ensure_data(f.backing_fd, false) {
+            error!(
+                "{}: cannot fill the shadow in the forked child: {e}",
+                f.path
+            );
+        }
+    }
+}

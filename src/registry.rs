@@ -1,0 +1,286 @@
+//! The registry: files this process has attached (with their descriptor and
+//! mapping reference counts) and its shadow mappings; harvesting a range's
+//! dirty pages before it goes away.
+//!
+//! Lock order: `ATTACHING` → `FileState::sync_lock` → `REG` →
+//! `FileState::inner` → the shadow's io lock → the shadow's fill lock. No
+//! I/O on the backing while `REG` is held, except the harvest (a pagemap
+//! ioctl).
+
+use crate::file::{FileInner, FileState};
+use crate::lock::Lock;
+use crate::ranges::RangeSet;
+use crate::runtime::rt;
+use crate::shadow::{self, AttachOptions, FileId};
+use crate::sys::{self, SysResult};
+use crate::track;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A shadow mapping in this process.
+pub struct Mapping {
+    pub start: usize,
+    pub len: usize,
+    pub file: Arc<FileState>,
+    pub off: u64,
+    pub shared: bool,
+    pub tracked: bool,
+    /// Missing pages are filled by the fault thread ([`crate::lazy`]).
+    pub lazy: bool,
+    /// Protection asked for at mmap (to map the backing in its place at exit).
+    pub prot: i32,
+}
+
+pub struct Registry {
+    pub files: Vec<Arc<FileState>>,
+    pub fds: BTreeMap<i32, Arc<FileState>>,
+    pub maps: BTreeMap<usize, Mapping>,
+}
+
+pub static REG: Lock<Registry> = Lock::new(Registry {
+    files: Vec::new(),
+    fds: BTreeMap::new(),
+    maps: BTreeMap::new(),
+});
+pub static ATTACHING: Lock<()> = Lock::new(());
+/// Number of shadow mappings: 0 lets mapping hooks skip the registry.
+pub static SHADOW_MAPS: AtomicUsize = AtomicUsize::new(0);
+
+pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
+    AttachOptions {
+        emulated,
+        flush: rt().flush,
+        path: path.to_string(),
+    }
+}
+
+/// Our own descriptor of the backing file, writable if we may write it.
+pub fn reopen_backing(fd: i32) -> SysResult<(i32, bool)> {
+    let p = CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+    match sys::open(&p, libc::O_RDWR | libc::O_CLOEXEC, 0) {
+        Ok(b) => Ok((b, true)),
+        Err(_) => sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0).map(|b| (b, false)),
+    }
+}
+
+/// The attached state of a pmem file, attaching it if needed.
+pub fn get_or_attach(
+    fd: i32,
+    id: FileId,
+    emulated: bool,
+    path: &str,
+) -> Result<Arc<FileState>, String> {
+    let _a = ATTACHING.lock();
+    if let Some(f) = REG.lock().files.iter().find(|f| f.id == id).cloned() {
+        return Ok(f);
+    }
+    let r = rt();
+    if r.shadow_dir_bad.load(Ordering::Relaxed) {
+        return Err(format!("shadow directory {} is unusable", r.shadow_dir));
+    }
+    if let Err(e) = shadow::ensure_dir(&r.shadow_dir) {
+        r.shadow_dir_bad.store(true, Ordering::Relaxed);
+        return Err(e);
+    }
+    let (backing_fd, backing_writable) =
+        reopen_backing(fd).map_err(|e| format!("cannot reopen {path}: {e}"))?;
+    let shadow = match shadow::attach(
+        &r.shadow_dir,
+        id,
+        backing_fd,
+        &attach_options(emulated, path),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            sys::close(backing_fd);
+            return Err(e);
+        }
+    };
+    debug!("attached {path} (slot {})", shadow.slot());
+    let f = Arc::new(FileState {
+        id,
+        emulated,
+        path: path.to_string(),
+        shadow,
+        backing_fd,
+        backing_writable,
+        untracked: AtomicBool::new(false),
+        poisoned: AtomicBool::new(false),
+        size_dirty: AtomicBool::new(false),
+        sync_lock: Lock::new(()),
+        inner: Lock::new(FileInner {
+            shadow_view: (0, 0),
+            backing_view: (0, 0),
+            pending: RangeSet::new(),
+            fd_refs: 0,
+            map_refs: 0,
+        }),
+        lazy_chunks: Lock::new(Default::default()),
+        finished: AtomicBool::new(false),
+        probe_view: Lock::new((0, 0)),
+    });
+    REG.lock().files.push(f.clone());
+    Ok(f)
+}
+
+/// Drops one reference (fd or mapping) to `f`; if none remain, removes the
+/// file from the registry and returns it.
+pub fn release_ref(reg: &mut Registry, f: Arc<FileState>, is_fd: bool) -> Option<Arc<FileState>> {
+    let mut inner = f.inner.lock();
+    if is_fd {
+        inner.fd_refs -= 1;
+    } else {
+        inner.map_refs -= 1;
+    }
+    let last = inner.fd_refs == 0 && inner.map_refs == 0;
+    drop(inner);
+    if last {
+        reg.files.retain(|x| !Arc::ptr_eq(x, &f));
+        Some(f)
+    } else {
+        None
+    }
+}
+
+/// Harvests the tracker's dirty pages of `f`'s mappings within file range
+/// `[lo, hi)` into `out` (file offsets).
+pub fn harvest_file(f: &Arc<FileState>, lo: u64, hi: u64, out: &mut RangeSet) {
+    let reg = REG.lock();
+    for m in reg.maps.values() {
+        if !m.tracked || !Arc::ptr_eq(&m.file, f) {
+            continue;
+        }
+        let a = lo.max(m.off);
+        let b = hi.min(m.off + m.len as u64);
+        if a < b {
+            let addr = m.start + (a - m.off) as usize;
+            harvest_mapping(m, addr, m.start + (b - m.off) as usize, out);
+        }
+    }
+}
+
+/// Harvests `[addr, end)` of tracked mapping `m` into `out` (file offsets).
+/// A lazy mapping is scanned only over the chunks this process filled or
+/// mapped: elsewhere it has no pages, and scanning would arm (and allocate
+/// page tables for) the whole range.
+pub fn harvest_mapping(m: &Mapping, addr: usize, end: usize, out: &mut RangeSet) {
+    let addr = sys::page_down(addr).max(m.start);
+    let end = sys::page_up(end).min(m.start + m.len);
+    let mut scan = |a: usize, b: usize| {
+        let _ = track::tracker().harvest(a, b - a, &mut |s, n| {
+            let fo = m.off + (s - m.start) as u64;
+            out.insert(fo, fo + n as u64);
+        });
+    };
+    if !m.lazy {
+        scan(addr, end);
+        return;
+    }
+    let chunk = crate::lazy::CHUNK;
+    let fo = |va: usize| m.off + (va - m.start) as u64;
+    let va = |fo: u64| m.start + (fo - m.off) as usize;
+    let (lo, hi) = (fo(addr), fo(end));
+    let bits = m.file.lazy_chunks.lock();
+    bits.runs(lo / chunk, hi.div_ceil(chunk), &mut |c0, c1| {
+        let a = (c0 * chunk).max(lo);
+        let b = (c1 * chunk).min(hi);
+        scan(va(a), va(b));
+    });
+}
+
+/// Harvests the dirty pages of tracked mappings overlapping `[addr,
+/// addr+len)` into their files' pending sets (before the range goes away or
+/// loses its page tables).
+pub fn harvest_range_to_pending(reg: &Registry, addr: usize, len: usize) {
+    let end = addr.saturating_add(len);
+    for m in overlapping(reg, addr, end) {
+        if !m.tracked {
+            continue;
+        }
+        let mut got = RangeSet::new();
+        harvest_mapping(m, addr.max(m.start), end.min(m.start + m.len), &mut got);
+        if !got.is_empty() {
+            m.file.inner.lock().pending.extend(&got);
+        }
+    }
+}
+
+fn overlapping(reg: &Registry, addr: usize, end: usize) -> impl Iterator<Item = &Mapping> {
+    reg.maps
+        .range(..end)
+        .rev()
+        .take_while(move |(_, m)| m.start + m.len > addr)
+        .map(|(_, m)| m)
+        .filter(move |m| m.start < end && m.start + m.len > addr)
+}
+
+/// Removes `[addr, addr+len)` from the registry (after the kernel unmapped
+/// it), splitting mappings that straddle it. Returns files whose last
+/// reference went away.
+pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<FileState>> {
+    let end = addr.saturating_add(len);
+    track::tracker().untrack(addr, len);
+    let keys: Vec<usize> = overlapping(reg, addr, end).map(|m| m.start).collect();
+    let mut released = Vec::new();
+    for k in keys {
+        let m = reg.maps.remove(&k).expect("mapping key");
+        let mend = m.start + m.len;
+        let mut pieces = 0;
+        if m.start < addr {
+            reg.maps.insert(
+                m.start,
+                Mapping {
+                    start: m.start,
+                    len: addr - m.start,
+                    file: m.file.clone(),
+                    off: m.off,
+                    shared: m.shared,
+                    tracked: m.tracked,
+                    lazy: m.lazy,
+                    prot: m.prot,
+                },
+            );
+            pieces += 1;
+        }
+        if mend > end {
+            reg.maps.insert(
+                end,
+                Mapping {
+                    start: end,
+                    len: mend - end,
+                    file: m.file.clone(),
+                    off: m.off + (end - m.start) as u64,
+                    shared: m.shared,
+                    tracked: m.tracked,
+                    lazy: m.lazy,
+                    prot: m.prot,
+                },
+            );
+            pieces += 1;
+        }
+        let f = m.file.clone();
+        drop(m);
+        match pieces {
+            0 => {
+                SHADOW_MAPS.fetch_sub(1, Ordering::Relaxed);
+                if let Some(r) = release_ref(reg, f, false) {
+                    released.push(r);
+                }
+            }
+            1 => {}
+            _ => {
+                SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
+                f.inner.lock().map_refs += 1;
+            }
+        }
+    }
+    released
+}
+
+pub fn add_mapping(reg: &mut Registry, m: Mapping) {
+    m.file.inner.lock().map_refs += 1;
+    SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
+    reg.maps.insert(m.start, m);
+}
