@@ -89,7 +89,7 @@ pub fn on_open_classified(fd: i32, flags: i32, (id, emulated, path): (FileId, bo
         Ok(f) => {
             if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
                 // The kernel truncated the backing; the shadow follows.
-                let _ = f.set_shadow_size(0, true);
+                let _ = f.set_shadow_size(0);
             }
             let dropped = register_fd(fd, f);
             drop(dropped);

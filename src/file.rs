@@ -1,11 +1,14 @@
 //! One pmem file attached by this process: its shadow, its backing
 //! descriptor, and the state of its syncs.
 
+use crate::lazy::{ChunkBits, LazyFile};
 use crate::lock::Lock;
 use crate::ranges::RangeSet;
 use crate::runtime::rt;
 use crate::shadow::{FileId, Shadow};
-use crate::sys::{self, SysResult};
+use crate::sys::{self, OwnedMap, SysResult};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One pmem file attached by this process.
@@ -16,8 +19,7 @@ pub struct FileState {
     pub path: String,
     pub shadow: Shadow,
     /// Our own descriptor of the backing file (fixed for the file's life).
-    pub backing_fd: i32,
-    pub backing_writable: bool,
+    pub backing: Backing,
     /// Tracking could not be set up for a mapping: syncs compare everything.
     pub untracked: AtomicBool,
     /// See [`FileState::poison`].
@@ -31,17 +33,39 @@ pub struct FileState {
     pub inner: Lock<FileInner>,
     /// Chunks of lazy mappings this process may have pages of (see
     /// [`crate::lazy::ChunkBits`]).
-    pub lazy_chunks: Lock<crate::lazy::ChunkBits>,
+    pub lazy_chunks: Lock<ChunkBits>,
     /// Written back and detached ([`FileState::finish`]).
     pub finished: AtomicBool,
-    /// A `PROT_NONE` mapping of the data file, for `mincore` (which pages
-    /// a lazy data file holds). Used under the fill lock only.
-    pub probe_view: Lock<(usize, usize)>,
+}
+
+/// This process's own descriptor of a backing file.
+pub struct Backing {
+    pub fd: OwnedFd,
+    /// Opened read-write (a process that could never write the file has
+    /// nothing of its own to write back).
+    pub writable: bool,
+}
+
+impl Backing {
+    /// Reopens the file behind the program's descriptor `fd` (through
+    /// /proc: the very file), read-write if we may.
+    pub fn reopen(fd: i32) -> SysResult<Backing> {
+        let p = CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+        match sys::open(&p, libc::O_RDWR | libc::O_CLOEXEC, 0) {
+            Ok(fd) => Ok(Backing { fd, writable: true }),
+            Err(_) => sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0).map(|fd| Backing {
+                fd,
+                writable: false,
+            }),
+        }
+    }
 }
 
 pub struct FileInner {
-    pub shadow_view: (usize, usize),
-    pub backing_view: (usize, usize),
+    /// The writeback's views of the shadow and of the backing (grown on
+    /// demand, see [`crate::writeback`]).
+    pub shadow_view: OwnedMap,
+    pub backing_view: OwnedMap,
     /// File ranges (page-aligned) known dirty outside the tracker: harvested
     /// from ranges that went away (munmap, mremap…) or left by a failed sync.
     pub pending: RangeSet,
@@ -50,14 +74,18 @@ pub struct FileInner {
 }
 
 impl FileState {
-    /// Makes the shadow `size` bytes long (the backing already is). With
-    /// `locked_io == false` the caller already holds the io lock.
-    pub fn set_shadow_size(&self, size: u64, take_io_lock: bool) -> SysResult<()> {
-        let _g = take_io_lock.then(|| self.shadow.io_lock());
-        if let Some((data_fd, _)) = self.shadow.data() {
+    /// Our descriptor of the backing file.
+    pub fn backing_fd(&self) -> i32 {
+        self.backing.fd.as_raw_fd()
+    }
+
+    /// Makes the shadow `size` bytes long (the backing already is).
+    pub fn set_shadow_size(&self, size: u64) -> SysResult<()> {
+        let _io = self.shadow.io_lock();
+        if let Some(data_fd) = self.shadow.data().map(|d| d.rw()) {
             let _fill = self.shadow.fill_lock();
             sys::ftruncate(data_fd, size)?;
-            self.shadow.record_backing(self.backing_fd);
+            self.shadow.record_backing(self.backing_fd());
         }
         Ok(())
     }
@@ -68,7 +96,7 @@ impl FileState {
     /// fault per page); real DAX with stores and flushes through the
     /// mapping. `DAXSHIM_WRITEBACK=stores` uses the latter everywhere.
     pub fn writeback_fd(&self) -> Option<i32> {
-        (self.emulated && !rt().cfg.writeback_stores).then_some(self.backing_fd)
+        (self.emulated && !rt().cfg.writeback_stores).then_some(self.backing_fd())
     }
 
     /// The shadow no longer agrees with the backing where it should (an
@@ -76,5 +104,20 @@ impl FileState {
     /// over newer ones, so every later sync of this file fails with EIO.
     pub fn poison(&self) {
         self.poisoned.store(true, Ordering::Relaxed);
+    }
+}
+
+impl LazyFile for FileState {
+    fn shadow(&self) -> &Shadow {
+        &self.shadow
+    }
+    fn backing_fd(&self) -> i32 {
+        FileState::backing_fd(self)
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn chunks(&self) -> &Lock<ChunkBits> {
+        &self.lazy_chunks
     }
 }

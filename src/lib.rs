@@ -152,6 +152,7 @@ extern "C" fn daxshim_init() {
         flush.name(),
         cfg.pmem_dirs
     );
+    let rt_cache_max = cfg.cache_max;
     let _ = crate::runtime::RT.set(crate::runtime::Runtime {
         cfg,
         flush,
@@ -169,6 +170,7 @@ extern "C" fn daxshim_init() {
         );
     }
     sigchain::adopt_installed_handlers();
+    lazy::init(&registry::LazyHost, rt_cache_max);
     reentry::READY.store(true, Ordering::Release);
     crate::fdtable::scan_inherited_fds();
 }

@@ -5,9 +5,10 @@ use crate::fdtable::FD_BITS;
 use crate::file::FileState;
 use crate::ranges::RangeSet;
 use crate::registry::*;
+use crate::shadow::Detach;
 use crate::sys::{self, Errno};
 use crate::track;
-use crate::writeback::{unmap_view, unmap_views};
+use crate::writeback::{unmap_views, Durability, Scope};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -22,13 +23,22 @@ impl FileState {
         let synced = {
             let full = (!track::tracker().is_exact() || self.untracked.load(Ordering::Relaxed))
                 && self.shadow.is_writer();
-            self.write_back_dirty(RangeSet::new(), 0, u64::MAX, full, true)
-                .is_ok()
+            self.write_back_dirty(
+                RangeSet::new(),
+                0..u64::MAX,
+                if full { Scope::WholeFile } else { Scope::Dirty },
+                Durability::Complete,
+            )
+            .is_ok()
         };
         unmap_views(&mut self.inner.lock());
         self.shadow.detach(
-            synced,
-            self.backing_fd,
+            if synced {
+                Detach::Synced
+            } else {
+                Detach::Unsynced
+            },
+            self.backing_fd(),
             &attach_options(self.emulated, &self.path),
         );
         debug!("detached {}", self.path);
@@ -39,9 +49,7 @@ impl Drop for FileState {
     /// The last reference is gone: write back what is pending, detach.
     fn drop(&mut self) {
         self.finish();
-        unmap_view(&mut self.probe_view.lock());
-        self.shadow.release();
-        sys::close(self.backing_fd);
+        // The shadow's header, descriptors and views go with the fields.
     }
 }
 
@@ -94,7 +102,7 @@ fn retire_lazy_mappings(reg: &Registry) {
                 m.len,
                 m.prot,
                 flags,
-                m.file.backing_fd,
+                m.file.backing_fd(),
                 m.off as i64,
             )
         };
@@ -182,7 +190,10 @@ pub fn atfork_child() {
     }
     drop(reg);
     for f in lazy_failed {
-        if let Err(e) = f.shadow.ensure_data(f.backing_fd, false) {
+        if let Err(e) = f
+            .shadow
+            .ensure_data(f.backing_fd(), crate::shadow::Fill::Eager)
+        {
             error!(
                 "{}: cannot fill the shadow in the forked child: {e}",
                 f.path

@@ -7,15 +7,16 @@
 //! I/O on the backing while `REG` is held, except the harvest (a pagemap
 //! ioctl).
 
-use crate::file::{FileInner, FileState};
+use crate::file::{Backing, FileInner, FileState};
+use crate::lazy::{Hit, Host, LazyFile};
 use crate::lock::Lock;
 use crate::ranges::RangeSet;
 use crate::runtime::rt;
 use crate::shadow::{self, AttachOptions, FileId};
-use crate::sys::{self, SysResult};
+use crate::sys::{self, OwnedMap, SysResult};
 use crate::track;
 use std::collections::BTreeMap;
-use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -52,16 +53,8 @@ pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
     AttachOptions {
         emulated,
         flush: rt().flush,
+        writeback_stores: rt().cfg.writeback_stores,
         path: path.to_string(),
-    }
-}
-
-/// Our own descriptor of the backing file, writable if we may write it.
-pub fn reopen_backing(fd: i32) -> SysResult<(i32, bool)> {
-    let p = CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default();
-    match sys::open(&p, libc::O_RDWR | libc::O_CLOEXEC, 0) {
-        Ok(b) => Ok((b, true)),
-        Err(_) => sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0).map(|b| (b, false)),
     }
 }
 
@@ -84,42 +77,33 @@ pub fn get_or_attach(
         r.shadow_dir_bad.store(true, Ordering::Relaxed);
         return Err(e);
     }
-    let (backing_fd, backing_writable) =
-        reopen_backing(fd).map_err(|e| format!("cannot reopen {path}: {e}"))?;
-    let shadow = match shadow::attach(
+    let backing = Backing::reopen(fd).map_err(|e| format!("cannot reopen {path}: {e}"))?;
+    let shadow = shadow::attach(
         &r.shadow_dir,
         id,
-        backing_fd,
+        backing.fd.as_raw_fd(),
         &attach_options(emulated, path),
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            sys::close(backing_fd);
-            return Err(e);
-        }
-    };
+    )?;
     debug!("attached {path} (slot {})", shadow.slot());
     let f = Arc::new(FileState {
         id,
         emulated,
         path: path.to_string(),
         shadow,
-        backing_fd,
-        backing_writable,
+        backing,
         untracked: AtomicBool::new(false),
         poisoned: AtomicBool::new(false),
         size_dirty: AtomicBool::new(false),
         sync_lock: Lock::new(()),
         inner: Lock::new(FileInner {
-            shadow_view: (0, 0),
-            backing_view: (0, 0),
+            shadow_view: OwnedMap::default(),
+            backing_view: OwnedMap::default(),
             pending: RangeSet::new(),
             fd_refs: 0,
             map_refs: 0,
         }),
         lazy_chunks: Lock::new(Default::default()),
         finished: AtomicBool::new(false),
-        probe_view: Lock::new((0, 0)),
     });
     REG.lock().files.push(f.clone());
     Ok(f)
@@ -283,4 +267,72 @@ pub fn add_mapping(reg: &mut Registry, m: Mapping) {
     m.file.inner.lock().map_refs += 1;
     SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
     reg.maps.insert(m.start, m);
+}
+
+/// Can this process fill shadows lazily? (Configuration allows it and the
+/// tracker serves missing pages, kernel-side faults included.)
+pub fn lazy_capable() -> bool {
+    rt().cfg.lazy && track::tracker().fills_lazily()
+}
+
+/// The registry as the lazy layer sees it ([`crate::lazy::Host`]).
+pub struct LazyHost;
+
+fn same_file(m: &Mapping, file: &Arc<dyn LazyFile>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(&m.file), Arc::as_ptr(file))
+}
+
+impl Host for LazyHost {
+    fn lookup(&self, page: usize) -> Option<Hit> {
+        let reg = REG.lock();
+        reg.maps
+            .range(..=page)
+            .next_back()
+            .map(|(_, m)| m)
+            .filter(|m| m.lazy && page < m.start + m.len)
+            .map(|m| Hit {
+                file: m.file.clone(),
+                start: m.start,
+                len: m.len,
+                off: m.off,
+                tracked: m.tracked,
+            })
+    }
+
+    fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<bool> {
+        // The registry keeps our mappings from changing while we zap them.
+        let reg = REG.lock();
+        let shadow = file.shadow();
+        let fill = shadow.fill_lock();
+        if !shadow.alone() || shadow.no_evict() {
+            return Ok(false);
+        }
+        // Zapping a written page table entry would lose the tracker's
+        // record of the store: harvest first (into `written`, given to the
+        // file's pending set once the fill lock is released: lock order).
+        // From the zap on, no thread of ours can touch the chunk without a
+        // fault that waits for this thread.
+        let mut written = RangeSet::new();
+        let mut owner = None;
+        for m in reg.maps.values().filter(|m| m.lazy && same_file(m, file)) {
+            owner = Some(m.file.clone());
+            let a = c0.max(m.off);
+            let b = c1.min(m.off + m.len as u64);
+            if a < b {
+                let va = m.start + (a - m.off) as usize;
+                let n = (b - a) as usize;
+                if m.tracked {
+                    harvest_mapping(m, va, va + n, &mut written);
+                }
+                sys::madvise(va, n, libc::MADV_DONTNEED)?;
+            }
+        }
+        let r = shadow.punch_clean(file.backing_fd(), c0, c1);
+        drop(fill);
+        if let Some(f) = owner.filter(|_| !written.is_empty()) {
+            f.inner.lock().pending.extend(&written);
+        }
+        drop(reg);
+        r
+    }
 }

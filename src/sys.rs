@@ -7,6 +7,7 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 /// An `errno` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,21 +127,18 @@ pub fn pread_full(fd: i32, buf: &mut [u8], off: u64) -> SysResult<usize> {
     Ok(done)
 }
 
-pub fn openat(dirfd: i32, path: &CStr, flags: i32, mode: u32) -> SysResult<i32> {
+pub fn openat(dirfd: i32, path: &CStr, flags: i32, mode: u32) -> SysResult<OwnedFd> {
     loop {
         match sc!(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode) {
             Err(Errno(libc::EINTR)) => continue,
-            r => return r.map(|n| n as i32),
+            // SAFETY: a descriptor the kernel just opened for us alone.
+            r => return r.map(|n| unsafe { OwnedFd::from_raw_fd(n as i32) }),
         }
     }
 }
 
-pub fn open(path: &CStr, flags: i32, mode: u32) -> SysResult<i32> {
+pub fn open(path: &CStr, flags: i32, mode: u32) -> SysResult<OwnedFd> {
     openat(libc::AT_FDCWD, path, flags, mode)
-}
-
-pub fn close(fd: i32) {
-    let _ = sc!(libc::SYS_close, fd);
 }
 
 pub fn fstat(fd: i32) -> SysResult<libc::stat> {
@@ -279,6 +277,53 @@ pub unsafe fn mmap(
     sc!(libc::SYS_mmap, addr, len, prot, flags, fd, off).map(|p| p as usize as *mut libc::c_void)
 }
 
+/// One of the shim's own mappings (views of shadows and backings, headers,
+/// probes), placed by the kernel and unmapped when dropped. The shim never
+/// hands out references into it that outlive it.
+#[derive(Debug, Default)]
+pub struct OwnedMap {
+    addr: usize,
+    len: usize,
+}
+
+impl OwnedMap {
+    /// Maps `len` bytes of `fd` from offset 0 where the kernel chooses;
+    /// `len` 0 gives an empty map.
+    pub fn new(fd: i32, len: usize, prot: i32, flags: i32) -> SysResult<OwnedMap> {
+        if len == 0 {
+            return Ok(OwnedMap::default());
+        }
+        // SAFETY: no MAP_FIXED: a fresh range nobody else uses.
+        let p = unsafe { mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }?;
+        Ok(OwnedMap {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// `new` with `MAP_SHARED`.
+    pub fn shared(fd: i32, len: usize, prot: i32) -> SysResult<OwnedMap> {
+        OwnedMap::new(fd, len, prot, libc::MAP_SHARED)
+    }
+
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for OwnedMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: our own mapping; borrows of it end with `self`.
+            let _ = unsafe { munmap(self.addr as *mut _, self.len) };
+        }
+    }
+}
+
 /// # Safety
 /// The range must not be in use by live Rust references.
 pub unsafe fn munmap(addr: *mut libc::c_void, len: usize) -> SysResult<()> {
@@ -303,8 +348,9 @@ pub unsafe fn ioctl(fd: i32, req: u64, arg: *mut libc::c_void) -> SysResult<i64>
     sc!(libc::SYS_ioctl, fd, req, arg)
 }
 
-pub fn userfaultfd(flags: i32) -> SysResult<i32> {
-    sc!(libc::SYS_userfaultfd, flags).map(|n| n as i32)
+pub fn userfaultfd(flags: i32) -> SysResult<OwnedFd> {
+    // SAFETY: a descriptor the kernel just opened for us alone.
+    sc!(libc::SYS_userfaultfd, flags).map(|n| unsafe { OwnedFd::from_raw_fd(n as i32) })
 }
 
 /// Page-cache residency of `[addr, addr+len)` (one byte per page).

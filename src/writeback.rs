@@ -9,98 +9,129 @@ use crate::registry::{harvest_file, REG};
 use crate::runtime::rt;
 use crate::shadow::{self};
 use crate::stats::{add, STATS};
-use crate::sys::{self, Errno, SysResult, PAGE};
+use crate::sys::{self, Errno, OwnedMap, SysResult, PAGE};
 use crate::track;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub fn unmap_view(v: &mut (usize, usize)) {
-    if v.1 > 0 {
-        // SAFETY: a view mapping owned by this FileInner.
-        let _ = unsafe { sys::munmap(v.0 as *mut _, v.1) };
-    }
-    *v = (0, 0);
+/// How a sync makes what it wrote durable.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Completely: `msync(MS_SYNC)` of the touched backing pages (emulated
+    /// pmem) and an `fdatasync` for a size change.
+    Complete,
+    /// The caller follows with the kernel's own `fsync`/`fdatasync` (or
+    /// asked for `MS_ASYNC`).
+    ByCaller,
 }
 
+/// Which pages a writeback compares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The pages this process's tracker harvested and its pending set.
+    Dirty,
+    /// Every page the shadow holds (no exact tracker, or other processes
+    /// may hold unsynced stores).
+    WholeFile,
+}
+
+/// Drops the writeback's views (at detach).
 pub fn unmap_views(inner: &mut FileInner) {
-    unmap_view(&mut inner.shadow_view);
-    unmap_view(&mut inner.backing_view);
+    inner.shadow_view = OwnedMap::default();
+    inner.backing_view = OwnedMap::default();
 }
 
-/// Maps `len` bytes of `fd` (again, if the view is too small). `sync`:
-/// the real-DAX backing, mapped `MAP_SYNC` so that the block allocations its
-/// write faults make are durable at once and cache flushes suffice for data.
-pub fn ensure_view(
-    v: &mut (usize, usize),
+/// How a view of the backing is mapped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ViewKind {
+    Plain,
+    /// Real DAX: `MAP_SYNC`, so that the block allocations its write faults
+    /// make are durable at once and cache flushes suffice for data.
+    Sync,
+}
+
+/// Maps `len` bytes of `fd` into `v` (again, if the view is too small);
+/// returns its address.
+fn ensure_view(
+    v: &mut OwnedMap,
     fd: i32,
     len: usize,
     prot: i32,
-    sync: bool,
+    kind: ViewKind,
 ) -> SysResult<usize> {
     let len = sys::page_up(len.max(1));
-    if v.1 < len {
-        unmap_view(v);
+    if v.len() < len {
+        *v = OwnedMap::default();
         // Room to grow (address space only; nothing beyond the file's end
         // is touched): a file that grows in small steps, as SQLite's does,
         // is not remapped (and its pages refaulted) at every step.
         let len = len.next_power_of_two();
-        let map = |flags| {
-            // SAFETY: a fresh mapping the kernel places.
-            unsafe { sys::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
+        *v = match kind {
+            ViewKind::Sync => {
+                OwnedMap::new(fd, len, prot, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC)
+                    .or_else(|_| OwnedMap::shared(fd, len, prot))?
+            }
+            ViewKind::Plain => OwnedMap::shared(fd, len, prot)?,
         };
-        let p = if sync {
-            map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC).or_else(|_| map(libc::MAP_SHARED))?
-        } else {
-            map(libc::MAP_SHARED)?
-        };
-        *v = (p as usize, len);
     }
-    Ok(v.0)
+    Ok(v.addr())
 }
 
 impl FileState {
     /// Writes back the dirty lines of `range` (file offsets; `None` = whole
-    /// file). With `msync_touched`, makes the touched backing pages durable
-    /// with msync (emulated pmem); without it the caller follows with fsync.
-    pub fn sync(self: &Arc<Self>, range: Option<(u64, u64)>, msync_touched: bool) -> SysResult<()> {
+    /// file), made durable as `how` says.
+    pub fn sync(self: &Arc<Self>, range: Option<Range<u64>>, how: Durability) -> SysResult<()> {
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Errno(libc::EIO));
         }
         let t0 = std::time::Instant::now();
         let _s = self.sync_lock.lock();
-        let (lo, hi) = range.unwrap_or((0, u64::MAX));
-        let full = !track::tracker().is_exact()
+        let whole = range.is_none();
+        let range = range.unwrap_or(0..u64::MAX);
+        let scope = if !track::tracker().is_exact()
             || self.untracked.load(Ordering::Relaxed)
-            || self.shadow.other_writers();
+            || self.shadow.other_writers()
+        {
+            Scope::WholeFile
+        } else {
+            Scope::Dirty
+        };
         let mut dirty = RangeSet::new();
-        if !full {
-            harvest_file(self, lo, hi, &mut dirty);
+        if scope == Scope::Dirty {
+            harvest_file(self, range.start, range.end, &mut dirty);
         }
-        let mut r = self.write_back_dirty(dirty, lo, hi, full, msync_touched);
+        let mut r = self.write_back_dirty(dirty, range, scope, how);
         // Data pages are durable now (flushed, or msynced on emulated pmem);
         // a size change is metadata, which only the kernel can persist.
-        if r.is_ok() && msync_touched && self.size_dirty.swap(false, Ordering::Relaxed) {
-            if let Err(e) = sys::fdatasync(self.backing_fd) {
+        if r.is_ok()
+            && how == Durability::Complete
+            && self.size_dirty.swap(false, Ordering::Relaxed)
+        {
+            if let Err(e) = sys::fdatasync(self.backing_fd()) {
                 self.size_dirty.store(true, Ordering::Relaxed);
                 r = Err(e);
             }
         }
         crate::stats::record_sync(t0.elapsed().as_nanos() as u64);
-        if r.is_ok() && full && range.is_none() {
+        if r.is_ok() && scope == Scope::WholeFile && whole {
             self.shadow.clear_dead_writers();
         }
         r
     }
 
+    /// Writes back `dirty` (file offsets) and this process's pending ranges
+    /// within `range`, or every page the shadow holds there.
     pub fn write_back_dirty(
         &self,
         mut dirty: RangeSet,
-        lo: u64,
-        hi: u64,
-        full: bool,
-        msync_touched: bool,
+        range: Range<u64>,
+        scope: Scope,
+        how: Durability,
     ) -> SysResult<()> {
-        let Some((data_fd, _)) = self.shadow.data() else {
+        let (lo, hi) = (range.start, range.end);
+        let full = scope == Scope::WholeFile;
+        let Some(data_fd) = self.shadow.data().map(|d| d.rw()) else {
             return Ok(()); // no copy, nothing to write back
         };
         let mut inner = self.inner.lock();
@@ -118,7 +149,7 @@ impl FileState {
         if dirty.is_empty() {
             return Ok(());
         }
-        if !self.backing_writable {
+        if !self.backing.writable {
             // This process could never have stored to the file.
             debug!(
                 "{}: read-only backing; nothing of ours to write back",
@@ -132,32 +163,36 @@ impl FileState {
         // pages it holds are read (a hole would read as a page of zeros).
         let fill = self.shadow.is_lazy().then(|| self.shadow.fill_lock());
         if fill.is_some() {
-            dirty = crate::lazy::present_in(self, data_fd, &dirty);
+            dirty = self.shadow.present_in(&dirty);
         }
         let r = (|| -> SysResult<()> {
             if persist::inject_failure() {
                 return Err(Errno(libc::EIO));
             }
             let shadow_size = sys::fstat(data_fd)?.st_size as u64;
-            let backing_size = sys::fstat(self.backing_fd)?.st_size as u64;
+            let backing_size = sys::fstat(self.backing_fd())?.st_size as u64;
             let size = shadow_size.min(backing_size);
             if size == 0 {
                 return Ok(());
             }
-            let bfd = self.backing_fd;
+            let bfd = self.backing_fd();
             let sv = ensure_view(
                 &mut inner.shadow_view,
                 data_fd,
                 size as usize,
                 libc::PROT_READ,
-                false,
+                ViewKind::Plain,
             )?;
             let bv = ensure_view(
                 &mut inner.backing_view,
                 bfd,
                 size as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                !self.emulated,
+                if self.emulated {
+                    ViewKind::Plain
+                } else {
+                    ViewKind::Sync
+                },
             )?;
             if !full {
                 add(
@@ -172,7 +207,7 @@ impl FileState {
                 &dirty,
                 &persist::Writeback {
                     flush: rt().flush,
-                    msync_touched: msync_touched && self.emulated,
+                    msync_touched: how == Durability::Complete && self.emulated,
                     via_fd: self.writeback_fd(),
                 },
             )?;
@@ -205,7 +240,7 @@ pub fn sync_all(dev: Option<u64>) -> SysResult<()> {
         if dev.is_some_and(|d| d != f.id.dev) {
             continue;
         }
-        if let Err(e) = f.sync(None, true) {
+        if let Err(e) = f.sync(None, Durability::Complete) {
             result = Err(e);
         }
     }

@@ -150,7 +150,7 @@ impl Meta {
 
     pub fn valid(&self) -> bool {
         let h = self.header();
-        h.magic.load(Ordering::Acquire) == MAGIC && h.version == VERSION
+        h.magic.load(Ordering::Acquire) == MAGIC && h.version.load(Ordering::Relaxed) == VERSION
     }
 
     /// Holds the attach lock: no process attaches or detaches meanwhile.
@@ -183,10 +183,10 @@ impl Meta {
     pub fn identity(&self) -> FileId {
         let h = self.header();
         FileId {
-            dev: h.dev,
-            ino: h.ino,
-            gen_sec: h.gen_sec,
-            gen_nsec: h.gen_nsec as u32,
+            dev: h.dev.load(Ordering::Relaxed),
+            ino: h.ino.load(Ordering::Relaxed),
+            gen_sec: h.gen_sec.load(Ordering::Relaxed),
+            gen_nsec: h.gen_nsec.load(Ordering::Relaxed) as u32,
         }
     }
 }

@@ -73,7 +73,7 @@ fn patch_from_lazy_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, 
     {
         let _fill = f.shadow.fill_lock();
         let end = off + n as u64;
-        for (a, b) in crate::lazy::present(f, data_fd, off, end).iter() {
+        for (a, b) in f.shadow.present(off, end).iter() {
             let (a, b) = (a.max(off), b.min(end));
             if a >= b {
                 continue;
@@ -128,7 +128,7 @@ fn copy_to_shadow(
     if f.shadow.is_lazy() {
         // Gathered before the fill lock: the buffer may be a lazy mapping.
         store_in_lazy_shadow(f, data_fd, &iov_gather(iov, n), off)?;
-        f.shadow.record_backing(f.backing_fd);
+        f.shadow.record_backing(f.backing_fd());
         return Ok(());
     }
     for (pos, p, len) in iov_parts(iov, n) {
@@ -136,7 +136,7 @@ fn copy_to_shadow(
         let buf = unsafe { std::slice::from_raw_parts(p, len) };
         sys::pwrite_all(data_fd, buf, off + pos as u64)?;
     }
-    f.shadow.record_backing(f.backing_fd);
+    f.shadow.record_backing(f.backing_fd());
     Ok(())
 }
 
@@ -146,14 +146,14 @@ fn copy_to_shadow(
 /// (`no_evict`), every page must be held: holes are filled first.
 fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> Result<(), Errno> {
     let end = off + bytes.len() as u64;
-    let backing_size = sys::fstat(f.backing_fd)?.st_size as u64;
+    let backing_size = sys::fstat(f.backing_fd())?.st_size as u64;
     let fill_holes = f.shadow.no_evict();
     if fill_holes {
         let mut buf = vec![0u8; crate::lazy::CHUNK as usize];
         let mut a = sys::page_down(off as usize) as u64;
         while a < end {
             let b = (a + crate::lazy::CHUNK).min(sys::page_up(end as usize) as u64);
-            crate::lazy::fill(f, a, b, &mut buf)?;
+            f.shadow.fill_range(f.backing_fd(), a, b, &mut buf)?;
             a = b;
         }
     }
@@ -166,7 +166,7 @@ fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> 
         all.insert(off, end);
         all
     } else {
-        crate::lazy::present(f, data_fd, off, end)
+        f.shadow.present(off, end)
     };
     for (a, b) in held.iter() {
         let (a, b) = (a.max(off), b.min(end));
@@ -196,7 +196,7 @@ fn read_impl(
     };
     let n = check_ssize(kernel())?;
     // No data file: no process mapped the file, the backing is the truth.
-    if let (true, Some((data_fd, _))) = (n > 0, f.shadow.data()) {
+    if let (true, Some(data_fd)) = (n > 0, f.shadow.data().map(|d| d.rw())) {
         let off = match at {
             At::Offset(o) => Some(o),
             At::Position => pos_before(fd, n as usize),
@@ -221,7 +221,7 @@ fn write_impl(
     let n = check_ssize(kernel())?;
     // Under the io lock the data cannot appear between the write and this
     // test; without data the write went where everyone reads.
-    let Some((data_fd, _)) = f.shadow.data() else {
+    let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
         return Ok(n);
     };
     if n <= 0 {
@@ -373,15 +373,15 @@ pub unsafe extern "C" fn __pread_chk(
 fn follow_size(f: &FileState) -> Result<(), Errno> {
     f.size_dirty
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let Some((data_fd, _)) = f.shadow.data() else {
+    let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
         return Ok(());
     };
-    let size = sys::fstat(f.backing_fd)?.st_size as u64;
+    let size = sys::fstat(f.backing_fd())?.st_size as u64;
     let _fill = f.shadow.fill_lock();
     if sys::fstat(data_fd)?.st_size as u64 != size {
         sys::ftruncate(data_fd, size)?;
     }
-    f.shadow.record_backing(f.backing_fd);
+    f.shadow.record_backing(f.backing_fd());
     Ok(())
 }
 
@@ -427,7 +427,8 @@ fn truncate_impl(path: *const c_char, len: off64_t) -> Result<i32, Errno> {
     let r = check_int(unsafe { real::truncate64(path, len) })?;
     // SAFETY: the kernel accepted `path` as a C string.
     let cpath = unsafe { std::ffi::CStr::from_ptr(path) };
-    if let Ok(fd) = sys::open(cpath, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+    if let Ok(owned) = sys::open(cpath, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);
         if crate::classify::classify(fd).is_some() {
             crate::fdtable::on_open(fd, 0);
             if let Some(f) = crate::fdtable::lookup_fd(fd) {
@@ -436,7 +437,6 @@ fn truncate_impl(path: *const c_char, len: off64_t) -> Result<i32, Errno> {
             }
             crate::fdtable::on_close(fd);
         }
-        sys::close(fd);
     }
     Ok(r)
 }
@@ -473,7 +473,7 @@ fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Resu
     let mut off = from;
     while off < to {
         let want = ((to - off) as usize).min(buf.len());
-        let n = sys::pread_full(f.backing_fd, &mut buf[..want], off)?;
+        let n = sys::pread_full(f.backing_fd(), &mut buf[..want], off)?;
         if n == 0 {
             break;
         }
@@ -497,13 +497,13 @@ fn fallocate_impl(
     let shifts = mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0;
     if shifts {
         // Data moves: write back this process's stores first so they move too.
-        f.sync(None, false)?;
+        f.sync(None, crate::writeback::Durability::ByCaller)?;
     }
     let _io = f.shadow.io_lock();
     let r = check_int(kernel())?;
     let done = (|| {
         follow_size(&f)?;
-        let Some((data_fd, _)) = f.shadow.data() else {
+        let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
             return Ok(());
         };
         let size = sys::fstat(data_fd)?.st_size as u64;
@@ -594,7 +594,9 @@ pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off64_t, len: off64_t) 
 /// Before the kernel reads `fd`: its shadow's dirty lines go to the backing.
 fn before_kernel_reads(fd: c_int) -> Result<(), Errno> {
     match crate::fdtable::lookup_fd(fd) {
-        Some(f) if f.shadow.data().is_some() => f.sync(None, false),
+        Some(f) if f.shadow.data().is_some() => {
+            f.sync(None, crate::writeback::Durability::ByCaller)
+        }
         _ => Ok(()),
     }
 }
@@ -609,7 +611,7 @@ fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
         return;
     };
     let _io = f.shadow.io_lock();
-    let Some((data_fd, _)) = f.shadow.data() else {
+    let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
         return;
     };
     let at = off.map_or(At::Position, At::Offset);

@@ -4,6 +4,7 @@
 use crate::real;
 use crate::reentry::enter;
 use crate::registry::{Mapping, REG, SHADOW_MAPS};
+use crate::shadow::Fill;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, PAGE};
 use crate::track;
@@ -120,9 +121,14 @@ fn mmap_impl(
     let writable_fd = shared && fd_writable(fd);
     // userfaultfd refuses a shared mapping that can never be written (a
     // read-only descriptor's): such a mapping needs the holes filled.
-    let lazy_capable = crate::lazy::capable() && (!shared || writable_fd);
-    let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd, lazy_capable) {
-        Ok(d) => d,
+    let lazy_capable = crate::registry::lazy_capable() && (!shared || writable_fd);
+    let fill = if lazy_capable {
+        Fill::Lazy
+    } else {
+        Fill::Eager
+    };
+    let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd(), fill) {
+        Ok(d) => (d.rw(), d.ro()),
         Err(e) => {
             warn!("{}: {e}; mapping the file directly", file.path);
             add(&STATS.fallbacks_direct, 1);
@@ -264,7 +270,7 @@ fn watch_lazy(
                 file.path
             );
             file.shadow
-                .ensure_data(file.backing_fd, false)
+                .ensure_data(file.backing_fd(), Fill::Eager)
                 .map(|_| false)
         }
     }
@@ -538,7 +544,7 @@ fn remove_impl(addr: usize, len: usize, real: impl FnOnce() -> c_int) -> Result<
     let r = super::check_int(real())?;
     for (f, off, n) in &targets {
         let punched = sys::fallocate(
-            f.backing_fd,
+            f.backing_fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             *off,
             *n,

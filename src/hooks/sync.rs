@@ -6,6 +6,7 @@ use crate::real;
 use crate::reentry::{enter, Entered};
 use crate::registry::{REG, SHADOW_MAPS};
 use crate::sys::{self, Errno, PAGE};
+use crate::writeback::Durability;
 use libc::{c_int, c_uint, c_void, off64_t, size_t};
 use std::sync::atomic::Ordering;
 
@@ -36,14 +37,18 @@ fn msync_impl(addr: *mut c_void, len: size_t, flags: c_int) -> Result<i32, Errno
                 let s = a.max(m.start);
                 let e = end.min(m.start + m.len);
                 let lo = m.off + (s - m.start) as u64;
-                (m.file.clone(), lo, lo + (e - s) as u64)
+                (m.file.clone(), lo..lo + (e - s) as u64)
             })
             .collect()
     };
-    let durable = flags & libc::MS_SYNC != 0;
+    let how = if flags & libc::MS_SYNC != 0 {
+        Durability::Complete
+    } else {
+        Durability::ByCaller
+    };
     let mut failed = false;
-    for (f, lo, hi) in targets {
-        failed |= f.sync(Some((lo, hi)), durable).is_err();
+    for (f, range) in targets {
+        failed |= f.sync(Some(range), how).is_err();
     }
     if failed {
         return Err(Errno(libc::EIO));
@@ -71,12 +76,12 @@ pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> 
 fn file_sync(
     g: &Entered,
     fd: c_int,
-    range: Option<(u64, u64)>,
-    msync_touched: bool,
+    range: Option<std::ops::Range<u64>>,
+    how: Durability,
     kernel: impl FnOnce() -> c_int,
 ) -> c_int {
     let ours = match crate::fdtable::lookup_fd(fd) {
-        Some(f) => f.sync(range, msync_touched),
+        Some(f) => f.sync(range, how),
         None => Ok(()),
     };
     let r = check_int(kernel());
@@ -98,7 +103,9 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fsync(fd) },
-        Some(g) => file_sync(&g, fd, None, false, || unsafe { real::fsync(fd) }),
+        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
+            real::fsync(fd)
+        }),
     }
 }
 
@@ -113,7 +120,9 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fdatasync(fd) },
-        Some(g) => file_sync(&g, fd, None, false, || unsafe { real::fdatasync(fd) }),
+        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
+            real::fdatasync(fd)
+        }),
     }
 }
 
@@ -144,8 +153,12 @@ pub unsafe extern "C" fn sync_file_range(
             } else {
                 (off as u64).saturating_add(n as u64)
             };
-            let wait = flags & libc::SYNC_FILE_RANGE_WAIT_AFTER != 0;
-            file_sync(&g, fd, Some((lo, hi)), wait, kernel)
+            let how = if flags & libc::SYNC_FILE_RANGE_WAIT_AFTER != 0 {
+                Durability::Complete
+            } else {
+                Durability::ByCaller
+            };
+            file_sync(&g, fd, Some(lo..hi), how, kernel)
         }
     }
 }

@@ -2,10 +2,12 @@
 //! process.
 //!
 //! # Safety
-//! The header lives in a `MAP_SHARED` file mapping; every field other
-//! processes may touch concurrently is atomic, and the io lock is a
-//! process-shared robust pthread mutex.
+//! The header lives in a `MAP_SHARED` file mapping that other processes
+//! change at any time, so the shim only ever holds `&Header` (never `&mut`):
+//! every field is atomic or an `UnsafeCell` (the robust process-shared
+//! mutexes, initialised under the attach lock; the path, written under it).
 
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
@@ -30,12 +32,12 @@ pub struct Slot {
 #[repr(C)]
 pub struct Header {
     pub magic: AtomicU64,
-    pub version: u32,
-    pub slot_count: u32,
-    pub dev: u64,
-    pub ino: u64,
-    pub gen_sec: i64,
-    pub gen_nsec: u64,
+    pub version: AtomicU32,
+    pub slot_count: AtomicU32,
+    pub dev: AtomicU64,
+    pub ino: AtomicU64,
+    pub gen_sec: AtomicI64,
+    pub gen_nsec: AtomicU64,
     /// Backing file size and mtime as the shim last left them.
     pub rec_size: AtomicU64,
     pub rec_mtime_sec: AtomicI64,
@@ -47,14 +49,14 @@ pub struct Header {
     /// writeback) with the record above, across processes. Robust: a holder
     /// that dies leaves it `EOWNERDEAD`, which tells the next attacher that a
     /// mismatch between record and backing came from the shim itself.
-    pub io_lock: libc::pthread_mutex_t,
+    pub io_lock: UnsafeCell<libc::pthread_mutex_t>,
     pub slots: [Slot; SLOTS],
     /// 1: emulated pmem (a DAXSHIM_PMEM directory); 0: real DAX.
     pub emulated: AtomicU32,
     /// The backing file's path as the last attaching process saw it (for
     /// `daxshim status`/`sync`/`gc`; may be stale after a rename).
     pub path_len: AtomicU32,
-    pub path: [u8; PATH_MAX_STORED],
+    pub path: UnsafeCell<[u8; PATH_MAX_STORED]>,
     /// 1: the data file is filled lazily, on first access (userfaultfd): a
     /// hole in it means "the backing's bytes", not zeros.
     pub lazy: AtomicU32,
@@ -65,7 +67,7 @@ pub struct Header {
     /// and every reading of it through a mapping no userfaultfd watches (the
     /// writeback's view): such a read of a hole would create a page of
     /// zeros. Never held while touching memory of a watched mapping.
-    pub fill_lock: libc::pthread_mutex_t,
+    pub fill_lock: UnsafeCell<libc::pthread_mutex_t>,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;
@@ -93,18 +95,34 @@ impl FileId {
 }
 
 impl Header {
-    /// Stores the backing path (truncated to what fits).
-    pub fn set_path(&mut self, p: &str) {
+    /// Stores the backing path (truncated to what fits). Call with the
+    /// attach lock held (the only writers hold it).
+    pub fn set_path(&self, p: &str) {
         let b = p.as_bytes();
         let n = b.len().min(PATH_MAX_STORED);
-        self.path[..n].copy_from_slice(&b[..n]);
+        // SAFETY: writers are serialised by the attach lock; readers (the
+        // CLI) tolerate a torn path, which is for display only.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.path.get() as *mut u8, n) };
         self.path_len.store(n as u32, Ordering::Release);
     }
 
     #[allow(dead_code)] // read by the CLI, which shares this module
     pub fn path(&self) -> String {
         let n = (self.path_len.load(Ordering::Acquire) as usize).min(PATH_MAX_STORED);
-        String::from_utf8_lossy(&self.path[..n]).into_owned()
+        let mut out = vec![0u8; n];
+        // SAFETY: in bounds; a concurrent writer can only tear the bytes.
+        unsafe { std::ptr::copy_nonoverlapping(self.path.get() as *const u8, out.as_mut_ptr(), n) };
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Does the header describe the file `id` in this layout version?
+    pub fn describes(&self, id: FileId) -> bool {
+        self.magic.load(Ordering::Acquire) == MAGIC
+            && self.version.load(Ordering::Relaxed) == VERSION
+            && self.dev.load(Ordering::Relaxed) == id.dev
+            && self.ino.load(Ordering::Relaxed) == id.ino
+            && self.gen_sec.load(Ordering::Relaxed) == id.gen_sec
+            && self.gen_nsec.load(Ordering::Relaxed) == id.gen_nsec as u64
     }
 
     pub fn record(&self, size: u64, mtime_sec: i64, mtime_nsec: u64) {
@@ -124,17 +142,17 @@ impl Header {
     /// Initialises the process-shared robust io and fill locks in place.
     ///
     /// # Safety
-    /// Nobody else may use the lock during initialisation (attach lock held
+    /// Nobody else may use the locks during initialisation (attach lock held
     /// on a header whose magic is not yet valid).
-    pub unsafe fn init_locks(&mut self) {
-        // SAFETY: standard attr + init on memory we own exclusively.
+    pub unsafe fn init_locks(&self) {
+        // SAFETY: standard attr + init of memory nobody else uses now.
         unsafe {
             let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
             libc::pthread_mutexattr_init(&mut attr);
             libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
             libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
-            libc::pthread_mutex_init(&mut self.io_lock, &attr);
-            libc::pthread_mutex_init(&mut self.fill_lock, &attr);
+            libc::pthread_mutex_init(self.io_lock.get(), &attr);
+            libc::pthread_mutex_init(self.fill_lock.get(), &attr);
             libc::pthread_mutexattr_destroy(&mut attr);
         }
     }

@@ -9,6 +9,7 @@
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
 
 use crate::sys::{self, Errno, SysResult};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 const UFFD_USER_MODE_ONLY: i32 = 1;
@@ -107,7 +108,7 @@ static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
 /// filled yet fail with EFAULT, which no program expects.
 static LAZY_OK: AtomicBool = AtomicBool::new(false);
 
-fn open_uffd(flags: i32, features: u64) -> SysResult<i32> {
+fn open_uffd(flags: i32, features: u64) -> SysResult<OwnedFd> {
     let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK | flags)?;
     let mut api = UffdioApi {
         api: UFFD_API,
@@ -115,14 +116,37 @@ fn open_uffd(flags: i32, features: u64) -> SysResult<i32> {
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API takes a struct uffdio_api.
-    if let Err(e) = unsafe { sys::ioctl(fd, UFFDIO_API, &mut api as *mut _ as *mut _) } {
-        sys::close(fd);
-        return Err(e);
-    }
+    unsafe { sys::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut _ as *mut _) }?;
     Ok(fd)
 }
 
-fn open_handles() -> SysResult<(i32, i32)> {
+/// The process's userfaultfd and `/proc/self/pagemap` descriptors.
+struct Handles {
+    uffd: OwnedFd,
+    pagemap: OwnedFd,
+}
+
+impl Handles {
+    /// Makes them the process's own (they live until replaced after fork).
+    fn install(self) {
+        UFFD.store(self.uffd.into_raw_fd(), Ordering::Relaxed);
+        PAGEMAP.store(self.pagemap.into_raw_fd(), Ordering::Relaxed);
+    }
+
+    /// Takes the installed ones back (to close them).
+    fn uninstall() -> [Option<OwnedFd>; 2] {
+        [
+            UFFD.swap(-1, Ordering::Relaxed),
+            PAGEMAP.swap(-1, Ordering::Relaxed),
+        ]
+        .map(|fd| {
+            // SAFETY: installed by `install`, now owned by nobody else.
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        })
+    }
+}
+
+fn open_handles() -> SysResult<Handles> {
     let lazy_features = UFFD_FEATURE_WP_ASYNC
         | UFFD_FEATURE_MISSING_SHMEM
         | UFFD_FEATURE_MINOR_SHMEM
@@ -137,37 +161,25 @@ fn open_handles() -> SysResult<(i32, i32)> {
             open_uffd(UFFD_USER_MODE_ONLY, UFFD_FEATURE_WP_ASYNC)?
         }
     };
-    let pm = match sys::open(c"/proc/self/pagemap", libc::O_RDONLY | libc::O_CLOEXEC, 0) {
-        Ok(pm) => pm,
-        Err(e) => {
-            sys::close(fd);
-            return Err(e);
-        }
-    };
-    Ok((fd, pm))
+    let pagemap = sys::open(c"/proc/self/pagemap", libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
+    Ok(Handles { uffd: fd, pagemap })
 }
 
 /// Opens the process's userfaultfd and pagemap handles and checks that a
 /// write-protect scan works on a scratch shared mapping.
 pub fn init() -> SysResult<()> {
-    let (fd, pm) = open_handles()?;
-    UFFD.store(fd, Ordering::Relaxed);
-    PAGEMAP.store(pm, Ordering::Relaxed);
+    open_handles()?.install();
     // Probe: register a one-page shared anonymous mapping, arm, write, scan.
-    // SAFETY: fresh private range owned here.
-    let p = unsafe {
-        sys::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )?
-    } as usize;
+    let probe = sys::OwnedMap::new(
+        -1,
+        4096,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+    )?;
+    let p = probe.addr();
     let r = (|| {
         register_and_arm(p, 4096)?;
-        // SAFETY: p is our mapping.
+        // SAFETY: p is our own writable mapping (`probe`).
         unsafe { std::ptr::write_volatile(p as *mut u8, 1) };
         let mut seen = 0;
         harvest(p, 4096, &mut |_, n| seen += n)?;
@@ -177,13 +189,9 @@ pub fn init() -> SysResult<()> {
             Err(Errno(libc::ENOTSUP))
         }
     })();
-    // SAFETY: our mapping.
-    let _ = unsafe { sys::munmap(p as *mut _, 4096) };
+    drop(probe);
     if r.is_err() {
-        sys::close(fd);
-        sys::close(pm);
-        UFFD.store(-1, Ordering::Relaxed);
-        PAGEMAP.store(-1, Ordering::Relaxed);
+        drop(Handles::uninstall());
     }
     r
 }
@@ -378,17 +386,8 @@ pub fn harvest(addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> Sy
 /// In a forked child the inherited handles act on the parent's memory: close
 /// them and open the child's own. The caller registers its ranges again.
 pub fn reinit_in_child() -> SysResult<()> {
-    let old_fd = UFFD.swap(-1, Ordering::Relaxed);
-    let old_pm = PAGEMAP.swap(-1, Ordering::Relaxed);
-    if old_fd >= 0 {
-        sys::close(old_fd);
-    }
-    if old_pm >= 0 {
-        sys::close(old_pm);
-    }
-    let (fd, pm) = open_handles()?;
-    UFFD.store(fd, Ordering::Relaxed);
-    PAGEMAP.store(pm, Ordering::Relaxed);
+    drop(Handles::uninstall());
+    open_handles()?.install();
     Ok(())
 }
 

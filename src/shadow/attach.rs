@@ -1,0 +1,264 @@
+//! Attaching to a shadow and detaching from it (DESIGN.md §3.1,
+//! docs/ARCHITECTURE.md "Shadow protocol"): under the meta file's attach
+//! lock, a shadow nobody is attached to is reconciled (writers died),
+//! dropped (the backing changed behind the shim's back, nothing unsynced)
+//! or kept aside as an orphan (changed, and unsynced stores exist).
+
+use super::header::*;
+use super::owned::{cstr, err, open_owned, Create};
+use super::slots::{self, AttachLock};
+use super::{AttachOptions, BackingState, Shadow};
+use crate::persist;
+use crate::sys::{self, OwnedMap, SysResult};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+/// Writes back every line of the shadow that differs from the backing
+/// (reconciliation after writers died). Durable when it returns Ok.
+fn reconcile(data_fd: i32, backing_fd: i32, opt: &AttachOptions) -> SysResult<()> {
+    let shadow_size = sys::fstat(data_fd)?.st_size as u64;
+    let backing_size = sys::fstat(backing_fd)?.st_size as u64;
+    let size = shadow_size.min(backing_size) as usize;
+    if size == 0 {
+        return Ok(());
+    }
+    let s = OwnedMap::shared(data_fd, size, libc::PROT_READ)?;
+    let b = OwnedMap::shared(backing_fd, size, libc::PROT_READ | libc::PROT_WRITE)?;
+    // Only pages the data file holds: a hole is either not filled yet (lazy:
+    // the backing's bytes) or zeros in the backing too.
+    let all = super::data::data_segments(data_fd, 0, size as u64);
+    let how = persist::Writeback {
+        flush: opt.flush,
+        msync_touched: opt.emulated,
+        via_fd: (opt.emulated && !opt.writeback_stores).then_some(backing_fd),
+    };
+    let r = persist::write_back(s.addr(), b.addr(), size as u64, &all, &how);
+    crate::stats::add(&crate::stats::STATS.reconciles, 1);
+    r.map(|_| ())
+}
+
+/// Attaches this process to the shadow of `id`, creating, reconciling or
+/// rebuilding it as the protocol requires. `backing_fd` must be readable;
+/// reconciliation needs it writable.
+pub fn attach(
+    dir: &str,
+    id: FileId,
+    backing_fd: i32,
+    opt: &AttachOptions,
+) -> Result<Shadow, String> {
+    let base = format!("{dir}/{}", id.key());
+    let meta_path = format!("{base}.meta");
+    // Open the meta file and hold its attach lock, retrying if a detaching
+    // process unlinked it meanwhile.
+    loop {
+        let meta = open_owned(&meta_path, Create::Yes)?;
+        let lock =
+            AttachLock::take(meta.as_raw_fd()).map_err(|e| err("cannot lock", &meta_path, e))?;
+        let linked = match (sys::fstat(meta.as_raw_fd()), sys::lstat(&cstr(&meta_path))) {
+            (Ok(a), Ok(b)) => a.st_ino == b.st_ino && a.st_dev == b.st_dev,
+            _ => false,
+        };
+        if linked {
+            let r = attach_locked(&base, &meta, id, backing_fd, opt);
+            drop(lock);
+            return r.map(|(header, slot)| Shadow {
+                base,
+                meta_fd: meta.into_raw_fd().into(),
+                header,
+                slot: slot.into(),
+                data: OnceLock::new(),
+                probe: crate::lock::Lock::new(OwnedMap::default()),
+            });
+        }
+    }
+}
+
+fn attach_locked(
+    base: &str,
+    meta: &OwnedFd,
+    id: FileId,
+    backing_fd: i32,
+    opt: &AttachOptions,
+) -> Result<(OwnedMap, usize), String> {
+    let meta_path = format!("{base}.meta");
+    let meta_fd = meta.as_raw_fd();
+    let st = sys::fstat(meta_fd).map_err(|e| err("cannot stat", &meta_path, e))?;
+    if (st.st_size as usize) < META_SIZE {
+        sys::ftruncate(meta_fd, META_SIZE as u64).map_err(|e| err("cannot size", &meta_path, e))?;
+    }
+    let map = OwnedMap::shared(meta_fd, META_SIZE, libc::PROT_READ | libc::PROT_WRITE)
+        .map_err(|e| err("cannot map", &meta_path, e))?;
+    // SAFETY: META_SIZE bytes mapped shared for as long as `map`; Header
+    // fits (static assert) and is only ever used through shared references.
+    let hdr = unsafe { &*(map.addr() as *const Header) };
+    prepare(base, meta_fd, hdr, id, backing_fd, opt)?;
+    let slot = slots::take_slot(hdr, meta_fd, 0, &meta_path)?;
+    hdr.emulated.store(opt.emulated as u32, Ordering::Relaxed);
+    hdr.set_path(&opt.path);
+    Ok((map, slot))
+}
+
+fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
+    hdr.magic.store(0, Ordering::Release);
+    let _ = sys::unlink(&cstr(base)); // data left by an older header
+    hdr.version.store(VERSION, Ordering::Relaxed);
+    hdr.slot_count.store(SLOTS as u32, Ordering::Relaxed);
+    hdr.dev.store(id.dev, Ordering::Relaxed);
+    hdr.ino.store(id.ino, Ordering::Relaxed);
+    hdr.gen_sec.store(id.gen_sec, Ordering::Relaxed);
+    hdr.gen_nsec.store(id.gen_nsec as u64, Ordering::Relaxed);
+    hdr.data_valid.store(0, Ordering::Relaxed);
+    slots::clear_slots(hdr);
+    // SAFETY: the header is invalid (magic 0) and we hold the attach lock:
+    // nobody uses its locks.
+    unsafe { hdr.init_locks() };
+    hdr.lazy.store(0, Ordering::Relaxed);
+    hdr.no_evict.store(0, Ordering::Relaxed);
+    record(hdr, backing_fd);
+    hdr.magic.store(MAGIC, Ordering::Release);
+}
+
+fn record(hdr: &Header, backing_fd: i32) {
+    if let Ok(b) = BackingState::of(backing_fd) {
+        hdr.record(b.size, b.mtime_sec, b.mtime_nsec);
+    }
+}
+
+/// Under the attach lock: make the shadow valid for the backing file.
+fn prepare(
+    base: &str,
+    meta_fd: i32,
+    hdr: &Header,
+    id: FileId,
+    backing_fd: i32,
+    opt: &AttachOptions,
+) -> Result<(), String> {
+    if !hdr.describes(id) {
+        init_header(base, hdr, id, backing_fd);
+        return Ok(());
+    }
+    let census = slots::census(hdr, meta_fd, None, true);
+    if census.live > 0 {
+        return Ok(());
+    }
+    if hdr.data_valid.load(Ordering::Acquire) == 0 {
+        // No copy exists: nothing can be stale or unsynced.
+        slots::clear_slots(hdr);
+        record(hdr, backing_fd);
+        return Ok(());
+    }
+    // SAFETY: the header is mapped for the rest of this function (the
+    // caller's `map`), which outlives the guard.
+    let io = unsafe { super::owned::lock_robust(hdr.io_lock.get()) };
+    let now = BackingState::of(backing_fd)
+        .map(|b| b.recorded())
+        .unwrap_or((u64::MAX, 0, 0));
+    let changed = now != hdr.recorded();
+    let result = if changed && !io.owner_died() {
+        if census.dead_writer {
+            let orphan = format!(
+                "{base}.orphan-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            );
+            let _ = sys::rename(&cstr(base), &cstr(&orphan));
+            warn!(
+                "{base}: the backing file was changed without the shim while the shadow \
+                 held unsynced stores of a process that died; the shadow was kept as \
+                 {orphan} and the backing file is served"
+            );
+        } else {
+            let _ = sys::unlink(&cstr(base));
+        }
+        hdr.data_valid.store(0, Ordering::Release);
+        hdr.lazy.store(0, Ordering::Relaxed);
+        hdr.no_evict.store(0, Ordering::Relaxed);
+        Ok(())
+    } else if census.dead_writer || io.owner_died() {
+        open_owned(base, Create::No).and_then(|data| {
+            let data_fd = data.as_raw_fd();
+            reconcile(data_fd, backing_fd, opt)
+                .and_then(|()| {
+                    // The backing's size is the truth for the shadow.
+                    let old = sys::fstat(data_fd)?.st_size as u64;
+                    sys::ftruncate(data_fd, now.0)?;
+                    if now.0 > old {
+                        super::data::copy_from_backing(data_fd, backing_fd, old, now.0)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| err("cannot write back shadow", base, e))
+        })
+    } else {
+        Ok(())
+    };
+    if result.is_ok() {
+        slots::clear_slots(hdr);
+        record(hdr, backing_fd);
+    }
+    drop(io);
+    result
+}
+
+/// Whether this process left anything unsynced when it detaches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Detach {
+    /// Everything written back: the slot is freed.
+    Synced,
+    /// The slot stays marked, so the next attacher reconciles.
+    Unsynced,
+}
+
+impl Shadow {
+    /// Detaches. If this process is the last one attached and no dead writer
+    /// remains, the shadow files are removed (the backing holds everything).
+    pub fn detach(&self, how: Detach, backing_fd: i32, opt: &AttachOptions) {
+        let h = self.header();
+        let lock = AttachLock::take(self.meta_fd());
+        if how == Detach::Synced {
+            slots::free_slot(h, self.slot());
+        }
+        slots::unlock_slot(self.meta_fd(), self.slot());
+        let Ok(_attach) = lock else {
+            return;
+        };
+        let census = slots::census(h, self.meta_fd(), None, false);
+        let mut dead_writer = census.dead_writer;
+        if census.live == 0 && dead_writer {
+            let _io = self.io_lock();
+            let reconciled = match self.data() {
+                Some(d) => reconcile(d.rw(), backing_fd, opt).is_ok(),
+                None => true,
+            };
+            if reconciled {
+                dead_writer = false;
+                self.record_backing(backing_fd);
+            }
+        }
+        if census.live == 0 && !dead_writer {
+            let _ = sys::unlink(&cstr(&self.base));
+            let _ = sys::unlink(&cstr(&format!("{}.meta", self.base)));
+        }
+    }
+
+    /// In a forked child: the inherited meta descriptor shares the parent's
+    /// open file description (and slot lock). Take a slot of our own.
+    pub fn reslot_after_fork(&self) -> Result<(), String> {
+        let meta_path = format!("{}.meta", self.base);
+        let fd = open_owned(&meta_path, Create::No)?;
+        let attach =
+            AttachLock::take(fd.as_raw_fd()).map_err(|e| err("cannot lock", &meta_path, e))?;
+        let h = self.header();
+        let parent_flags = h.slots[self.slot()].flags.load(Ordering::Relaxed);
+        let slot = slots::take_slot(h, fd.as_raw_fd(), parent_flags, &meta_path)?;
+        drop(attach);
+        let old = self.meta_fd.swap(fd.into_raw_fd(), Ordering::Relaxed);
+        // SAFETY: the parent's descriptor, ours to close (the child's copy).
+        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(old) });
+        self.slot.store(slot, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! Files of the shadow directory that are ours alone, and the robust
+//! process-shared locks of the header.
+//!
+//! # Safety
+//! [`HeaderLock`] points at a mutex inside a mapped header; the [`Shadow`]
+//! that maps it outlives every guard (guards borrow it).
+//!
+//! [`Shadow`]: super::Shadow
+
+use crate::sys::{self, Errno};
+use std::ffi::CString;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+pub(super) fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+pub(super) fn err(what: &str, path: &str, e: Errno) -> String {
+    format!("{what} {path}: {e}")
+}
+
+/// Creates (0700) or checks the per-user shadow directory: a real directory,
+/// owned by us, not accessible to others.
+pub fn ensure_dir(dir: &str) -> Result<(), String> {
+    let c = cstr(dir);
+    match sys::mkdir(&c, 0o700) {
+        Ok(()) | Err(Errno(libc::EEXIST)) => {}
+        Err(e) => return Err(err("cannot create shadow directory", dir, e)),
+    }
+    let st = sys::lstat(&c).map_err(|e| err("cannot stat shadow directory", dir, e))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(format!(
+            "shadow directory {dir} is not a directory (a symlink?); refusing it"
+        ));
+    }
+    if st.st_uid != sys::geteuid() {
+        return Err(format!(
+            "shadow directory {dir} belongs to uid {}, not to us; refusing it",
+            st.st_uid
+        ));
+    }
+    if st.st_mode & 0o077 != 0 {
+        return Err(format!(
+            "shadow directory {dir} has mode {:o}; it must not be accessible to others",
+            st.st_mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// Whether [`open_owned`] may create the file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Create {
+    Yes,
+    No,
+}
+
+/// Opens an existing shadow file or creates it exclusively; checks it is a
+/// regular file of ours with mode 0600.
+pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, String> {
+    let c = cstr(path);
+    let base = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let fd = loop {
+        match sys::open(&c, base, 0) {
+            Ok(fd) => break fd,
+            Err(Errno(libc::ENOENT)) if create == Create::Yes => {
+                match sys::open(&c, base | libc::O_CREAT | libc::O_EXCL, 0o600) {
+                    Ok(fd) => break fd,
+                    Err(Errno(libc::EEXIST)) => continue,
+                    Err(e) => return Err(err("cannot create", path, e)),
+                }
+            }
+            Err(e) => return Err(err("cannot open", path, e)),
+        }
+    };
+    let ok = sys::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+        st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_uid == sys::geteuid()
+            && st.st_mode & 0o077 == 0
+    });
+    if !ok {
+        return Err(format!(
+            "{path} is not a private regular file of ours; refusing it"
+        ));
+    }
+    Ok(fd)
+}
+
+/// A read-only descriptor of the very file `fd` is (through /proc).
+pub(super) fn reopen_read_only(base: &str, fd: &OwnedFd) -> Result<OwnedFd, String> {
+    let p = cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map_err(|e| err("cannot reopen read-only", base, e))
+}
+
+/// Holds one of the header's robust locks (io or fill).
+pub struct HeaderLock<'a> {
+    m: *mut libc::pthread_mutex_t,
+    owner_died: bool,
+    _shadow: PhantomData<&'a ()>,
+}
+
+impl HeaderLock<'_> {
+    /// The previous holder died holding the lock (`EOWNERDEAD`): what it
+    /// protected may be half done.
+    pub fn owner_died(&self) -> bool {
+        self.owner_died
+    }
+}
+
+impl Drop for HeaderLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we hold the mutex (see `lock_robust`), whose header stays
+        // mapped while the borrowed Shadow lives.
+        unsafe { libc::pthread_mutex_unlock(self.m) };
+    }
+}
+
+/// Locks a robust process-shared mutex of the header; a holder that died
+/// leaves it consistent-able (its work is re-checked by the callers).
+///
+/// # Safety
+/// `m` points into the mapped header of a Shadow that lives for `'a`.
+pub(super) unsafe fn lock_robust<'a>(m: *mut libc::pthread_mutex_t) -> HeaderLock<'a> {
+    // SAFETY: per the function contract.
+    let owner_died = unsafe { libc::pthread_mutex_lock(m) } == libc::EOWNERDEAD;
+    if owner_died {
+        // SAFETY: we own the mutex after EOWNERDEAD.
+        unsafe { libc::pthread_mutex_consistent(m) };
+    }
+    HeaderLock {
+        m,
+        owner_died,
+        _shadow: PhantomData,
+    }
+}
