@@ -24,6 +24,7 @@
 //! | `DAXSHIM_DEBUG_FAIL_SYNCS=N` | testing only: the first N writebacks fail with EIO |
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 // The constructor and everything only it reaches are cfg(not(test)).
 #![cfg_attr(test, allow(dead_code))]
 
@@ -34,10 +35,12 @@ mod classify;
 mod config;
 mod fdtable;
 mod file;
+mod fileio;
 mod hooks;
 mod lazy;
 mod lifecycle;
 mod lock;
+mod mapping;
 mod persist;
 mod ranges;
 mod real;

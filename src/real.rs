@@ -28,6 +28,7 @@ macro_rules! real_fns {
                     // SAFETY: `p` was returned by dlsym for this very symbol,
                     // whose C prototype is the one spelled here.
                     let f: unsafe extern "C" fn($($ty),*) -> $ret =
+                        // SAFETY: as above.
                         unsafe { std::mem::transmute::<usize, _>(p) };
                     // SAFETY: the caller upholds the libc function's contract.
                     return unsafe { f($($arg),*) };
@@ -142,6 +143,7 @@ macro_rules! real_variadic {
                     // SAFETY: `p` is this symbol's address from dlsym; the C
                     // prototype is variadic after the fixed arguments.
                     let f: unsafe extern "C" fn($($ty),*, ...) -> $ret =
+                        // SAFETY: as above.
                         unsafe { std::mem::transmute::<usize, _>(p) };
                     // SAFETY: the caller upholds the libc function's contract.
                     return unsafe { f($($arg),*, $var) };

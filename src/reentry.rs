@@ -27,9 +27,12 @@ thread_local! {
     static IN_SHIM: Cell<bool> = const { Cell::new(false) };
     /// Deferred signals of this thread (bit n: signal n).
     static PENDING: Cell<u64> = const { Cell::new(0) };
-    static INFOS: UnsafeCell<[libc::siginfo_t; NSIG]> =
-        // SAFETY: an all-zero siginfo is a valid value.
-        const { UnsafeCell::new(unsafe { std::mem::zeroed() }) };
+    static INFOS: UnsafeCell<[libc::siginfo_t; NSIG]> = const { UnsafeCell::new(no_infos()) };
+}
+
+const fn no_infos() -> [libc::siginfo_t; NSIG] {
+    // SAFETY: an all-zero siginfo is a valid value.
+    unsafe { std::mem::zeroed() }
 }
 
 /// Held while a thread runs shim code; nested hooks pass through.

@@ -155,6 +155,7 @@ fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, apply_
             unsafe { real::sigaction(sig, &dfl, std::ptr::null_mut()) };
         }
     }
+    // SAFETY: an all-zero sigset is a valid (empty) set.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     if apply_mask {
         let mut mask = act.sa_mask;

@@ -1,6 +1,6 @@
 //! open/close/dup family: keeps the descriptor table of pmem files.
 
-use super::check_int;
+use crate::fileio::check;
 use crate::real;
 use crate::reentry::enter;
 use libc::{c_char, c_int, c_long, c_uint, mode_t};
@@ -163,7 +163,7 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
 fn fcntl_impl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
     // SAFETY: forwarded unchanged; the kernel validates `arg`.
     let r = unsafe { real::fcntl64(fd, cmd, arg) };
-    if (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && check_int(r).is_ok() {
+    if (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && check(r).is_ok() {
         return duped(fd, r);
     }
     r

@@ -1,7 +1,7 @@
 //! msync/fsync/fdatasync/sync_file_range/syncfs/sync: write back the
 //! changed cachelines of shadowed files, then let the kernel do its part.
 
-use super::check_int;
+use crate::fileio::check;
 use crate::real;
 use crate::reentry::{enter, Entered};
 use crate::registry::{REG, SHADOW_MAPS};
@@ -14,7 +14,7 @@ fn msync_impl(addr: *mut c_void, len: size_t, flags: c_int) -> Result<i32, Errno
     // The kernel validates the arguments and syncs non-shadow mappings;
     // ENOMEM (a hole in the range) still lets mapped parts be synced.
     // SAFETY: forwarded unchanged.
-    let r = check_int(unsafe { real::msync(addr, len, flags) });
+    let r = check(unsafe { real::msync(addr, len, flags) });
     match r {
         Err(Errno(libc::ENOMEM)) | Ok(_) => {}
         Err(e) => return Err(e),
@@ -84,7 +84,7 @@ fn file_sync(
         Some(f) => f.sync(range, how),
         None => Ok(()),
     };
-    let r = check_int(kernel());
+    let r = check(kernel());
     g.ret(match (ours, r) {
         (_, Err(e)) => Err(e),
         (Err(_), Ok(_)) => Err(Errno(libc::EIO)),
@@ -103,6 +103,7 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fsync(fd) },
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
             real::fsync(fd)
         }),
@@ -120,6 +121,7 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fdatasync(fd) },
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
             real::fdatasync(fd)
         }),
@@ -176,7 +178,7 @@ pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
                 Err(_) => Ok(()),
             };
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-            let r = check_int(unsafe { real::syncfs(fd) });
+            let r = check(unsafe { real::syncfs(fd) });
             g.ret(match (ours, r) {
                 (_, Err(e)) => Err(e),
                 (Err(_), Ok(_)) => Err(Errno(libc::EIO)),

@@ -238,10 +238,8 @@ mod tests {
         for i in 0..64 {
             b.0[i] ^= 0x10;
             // SAFETY: as above.
-            assert!(
-                !unsafe { line_equal(a.0.as_ptr(), b.0.as_ptr(), 64) },
-                "byte {i}"
-            );
+            let equal = unsafe { line_equal(a.0.as_ptr(), b.0.as_ptr(), 64) };
+            assert!(!equal, "byte {i}");
             b.0[i] ^= 0x10;
         }
     }
