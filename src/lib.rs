@@ -9,50 +9,51 @@
 //! callers (`MAP_SHARED_VALIDATE|MAP_SYNC`, [`MAP_DAX`], `DAXSHIM_DAX`) get
 //! the direct mapping.
 //!
-//! Environment (read once at load; an invalid value exits with status 125):
+//! Environment (read once at load, [`config`]; an invalid value exits with
+//! status 125 before `main`): `DAXSHIM_PMEM`, `DAXSHIM_DAX`,
+//! `DAXSHIM_SHADOW_DIR`, `DAXSHIM_LOG`, `DAXSHIM_STATS`, `DAXSHIM_TRACKER`,
+//! `DAXSHIM_LAZY`, `DAXSHIM_CACHE_MAX`, `DAXSHIM_WRITEBACK`, `DAXSHIM_FLUSH`
+//! and the testing knobs `DAXSHIM_DEBUG_CRASH_AFTER_LINES`,
+//! `DAXSHIM_DEBUG_FAIL_SYNCS`; the README's table says what each means.
 //!
-//! | variable | meaning |
-//! | --- | --- |
-//! | `DAXSHIM_PMEM=DIR[:DIR…]` | regular files under these directories are emulated pmem |
-//! | `DAXSHIM_DAX=1` or `DIR[:DIR…]` | the process (or files under DIRs) is DAX-aware: direct mappings |
-//! | `DAXSHIM_SHADOW_DIR=DIR` | where shadows live (default `/dev/shm/daxshim-<uid>`) |
-//! | `DAXSHIM_LOG=error\|warn\|info\|debug` | diagnostics on stderr (default `warn`) |
-//! | `DAXSHIM_STATS=PATH` | counters as JSON at exit (`%p` = pid) |
-//! | `DAXSHIM_TRACKER=auto\|uffd\|compare` | dirty tracking backend |
-//! | `DAXSHIM_FLUSH=auto\|clwb\|clflushopt\|clflush` | best flush instruction allowed |
-//! | `DAXSHIM_DEBUG_CRASH_AFTER_LINES=N` | testing only: SIGKILL itself after writing back N lines |
-//! | `DAXSHIM_DEBUG_FAIL_SYNCS=N` | testing only: the first N writebacks fail with EIO |
+//! The design as built, its layers and their order, is in
+//! `docs/ARCHITECTURE.md`; `scripts/check-layers.py` keeps the order.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 // The constructor and everything only it reaches are cfg(not(test)).
 #![cfg_attr(test, allow(dead_code))]
 
+// Layers, lowest first (docs/ARCHITECTURE.md; scripts/check-layers.py).
+// 0: system calls, locks, configuration, re-entrancy.
 #[macro_use]
 mod log;
-
-mod classify;
 mod config;
-mod fdtable;
-mod file;
-mod fileio;
-mod hooks;
-mod lazy;
-mod lifecycle;
 mod lock;
-mod mapping;
-mod persist;
 mod ranges;
 mod real;
 mod reentry;
-mod registry;
-mod runtime;
-mod shadow;
-mod sigchain;
 mod stats;
 mod sys;
+// 1: the shared shadow store, dirty tracking, persistence, signal chaining.
+mod persist;
+mod shadow;
+mod sigchain;
 mod track;
+// 2: lazy filling (fault thread, eviction).
+mod lazy;
+// 3: this process's files, descriptors, mappings, syncs and lifecycle.
+mod classify;
+mod fdtable;
+mod file;
+mod fileio;
+mod lifecycle;
+mod mapping;
+mod registry;
+mod runtime;
 mod writeback;
+// 4: the exported hooks (nothing below imports them).
+mod hooks;
 
 /// Per-mapping DAX opt-in flag (also in `include/daxshim.h`).
 pub const MAP_DAX: i32 = hooks::map::MAP_DAX;

@@ -39,7 +39,7 @@ pub fn forget_thread_after_fork() {
     unsafe { START.force_unlock() };
 }
 
-/// The first fill of a random access (KERNEL-NOTES: ~10 µs per 4 KiB fault
+/// The first fill of a random access (measured, docs/ARCHITECTURE.md: ~10 µs per 4 KiB fault
 /// through a fault thread, ~2.4 µs per page at 64 KiB; but a random reader
 /// pays for every page copied and not used).
 const MIN_WINDOW: u64 = 16 << 10;

@@ -11,7 +11,7 @@
 //! this process's mappings) comes through the [`Host`] trait, which the
 //! registry implements and hands over at start-up ([`init`]).
 //!
-//! Rules that keep it correct (DESIGN.md §3.1, KERNEL-NOTES):
+//! Rules that keep it correct (docs/ARCHITECTURE.md, "Lazy filling"):
 //! - a hole in a lazy data file means "the backing's bytes"; a page present
 //!   in it holds the shadow's bytes (filled whole, under the fill lock);
 //! - every process that maps a lazy data file handles missing pages, or

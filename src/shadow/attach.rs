@@ -1,5 +1,5 @@
-//! Attaching to a shadow and detaching from it (DESIGN.md §3.1,
-//! docs/ARCHITECTURE.md "Shadow protocol"): under the meta file's attach
+//! Attaching to a shadow and detaching from it (docs/ARCHITECTURE.md,
+//! "Shadow protocol"): under the meta file's attach
 //! lock, a shadow nobody is attached to is reconciled (writers died),
 //! dropped (the backing changed behind the shim's back, nothing unsynced)
 //! or kept aside as an orphan (changed, and unsynced stores exist).

@@ -1,7 +1,7 @@
 //! The shared shadow store: one shared-memory copy of each pmem file,
 //! attached by every process that opens or maps it.
 //!
-//! Layout (DESIGN.md §3.1, docs/ARCHITECTURE.md): `$DAXSHIM_SHADOW_DIR/
+//! Layout (docs/ARCHITECTURE.md, "Shadow protocol"): `$DAXSHIM_SHADOW_DIR/
 //! <dev>-<ino>-<gen>` holds the data at the file's own offsets, `<…>.meta`
 //! a [`header::Header`]. Liveness comes from OFD locks on per-slot bytes of
 //! the meta file ([`slots`]), which the kernel drops when a process dies

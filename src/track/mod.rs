@@ -1,6 +1,6 @@
 //! Dirty tracking: which pages of this process's shadow mappings were
-//! written since the last harvest. One trait, [`DirtyTracker`], two
-//! backends chosen once at start-up:
+//! written since the last harvest. One trait, [`DirtyTracker`], three
+//! backends, one chosen at start-up:
 //!
 //! - [`uffd::UffdTracker`]: userfaultfd write-protect in async mode with
 //!   `PAGEMAP_SCAN` (exact, no signals, in-kernel);

@@ -15,13 +15,13 @@
 //!   ([`before_kernel_stores`]).
 //!
 //! Ordering that keeps stores from being lost: the handler makes the page
-//! writable *before* setting its bit; a harvest write-protects *before*
-//! taking the bits. A store that lands before the harvest's protect was
-//! preceded by its bit; one after it faults again.
+//! writable *before* setting its bit; a harvest takes the bits *before* it
+//! write-protects. A store between the two lands before the caller copies
+//! the page; one after the protect faults and sets its bit again.
 //!
 //! # Safety
 //! The handler touches only atomics and raw system calls (async-signal-safe).
-//! Bitmaps are allocated and freed outside the handler, under `TABLE`.
+//! Bitmaps are allocated and freed outside the handler, under `TABLE_LOCK`.
 
 use crate::lock::Lock;
 use crate::sys::{self, Errno, SysResult, PAGE};

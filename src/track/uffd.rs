@@ -3,7 +3,8 @@
 //! A store to an armed page is resolved in the kernel (no message, no
 //! signal) and marks the page written; `PAGEMAP_SCAN` with
 //! `PM_SCAN_WP_MATCHING` reports the written pages and re-arms them in one
-//! call. Constants are from KERNEL-NOTES (absent from older headers).
+//! call. Constants are the kernel's (`linux/userfaultfd.h`, `linux/fs.h`;
+//! absent from older libc headers).
 //!
 //! # Safety
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
