@@ -31,9 +31,16 @@ pub fn fd_path(fd: i32) -> Option<String> {
     Some(s)
 }
 
-/// Is `fd` a regular file on pmem? Returns its identity, whether the pmem is
-/// emulated, and its path.
-pub fn classify(fd: i32) -> Option<(FileId, bool, String)> {
+/// A regular file on pmem.
+pub struct Classified {
+    pub id: FileId,
+    /// Emulated pmem (a `DAXSHIM_PMEM` directory), not real DAX.
+    pub emulated: bool,
+    pub path: String,
+}
+
+/// Is `fd` a regular file on pmem?
+pub fn classify(fd: i32) -> Option<Classified> {
     let stx = sys::statx_fd(fd, libc::STATX_BASIC_STATS | libc::STATX_BTIME).ok()?;
     if stx.stx_mode as u32 & libc::S_IFMT != libc::S_IFREG {
         return None;
@@ -65,5 +72,9 @@ pub fn classify(fd: i32) -> Option<(FileId, bool, String)> {
         gen_sec,
         gen_nsec,
     };
-    Some((id, !dax, path))
+    Some(Classified {
+        id,
+        emulated: !dax,
+        path,
+    })
 }

@@ -2,10 +2,9 @@
 //! so that I/O on any other descriptor costs one array lookup), kept by the
 //! open/close/dup family and filled at start-up from `/proc/self/fd`.
 
-use crate::classify::classify;
+use crate::classify::{classify, Classified};
 use crate::file::FileState;
 use crate::registry::{get_or_attach, release_ref, REG};
-use crate::shadow::FileId;
 use crate::sys::{self};
 use crate::track;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +53,7 @@ pub fn file_for_fd(fd: i32) -> Result<Option<Arc<FileState>>, String> {
     if let Some(f) = lookup_fd(fd) {
         return Ok(Some(f));
     }
-    let Some((id, emulated, path)) = classify(fd) else {
+    let Some(Classified { id, emulated, path }) = classify(fd) else {
         return Ok(None);
     };
     let f = get_or_attach(fd, id, emulated, &path)?;
@@ -84,7 +83,8 @@ pub fn on_open(fd: i32, flags: i32) {
 }
 
 /// `on_open` for a descriptor already classified as pmem.
-pub fn on_open_classified(fd: i32, flags: i32, (id, emulated, path): (FileId, bool, String)) {
+pub fn on_open_classified(fd: i32, flags: i32, class: Classified) {
+    let Classified { id, emulated, path } = class;
     match get_or_attach(fd, id, emulated, &path) {
         Ok(f) => {
             if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {

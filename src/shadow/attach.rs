@@ -151,10 +151,9 @@ fn prepare(
     // SAFETY: the header is mapped for the rest of this function (the
     // caller's `map`), which outlives the guard.
     let io = unsafe { super::owned::lock_robust(hdr.io_lock.get()) };
-    let now = BackingState::of(backing_fd)
-        .map(|b| b.recorded())
-        .unwrap_or((u64::MAX, 0, 0));
-    let changed = now != hdr.recorded();
+    let now = BackingState::of(backing_fd);
+    let changed = !now.as_ref().is_ok_and(|b| b.is_recorded_in(hdr));
+    let now_size = now.map(|b| b.size).unwrap_or(u64::MAX);
     let result = if changed && !io.owner_died() {
         if census.dead_writer {
             let orphan = format!(
@@ -184,9 +183,9 @@ fn prepare(
                 .and_then(|()| {
                     // The backing's size is the truth for the shadow.
                     let old = sys::fstat(data_fd)?.st_size as u64;
-                    sys::ftruncate(data_fd, now.0)?;
-                    if now.0 > old {
-                        super::data::copy_from_backing(data_fd, backing_fd, old, now.0)?;
+                    sys::ftruncate(data_fd, now_size)?;
+                    if now_size > old {
+                        super::data::copy_from_backing(data_fd, backing_fd, old, now_size)?;
                     }
                     Ok(())
                 })

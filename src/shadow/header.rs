@@ -131,12 +131,11 @@ impl Header {
         self.rec_mtime_nsec.store(mtime_nsec, Ordering::Relaxed);
     }
 
-    pub fn recorded(&self) -> (u64, i64, u64) {
-        (
-            self.rec_size.load(Ordering::Relaxed),
-            self.rec_mtime_sec.load(Ordering::Relaxed),
-            self.rec_mtime_nsec.load(Ordering::Relaxed),
-        )
+    /// Is this the size and mtime recorded last?
+    pub fn is_recorded(&self, size: u64, mtime_sec: i64, mtime_nsec: u64) -> bool {
+        self.rec_size.load(Ordering::Relaxed) == size
+            && self.rec_mtime_sec.load(Ordering::Relaxed) == mtime_sec
+            && self.rec_mtime_nsec.load(Ordering::Relaxed) == mtime_nsec
     }
 
     /// Initialises the process-shared robust io and fill locks in place.

@@ -89,8 +89,9 @@ impl BackingState {
         })
     }
 
-    fn recorded(&self) -> (u64, i64, u64) {
-        (self.size, self.mtime_sec, self.mtime_nsec)
+    /// Is this what the header recorded?
+    fn is_recorded_in(&self, h: &Header) -> bool {
+        h.is_recorded(self.size, self.mtime_sec, self.mtime_nsec)
     }
 }
 
