@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 
 const PAGE: usize = 4096;
 
@@ -1004,7 +1003,7 @@ fn daxshim_run_preloads_and_keeps_ld_preload() {
     let w = World::new("cli");
     let f = w.pmem_file("f", &zeros(PAGE));
     let cli = target_dir().join("daxshim");
-    let mut c = Command::new(&cli);
+    let mut c = w.cmd(&cli);
     c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
         .env("LD_PRELOAD", "")
         .args([
@@ -1034,7 +1033,7 @@ fn daxshim_run_preloads_and_keeps_ld_preload() {
     assert_eq!(w.stat_sum("mappings_shadowed"), 1);
     assert!(contains(&backing(&f), "viacli"));
     let o = run({
-        let mut c = Command::new(&cli);
+        let mut c = w.cmd(&cli);
         c.args(["run", "--", "/nonexistent/cmd"]);
         c
     });
@@ -1100,7 +1099,7 @@ os.execv({probe:?}, ["probe", "usefd", str(fd), ",", "map", "4096", ",", "store"
         "os.environ['LD_PRELOAD'] = os.environ['X_PRELOAD']; os.execve(",
     );
     let script = script.replace("\"kill\"])", "\"kill\"], os.environ)");
-    let mut c = Command::new(python());
+    let mut c = w.cmd(python());
     c.args(["-c", &script])
         .env("DAXSHIM_PMEM", &w.pmem)
         .env("DAXSHIM_SHADOW_DIR", &w.shadow)

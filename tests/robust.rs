@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -16,7 +15,7 @@ fn hostile(w: &World, shim: bool, args: &[&str]) -> std::process::Output {
     let mut c = if shim {
         w.shim_cmd(c_example("hostile"))
     } else {
-        Command::new(c_example("hostile"))
+        w.cmd(c_example("hostile"))
     };
     c.args(args);
     run(c)
@@ -137,7 +136,7 @@ m.flush()
         let mut c = if shim {
             w.shim_cmd(python())
         } else {
-            Command::new(python())
+            w.cmd(python())
         };
         c.args(["-c", script, s(f)]);
         outs.push(ok(run(c)));
@@ -245,7 +244,7 @@ fn truncate_to_zero_and_regrow_by_another_process() {
         let mut c = if pmem {
             w.shim_cmd(probe())
         } else {
-            Command::new(probe())
+            w.cmd(probe())
         };
         c.args([
             "open",
@@ -582,7 +581,7 @@ m.flush()
     );
     let mut shim = w.shim_cmd(python());
     shim.args(["-c", script, s(&pa), s(&pb)]);
-    let mut plain = Command::new(python());
+    let mut plain = w.cmd(python());
     plain.args(["-c", script, s(&oa), s(&ob)]);
     let (x, y) = (ok(run(shim)), ok(run(plain)));
     assert_eq!(x, y);
@@ -668,7 +667,7 @@ m.flush()
     assert_eq!(x, "mapped sees b'direct'\ndirect read sees b'mapped'\n");
     // The kernel page cache as the reference, where the control file
     // system takes O_DIRECT (tmpfs before Linux 6.6 does not).
-    let mut plain = Command::new(python());
+    let mut plain = w.cmd(python());
     plain.args(["-c", script, s(&of)]);
     let o = run(plain);
     if o.status.success() {

@@ -1,9 +1,11 @@
 //! Test helpers: find the built library, build the C examples, make
 //! isolated pmem and shadow directories, run programs with LD_PRELOAD set on
-//! the child only, each with a timeout.
+//! the child only, each with a timeout and in a working directory of its
+//! test's own (`command_in`: every child process starts there).
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,6 +17,17 @@ use std::time::{Duration, Instant};
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Every child process of the suite is created here, in `cwd`: a test's
+/// own temporary directory (`World::cwd`). `cargo test` runs the tests in
+/// the source tree, so a child that writes to a relative path (a fuzzed
+/// `DAXSHIM_STATS` value, a database name) would otherwise leave the file
+/// there. `run` refuses a command without a working directory.
+pub fn command_in(prog: impl AsRef<OsStr>, cwd: &Path) -> Command {
+    let mut c = Command::new(prog);
+    c.current_dir(cwd);
+    c
 }
 
 pub fn lib() -> PathBuf {
@@ -40,7 +53,7 @@ pub fn c_example(name: &str) -> PathBuf {
     };
     if !b.iter().any(|n| n == name) && !fresh(&out) {
         let tmp = out_dir.join(format!("{name}.{}.tmp", std::process::id()));
-        let st = Command::new("gcc")
+        let st = command_in("gcc", &out_dir)
             .args(["-O2", "-Wall", "-D_GNU_SOURCE", "-I"])
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("include"))
             .arg("-o")
@@ -65,12 +78,14 @@ pub fn probe() -> PathBuf {
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// An isolated world: a pmem directory, an ordinary directory, a shadow
-/// directory. Removed on drop.
+/// directory, the working directory of its processes. Removed on drop.
 pub struct World {
     pub root: PathBuf,
     pub pmem: PathBuf,
     pub plain: PathBuf,
     pub shadow: PathBuf,
+    /// Every process of this world starts here (`World::cmd`).
+    pub cwd: PathBuf,
     pub extra_env: Vec<(String, String)>,
 }
 
@@ -92,8 +107,10 @@ impl World {
         };
         let _ = std::fs::remove_dir_all(&pmem);
         let plain = root.join("plain");
+        let cwd = root.join("cwd");
         std::fs::create_dir_all(&pmem).unwrap();
         std::fs::create_dir_all(&plain).unwrap();
+        std::fs::create_dir_all(&cwd).unwrap();
         let shadow = PathBuf::from(format!("/dev/shm/daxshim-test-{id}"));
         let _ = std::fs::remove_dir_all(&shadow);
         World {
@@ -101,6 +118,7 @@ impl World {
             pmem,
             plain,
             shadow,
+            cwd,
             extra_env: Vec::new(),
         }
     }
@@ -141,9 +159,14 @@ impl World {
         format!("{}/stats-%p.json", self.root.display())
     }
 
+    /// A command without the shim, run in this world's working directory.
+    pub fn cmd(&self, prog: impl AsRef<OsStr>) -> Command {
+        command_in(prog, &self.cwd)
+    }
+
     /// A command with the shim preloaded on the child only.
-    pub fn shim_cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new(prog);
+    pub fn shim_cmd(&self, prog: impl AsRef<OsStr>) -> Command {
+        let mut c = self.cmd(prog);
         c.env("LD_PRELOAD", lib());
         if real_dax_dir().is_none() {
             c.env("DAXSHIM_PMEM", &self.pmem);
@@ -201,7 +224,7 @@ impl World {
 
     /// Runs the probe without the shim (the kernel page cache reference).
     pub fn probe_plain(&self, script: &[&str]) -> Output {
-        let mut c = Command::new(probe());
+        let mut c = self.cmd(probe());
         c.args(script);
         run(c)
     }
@@ -296,6 +319,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs a command with a timeout (a deadlock is a failure), capturing output.
 pub fn run(mut c: Command) -> Output {
+    assert!(
+        c.get_current_dir().is_some(),
+        "{c:?} has no working directory of its own: build it with World::cmd, \
+         World::shim_cmd or command_in"
+    );
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -379,7 +407,7 @@ pub fn wait_for(p: &Path) {
 pub fn python() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let o = Command::new("python3")
+        let o = command_in("python3", &std::env::temp_dir())
             .args(["-c", "import sys; print(sys.executable)"])
             .output()
             .expect("python3");
