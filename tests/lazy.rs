@@ -7,11 +7,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 const PAGES: usize = 16384; // 64 MiB
 

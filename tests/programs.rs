@@ -9,10 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn lmdb_writer() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/py/lmdb_writer.py")
 }

@@ -5,11 +5,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn hostile(w: &World, shim: bool, args: &[&str]) -> std::process::Output {
     let mut c = if shim {
@@ -176,23 +171,18 @@ fn rename_and_unlink_while_mapped() {
     let g = w.pmem.join("g");
     let renamed = w.root.join("renamed");
     let go = w.root.join("go");
-    let mut c = w.shim_cmd(probe());
-    c.args([
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "touch",
-        s(&renamed),
-        ",",
-        "waitfor",
-        s(&go),
-        ",",
-    ])
-    .args(["store", "0", "after-rename", ",", "fsync", ",", "exit"]);
+    let c = w.probe_cmd(&format!(
+        "open {f} rw
+         map 4096
+         touch {renamed}
+         waitfor {go}
+         store 0 after-rename
+         fsync
+         exit",
+        f = s(&f),
+        renamed = s(&renamed),
+        go = s(&go)
+    ));
     let h = std::thread::spawn(move || run(c));
     wait_for(&renamed);
     std::fs::rename(&f, &g).unwrap();
@@ -200,26 +190,15 @@ fn rename_and_unlink_while_mapped() {
     ok(h.join().unwrap());
     assert!(contains(&backing(&g), "after-rename"));
     // Unlinked while mapped: the mapping still works, no stale shadow stays.
-    ok(w.probe(&[
-        "open",
-        s(&g),
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "store",
-        "0",
-        "unlinked",
-        ",",
-        "pread",
-        "0",
-        "8",
-        ",",
-        "fsync",
-        ",",
-        "exit",
-    ]));
+    ok(w.probe(&format!(
+        "open {g} rw
+         map 4096
+         store 0 unlinked
+         pread 0 8
+         fsync
+         exit",
+        g = s(&g)
+    )));
     std::fs::remove_file(&g).unwrap();
     assert!(w.shadow_files().is_empty(), "{:?}", w.shadow_files());
     w.assert_shadowed();
@@ -246,45 +225,29 @@ fn truncate_to_zero_and_regrow_by_another_process() {
         } else {
             w.cmd(probe())
         };
-        c.args([
-            "open",
-            s(&f),
-            "rw",
-            ",",
-            "map",
-            "8192",
-            ",",
-            "load",
-            "0",
-            "4",
-            ",",
-            "touch",
-            s(&a),
-            ",",
-            "waitfor",
-            s(&b),
-            ",",
-        ])
-        .args([
-            "load", "0", "4", ",", "store", "100", "new", ",", "msync", ",", "exit",
-        ]);
+        c.args(script_args(&format!(
+            "open {f} rw
+             map 8192
+             load 0 4
+             touch {a}
+             waitfor {b}
+             load 0 4
+             store 100 new
+             msync
+             exit",
+            f = s(&f),
+            a = s(&a),
+            b = s(&b)
+        )));
         let h = std::thread::spawn(move || run(c));
         wait_for(&a);
-        let script = [
-            "open",
-            s(&f),
-            "rw",
-            ",",
-            "ftruncate",
-            "0",
-            ",",
-            "ftruncate",
-            "8192",
-            ",",
-            "pwrite",
-            "4096",
-            "regrown",
-        ];
+        let script = format!(
+            "open {f} rw
+             ftruncate 0
+             ftruncate 8192
+             pwrite 4096 regrown",
+            f = s(&f)
+        );
         ok(if pmem {
             w.probe(&script)
         } else {
@@ -316,56 +279,32 @@ fn links_and_symlinked_pmem_directories_reach_the_same_shadow() {
     std::os::unix::fs::symlink(&f, &sym).unwrap();
     let hard = w.pmem.join("hard");
     std::fs::hard_link(&f, &hard).unwrap();
-    let out = ok(w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "store",
-        "0",
-        "viaorig",
-        ",",
-        "open",
-        s(&sym),
-        "rw",
-        ",",
-        "pread",
-        "0",
-        "7",
-        ",",
-        "open",
-        s(&hard),
-        "rw",
-        ",",
-        "pread",
-        "0",
-        "7",
-        ",",
-        "exit",
-    ]));
+    let out = ok(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 viaorig
+         open {sym} rw
+         pread 0 7
+         open {hard} rw
+         pread 0 7
+         exit",
+        f = s(&f),
+        sym = s(&sym),
+        hard = s(&hard)
+    )));
     assert_eq!(out.matches("pread: viaorig").count(), 2, "{out}");
     // DAXSHIM_PMEM naming a symlink to the directory.
     if real_dax_dir().is_none() {
         let link = w.root.join("pmemlink");
         std::os::unix::fs::symlink(&w.pmem, &link).unwrap();
-        let mut c = w.shim_cmd(probe());
-        c.env("DAXSHIM_PMEM", &link).args([
-            "open",
-            s(&link.join("f")),
-            "rw",
-            ",",
-            "map",
-            "4096",
-            ",",
-            "store",
-            "20",
-            "vialink",
-            ",",
-            "kill",
-        ]);
+        let mut c = w.probe_cmd(&format!(
+            "open {f} rw
+             map 4096
+             store 20 vialink
+             kill",
+            f = s(&link.join("f"))
+        ));
+        c.env("DAXSHIM_PMEM", &link);
         killed(run(c));
         assert!(
             !contains(&backing(&f), "vialink"),
@@ -386,20 +325,13 @@ fn planted_symlinks_are_refused() {
     let target = w.root.join("elsewhere");
     std::fs::create_dir(&target).unwrap();
     std::os::unix::fs::symlink(&target, &w.shadow).unwrap();
-    let o = w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "store",
-        "0",
-        "safe1",
-        ",",
-        "kill",
-    ]);
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 safe1
+         kill",
+        f = s(&f)
+    ));
     let err = stderr(&o);
     killed(o);
     assert!(
@@ -417,7 +349,7 @@ fn planted_symlinks_are_refused() {
     std::fs::create_dir(&w.shadow).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&w.shadow, std::fs::Permissions::from_mode(0o700)).unwrap();
-    killed(w.probe(&["open", s(&f), "rw", ",", "map", "4096", ",", "kill"]));
+    killed(w.probe(&format!("open {} rw , map 4096 , kill", s(&f))));
     let meta = std::fs::read_dir(&w.shadow)
         .unwrap()
         .flatten()
@@ -430,20 +362,13 @@ fn planted_symlinks_are_refused() {
         std::fs::remove_file(e.path()).unwrap();
     }
     std::os::unix::fs::symlink(&victim, &meta).unwrap();
-    let o = w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "store",
-        "0",
-        "safe2",
-        ",",
-        "kill",
-    ]);
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 safe2
+         kill",
+        f = s(&f)
+    ));
     let err = stderr(&o);
     killed(o);
     assert!(
@@ -457,20 +382,13 @@ fn planted_symlinks_are_refused() {
         std::fs::remove_file(e.path()).unwrap();
     }
     std::os::unix::fs::chown(&w.shadow, Some(65534), Some(65534)).unwrap();
-    let o = w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "store",
-        "0",
-        "safe3",
-        ",",
-        "kill",
-    ]);
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 safe3
+         kill",
+        f = s(&f)
+    ));
     let err = stderr(&o);
     killed(o);
     assert!(err.contains("belongs to uid 65534"), "{err}");

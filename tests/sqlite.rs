@@ -21,10 +21,6 @@ fn harness() -> PathBuf {
     p
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn harness_plain(w: &World, args: &[&str]) -> std::process::Output {
     let mut c = w.cmd(harness());
     c.args(args);

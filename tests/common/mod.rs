@@ -19,6 +19,11 @@ pub fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
+/// A path as the `&str` a command line or a probe script wants.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
 /// Every child process of the suite is created here, in `cwd`: a test's
 /// own temporary directory (`World::cwd`). `cargo test` runs the tests in
 /// the source tree, so a child that writes to a relative path (a fuzzed
@@ -100,6 +105,11 @@ impl World {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{tag}-{}-{n}", std::process::id());
         let root = std::env::temp_dir().join(format!("daxshim-test-{id}"));
+        assert!(
+            !s(&root).contains(char::is_whitespace),
+            "probe scripts are split at whitespace: {}",
+            root.display()
+        );
         let _ = std::fs::remove_dir_all(&root);
         let pmem = match real_dax_dir() {
             Some(d) => d.join(format!("daxshim-test-{id}")),
@@ -197,36 +207,36 @@ impl World {
         c
     }
 
-    /// Runs the probe under the shim.
-    pub fn probe(&self, script: &[&str]) -> Output {
+    /// The probe under the shim with this script, not started yet (for a
+    /// test that does something while it runs).
+    pub fn probe_cmd(&self, script: impl ProbeArgs) -> Command {
         let mut c = self.shim_cmd(probe());
-        c.args(script);
-        run(c)
+        c.args(script.into_probe_args());
+        c
     }
 
-    /// Runs a probe script given as one string ("open {f} rw , map 4096 ,
-    /// …", split at spaces) on `pmem_file` under the shim and on
-    /// `plain_file` without it: both must exit 0 with the same output (the
-    /// kernel page cache is the reference), which is returned.
-    pub fn probe_both(&self, pmem_file: &Path, plain_file: &Path, script: &str) -> String {
-        let args = |f: &Path| -> Vec<String> {
-            script
-                .split_whitespace()
-                .map(|a| a.replace("{f}", f.to_str().unwrap()))
-                .collect()
-        };
-        let (a, b) = (args(pmem_file), args(plain_file));
-        let shim = ok(self.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-        let plain = ok(self.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-        assert_eq!(shim, plain, "shim vs kernel page cache for: {script}");
-        shim
+    /// Runs the probe under the shim.
+    pub fn probe(&self, script: impl ProbeArgs) -> Output {
+        run(self.probe_cmd(script))
     }
 
     /// Runs the probe without the shim (the kernel page cache reference).
-    pub fn probe_plain(&self, script: &[&str]) -> Output {
+    pub fn probe_plain(&self, script: impl ProbeArgs) -> Output {
         let mut c = self.cmd(probe());
-        c.args(script);
+        c.args(script.into_probe_args());
         run(c)
+    }
+
+    /// Runs one probe script on `pmem_file` under the shim and on
+    /// `plain_file` without it, `{f}` standing for the file: both must exit
+    /// 0 with the same output (the kernel page cache is the reference),
+    /// which is returned.
+    pub fn probe_both(&self, pmem_file: &Path, plain_file: &Path, script: &str) -> String {
+        let on = |f: &Path| script.replace("{f}", s(f));
+        let shim = ok(self.probe(&on(pmem_file)));
+        let plain = ok(self.probe_plain(&on(plain_file)));
+        assert_eq!(shim, plain, "shim vs kernel page cache for: {script}");
+        shim
     }
 
     /// Every stats file written so far, parsed into (key, value) maps.
@@ -277,6 +287,62 @@ impl Drop for World {
         let _ = std::fs::remove_dir_all(&self.root);
         let _ = std::fs::remove_dir_all(&self.pmem);
         let _ = std::fs::remove_dir_all(&self.shadow);
+    }
+}
+
+/// A probe script as the probe's arguments. The script reads as a small
+/// program: one command per line, or several on a line separated by ` , `
+/// (the probe's separator, which this puts between lines); arguments are
+/// split at whitespace, so none can hold a space.
+///
+/// ```text
+/// open /tmp/…/f rw
+/// map 8192
+/// store 100 hello , msync
+/// kill
+/// ```
+pub fn script_args(script: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    for line in script.lines() {
+        let mut words = line.split_whitespace().peekable();
+        if words.peek().is_none() {
+            continue;
+        }
+        if !args.is_empty() {
+            args.push(",".to_string());
+        }
+        args.extend(words.map(String::from));
+    }
+    args
+}
+
+/// What `World::probe` takes: a script (`script_args`), or the probe's
+/// argument list as it is.
+pub trait ProbeArgs {
+    fn into_probe_args(self) -> Vec<String>;
+}
+
+impl ProbeArgs for &str {
+    fn into_probe_args(self) -> Vec<String> {
+        script_args(self)
+    }
+}
+
+impl ProbeArgs for &String {
+    fn into_probe_args(self) -> Vec<String> {
+        script_args(self)
+    }
+}
+
+impl ProbeArgs for &[&str] {
+    fn into_probe_args(self) -> Vec<String> {
+        self.iter().map(|a| a.to_string()).collect()
+    }
+}
+
+impl<const N: usize> ProbeArgs for &[&str; N] {
+    fn into_probe_args(self) -> Vec<String> {
+        self.as_slice().into_probe_args()
     }
 }
 
