@@ -6,20 +6,27 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-/// Configuration errors, the `daxshim` command, another allocator.
-mod config;
-/// `errno` and signals exactly as the kernel's.
-mod errors;
-/// File I/O, mappings and other processes see one file, as with the page cache.
-mod io;
+// In reading order (one group each, so that rustfmt keeps it).
 /// Which mappings get a shadow and which map the file directly.
 mod mapping;
-/// Exit, `_exit`, `SIGKILL`, `exec`, `fork`, threads, inherited descriptors.
-mod processes;
-/// The shadow store: private, never stale, and a safe fallback when refused.
-mod shadows;
+
 /// What each sync call persists, and only that; failed writebacks.
 mod sync;
+
+/// File I/O, mappings and other processes see one file, as with the page cache.
+mod io;
+
+/// Exit, `_exit`, `SIGKILL`, `exec`, `fork`, threads, inherited descriptors.
+mod processes;
+
+/// The shadow store: private, never stale, and a safe fallback when refused.
+mod shadows;
+
+/// `errno` and signals exactly as the kernel's.
+mod errors;
+
+/// Configuration errors, the `daxshim` command, another allocator.
+mod config;
 
 const PAGE: usize = 4096;
 
