@@ -32,10 +32,13 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 
 cargo build --release --workspace
-# Every integration test executable cargo built (tests/*.rs).
+# Every integration test executable cargo built: tests/NAME.rs and the
+# multi-file ones, tests/NAME/main.rs.
 mapfile -t bins < <(cargo test --release --workspace --no-run 2>&1 |
-  sed -n 's/.*Executable tests\/[a-z_]*\.rs (\(.*\))$/\1/p')
-want=$(ls tests/*.rs | wc -l)
+  sed -n 's/.*Executable tests\/[a-z_]*\(\/main\)\{0,1\}\.rs (\(.*\))$/\2/p')
+shopt -s nullglob
+targets=(tests/*.rs tests/*/main.rs)
+want=${#targets[@]}
 [ ${#bins[@]} = "$want" ] || { echo "test-dax: expected $want test executables, got: ${bins[*]}" >&2; exit 1; }
 # Compile the C examples here (the guest's gcc is slow; the tests reuse
 # binaries newer than their sources).

@@ -10,9 +10,15 @@
 #      (scripts/test-dax.sh), when the VM can be started here (root, qemu).
 #      DAXSHIM_TEST_DAX=0 skips it, DAXSHIM_TEST_DAX=1 makes a VM that
 #      cannot start a failure.
-# Ends with one "N passed, N failed" line over everything.
+# Fails if the run left anything in the working tree (a test that wrote into
+# the source tree). Ends with one "N passed, N failed" line over everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The working tree as the run found it (untracked files one by one): the run
+# must leave it so. A developer's uncommitted work is there at both ends.
+tree_state() { git status --porcelain --untracked-files=all 2>/dev/null; }
+tree_before=$(tree_state)
+[ -z "$tree_before" ] || echo "note: the working tree has uncommitted changes; only what this run adds to them fails it"
 scripts/deps.sh || exit 1
 cargo build --release --workspace || exit 1
 log=$(mktemp)
@@ -36,6 +42,14 @@ if [ "${DAXSHIM_TEST_DAX:-auto}" != 0 ]; then
   elif [ "$rc" != 0 ]; then
     status=1
   fi
+fi
+
+tree_after=$(tree_state)
+if [ "$tree_after" != "$tree_before" ]; then
+  echo
+  echo "FAILED: the run changed the working tree (git status --porcelain, before -> after):"
+  diff <(printf '%s\n' "$tree_before") <(printf '%s\n' "$tree_after") | sed -n 's/^> /  now: /p; s/^< /  was: /p'
+  status=1
 fi
 
 sum() { awk -v w="$1" '/^test result:/ {for (i = 1; i <= NF; i++) if ($(i+1) ~ "^" w) s += $i} END {print s + 0}' "$log"; }

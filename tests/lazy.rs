@@ -7,12 +7,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::Command;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 const PAGES: usize = 16384; // 64 MiB
 
@@ -75,7 +69,7 @@ fn both(w: &World, script: &str, extra: &[&str]) -> (String, bool) {
     if lazy {
         shim.env("LAZY_EXPECTED", "1");
     }
-    let mut plain = Command::new(python());
+    let mut plain = w.cmd(python());
     plain.args(["-c", &code, s(&of)]).args(extra);
     let (x, y) = (ok(run(shim)), ok(run(plain)));
     assert_eq!(x, y, "shim vs page cache");

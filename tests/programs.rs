@@ -6,19 +6,15 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn lmdb_writer() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/py/lmdb_writer.py")
 }
 
-fn check_plain(dir: &Path, prefix: &str, acked: u64) -> String {
-    let mut c = Command::new(python());
+fn check_plain(w: &World, dir: &Path, prefix: &str, acked: u64) -> String {
+    let mut c = w.cmd(python());
     c.arg(lmdb_writer())
         .args(["--check", s(dir), prefix, &acked.to_string()]);
     let o = run(c);
@@ -49,7 +45,7 @@ fn lmdb_writemap_several_writer_processes() {
     assert!(w.stat_sum("lines_written") > 0);
     w.drop_shadows();
     for k in 0..3 {
-        assert!(check_plain(&dir, &format!("w{k}"), 150).starts_with("ok 150"));
+        assert!(check_plain(&w, &dir, &format!("w{k}"), 150).starts_with("ok 150"));
     }
 }
 
@@ -111,7 +107,7 @@ fn lmdb_writemap_crash_with_power_failure_keeps_acknowledged_commits() {
         total += acked;
         w.drop_shadows();
         if acked > 0 || dir.join("data.mdb").exists() {
-            check_plain(&dir, "c", acked);
+            check_plain(&w, &dir, "c", acked);
         }
     }
     assert!(total > 0, "no LMDB transaction was ever acknowledged");
@@ -132,7 +128,7 @@ fn tdb_session_then_kill(w: &World, db: &Path, shim: bool) {
     let mut c = if shim {
         w.shim_cmd("stdbuf")
     } else {
-        Command::new("stdbuf")
+        w.cmd("stdbuf")
     };
     c.args(["-o0", "tdbtool"])
         .stdin(Stdio::piped())
@@ -177,7 +173,7 @@ fn tdbdump(w: &World, db: &Path, shim: bool) -> String {
     let mut d = if shim {
         w.shim_cmd("tdbdump")
     } else {
-        Command::new("tdbdump")
+        w.cmd("tdbdump")
     };
     d.arg(db);
     ok(run(d))

@@ -7,10 +7,6 @@
 mod common;
 use common::*;
 
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn dax_world(tag: &str) -> World {
     assert!(
         real_dax_dir().is_some(),
@@ -20,12 +16,12 @@ fn dax_world(tag: &str) -> World {
 }
 
 /// Counts the system calls a probe run makes (strace, in the guest).
-fn syscalls(w: &World, names: &str, script: &[&str]) -> (String, String) {
+fn syscalls(w: &World, names: &str, script: &str) -> (String, String) {
     let mut c = w.shim_cmd("strace");
     c.args(["-f", "-e", &format!("trace={names}"), "-o"])
         .arg(w.root.join("strace.txt"))
         .arg(probe())
-        .args(script);
+        .args(script_args(script));
     let out = ok(run(c));
     (
         out,
@@ -41,21 +37,14 @@ fn dax_files_are_detected_without_configuration() {
     let t = w.plain_file("t", &[0u8; 8192]); // guest /tmp: tmpfs, not DAX
     for (file, shadowed) in [(&f, 1), (&t, 0)] {
         w.clear_stats();
-        let mut c = w.shim_cmd(probe());
-        c.env_remove("DAXSHIM_PMEM").args([
-            "open",
-            s(file),
-            "rw",
-            ",",
-            "map",
-            "8192",
-            ",",
-            "store",
-            "0",
-            "x",
-            ",",
-            "exit",
-        ]);
+        let mut c = w.probe_cmd(&format!(
+            "open {f} rw
+             map 8192
+             store 0 x
+             exit",
+            f = s(file)
+        ));
+        c.env_remove("DAXSHIM_PMEM");
         ok(run(c));
         assert_eq!(
             w.stat_sum("mappings_shadowed"),
@@ -73,63 +62,37 @@ fn map_sync_is_the_kernels_own_on_real_dax() {
     let f = w.pmem_file("f", &[0u8; 8192]);
     // MAP_SHARED_VALIDATE|MAP_SYNC reaches the kernel: the mapping has the
     // synchronous-fault flag "sf", and stores are in the file at once.
-    let out = killed(w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "8192",
-        "validate-sync",
-        ",",
-        "vmflags",
-        ",",
-        "store",
-        "9",
-        "mapsync",
-        ",",
-        "kill",
-    ]));
+    let out = killed(w.probe(&format!(
+        "open {f} rw
+         map 8192 validate-sync
+         vmflags
+         store 9 mapsync
+         kill",
+        f = s(&f)
+    )));
     assert!(out.contains(" sf"), "not a MAP_SYNC mapping: {out}");
     w.drop_shadows();
     assert!(contains(&backing(&f), "mapsync"));
     // MAP_DAX and DAXSHIM_DAX: direct mappings with the flags the kernel takes.
-    let out = killed(w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "8192",
-        "dax",
-        ",",
-        "vmflags",
-        ",",
-        "store",
-        "30",
-        "mapdax",
-        ",",
-        "kill",
-    ]));
+    let out = killed(w.probe(&format!(
+        "open {f} rw
+         map 8192 dax
+         vmflags
+         store 30 mapdax
+         kill",
+        f = s(&f)
+    )));
     assert!(out.contains("vmflags:") && !out.contains(" sf"), "{out}");
     assert!(contains(&backing(&f), "mapdax"));
     // An unaware mapping is a shadow: not in the file before a sync.
-    let out = killed(w.probe(&[
-        "open",
-        s(&f),
-        "rw",
-        ",",
-        "map",
-        "8192",
-        ",",
-        "vmflags",
-        ",",
-        "store",
-        "50",
-        "shadowed",
-        ",",
-        "kill",
-    ]));
+    let out = killed(w.probe(&format!(
+        "open {f} rw
+         map 8192
+         vmflags
+         store 50 shadowed
+         kill",
+        f = s(&f)
+    )));
     assert!(out.contains("vmflags:"), "{out}");
     w.drop_shadows();
     assert!(!contains(&backing(&f), "shadowed"));
@@ -146,22 +109,14 @@ fn writeback_on_real_dax_flushes_without_msync_and_persists_size_changes() {
     let (_, trace) = syscalls(
         &w,
         "msync,fdatasync,fsync",
-        &[
-            "open",
-            s(&f),
-            "rw",
-            ",",
-            "map",
-            "8192",
-            ",",
-            "store",
-            "100",
-            "flushed",
-            ",",
-            "msync",
-            ",",
-            "_exit",
-        ],
+        &format!(
+            "open {f} rw
+             map 8192
+             store 100 flushed
+             msync
+             _exit",
+            f = s(&f)
+        ),
     );
     let msyncs = trace.lines().filter(|l| l.contains("msync(")).count();
     assert_eq!(msyncs, 1, "{trace}");
@@ -176,28 +131,16 @@ fn writeback_on_real_dax_flushes_without_msync_and_persists_size_changes() {
     let (_, trace) = syscalls(
         &w,
         "msync,fdatasync",
-        &[
-            "open",
-            s(&f),
-            "rw",
-            ",",
-            "map",
-            "8192",
-            ",",
-            "ftruncate",
-            "16384",
-            ",",
-            "mremap",
-            "16384",
-            ",",
-            "store",
-            "12000",
-            "grown",
-            ",",
-            "msync",
-            ",",
-            "_exit",
-        ],
+        &format!(
+            "open {f} rw
+             map 8192
+             ftruncate 16384
+             mremap 16384
+             store 12000 grown
+             msync
+             _exit",
+            f = s(&f)
+        ),
     );
     assert_eq!(
         trace.lines().filter(|l| l.contains("fdatasync(")).count(),
@@ -217,21 +160,11 @@ fn device_dax_and_non_regular_files_pass_through() {
     // files: the shim never shadows them. /dev/zero stands in here (the VM
     // has no device-DAX namespace).
     let w = dax_world("devdax");
-    let mut c = w.shim_cmd(probe());
-    c.args([
-        "open",
-        "/dev/zero",
-        "rw",
-        ",",
-        "map",
-        "4096",
-        ",",
-        "store",
-        "0",
-        "x",
-        ",",
-        "exit",
-    ]);
-    ok(run(c));
+    ok(w.probe(
+        "open /dev/zero rw
+         map 4096
+         store 0 x
+         exit",
+    ));
     assert_eq!(w.stat_sum("mappings_shadowed"), 0);
 }

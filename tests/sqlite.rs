@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,8 @@ fn harness() -> PathBuf {
     p
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn harness_plain(args: &[&str]) -> std::process::Output {
-    let mut c = Command::new(harness());
+fn harness_plain(w: &World, args: &[&str]) -> std::process::Output {
+    let mut c = w.cmd(harness());
     c.args(args);
     run(c)
 }
@@ -82,6 +78,7 @@ fn mmap_readwrite_workload_matches_the_page_cache() {
                 &a.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
             ));
             let plain = ok(harness_plain(
+                &w,
                 &b.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
             ));
             assert!(shim.contains("integrity=ok"), "{shim}");
@@ -89,7 +86,7 @@ fn mmap_readwrite_workload_matches_the_page_cache() {
             assert_eq!(digest(&shim), digest(&plain), "{journal} seed {seed}");
             // The backing file, read by SQLite without the shim, holds it all.
             w.drop_shadows();
-            let back = ok(harness_plain(&["digest", "--db", s(&pdb)]));
+            let back = ok(harness_plain(&w, &["digest", "--db", s(&pdb)]));
             assert_eq!(
                 digest(&back),
                 digest(&plain),
@@ -138,7 +135,7 @@ print(c.execute("pragma integrity_check").fetchone()[0], c.execute("select count
             let mut c = if shim {
                 w.shim_cmd(python())
             } else {
-                Command::new(python())
+                w.cmd(python())
             };
             c.args(["-c", script, s(&db), journal]);
             outs.push(ok(run(c)));
@@ -148,7 +145,7 @@ print(c.execute("pragma integrity_check").fetchone()[0], c.execute("select count
         assert!(w.stat_sum("mappings_shadowed") >= 1);
         // The backing, through Python without the shim.
         w.drop_shadows();
-        let mut c = Command::new(python());
+        let mut c = w.cmd(python());
         c.args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); print(c.execute('pragma integrity_check').fetchone()[0], c.execute('select count(*) from t').fetchone()[0])", s(&w.pmem.join("db"))]);
         assert_eq!(ok(run(c)).trim(), "ok 2400");
     }
@@ -162,7 +159,7 @@ print(c.execute("pragma integrity_check").fetchone()[0], c.execute("select count
         let mut c = if shim {
             w.shim_cmd("sqlite3")
         } else {
-            Command::new("sqlite3")
+            w.cmd("sqlite3")
         };
         c.arg(dir.join("db")).arg(sql);
         outs.push(ok(run(c)));
@@ -224,9 +221,11 @@ print("py-reads", n, last)
     let o = ok(pyreader.join().unwrap());
     assert!(o.contains(" 400"), "{o}");
     w.drop_shadows();
-    assert!(
-        ok(harness_plain(&["check", "--db", s(&db), "--acked", "400"])).starts_with("ok rows=400")
-    );
+    assert!(ok(harness_plain(
+        &w,
+        &["check", "--db", s(&db), "--acked", "400"]
+    ))
+    .starts_with("ok rows=400"));
     assert!(w.stat_sum("lines_written") > 0);
 }
 
@@ -276,8 +275,8 @@ fn run_and_kill(
     (n, died)
 }
 
-fn check_backing(db: &Path, acked: u64, what: &str) {
-    let o = harness_plain(&["check", "--db", s(db), "--acked", &acked.to_string()]);
+fn check_backing(w: &World, db: &Path, acked: u64, what: &str) {
+    let o = harness_plain(w, &["check", "--db", s(db), "--acked", &acked.to_string()]);
     assert!(o.status.success(), "{what}: {}{}", stdout(&o), stderr(&o));
 }
 
@@ -297,6 +296,7 @@ fn crash_with_power_failure_keeps_every_acknowledged_commit() {
             total_acked += acked;
             w.drop_shadows();
             check_backing(
+                &w,
                 &db,
                 acked,
                 &format!("{journal} iteration {i}, killed after {delay:?}"),
@@ -337,7 +337,7 @@ fn crash_without_power_failure_next_process_sees_everything() {
         // Reattaching after the kills reconciled the shadows.
         assert!(w.stat_sum("reconciles") > 0);
         w.drop_shadows();
-        check_backing(&db, 0, journal);
+        check_backing(&w, &db, 0, journal);
     }
 }
 
@@ -363,6 +363,7 @@ fn crash_inside_the_writeback_recovers() {
             );
             w.drop_shadows();
             check_backing(
+                &w,
                 &db,
                 acked,
                 &format!("{journal} iteration {i}, crash after {n} lines"),

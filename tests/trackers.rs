@@ -6,12 +6,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::Command;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn max_map_count() -> usize {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")
@@ -52,7 +46,7 @@ print("ok")
     }
     let mut shim = w.shim_cmd(python());
     shim.args(["-c", script, s(&pf), &pages.to_string()]);
-    let mut plain = Command::new(python());
+    let mut plain = w.cmd(python());
     plain.args(["-c", script, s(&of), &pages.to_string()]);
     assert_eq!(ok(run(shim)), ok(run(plain)));
     w.drop_shadows();
@@ -86,7 +80,7 @@ print(m[8192:8208], m[12288:12292])
     let of = w.plain_file("f", &[0u8; 65536]);
     let mut shim = w.shim_cmd(python());
     shim.args(["-c", script, s(&pf), s(&src)]);
-    let mut plain = Command::new(python());
+    let mut plain = w.cmd(python());
     plain.args(["-c", script, s(&of), s(&src)]);
     let out = ok(run(shim));
     assert_eq!(out, ok(run(plain)));

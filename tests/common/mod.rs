@@ -1,9 +1,11 @@
 //! Test helpers: find the built library, build the C examples, make
 //! isolated pmem and shadow directories, run programs with LD_PRELOAD set on
-//! the child only, each with a timeout.
+//! the child only, each with a timeout and in a working directory of its
+//! test's own (`command_in`: every child process starts there).
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,6 +17,22 @@ use std::time::{Duration, Instant};
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// A path as the `&str` a command line or a probe script wants.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every child process of the suite is created here, in `cwd`: a test's
+/// own temporary directory (`World::cwd`). `cargo test` runs the tests in
+/// the source tree, so a child that writes to a relative path (a fuzzed
+/// `DAXSHIM_STATS` value, a database name) would otherwise leave the file
+/// there. `run` refuses a command without a working directory.
+pub fn command_in(prog: impl AsRef<OsStr>, cwd: &Path) -> Command {
+    let mut c = Command::new(prog);
+    c.current_dir(cwd);
+    c
 }
 
 pub fn lib() -> PathBuf {
@@ -40,7 +58,7 @@ pub fn c_example(name: &str) -> PathBuf {
     };
     if !b.iter().any(|n| n == name) && !fresh(&out) {
         let tmp = out_dir.join(format!("{name}.{}.tmp", std::process::id()));
-        let st = Command::new("gcc")
+        let st = command_in("gcc", &out_dir)
             .args(["-O2", "-Wall", "-D_GNU_SOURCE", "-I"])
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("include"))
             .arg("-o")
@@ -65,12 +83,14 @@ pub fn probe() -> PathBuf {
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// An isolated world: a pmem directory, an ordinary directory, a shadow
-/// directory. Removed on drop.
+/// directory, the working directory of its processes. Removed on drop.
 pub struct World {
     pub root: PathBuf,
     pub pmem: PathBuf,
     pub plain: PathBuf,
     pub shadow: PathBuf,
+    /// Every process of this world starts here (`World::cmd`).
+    pub cwd: PathBuf,
     pub extra_env: Vec<(String, String)>,
 }
 
@@ -85,6 +105,11 @@ impl World {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{tag}-{}-{n}", std::process::id());
         let root = std::env::temp_dir().join(format!("daxshim-test-{id}"));
+        assert!(
+            !s(&root).contains(char::is_whitespace),
+            "probe scripts are split at whitespace: {}",
+            root.display()
+        );
         let _ = std::fs::remove_dir_all(&root);
         let pmem = match real_dax_dir() {
             Some(d) => d.join(format!("daxshim-test-{id}")),
@@ -92,8 +117,10 @@ impl World {
         };
         let _ = std::fs::remove_dir_all(&pmem);
         let plain = root.join("plain");
+        let cwd = root.join("cwd");
         std::fs::create_dir_all(&pmem).unwrap();
         std::fs::create_dir_all(&plain).unwrap();
+        std::fs::create_dir_all(&cwd).unwrap();
         let shadow = PathBuf::from(format!("/dev/shm/daxshim-test-{id}"));
         let _ = std::fs::remove_dir_all(&shadow);
         World {
@@ -101,6 +128,7 @@ impl World {
             pmem,
             plain,
             shadow,
+            cwd,
             extra_env: Vec::new(),
         }
     }
@@ -141,9 +169,14 @@ impl World {
         format!("{}/stats-%p.json", self.root.display())
     }
 
+    /// A command without the shim, run in this world's working directory.
+    pub fn cmd(&self, prog: impl AsRef<OsStr>) -> Command {
+        command_in(prog, &self.cwd)
+    }
+
     /// A command with the shim preloaded on the child only.
-    pub fn shim_cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new(prog);
+    pub fn shim_cmd(&self, prog: impl AsRef<OsStr>) -> Command {
+        let mut c = self.cmd(prog);
         c.env("LD_PRELOAD", lib());
         if real_dax_dir().is_none() {
             c.env("DAXSHIM_PMEM", &self.pmem);
@@ -174,36 +207,36 @@ impl World {
         c
     }
 
-    /// Runs the probe under the shim.
-    pub fn probe(&self, script: &[&str]) -> Output {
+    /// The probe under the shim with this script, not started yet (for a
+    /// test that does something while it runs).
+    pub fn probe_cmd(&self, script: impl ProbeArgs) -> Command {
         let mut c = self.shim_cmd(probe());
-        c.args(script);
-        run(c)
+        c.args(script.into_probe_args());
+        c
     }
 
-    /// Runs a probe script given as one string ("open {f} rw , map 4096 ,
-    /// …", split at spaces) on `pmem_file` under the shim and on
-    /// `plain_file` without it: both must exit 0 with the same output (the
-    /// kernel page cache is the reference), which is returned.
-    pub fn probe_both(&self, pmem_file: &Path, plain_file: &Path, script: &str) -> String {
-        let args = |f: &Path| -> Vec<String> {
-            script
-                .split_whitespace()
-                .map(|a| a.replace("{f}", f.to_str().unwrap()))
-                .collect()
-        };
-        let (a, b) = (args(pmem_file), args(plain_file));
-        let shim = ok(self.probe(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-        let plain = ok(self.probe_plain(&b.iter().map(|x| x.as_str()).collect::<Vec<_>>()));
-        assert_eq!(shim, plain, "shim vs kernel page cache for: {script}");
-        shim
+    /// Runs the probe under the shim.
+    pub fn probe(&self, script: impl ProbeArgs) -> Output {
+        run(self.probe_cmd(script))
     }
 
     /// Runs the probe without the shim (the kernel page cache reference).
-    pub fn probe_plain(&self, script: &[&str]) -> Output {
-        let mut c = Command::new(probe());
-        c.args(script);
+    pub fn probe_plain(&self, script: impl ProbeArgs) -> Output {
+        let mut c = self.cmd(probe());
+        c.args(script.into_probe_args());
         run(c)
+    }
+
+    /// Runs one probe script on `pmem_file` under the shim and on
+    /// `plain_file` without it, `{f}` standing for the file: both must exit
+    /// 0 with the same output (the kernel page cache is the reference),
+    /// which is returned.
+    pub fn probe_both(&self, pmem_file: &Path, plain_file: &Path, script: &str) -> String {
+        let on = |f: &Path| script.replace("{f}", s(f));
+        let shim = ok(self.probe(&on(pmem_file)));
+        let plain = ok(self.probe_plain(&on(plain_file)));
+        assert_eq!(shim, plain, "shim vs kernel page cache for: {script}");
+        shim
     }
 
     /// Every stats file written so far, parsed into (key, value) maps.
@@ -257,6 +290,62 @@ impl Drop for World {
     }
 }
 
+/// A probe script as the probe's arguments. The script reads as a small
+/// program: one command per line, or several on a line separated by ` , `
+/// (the probe's separator, which this puts between lines); arguments are
+/// split at whitespace, so none can hold a space.
+///
+/// ```text
+/// open /tmp/…/f rw
+/// map 8192
+/// store 100 hello , msync
+/// kill
+/// ```
+pub fn script_args(script: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    for line in script.lines() {
+        let mut words = line.split_whitespace().peekable();
+        if words.peek().is_none() {
+            continue;
+        }
+        if !args.is_empty() {
+            args.push(",".to_string());
+        }
+        args.extend(words.map(String::from));
+    }
+    args
+}
+
+/// What `World::probe` takes: a script (`script_args`), or the probe's
+/// argument list as it is.
+pub trait ProbeArgs {
+    fn into_probe_args(self) -> Vec<String>;
+}
+
+impl ProbeArgs for &str {
+    fn into_probe_args(self) -> Vec<String> {
+        script_args(self)
+    }
+}
+
+impl ProbeArgs for &String {
+    fn into_probe_args(self) -> Vec<String> {
+        script_args(self)
+    }
+}
+
+impl ProbeArgs for &[&str] {
+    fn into_probe_args(self) -> Vec<String> {
+        self.iter().map(|a| a.to_string()).collect()
+    }
+}
+
+impl<const N: usize> ProbeArgs for &[&str; N] {
+    fn into_probe_args(self) -> Vec<String> {
+        self.as_slice().into_probe_args()
+    }
+}
+
 pub struct Stats(Vec<(String, String)>);
 
 impl Stats {
@@ -296,6 +385,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs a command with a timeout (a deadlock is a failure), capturing output.
 pub fn run(mut c: Command) -> Output {
+    assert!(
+        c.get_current_dir().is_some(),
+        "{c:?} has no working directory of its own: build it with World::cmd, \
+         World::shim_cmd or command_in"
+    );
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -379,7 +473,7 @@ pub fn wait_for(p: &Path) {
 pub fn python() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let o = Command::new("python3")
+        let o = command_in("python3", &std::env::temp_dir())
             .args(["-c", "import sys; print(sys.executable)"])
             .output()
             .expect("python3");

@@ -1,0 +1,35 @@
+//! The core shim, topic by topic (issue: "Core shim"). Every test runs a
+//! real program under LD_PRELOAD on emulated pmem and observes the backing
+//! file from this process, which has no shim. The probe's scripts are
+//! strings, one command per line (`common::script_args`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+// In reading order (one group each, so that rustfmt keeps it).
+/// Which mappings get a shadow and which map the file directly.
+mod mapping;
+
+/// What each sync call persists, and only that; failed writebacks.
+mod sync;
+
+/// File I/O, mappings and other processes see one file, as with the page cache.
+mod io;
+
+/// Exit, `_exit`, `SIGKILL`, `exec`, `fork`, threads, inherited descriptors.
+mod processes;
+
+/// The shadow store: private, never stale, and a safe fallback when refused.
+mod shadows;
+
+/// `errno` and signals exactly as the kernel's.
+mod errors;
+
+/// Configuration errors, the `daxshim` command, another allocator.
+mod config;
+
+const PAGE: usize = 4096;
+
+fn zeros(n: usize) -> Vec<u8> {
+    vec![0u8; n]
+}

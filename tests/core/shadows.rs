@@ -1,0 +1,157 @@
+//! Shadows are private to their user and never stale: a file changed or
+//! recreated behind the shim's back is not served from an old shadow. A
+//! shadow that cannot be had safely means a direct mapping, with a warning,
+//! and nothing lost.
+
+use crate::common::*;
+use crate::{zeros, PAGE};
+
+#[test]
+fn shadow_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new("perm");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 x
+         kill",
+        f = s(&f)
+    )));
+    let dmode = std::fs::metadata(&w.shadow).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dmode, 0o700);
+    for n in w.shadow_files() {
+        let m = std::fs::metadata(w.shadow.join(&n))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, 0o600, "{n}");
+    }
+}
+
+#[test]
+fn unsafe_shadow_dir_falls_back_to_direct_mapping_with_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new("baddir");
+    std::fs::create_dir_all(&w.shadow).unwrap();
+    std::fs::set_permissions(&w.shadow, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let f = w.pmem_file("f", &zeros(PAGE));
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 3 fallback
+         kill",
+        f = s(&f)
+    ));
+    let err = stderr(&o);
+    killed(o);
+    assert!(
+        err.contains("daxshim") && err.contains("must not be accessible"),
+        "{err}"
+    );
+    // Direct: the store is in the backing, nothing was lost.
+    assert!(contains(&backing(&f), "fallback"));
+}
+
+// A shadow that cannot be created (here: the file size limit makes growing
+// the shadow fail, as a full /dev/shm would) falls back to the direct
+// mapping with a warning: nothing is lost.
+#[test]
+fn shadow_creation_failure_falls_back_to_direct_mapping() {
+    let w = World::new("nospace");
+    let f = w.pmem_file("f", &zeros(64 * PAGE));
+    let mut c = w.shim_cmd("sh");
+    c.arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 8; exec \"$0\" \"$@\"")
+        .arg(probe())
+        .args(script_args(&format!(
+            "open {f} rw
+             map 262144
+             store 200000 stillsafe
+             kill",
+            f = s(&f)
+        )));
+    let o = run(c);
+    let err = stderr(&o);
+    killed(o);
+    assert!(err.contains("mapping the file directly"), "{err}");
+    w.drop_shadows();
+    assert!(contains(&backing(&f), "stillsafe"));
+}
+
+#[test]
+fn file_rewritten_behind_the_shims_back_is_not_served_stale() {
+    let w = World::new("stale");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    // A reader dies, leaving a clean shadow behind.
+    killed(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         load 0 1
+         kill",
+        f = s(&f)
+    )));
+    assert!(!w.shadow_files().is_empty());
+    // Rewritten without the shim.
+    std::fs::write(&f, b"rewritten-by-another-program").unwrap();
+    let out = ok(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         load 0 9
+         pread 0 9",
+        f = s(&f)
+    )));
+    assert!(
+        out.contains("load: rewritten") && out.contains("pread: rewritten"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unsynced_shadow_of_a_rewritten_file_is_kept_aside_not_served() {
+    let w = World::new("orphan");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 unsynced
+         kill",
+        f = s(&f)
+    )));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&f, b"external").unwrap();
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 4096
+         load 0 8",
+        f = s(&f)
+    ));
+    let err = stderr(&o);
+    let out = ok(o);
+    assert!(out.contains("load: external"), "{out}");
+    assert!(err.contains("orphan"), "{err}");
+    assert!(w.shadow_files().iter().any(|n| n.contains(".orphan-")));
+}
+
+#[test]
+fn recreated_file_never_meets_the_old_shadow() {
+    let w = World::new("recreate");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 oldfile
+         kill",
+        f = s(&f)
+    )));
+    std::fs::remove_file(&f).unwrap();
+    std::fs::write(&f, zeros(PAGE)).unwrap();
+    let out = ok(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         load 0 7",
+        f = s(&f)
+    )));
+    assert!(!out.contains("oldfile"), "{out}");
+}
