@@ -11,26 +11,6 @@ DAXVM=${DAXVM:-$(cd .. && pwd)/shared/daxvm/daxvm.sh}
 [ "$(id -u)" = 0 ] || { echo "test-dax: the VM needs root" >&2; exit 125; }
 
 scripts/deps.sh
-# daxvm installs qemu itself, but where qemu-utils comes from bookworm-
-# backports its apt call cannot resolve qemu-system-x86's dependencies:
-# install it from backports here (idempotent).
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  qv=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
-  if [[ $qv == *bpo* ]]; then
-    d=${DAXVM_HOME:-/tmp/daxvm}/apt-bpo
-    mkdir -p "$d/lists/partial" "$d/archives/partial"
-    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-    base=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-    [ -n "$base" ] || base=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-    printf 'deb %s %s-backports main\n' "${base:-http://deb.debian.org/debian}" "$codename" > "$d/sources.list"
-    A=(-o "Dir::Etc::sourcelist=$d/sources.list" -o "Dir::State::lists=$d/lists"
-       -o "Dir::Cache::archives=$d/archives" -o APT::Sandbox::User=root)
-    apt-get "${A[@]}" update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get "${A[@]}" -t "$codename-backports" install -y -qq \
-      --no-install-recommends --no-remove qemu-system-x86 busybox-static cpio >/dev/null
-  fi
-fi
-
 cargo build --release --workspace
 # Every integration test executable cargo built: tests/NAME.rs and the
 # multi-file ones, tests/NAME/main.rs.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command. Installs what the tests need, builds the
+# The project's test command. Checks the shim's layering
+# (scripts/check-layers.py), installs what the tests need, builds the
 # library, the CLI and the SQLite harness, then runs:
 #   1. unit and integration tests (userfaultfd tracker where the kernel has it);
 #   2. the core, robustness, programs and SQLite suites again on the
@@ -20,11 +21,14 @@ tree_state() { git status --porcelain --untracked-files=all 2>/dev/null; }
 tree_before=$(tree_state)
 [ -z "$tree_before" ] || echo "note: the working tree has uncommitted changes; only what this run adds to them fails it"
 scripts/deps.sh || exit 1
-cargo build --release --workspace || exit 1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 logged() { "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
+
+# Layers: nothing below hooks/ imports it, no upward use, no import circle.
+python3 scripts/check-layers.py || status=1
+cargo build --release --workspace || exit 1
 
 logged cargo test --release --no-fail-fast --workspace || status=1
 echo "== the same suites on the full-compare tracker (the correctness oracle), writeback by stores"
