@@ -89,7 +89,8 @@ pub fn on_open_classified(fd: i32, flags: i32, class: Classified) {
         Ok(f) => {
             if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
                 // The kernel truncated the backing; the shadow follows.
-                let _ = f.set_shadow_size(0);
+                let _io = f.shadow.io_lock();
+                let _ = f.follow_backing_size();
             }
             let dropped = register_fd(fd, f);
             drop(dropped);

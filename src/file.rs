@@ -79,14 +79,18 @@ impl FileState {
         self.backing.fd.as_raw_fd()
     }
 
-    /// Makes the shadow `size` bytes long (the backing already is).
-    pub fn set_shadow_size(&self, size: u64) -> SysResult<()> {
-        let _io = self.shadow.io_lock();
-        if let Some(data_fd) = self.shadow.data().map(|d| d.rw()) {
-            let _fill = self.shadow.fill_lock();
-            sys::ftruncate(data_fd, size)?;
-            self.shadow.record_backing(self.backing_fd());
+    /// The shadow follows a size change the kernel made to the backing
+    /// (which a later `msync(MS_SYNC)` must make durable). Call with the io
+    /// lock held.
+    pub fn follow_backing_size(&self) -> SysResult<()> {
+        self.size_dirty.store(true, Ordering::Relaxed);
+        if self.shadow.data().is_none() {
+            return Ok(());
         }
+        let size = sys::fstat(self.backing_fd())?.st_size as u64;
+        let _fill = self.shadow.fill_lock();
+        self.shadow.set_data_size(size)?;
+        self.shadow.record_backing(self.backing_fd());
         Ok(())
     }
 

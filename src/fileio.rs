@@ -168,9 +168,7 @@ fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> 
         }
     }
     let _fill = f.shadow.fill_lock();
-    if sys::fstat(data_fd)?.st_size as u64 != backing_size {
-        sys::ftruncate(data_fd, backing_size)?; // grown: holes are the backing's
-    }
+    f.shadow.set_data_size(backing_size)?; // grown: holes are the backing's
     let held = if fill_holes {
         let mut all = crate::ranges::RangeSet::new();
         all.insert(off, end);
@@ -252,26 +250,10 @@ pub fn write_impl(
     Ok(n)
 }
 
-/// The shadow follows a size change the kernel made to the backing.
-pub fn follow_size(f: &FileState) -> Result<(), Errno> {
-    f.size_dirty
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
-        return Ok(());
-    };
-    let size = sys::fstat(f.backing_fd())?.st_size as u64;
-    let _fill = f.shadow.fill_lock();
-    if sys::fstat(data_fd)?.st_size as u64 != size {
-        sys::ftruncate(data_fd, size)?;
-    }
-    f.shadow.record_backing(f.backing_fd());
-    Ok(())
-}
-
 pub fn ftruncate_impl(f: Arc<FileState>, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
     let _io = f.shadow.io_lock();
     let r = check(kernel())?;
-    if let Err(e) = follow_size(&f) {
+    if let Err(e) = f.follow_backing_size() {
         error!("{}: cannot resize the shadow: {e}", f.path);
         return Err(e);
     }
@@ -287,7 +269,7 @@ pub fn truncate_impl(path: &CStr, kernel: impl FnOnce() -> c_int) -> Result<i32,
             crate::fdtable::on_open(fd, 0);
             if let Some(f) = crate::fdtable::lookup_fd(fd) {
                 let _io = f.shadow.io_lock();
-                let _ = follow_size(&f);
+                let _ = f.follow_backing_size();
             }
             crate::fdtable::on_close(fd);
         }
@@ -332,7 +314,7 @@ pub fn fallocate_impl(
     let _io = f.shadow.io_lock();
     let r = check(kernel())?;
     let done = (|| {
-        follow_size(&f)?;
+        f.follow_backing_size()?;
         let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
             return Ok(());
         };
@@ -374,10 +356,12 @@ fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
         return;
     };
     let at = off.map_or(At::Position, At::Offset);
-    let r = follow_size(&f).and_then(|()| match written_at(fd, at, n as usize) {
-        Some(s) => refresh_from_backing(&f, data_fd, s, s + n as u64),
-        None => Err(Errno(libc::EIO)),
-    });
+    let r = f
+        .follow_backing_size()
+        .and_then(|()| match written_at(fd, at, n as usize) {
+            Some(s) => refresh_from_backing(&f, data_fd, s, s + n as u64),
+            None => Err(Errno(libc::EIO)),
+        });
     if let Err(e) = r {
         error!("{}: cannot update the shadow after a kernel copy ({e}); the file is no longer shadowed", f.path);
         f.poison();
@@ -407,7 +391,7 @@ pub fn posix_fallocate_impl(f: &FileState, kernel: impl FnOnce() -> c_int) -> c_
     let _io = f.shadow.io_lock();
     let r = kernel();
     if r == 0 {
-        follow_size(f).map(|()| 0).unwrap_or_else(|e| e.0)
+        f.follow_backing_size().map(|()| 0).unwrap_or_else(|e| e.0)
     } else {
         r
     }

@@ -215,6 +215,18 @@ impl Shadow {
         self.open_data()
     }
 
+    /// Makes the data file `size` bytes long (if it exists). Call with the
+    /// fill lock held: growing a lazy data file adds holes, which mean the
+    /// backing's bytes.
+    pub fn set_data_size(&self, size: u64) -> SysResult<()> {
+        if let Some(d) = self.data() {
+            if sys::fstat(d.rw())?.st_size as u64 != size {
+                sys::ftruncate(d.rw(), size)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Fills the holes of the data file within `[c0, c1)` from the backing.
     /// Returns the bytes filled. `zeros` is scratch space.
     pub fn fill_range(
