@@ -69,7 +69,16 @@ fn every_subcommand_has_help_and_errors_exit_125() {
     let exe = install(&w);
     let o = daxshim(&w, &exe, &["--help"]);
     let out = ok(o);
-    for sub in ["run", "status", "sync", "drop", "gc", "stats", "crashtest"] {
+    for sub in [
+        "run",
+        "status",
+        "sync",
+        "drop",
+        "gc",
+        "stats",
+        "crashtest",
+        "completions",
+    ] {
         assert!(out.contains(sub), "{sub} missing from --help");
         let o = daxshim(&w, &exe, &[sub, "--help"]);
         let text = ok(o);
@@ -84,6 +93,19 @@ fn every_subcommand_has_help_and_errors_exit_125() {
         &["run"],
         &["status", "extra"],
         &["crashtest", "--", "true"],
+        &[
+            "crashtest",
+            "--iterations",
+            "many",
+            "--check",
+            "true",
+            "--",
+            "true",
+        ],
+        &["run", "--dax", "--dax-dir", "/", "--", "true"],
+        &["run", "--log", "loud", "--", "true"],
+        &["stats"],
+        &["completions", "powershell"],
         &[],
     ] {
         let o = daxshim(&w, &exe, bad);
@@ -288,6 +310,28 @@ fn stats_renders_counters_and_latency_percentiles() {
         out.contains("writeback saved") && out.contains("p50 <") && out.contains("p99 <"),
         "{out}"
     );
+    // The histogram as a bar chart: a row per bucket from the fastest sync
+    // to the slowest; the fullest bucket's bar is 40 glyphs long.
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" |")).collect();
+    assert!(!rows.is_empty(), "no chart: {out}");
+    let bar = |r: &str| r.chars().filter(|c| *c == '#' || *c == '█').count();
+    assert_eq!(rows.iter().map(|r| bar(r)).max(), Some(40), "{out}");
+    assert!(
+        rows.first().is_some_and(|r| bar(r) > 0) && rows.last().is_some_and(|r| bar(r) > 0),
+        "{out}"
+    );
+    let counts: u64 = rows
+        .iter()
+        .map(|r| r.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    let syncs: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("syncs "))
+        .and_then(|l| l.trim().split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no syncs line: {out}"));
+    assert!(syncs >= 2, "{out}");
+    assert_eq!(counts, syncs, "every sync in the chart: {out}");
     let bogus = w.root.join("bogus.json");
     std::fs::write(&bogus, "{\"x\":1}").unwrap();
     assert_eq!(
@@ -369,5 +413,68 @@ fn crashtest_finds_no_failure_in_sqlite_and_reports_a_broken_check() {
             && out.contains("seed 0x10")
             && out.contains("broken"),
         "{out}"
+    );
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let w = World::new("clicompl");
+    let exe = install(&w);
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ok(daxshim(&w, &exe, &["completions", shell]));
+        for sub in ["run", "crashtest", "completions", "pmem", "max-delay"] {
+            assert!(out.contains(sub), "{shell}: {sub} missing");
+        }
+        // The helper process of `sync` is no command for people.
+        assert!(!out.contains("__attach"), "{shell}");
+    }
+    // bash accepts the script and completes the subcommands with it.
+    let script = w.root.join("daxshim.bash");
+    std::fs::write(&script, ok(daxshim(&w, &exe, &["completions", "bash"]))).unwrap();
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(
+            "source \"$1\" && COMP_WORDS=(daxshim cr) COMP_CWORD=1 COMP_LINE='daxshim cr' \
+             COMP_POINT=10 && _daxshim daxshim cr daxshim && echo \"${COMPREPLY[*]}\"",
+        )
+        .arg("bash")
+        .arg(&script);
+    assert_eq!(ok(run(c)).trim(), "crashtest");
+}
+
+#[test]
+fn crashtest_draws_a_progress_bar_on_a_terminal_only() {
+    let w = World::new("clitty");
+    let exe = install(&w);
+    let args = format!(
+        "{} crashtest --iterations 3 --seed 7 --max-delay 30 --check true -- sleep 1",
+        s(&exe)
+    );
+    // util-linux's script(1) gives the command a terminal.
+    let mut c = Command::new("script");
+    c.args(["-qec", &args, "/dev/null"])
+        .current_dir(&w.root)
+        .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env_remove("DAXSHIM_LIB");
+    let tty = ok(run(c));
+    assert!(
+        tty.contains("daxshim crashtest [") && tty.contains("/3 iterations"),
+        "no bar on the terminal: {tty:?}"
+    );
+    assert!(tty.contains("3 iterations, 0 failed"), "{tty:?}");
+    assert!(!tty.contains("iteration 0:"), "{tty:?}");
+    // Not a terminal: one line per iteration, no bar.
+    let a: Vec<&str> = args.split(' ').skip(1).collect();
+    let o = daxshim(&w, &exe, &a);
+    let err = stderr(&o);
+    let out = ok(o);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("iteration ")).count(),
+        3,
+        "{out}"
+    );
+    assert!(
+        !err.contains('[') && !out.contains("daxshim crashtest ["),
+        "{err}"
     );
 }
