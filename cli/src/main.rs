@@ -3,7 +3,9 @@
 //!
 //! This binary does not link the hook library: it finds it and puts it in
 //! front of `LD_PRELOAD` for the commands it runs (`run`, `crashtest`, and
-//! the helper `sync` uses). It shares only the header layout with it.
+//! the helper `sync` uses). It shares only the header layout with it, and
+//! carries a copy of the library's bytes for when none is installed
+//! (`library.rs`).
 
 mod commands;
 mod crashtest;
@@ -78,7 +80,9 @@ enum Cmd {
     override_usage = "daxshim run [--pmem DIR]... [--dax | --dax-dir DIR...] [--stats FILE] [--log LEVEL] -- CMD [ARGS...]",
     before_help = "Runs CMD with libdaxshim.so prepended to LD_PRELOAD (what was there stays).",
     after_help = "The library is looked up in $DAXSHIM_LIB, next to this executable, and in
-../lib/ and ../lib/daxshim/ relative to it.
+../lib/ and ../lib/daxshim/ relative to it; else the copy built into this
+executable is written to ~/.cache/daxshim/ ($XDG_CACHE_HOME/daxshim/; if that
+fails, $TMPDIR/daxshim-UID/) and used from there.
 
 Exit status: CMD's own; 125 if daxshim itself failed; 126 if CMD cannot be
 run; 127 if CMD was not found."
