@@ -1,12 +1,15 @@
 //! The `daxshim` command (issue: "The daxshim command"), run as a user
 //! would: installed into a prefix the way scripts/install.sh lays it out
 //! (bin/daxshim, lib/libdaxshim.so), started from a directory outside the
-//! repository.
+//! repository; and installed by `cargo install --path cli`, with no library
+//! beside it and its build tree gone (issue #11).
 
 mod common;
 use common::*;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -69,7 +72,16 @@ fn every_subcommand_has_help_and_errors_exit_125() {
     let exe = install(&w);
     let o = daxshim(&w, &exe, &["--help"]);
     let out = ok(o);
-    for sub in ["run", "status", "sync", "drop", "gc", "stats", "crashtest"] {
+    for sub in [
+        "run",
+        "status",
+        "sync",
+        "drop",
+        "gc",
+        "stats",
+        "crashtest",
+        "completions",
+    ] {
         assert!(out.contains(sub), "{sub} missing from --help");
         let o = daxshim(&w, &exe, &[sub, "--help"]);
         let text = ok(o);
@@ -84,6 +96,19 @@ fn every_subcommand_has_help_and_errors_exit_125() {
         &["run"],
         &["status", "extra"],
         &["crashtest", "--", "true"],
+        &[
+            "crashtest",
+            "--iterations",
+            "many",
+            "--check",
+            "true",
+            "--",
+            "true",
+        ],
+        &["run", "--dax", "--dax-dir", "/", "--", "true"],
+        &["run", "--log", "loud", "--", "true"],
+        &["stats"],
+        &["completions", "powershell"],
         &[],
     ] {
         let o = daxshim(&w, &exe, bad);
@@ -288,6 +313,28 @@ fn stats_renders_counters_and_latency_percentiles() {
         out.contains("writeback saved") && out.contains("p50 <") && out.contains("p99 <"),
         "{out}"
     );
+    // The histogram as a bar chart: a row per bucket from the fastest sync
+    // to the slowest; the fullest bucket's bar is 40 glyphs long.
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" |")).collect();
+    assert!(!rows.is_empty(), "no chart: {out}");
+    let bar = |r: &str| r.chars().filter(|c| *c == '#' || *c == '█').count();
+    assert_eq!(rows.iter().map(|r| bar(r)).max(), Some(40), "{out}");
+    assert!(
+        rows.first().is_some_and(|r| bar(r) > 0) && rows.last().is_some_and(|r| bar(r) > 0),
+        "{out}"
+    );
+    let counts: u64 = rows
+        .iter()
+        .map(|r| r.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    let syncs: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("syncs "))
+        .and_then(|l| l.trim().split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no syncs line: {out}"));
+    assert!(syncs >= 2, "{out}");
+    assert_eq!(counts, syncs, "every sync in the chart: {out}");
     let bogus = w.root.join("bogus.json");
     std::fs::write(&bogus, "{\"x\":1}").unwrap();
     assert_eq!(
@@ -370,4 +417,276 @@ fn crashtest_finds_no_failure_in_sqlite_and_reports_a_broken_check() {
             && out.contains("broken"),
         "{out}"
     );
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let w = World::new("clicompl");
+    let exe = install(&w);
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ok(daxshim(&w, &exe, &["completions", shell]));
+        for sub in ["run", "crashtest", "completions", "pmem", "max-delay"] {
+            assert!(out.contains(sub), "{shell}: {sub} missing");
+        }
+        // The helper process of `sync` is no command for people.
+        assert!(!out.contains("__attach"), "{shell}");
+    }
+    // bash accepts the script and completes the subcommands with it.
+    let script = w.root.join("daxshim.bash");
+    std::fs::write(&script, ok(daxshim(&w, &exe, &["completions", "bash"]))).unwrap();
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(
+            "source \"$1\" && COMP_WORDS=(daxshim cr) COMP_CWORD=1 COMP_LINE='daxshim cr' \
+             COMP_POINT=10 && _daxshim daxshim cr daxshim && echo \"${COMPREPLY[*]}\"",
+        )
+        .arg("bash")
+        .arg(&script);
+    assert_eq!(ok(run(c)).trim(), "crashtest");
+}
+
+#[test]
+fn crashtest_draws_a_progress_bar_on_a_terminal_only() {
+    let w = World::new("clitty");
+    let exe = install(&w);
+    let args = format!(
+        "{} crashtest --iterations 3 --seed 7 --max-delay 30 --check true -- sleep 1",
+        s(&exe)
+    );
+    // util-linux's script(1) gives the command a terminal.
+    let mut c = Command::new("script");
+    c.args(["-qec", &args, "/dev/null"])
+        .current_dir(&w.root)
+        .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env_remove("DAXSHIM_LIB");
+    let tty = ok(run(c));
+    assert!(
+        tty.contains("daxshim crashtest [") && tty.contains("/3 iterations"),
+        "no bar on the terminal: {tty:?}"
+    );
+    assert!(tty.contains("3 iterations, 0 failed"), "{tty:?}");
+    assert!(!tty.contains("iteration 0:"), "{tty:?}");
+    // Not a terminal: one line per iteration, no bar.
+    let a: Vec<&str> = args.split(' ').skip(1).collect();
+    let o = daxshim(&w, &exe, &a);
+    let err = stderr(&o);
+    let out = ok(o);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("iteration ")).count(),
+        3,
+        "{out}"
+    );
+    assert!(
+        !err.contains('[') && !out.contains("daxshim crashtest ["),
+        "{err}"
+    );
+}
+
+/// Like `run`, with a longer timeout: a cold `cargo install` builds every
+/// dependency.
+fn run_for(mut c: Command, limit: Duration) -> Output {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("timed out after {limit:?}: {c:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Moves a directory aside while alive, back when dropped (even when the
+/// test fails).
+struct Aside {
+    dir: PathBuf,
+    away: PathBuf,
+}
+
+impl Aside {
+    fn new(dir: &Path) -> Aside {
+        let away = dir.with_extension("away");
+        std::fs::rename(dir, &away).unwrap();
+        Aside {
+            dir: dir.to_path_buf(),
+            away,
+        }
+    }
+}
+
+impl Drop for Aside {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(&self.away, &self.dir);
+    }
+}
+
+/// Issue #11: "A test installs into a temporary root, deletes target/'s
+/// library, and runs `daxshim run` from `/`." The install builds in a
+/// target directory of its own (kept between runs, so that only the first
+/// run compiles everything), which is moved away before the installed
+/// command runs: no library of its build can be found, and the shared
+/// target/ that concurrent tests use is left alone.
+#[test]
+fn cargo_install_gives_a_daxshim_that_needs_no_build_tree() {
+    let w = World::new("cliinstall");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let build = target_dir().parent().unwrap().join("cli-install-test");
+    if !build.exists() && build.with_extension("away").exists() {
+        // A run killed while its build was away.
+        std::fs::rename(build.with_extension("away"), &build).unwrap();
+    }
+    let prefix = w.root.join("installed");
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+    c.current_dir(repo)
+        .args([
+            "install",
+            "--path",
+            "cli",
+            "--locked",
+            "--offline",
+            "--root",
+        ])
+        .arg(&prefix)
+        .env("CARGO_TARGET_DIR", &build)
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    ok(run_for(c, Duration::from_secs(900)));
+    let exe = prefix.join("bin/daxshim");
+    // The command only (and cargo's own records of what it installed).
+    let files: Vec<String> = walk(&prefix)
+        .into_iter()
+        .filter(|f| !f.starts_with(".crates"))
+        .collect();
+    assert_eq!(files, ["bin/daxshim"]);
+    let _gone = Aside::new(&build);
+
+    // From `/`, without DAXSHIM_LIB, with an empty cache.
+    let cache = w.root.join("cache");
+    let home = w.root.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(&exe);
+        c.current_dir("/")
+            .env("XDG_CACHE_HOME", &cache)
+            .env("HOME", &home)
+            .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+            .env_remove("DAXSHIM_LIB")
+            .env_remove("LD_PRELOAD")
+            .env_remove("DAXSHIM_PMEM")
+            .args(args);
+        c
+    };
+    let preload = |c: Command| ok(run(c)).trim().to_string();
+    let mut c = cmd(&["run", "--", "sh", "-c", "printf %s \"$LD_PRELOAD\""]);
+    c.env("TMPDIR", w.root.join("unused"));
+    let lib = PathBuf::from(preload(c));
+    assert_eq!(
+        lib.parent(),
+        Some(cache.join("daxshim").as_path()),
+        "{lib:?}"
+    );
+    let name = lib.file_name().unwrap().to_str().unwrap();
+    assert!(
+        name.starts_with("libdaxshim-") && name.ends_with(".so") && name.len() == 30,
+        "{name}"
+    );
+    let good = std::fs::read(&lib).unwrap();
+    assert!(good.starts_with(b"\x7fELF"));
+    assert!(!lib.starts_with(repo));
+
+    // The shim is really in the path: a mapping of a pmem file is shadowed.
+    let f = w.pmem_file("f", &[0u8; 4096]);
+    let stats = w.root.join("installed-stats.json");
+    let script = [
+        "open",
+        s(&f),
+        "rw",
+        ",",
+        "map",
+        "4096",
+        ",",
+        "store",
+        "0",
+        "cached",
+        ",",
+        "msync",
+        ",",
+        "exit",
+    ];
+    let probe = probe();
+    let mut args = vec![
+        "run",
+        "--pmem",
+        s(&w.pmem),
+        "--stats",
+        s(&stats),
+        "--",
+        s(&probe),
+    ];
+    args.extend(script);
+    ok(run(cmd(&args)));
+    let st = Stats::parse(&std::fs::read_to_string(&stats).unwrap());
+    assert_eq!(st.get("mappings_shadowed"), 1);
+    assert!(contains(&backing(&f), "cached"));
+
+    // A damaged copy is replaced (a new file renamed over it) before use.
+    std::fs::write(&lib, b"not a library").unwrap();
+    std::fs::remove_file(&stats).unwrap();
+    ok(run(cmd(&args)));
+    assert_eq!(std::fs::read(&lib).unwrap(), good);
+    assert_eq!(
+        Stats::parse(&std::fs::read_to_string(&stats).unwrap()).get("mappings_shadowed"),
+        1
+    );
+    assert_eq!(
+        walk(&cache),
+        [format!("daxshim/{name}")],
+        "temporary files left"
+    );
+
+    // No usable cache directory (XDG_CACHE_HOME is a file): a private
+    // directory in TMPDIR, mode 0700.
+    let mut c = cmd(&["run", "--", "sh", "-c", "printf %s \"$LD_PRELOAD\""]);
+    let tmp = w.root.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    c.env("XDG_CACHE_HOME", &stats).env("TMPDIR", &tmp);
+    let lib2 = PathBuf::from(preload(c));
+    let dir = lib2.parent().unwrap();
+    assert!(dir.parent() == Some(tmp.as_path()), "{lib2:?}");
+    assert!(dir
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("daxshim-"));
+    let md = std::fs::symlink_metadata(dir).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o700);
+    // …and one that others may enter is refused.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = cmd(&["run", "--", "true"]);
+    c.env("XDG_CACHE_HOME", &stats).env("TMPDIR", &tmp);
+    let o = run(c);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
+}
+
+/// Every file under `dir`, relative to it, sorted.
+fn walk(dir: &Path) -> Vec<String> {
+    fn go(base: &Path, d: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                go(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(dir, dir, &mut out);
+    out.sort();
+    out
 }

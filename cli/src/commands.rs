@@ -1,85 +1,84 @@
 //! `status`, `sync`, `drop`, `gc`: what the shim left in the shadow
 //! directory, and writing it back or removing it.
 
-use crate::shadows::{self, ShadowInfo};
-use crate::{fail, find_library, human};
-use std::path::Path;
+use crate::progress::Progress;
+use crate::shadows::{self, Proc, ShadowInfo};
+use crate::{fail, human, library};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
+/// A bar for sync and gc once they have run this long.
+const SLOW: Duration = Duration::from_millis(500);
 
-pub const STATUS_USAGE: &str = "\
-usage: daxshim status [--json]
-
-Lists this user's shadows ($DAXSHIM_SHADOW_DIR, default /dev/shm/daxshim-UID):
+/// `daxshim status [--json]`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim status [--json]",
+    before_help = "Lists this user's shadows ($DAXSHIM_SHADOW_DIR, default /dev/shm/daxshim-UID):
 backing file, size, resident size, attached processes (alive or dead) and
 whether the shadow may hold data not yet written back, then the orphans
-(shadows kept aside because their file changed without the shim).";
+(shadows kept aside because their file changed without the shim)."
+)]
+pub struct StatusArgs {
+    /// Print one JSON object (shadow_dir, shadows, orphans)
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn status(args: &[String]) -> ExitCode {
-    let mut as_json = false;
-    for a in args {
-        match a.as_str() {
-            "--json" => as_json = true,
-            "-h" | "--help" => {
-                println!("{STATUS_USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            _ => {
-                return fail(&format!(
-                    "status: unexpected argument {a} (see daxshim status --help)"
-                ))
-            }
-        }
-    }
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    shadow_dir: String,
+    shadows: Vec<ShadowJson<'a>>,
+    orphans: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct ShadowJson<'a> {
+    shadow: &'a str,
+    backing: &'a str,
+    backing_present: bool,
+    emulated: bool,
+    has_data: bool,
+    size: u64,
+    resident: u64,
+    processes: &'a [Proc],
+    may_hold_unsynced: bool,
+}
+
+pub fn status(args: StatusArgs) -> ExitCode {
     let dir = shadows::shadow_dir();
     let (list, orphans) = shadows::list(&dir);
-    if as_json {
-        let items: Vec<String> = list
-            .iter()
-            .map(|s| {
-                let procs: Vec<String> = s
-                    .procs
-                    .iter()
-                    .map(|p| format!("{{\"pid\":{},\"alive\":{},\"writer\":{}}}", p.pid, p.alive, p.writer))
-                    .collect();
-                format!(
-                    "{{\"shadow\":{},\"backing\":{},\"backing_present\":{},\"emulated\":{},\"has_data\":{},\"size\":{},\"resident\":{},\"processes\":[{}],\"may_hold_unsynced\":{}}}",
-                    json_str(&s.key),
-                    json_str(&s.backing),
-                    s.backing_present,
-                    s.emulated,
-                    s.has_data,
-                    s.size,
-                    s.resident,
-                    procs.join(","),
-                    s.may_hold_unsynced()
-                )
-            })
-            .collect();
-        let orph: Vec<String> = orphans
-            .iter()
-            .map(|o| json_str(&o.to_string_lossy()))
-            .collect();
-        println!(
-            "{{\"shadow_dir\":{},\"shadows\":[{}],\"orphans\":[{}]}}",
-            json_str(&dir.to_string_lossy()),
-            items.join(","),
-            orph.join(",")
-        );
-        return ExitCode::SUCCESS;
+    if args.json {
+        let j = StatusJson {
+            shadow_dir: dir.to_string_lossy().into_owned(),
+            shadows: list
+                .iter()
+                .map(|s| ShadowJson {
+                    shadow: &s.key,
+                    backing: &s.backing,
+                    backing_present: s.backing_present,
+                    emulated: s.emulated,
+                    has_data: s.has_data,
+                    size: s.size,
+                    resident: s.resident,
+                    processes: &s.procs,
+                    may_hold_unsynced: s.may_hold_unsynced(),
+                })
+                .collect(),
+            orphans: orphans
+                .iter()
+                .map(|o| o.to_string_lossy().into_owned())
+                .collect(),
+        };
+        return match serde_json::to_string(&j) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("status: {e}")),
+        };
     }
     println!("shadow directory {}", dir.display());
     if list.is_empty() {
@@ -138,14 +137,21 @@ pub fn status(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub const SYNC_USAGE: &str = "\
-usage: daxshim sync [FILE...]
-
-Writes back shadows whose writers are gone (what the next process that maps
+/// `daxshim sync [FILE...]`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim sync [FILE...]",
+    before_help = "Writes back shadows whose writers are gone (what the next process that maps
 the file would do), makes the data durable and removes the shadow when
 nothing else uses it. Without FILE: every such shadow of this user. Shadows
 that live processes use are left to them (their syncs and their exit write
-back).";
+back)."
+)]
+pub struct SyncArgs {
+    /// Files whose shadows to write back (default: every shadow with dead writers)
+    #[arg(value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
 
 /// Attaches to `path` through the library in a helper process (so the
 /// protocol is the library's own) and reports what it wrote back.
@@ -154,7 +160,7 @@ fn sync_one(lib: &Path, path: &str, emulated: bool) -> Result<(u64, u64), String
     let _ = std::fs::remove_file(&tmp);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut c = Command::new(exe);
-    c.arg("__attach")
+    c.arg(ATTACH_HELPER)
         .arg(path)
         .env("LD_PRELOAD", lib)
         .env("DAXSHIM_STATS", &tmp)
@@ -169,78 +175,74 @@ fn sync_one(lib: &Path, path: &str, emulated: bool) -> Result<(u64, u64), String
     }
     let stats = std::fs::read_to_string(&tmp).map_err(|e| format!("helper wrote no stats: {e}"))?;
     let _ = std::fs::remove_file(&tmp);
-    let v = crate::statsview::parse(&stats);
+    let v = crate::statsview::parse(&stats).ok_or("helper wrote no DAXSHIM_STATS object")?;
     Ok((v.num("reconciles"), v.num("lines_written")))
 }
 
+/// The first argument that makes `daxshim` the helper of `sync`.
+pub const ATTACH_HELPER: &str = "__attach";
+
 /// The helper: open the file through the shim (attach, which reconciles),
 /// close it (detach, which removes a clean shadow).
-pub fn attach_helper(args: &[String]) -> ExitCode {
-    for p in args {
+pub fn attach_helper(files: &[PathBuf]) -> ExitCode {
+    for p in files {
         if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(p) {
-            eprintln!("daxshim: {p}: {e}");
+            eprintln!("daxshim: {}: {e}", p.display());
             return ExitCode::from(1);
         }
     }
     ExitCode::SUCCESS
 }
 
-pub fn sync(args: &[String]) -> ExitCode {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{SYNC_USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    if let Some(a) = args.iter().find(|a| a.starts_with('-')) {
-        return fail(&format!(
-            "sync: unknown option {a} (see daxshim sync --help)"
-        ));
-    }
-    let lib = match find_library() {
+pub fn sync(args: SyncArgs) -> ExitCode {
+    let lib = match library::find() {
         Ok(l) => l,
         Err(e) => return fail(&e),
     };
     let dir = shadows::shadow_dir();
     let (list, _) = shadows::list(&dir);
-    let targets: Vec<ShadowInfo> = if args.is_empty() {
+    let targets: Vec<ShadowInfo> = if args.files.is_empty() {
         list.into_iter()
             .filter(|s| !s.dead_writers().is_empty())
             .collect()
     } else {
         let mut v = Vec::new();
-        for a in args {
-            let id = match shadows::file_id(Path::new(a)) {
+        for a in &args.files {
+            let id = match shadows::file_id(a) {
                 Ok(id) => id,
-                Err(e) => return fail(&format!("{a}: {e}")),
+                Err(e) => return fail(&format!("{}: {e}", a.display())),
             };
             match list.iter().find(|s| s.key == id.key()) {
                 Some(s) => v.push(s.clone()),
-                None => println!("{a}: no shadow, nothing to write back"),
+                None => println!("{}: no shadow, nothing to write back", a.display()),
             }
         }
         v
     };
-    if targets.is_empty() && args.is_empty() {
+    if targets.is_empty() && args.files.is_empty() {
         println!("nothing to write back");
     }
     let mut failed = false;
+    let progress = Progress::new(targets.len() as u64, "sync", "shadows", SLOW);
     for s in targets {
+        progress.inc();
         let live = s.live();
         if !live.is_empty() {
-            println!(
+            progress.println(&format!(
                 "{}: in use by {live:?}; their syncs write it back",
                 s.backing
-            );
+            ));
             continue;
         }
         if !s.backing_present {
-            println!("{}: the file is gone or was replaced; the shadow's data cannot be written back (daxshim gc --force removes it)", s.backing);
+            progress.println(&format!("{}: the file is gone or was replaced; the shadow's data cannot be written back (daxshim gc --force removes it)", s.backing));
             failed = true;
             continue;
         }
         match sync_one(&lib, &s.backing, s.emulated) {
             Ok((rec, lines)) => {
                 let removed = !s.meta.exists();
-                println!(
+                progress.println(&format!(
                     "{}: {} ({} cachelines, {}){}",
                     s.backing,
                     if rec > 0 {
@@ -251,14 +253,15 @@ pub fn sync(args: &[String]) -> ExitCode {
                     lines,
                     human(lines * 64),
                     if removed { "; shadow removed" } else { "" }
-                );
+                ));
             }
             Err(e) => {
-                println!("{}: write-back failed: {e}", s.backing);
+                progress.println(&format!("{}: write-back failed: {e}", s.backing));
                 failed = true;
             }
         }
     }
+    progress.finish();
     if failed {
         ExitCode::from(1)
     } else {
@@ -266,73 +269,88 @@ pub fn sync(args: &[String]) -> ExitCode {
     }
 }
 
-pub const DROP_USAGE: &str = "\
-usage: daxshim drop [--force] FILE...
-       daxshim gc [--force]
-
+const DROP_ABOUT: &str = "\
 drop removes the shadows of FILEs. gc removes every shadow of this user that
 no process uses and that is clean or whose file no longer exists. Both
 refuse to remove a shadow that may hold data not yet written back (run
 `daxshim sync` first) unless --force is given; gc --force also removes
 orphans. Shadows in use by live processes are never removed.";
 
-fn remove_report(s: &ShadowInfo, force: bool, why: &str) -> bool {
+/// `daxshim drop [--force] FILE...`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim drop [--force] FILE...\n       daxshim gc [--force]",
+    before_help = DROP_ABOUT
+)]
+pub struct DropArgs {
+    /// Remove shadows that may hold data not yet written back too
+    #[arg(short, long)]
+    force: bool,
+    /// Files whose shadows to remove
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+/// `daxshim gc [--force]`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim gc [--force]\n       daxshim drop [--force] FILE...",
+    before_help = DROP_ABOUT
+)]
+pub struct GcArgs {
+    /// Remove shadows that may hold data not yet written back, and orphans
+    #[arg(short, long)]
+    force: bool,
+}
+
+fn remove_report(s: &ShadowInfo, force: bool, why: &str, out: &dyn Fn(&str)) -> bool {
     if !s.live().is_empty() {
-        println!("{}: in use by {:?}; not removed", s.backing, s.live());
+        out(&format!(
+            "{}: in use by {:?}; not removed",
+            s.backing,
+            s.live()
+        ));
         return false;
     }
     if s.may_hold_unsynced() && !force {
-        println!(
+        out(&format!(
             "{}: may hold data not yet written back; run `daxshim sync {}` or pass --force",
             s.backing, s.backing
-        );
+        ));
         return false;
     }
     match shadows::remove(s) {
         Ok(()) => {
-            println!("{}: shadow removed ({why})", s.backing);
+            out(&format!("{}: shadow removed ({why})", s.backing));
             true
         }
         Err(e) => {
-            println!("{}: not removed: {e}", s.backing);
+            out(&format!("{}: not removed: {e}", s.backing));
             false
         }
     }
 }
 
-pub fn drop(args: &[String]) -> ExitCode {
-    let force = args.iter().any(|a| a == "--force" || a == "-f");
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{DROP_USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let files: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if let Some(a) = args
-        .iter()
-        .find(|a| a.starts_with('-') && *a != "--force" && *a != "-f")
-    {
-        return fail(&format!(
-            "drop: unknown option {a} (see daxshim drop --help)"
-        ));
-    }
-    if files.is_empty() {
-        return fail("drop: no FILE given (see daxshim drop --help)");
-    }
+fn print(line: &str) {
+    println!("{line}");
+}
+
+pub fn drop(args: DropArgs) -> ExitCode {
     let dir = shadows::shadow_dir();
     let (list, _) = shadows::list(&dir);
     let mut ok = true;
-    for f in files {
-        let key = match shadows::file_id(Path::new(f)) {
+    for f in &args.files {
+        let key = match shadows::file_id(f) {
             Ok(id) => id.key(),
             Err(e) => {
-                println!("{f}: {e}");
+                println!("{}: {e}", f.display());
                 ok = false;
                 continue;
             }
         };
         match list.iter().find(|s| s.key == key) {
-            None => println!("{f}: no shadow"),
-            Some(s) => ok &= remove_report(s, force, "dropped"),
+            None => println!("{}: no shadow", f.display()),
+            Some(s) => ok &= remove_report(s, args.force, "dropped", &print),
         }
     }
     if ok {
@@ -342,29 +360,23 @@ pub fn drop(args: &[String]) -> ExitCode {
     }
 }
 
-pub fn gc(args: &[String]) -> ExitCode {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{DROP_USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let force = args.iter().any(|a| a == "--force" || a == "-f");
-    if let Some(a) = args.iter().find(|a| *a != "--force" && *a != "-f") {
-        return fail(&format!(
-            "gc: unexpected argument {a} (see daxshim gc --help)"
-        ));
-    }
+pub fn gc(args: GcArgs) -> ExitCode {
+    let force = args.force;
     let dir = shadows::shadow_dir();
     let (list, orphans) = shadows::list(&dir);
     let mut removed = 0;
     let mut kept = 0;
+    let progress = Progress::new((list.len() + orphans.len()) as u64, "gc", "shadows", SLOW);
+    let out = |line: &str| progress.println(line);
     for s in &list {
+        progress.inc();
         let removable = !s.backing_present || !s.may_hold_unsynced();
         if !s.live().is_empty() || !removable {
             if s.live().is_empty() && s.may_hold_unsynced() {
-                println!(
+                out(&format!(
                     "{}: kept: holds data not yet written back (daxshim sync)",
                     s.backing
-                );
+                ));
             }
             kept += 1;
             continue;
@@ -374,26 +386,31 @@ pub fn gc(args: &[String]) -> ExitCode {
         } else {
             "file gone"
         };
-        if remove_report(s, force, why) {
+        if remove_report(s, force, why, &out) {
             removed += 1;
         } else {
             kept += 1;
         }
     }
     for o in &orphans {
+        progress.inc();
         if force {
             match std::fs::remove_file(o) {
                 Ok(()) => {
-                    println!("{}: orphan removed", o.display());
+                    out(&format!("{}: orphan removed", o.display()));
                     removed += 1;
                 }
-                Err(e) => println!("{}: {e}", o.display()),
+                Err(e) => out(&format!("{}: {e}", o.display())),
             }
         } else {
-            println!("{}: orphan kept (--force removes it)", o.display());
+            out(&format!(
+                "{}: orphan kept (--force removes it)",
+                o.display()
+            ));
             kept += 1;
         }
     }
+    progress.finish();
     println!("{removed} removed, {kept} kept");
     ExitCode::SUCCESS
 }

@@ -3,31 +3,54 @@
 //! every shadow, and check the files the program left with a command of the
 //! user's, run without the shim.
 
-use crate::{fail, find_library};
-use std::io::{IsTerminal, Write};
+use crate::progress::Progress;
+use crate::{fail, library};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-pub const USAGE: &str = "\
-usage: daxshim crashtest [--iterations N] [--seed S] [--max-delay MS] [--pmem DIR]...
-                         --check CHECKCMD -- CMD [ARGS...]
-
-Runs CMD under the shim N times (default 20). Each iteration kills it with
-SIGKILL at a random moment within MS milliseconds (default 1000) -- or, one
-iteration in three, makes the shim kill it in the middle of a writeback,
-after a random number of cachelines -- then simulates a power failure by
-deleting every shadow (all that was volatile), and runs CHECKCMD (a shell
-command) without the shim on what is left. CMD continues from that state in
-the next iteration.
+/// `daxshim crashtest`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim crashtest [--iterations N] [--seed S] [--max-delay MS] [--pmem DIR]...
+                         --check CHECKCMD -- CMD [ARGS...]",
+    before_help = "Runs CMD under the shim N times. Each iteration kills it with SIGKILL at a
+random moment within MS milliseconds -- or, one iteration in three, makes the
+shim kill it in the middle of a writeback, after a random number of
+cachelines -- then simulates a power failure by deleting every shadow (all
+that was volatile), and runs CHECKCMD (a shell command) without the shim on
+what is left. CMD continues from that state in the next iteration.
 
 CHECKCMD sees DAXSHIM_CRASHTEST_OUTPUT (a file with CMD's stdout of that
 iteration, e.g. its acknowledged commits), DAXSHIM_CRASHTEST_ITERATION and
 DAXSHIM_CRASHTEST_SEED. It must exit 0 when the files are consistent.
 
-Every failed iteration is reported with its seed; `--seed SEED
---iterations 1` replays it. Exit status: 0 all checks passed, 1 a check
-failed, 125 daxshim itself failed.";
+On a terminal, progress is a bar on stderr; otherwise one line per iteration
+on stdout. Every failed iteration is reported with its seed; `--seed SEED
+--iterations 1` replays it.",
+    after_help = "Exit status: 0 all checks passed, 1 a check failed, 125 daxshim itself failed."
+)]
+pub struct CrashtestArgs {
+    /// Iterations to run
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = parse_num)]
+    iterations: u64,
+    /// Seed of the first iteration (decimal or 0x hex; default: the clock)
+    #[arg(long, value_name = "S", value_parser = parse_num)]
+    seed: Option<u64>,
+    /// Upper bound of the random delay before SIGKILL, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = parse_num)]
+    max_delay: u64,
+    /// Treat regular files under DIR as (emulated) pmem; repeatable
+    #[arg(long, value_name = "DIR", value_parser = crate::existing_dir)]
+    pmem: Vec<String>,
+    /// Shell command that checks the files after each crash (exit 0: consistent)
+    #[arg(long, value_name = "CHECKCMD", required = true)]
+    check: String,
+    /// The command to crash, with its arguments
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    cmd: Vec<OsString>,
+}
 
 /// splitmix64: the iteration's random choices come from its seed alone.
 fn mix(mut z: u64) -> u64 {
@@ -51,69 +74,25 @@ fn plan(seed: u64, max_delay_ms: u64) -> Plan {
     }
 }
 
-fn parse_num(opt: &str, v: Option<&String>) -> Result<u64, String> {
-    let v = v.ok_or_else(|| format!("{opt} needs a value"))?;
+fn parse_num(v: &str) -> Result<u64, String> {
     let r = if let Some(h) = v.strip_prefix("0x") {
         u64::from_str_radix(h, 16)
     } else {
         v.parse()
     };
-    r.map_err(|_| format!("{opt} {v}: expected a number"))
+    r.map_err(|_| "expected a number (decimal or 0x hex)".to_string())
 }
 
-pub fn crashtest(args: &[String]) -> ExitCode {
-    let mut iterations = 20u64;
-    let mut seed = None;
-    let mut max_delay = 1000u64;
-    let mut pmem = Vec::new();
-    let mut check = None;
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        let r: Result<(), String> = match a {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "--" => {
-                i += 1;
-                break;
-            }
-            "--iterations" => parse_num(a, args.get(i + 1)).map(|n| iterations = n),
-            "--seed" => parse_num(a, args.get(i + 1)).map(|n| seed = Some(n)),
-            "--max-delay" => parse_num(a, args.get(i + 1)).map(|n| max_delay = n),
-            "--pmem" => match args.get(i + 1).map(std::fs::canonicalize) {
-                Some(Ok(p)) if p.is_dir() => {
-                    pmem.push(p.to_string_lossy().into_owned());
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "--pmem {}: not an existing directory",
-                    args.get(i + 1).map(|s| s.as_str()).unwrap_or("")
-                )),
-            },
-            "--check" => match args.get(i + 1) {
-                Some(c) => {
-                    check = Some(c.clone());
-                    Ok(())
-                }
-                None => Err("--check needs a shell command".into()),
-            },
-            _ => Err(format!("unknown option {a} (see daxshim crashtest --help)")),
-        };
-        if let Err(e) = r {
-            return fail(&format!("crashtest: {e}"));
-        }
-        i += 2;
-    }
-    let cmd: Vec<String> = args[i.min(args.len())..].to_vec();
-    let Some(check) = check else {
-        return fail("crashtest: --check CHECKCMD is required");
-    };
-    if cmd.is_empty() {
-        return fail("crashtest: no command after --");
-    }
-    let lib = match find_library() {
+pub fn crashtest(args: CrashtestArgs) -> ExitCode {
+    let CrashtestArgs {
+        iterations,
+        seed,
+        max_delay,
+        pmem,
+        check,
+        cmd,
+    } = args;
+    let lib = match library::find() {
         Ok(l) => l,
         Err(e) => return fail(&e),
     };
@@ -129,7 +108,7 @@ pub fn crashtest(args: &[String]) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(&work) {
         return fail(&format!("cannot create {}: {e}", work.display()));
     }
-    let tty = std::io::stderr().is_terminal();
+    let progress = Progress::new(iterations, "crashtest", "iterations", Duration::ZERO);
     let mut failures = Vec::new();
     for it in 0..iterations {
         let s = seed.wrapping_add(it);
@@ -137,7 +116,10 @@ pub fn crashtest(args: &[String]) -> ExitCode {
         let out_path = work.join(format!("output-{it}"));
         let out = match std::fs::File::create(&out_path) {
             Ok(f) => f,
-            Err(e) => return fail(&format!("{}: {e}", out_path.display())),
+            Err(e) => {
+                progress.finish();
+                return fail(&format!("{}: {e}", out_path.display()));
+            }
         };
         let mut c = Command::new(&cmd[0]);
         c.args(&cmd[1..])
@@ -154,7 +136,10 @@ pub fn crashtest(args: &[String]) -> ExitCode {
         }
         let mut child = match c.spawn() {
             Ok(ch) => ch,
-            Err(e) => return fail(&format!("cannot run {}: {e}", cmd[0])),
+            Err(e) => {
+                progress.finish();
+                return fail(&format!("cannot run {}: {e}", cmd[0].to_string_lossy()));
+            }
         };
         let start = Instant::now();
         let limit = if p.crash_after_lines.is_some() {
@@ -211,14 +196,9 @@ pub fn crashtest(args: &[String]) -> ExitCode {
             };
             failures.push(format!("iteration {it} (seed {s:#x}, {what}): {detail}"));
         }
-        if tty {
-            eprint!(
-                "\rdaxshim crashtest: {}/{iterations} iterations, {} failed ",
-                it + 1,
-                failures.len()
-            );
-            let _ = std::io::stderr().flush();
-        } else {
+        progress.set_message(format!("iterations, {} failed", failures.len()));
+        progress.inc();
+        if !progress.drawn() {
             println!(
                 "iteration {it}: seed {s:#x}, {what}: {}",
                 if ok { "ok" } else { "CHECK FAILED" }
@@ -226,9 +206,7 @@ pub fn crashtest(args: &[String]) -> ExitCode {
         }
         let _ = std::fs::remove_file(&out_path);
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish();
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&shadow);
     println!(

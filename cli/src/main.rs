@@ -3,48 +3,139 @@
 //!
 //! This binary does not link the hook library: it finds it and puts it in
 //! front of `LD_PRELOAD` for the commands it runs (`run`, `crashtest`, and
-//! the helper `sync` uses). It shares only the header layout with it.
+//! the helper `sync` uses). It shares only the header layout with it, and
+//! carries a copy of the library's bytes for when none is installed
+//! (`library.rs`).
 
 mod commands;
 mod crashtest;
+mod library;
+mod progress;
 mod shadows;
 mod statsview;
 
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
-const MAIN_USAGE: &str = "\
-usage: daxshim COMMAND [ARGS...]
+/// Every help page: the usage line first, as the README shows them.
+const HELP: &str = "\
+usage: {usage}
 
+{before-help}{all-args}{after-help}";
+
+const MAIN_HELP: &str = "\
+usage: {usage}
+
+{about-with-newline}
 commands:
-  run        run a command under the shim
-  status     list this user's shadows and what they hold
-  sync       write back shadows whose writers are gone
-  drop       remove the shadows of given files
-  gc         remove unused clean shadows and those of deleted files
-  stats      summarise DAXSHIM_STATS files
-  crashtest  kill a command at random moments, drop every shadow, check the files
+{subcommands}
 
-`daxshim COMMAND --help` describes each. Exit status: the command's own for
-run; 0 success, 1 a check or operation failed, 125 daxshim itself failed.";
+options:
+{options}{after-help}";
 
-const USAGE: &str = "\
-usage: daxshim run [--pmem DIR]... [--dax | --dax-dir DIR...] [--stats FILE] [--log LEVEL] -- CMD [ARGS...]
+#[derive(Parser, Debug)]
+#[command(
+    name = "daxshim",
+    version,
+    override_usage = "daxshim COMMAND [ARGS...]",
+    about = "Runs programs under libdaxshim.so (page-cache semantics on pmem), inspects and
+writes back what it left in the shadow directory, crash-tests programs.",
+    help_template = MAIN_HELP,
+    subcommand_help_heading = "commands",
+    arg_required_else_help = true,
+    after_help = "`daxshim COMMAND --help` describes each. Exit status: the command's own for
+run; 0 success, 1 a check or operation failed, 125 daxshim itself failed."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-Runs CMD with libdaxshim.so prepended to LD_PRELOAD (what was there stays).
-  --pmem DIR     treat regular files under DIR as (emulated) pmem; repeatable
-  --dax          the whole command is DAX-aware: pmem files are mapped directly
-  --dax-dir DIR  files under DIR are mapped directly; repeatable
-  --stats FILE   write the shim's counters as JSON at exit (%p = pid)
-  --log LEVEL    error | warn | info | debug
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    #[command(about = "run a command under the shim", help_template = HELP)]
+    Run(RunArgs),
+    #[command(about = "list this user's shadows and what they hold", help_template = HELP)]
+    Status(commands::StatusArgs),
+    #[command(about = "write back shadows whose writers are gone", help_template = HELP)]
+    Sync(commands::SyncArgs),
+    #[command(about = "remove the shadows of given files", help_template = HELP)]
+    Drop(commands::DropArgs),
+    #[command(about = "remove unused clean shadows and those of deleted files", help_template = HELP)]
+    Gc(commands::GcArgs),
+    #[command(about = "summarise DAXSHIM_STATS files", help_template = HELP)]
+    Stats(statsview::StatsArgs),
+    #[command(about = "kill a command at random moments, drop every shadow, check the files", help_template = HELP)]
+    Crashtest(crashtest::CrashtestArgs),
+    #[command(about = "print a shell completion script (bash, zsh, fish)", help_template = HELP)]
+    Completions(CompletionsArgs),
+}
 
-The library is looked up in $DAXSHIM_LIB, next to this executable, and in
-../lib/ and ../lib/daxshim/ relative to it.
+/// `daxshim run`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim run [--pmem DIR]... [--dax | --dax-dir DIR...] [--stats FILE] [--log LEVEL] -- CMD [ARGS...]",
+    before_help = "Runs CMD with libdaxshim.so prepended to LD_PRELOAD (what was there stays).",
+    after_help = "The library is looked up in $DAXSHIM_LIB, next to this executable, and in
+../lib/ and ../lib/daxshim/ relative to it; else the copy built into this
+executable is written to ~/.cache/daxshim/ ($XDG_CACHE_HOME/daxshim/; if that
+fails, $TMPDIR/daxshim-UID/) and used from there.
 
 Exit status: CMD's own; 125 if daxshim itself failed; 126 if CMD cannot be
-run; 127 if CMD was not found.";
+run; 127 if CMD was not found."
+)]
+struct RunArgs {
+    /// Treat regular files under DIR as (emulated) pmem; repeatable
+    #[arg(long, value_name = "DIR", value_parser = existing_dir)]
+    pmem: Vec<String>,
+    /// The whole command is DAX-aware: pmem files are mapped directly
+    #[arg(long, conflicts_with = "dax_dir")]
+    dax: bool,
+    /// Files under DIR are mapped directly; repeatable
+    #[arg(long, value_name = "DIR", value_parser = existing_dir)]
+    dax_dir: Vec<String>,
+    /// Write the shim's counters as JSON at exit (%p = pid)
+    #[arg(long, value_name = "FILE")]
+    stats: Option<OsString>,
+    /// The shim's diagnostics on stderr
+    #[arg(long, value_name = "LEVEL")]
+    log: Option<LogLevel>,
+    /// The command to run, with its arguments
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    cmd: Vec<OsString>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// `daxshim completions SHELL`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim completions bash|zsh|fish",
+    before_help = "Prints a completion script for SHELL on stdout. For example:
+  daxshim completions bash > ~/.local/share/bash-completion/completions/daxshim
+  daxshim completions zsh > ~/.zfunc/_daxshim    (with ~/.zfunc in $fpath)
+  daxshim completions fish > ~/.config/fish/completions/daxshim.fish"
+)]
+struct CompletionsArgs {
+    #[arg(value_name = "SHELL")]
+    shell: CompletionShell,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
 
 pub(crate) fn fail(msg: &str) -> ExitCode {
     eprintln!("daxshim: {msg}");
@@ -67,114 +158,22 @@ pub(crate) fn human(n: u64) -> String {
     }
 }
 
-/// Where libdaxshim.so is, wherever daxshim was installed.
-pub(crate) fn find_library() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("DAXSHIM_LIB") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("DAXSHIM_LIB={} is not a file", p.display()))
-        };
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let dir = exe.parent().unwrap_or(Path::new("/"));
-    let candidates = [
-        dir.join("libdaxshim.so"),
-        dir.join("../lib/libdaxshim.so"),
-        dir.join("../lib/daxshim/libdaxshim.so"),
-        // `cargo install --path cli` copies only the executable: the source
-        // tree's build, if it is still there.
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/release/libdaxshim.so"
-        )),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .map(|p| p.canonicalize().unwrap_or(p.clone()))
-        .ok_or_else(|| {
-            format!(
-                "cannot find libdaxshim.so (looked in {}); set DAXSHIM_LIB",
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-}
-
-fn absolute_dir(opt: &str, d: &str) -> Result<String, String> {
-    let p = std::fs::canonicalize(d).map_err(|e| format!("{opt} {d}: {e}"))?;
+/// A `DIR` option: an existing directory, made absolute (the shim wants
+/// absolute paths).
+pub(crate) fn existing_dir(d: &str) -> Result<String, String> {
+    let p = std::fs::canonicalize(d).map_err(|e| e.to_string())?;
     if !p.is_dir() {
-        return Err(format!("{opt} {d}: not a directory"));
+        return Err("not a directory".into());
     }
     Ok(p.to_string_lossy().into_owned())
 }
 
-fn run(args: &[String]) -> ExitCode {
-    let mut pmem = Vec::new();
-    let mut dax_dirs = Vec::new();
-    let mut dax_all = false;
-    let mut stats = None;
-    let mut log = None;
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        let mut value = |name: &str| -> Result<String, String> {
-            i += 1;
-            args.get(i)
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let r = match a {
-            "--" => {
-                i += 1;
-                break;
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "--pmem" => value("--pmem")
-                .and_then(|d| absolute_dir("--pmem", &d))
-                .map(|d| pmem.push(d)),
-            "--dax-dir" => value("--dax-dir")
-                .and_then(|d| absolute_dir("--dax-dir", &d))
-                .map(|d| dax_dirs.push(d)),
-            "--dax" => {
-                dax_all = true;
-                Ok(())
-            }
-            "--stats" => value("--stats").map(|s| stats = Some(s)),
-            "--log" => value("--log").and_then(|l| match l.as_str() {
-                "error" | "warn" | "info" | "debug" => {
-                    log = Some(l);
-                    Ok(())
-                }
-                _ => Err(format!("--log {l}: expected error, warn, info or debug")),
-            }),
-            _ if a.starts_with('-') => Err(format!("unknown option {a} (see daxshim run --help)")),
-            _ => break, // the command itself, without "--"
-        };
-        if let Err(e) = r {
-            return fail(&e);
-        }
-        i += 1;
-    }
-    let cmd = &args[i.min(args.len())..];
-    if cmd.is_empty() {
-        return fail("no command given (usage: daxshim run [OPTIONS] -- CMD [ARGS...])");
-    }
-    if dax_all && !dax_dirs.is_empty() {
-        return fail("--dax and --dax-dir exclude each other");
-    }
-    let lib = match find_library() {
+fn run(args: RunArgs) -> ExitCode {
+    let lib = match library::find() {
         Ok(l) => l,
         Err(e) => return fail(&e),
     };
+    let cmd = &args.cmd;
     let mut preload = OsString::from(lib.as_os_str());
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -182,8 +181,8 @@ fn run(args: &[String]) -> ExitCode {
     }
     let mut c = Command::new(&cmd[0]);
     c.args(&cmd[1..]).env("LD_PRELOAD", preload);
-    if !pmem.is_empty() {
-        let mut v = pmem.join(":");
+    if !args.pmem.is_empty() {
+        let mut v = args.pmem.join(":");
         if let Ok(old) = std::env::var("DAXSHIM_PMEM") {
             if !old.is_empty() {
                 v = format!("{v}:{old}");
@@ -191,19 +190,20 @@ fn run(args: &[String]) -> ExitCode {
         }
         c.env("DAXSHIM_PMEM", v);
     }
-    if dax_all {
+    if args.dax {
         c.env("DAXSHIM_DAX", "1");
-    } else if !dax_dirs.is_empty() {
-        c.env("DAXSHIM_DAX", dax_dirs.join(":"));
+    } else if !args.dax_dir.is_empty() {
+        c.env("DAXSHIM_DAX", args.dax_dir.join(":"));
     }
-    if let Some(s) = stats {
+    if let Some(s) = args.stats {
         c.env("DAXSHIM_STATS", s);
     }
-    if let Some(l) = log {
-        c.env("DAXSHIM_LOG", l);
+    if let Some(l) = args.log {
+        let v = l.to_possible_value().expect("no skipped levels");
+        c.env("DAXSHIM_LOG", v.get_name());
     }
     let e = c.exec();
-    eprintln!("daxshim: cannot run {}: {e}", cmd[0]);
+    eprintln!("daxshim: cannot run {}: {e}", cmd[0].to_string_lossy());
     ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
         127
     } else {
@@ -211,26 +211,50 @@ fn run(args: &[String]) -> ExitCode {
     })
 }
 
+fn completions(args: CompletionsArgs) -> ExitCode {
+    use clap_complete::Shell;
+    let shell = match args.shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "daxshim",
+        &mut std::io::stdout(),
+    );
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest = args.get(1..).unwrap_or(&[]);
-    match args.first().map(String::as_str) {
-        Some("run") => run(rest),
-        Some("status") => commands::status(rest),
-        Some("sync") => commands::sync(rest),
-        Some("drop") => commands::drop(rest),
-        Some("gc") => commands::gc(rest),
-        Some("stats") => statsview::stats(rest),
-        Some("crashtest") => crashtest::crashtest(rest),
-        Some("__attach") => commands::attach_helper(rest),
-        Some("-h" | "--help" | "help") => {
-            println!("{MAIN_USAGE}");
-            ExitCode::SUCCESS
+    // The helper process of `sync`, outside clap: not a command for people
+    // (nor for their shell completions).
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == commands::ATTACH_HELPER) {
+        return commands::attach_helper(&argv.map(PathBuf::from).collect::<Vec<_>>());
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            // Help and version are answers; every other parse error is a
+            // bad option: 125, as documented (clap's own would be 2).
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(125),
+            };
         }
-        None => {
-            eprintln!("{MAIN_USAGE}");
-            ExitCode::from(125)
-        }
-        Some(other) => fail(&format!("unknown command {other} (try daxshim --help)")),
+    };
+    match cli.command {
+        Cmd::Run(a) => run(a),
+        Cmd::Status(a) => commands::status(a),
+        Cmd::Sync(a) => commands::sync(a),
+        Cmd::Drop(a) => commands::drop(a),
+        Cmd::Gc(a) => commands::gc(a),
+        Cmd::Stats(a) => statsview::stats(a),
+        Cmd::Crashtest(a) => crashtest::crashtest(a),
+        Cmd::Completions(a) => completions(a),
     }
 }

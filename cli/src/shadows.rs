@@ -26,7 +26,7 @@ pub fn shadow_dir() -> PathBuf {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Proc {
     pub pid: i32,
     pub alive: bool,

@@ -2,64 +2,59 @@
 //! files and rendered for people.
 
 use crate::{fail, human};
+use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub const USAGE: &str = "\
-usage: daxshim stats FILE...
-
-Reads stats files written by DAXSHIM_STATS (one per process), adds them up
+/// `daxshim stats FILE...`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim stats FILE...",
+    before_help = "Reads stats files written by DAXSHIM_STATS (one per process), adds them up
 and prints: mappings shadowed and direct, pages dirtied, cachelines compared
 and written, the share of dirty-page writeback the cacheline diff saved,
-syncs and their latency percentiles.";
+syncs and their latency percentiles, and the sync latency histogram as a
+bar chart."
+)]
+pub struct StatsArgs {
+    /// DAXSHIM_STATS files (use %p in DAXSHIM_STATS to get one per process)
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
 
-#[derive(Default)]
+/// One DAXSHIM_STATS file: integer counters, the tracker and flush
+/// instruction names, and the sync latency histogram.
+#[derive(Deserialize, Debug, Default)]
 pub struct Values {
-    nums: BTreeMap<String, u64>,
+    #[serde(default)]
+    tracker: Option<String>,
+    #[serde(default, rename = "sync_hist_log2_ns")]
     hist: Vec<u64>,
-    texts: BTreeMap<String, String>,
+    /// Every other key; the counters are its integers.
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
 }
 
 impl Values {
     pub fn num(&self, k: &str) -> u64 {
-        self.nums.get(k).copied().unwrap_or(0)
+        self.rest.get(k).and_then(|v| v.as_u64()).unwrap_or(0)
+    }
+
+    fn has(&self, k: &str) -> bool {
+        self.rest.get(k).is_some_and(|v| v.is_u64())
+    }
+
+    fn counters(&self) -> impl Iterator<Item = (&String, u64)> {
+        self.rest.iter().filter_map(|(k, v)| Some((k, v.as_u64()?)))
     }
 }
 
-/// A flat JSON object of numbers and strings plus one array of numbers
-/// (what the library writes); anything else is ignored.
-pub fn parse(s: &str) -> Values {
-    let mut v = Values::default();
-    let body = s.trim().trim_start_matches('{').trim_end_matches('}');
-    let mut rest = body;
-    while let Some(q) = rest.find('"') {
-        rest = &rest[q + 1..];
-        let Some(e) = rest.find('"') else { break };
-        let key = rest[..e].to_string();
-        rest = rest[e + 1..]
-            .trim_start()
-            .trim_start_matches(':')
-            .trim_start();
-        if let Some(r) = rest.strip_prefix('[') {
-            let end = r.find(']').unwrap_or(r.len());
-            v.hist = r[..end]
-                .split(',')
-                .filter_map(|x| x.trim().parse().ok())
-                .collect();
-            rest = &r[end..];
-        } else if let Some(r) = rest.strip_prefix('"') {
-            let end = r.find('"').unwrap_or(r.len());
-            v.texts.insert(key, r[..end].to_string());
-            rest = &r[(end + 1).min(r.len())..];
-        } else {
-            let end = rest.find([',', '}']).unwrap_or(rest.len());
-            if let Ok(n) = rest[..end].trim().parse() {
-                v.nums.insert(key, n);
-            }
-            rest = &rest[end..];
-        }
-    }
-    v
+/// Parses what the library writes; `None` for anything that is not a
+/// DAXSHIM_STATS object.
+pub fn parse(s: &str) -> Option<Values> {
+    let v: Values = serde_json::from_str(s).ok()?;
+    (v.has("syncs") && v.has("lines_written")).then_some(v)
 }
 
 fn dur(ns: u64) -> String {
@@ -88,46 +83,78 @@ fn percentile(hist: &[u64], q: f64) -> Option<u64> {
     None
 }
 
-pub fn stats(args: &[String]) -> ExitCode {
-    if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return if args.is_empty() {
-            ExitCode::from(125)
-        } else {
-            ExitCode::SUCCESS
-        };
+/// `█` where the locale says UTF-8, else `#`.
+fn bar_glyph() -> char {
+    let utf8 = ["LC_ALL", "LC_CTYPE", "LANG"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .is_some_and(|v| {
+            let v = v.to_ascii_lowercase();
+            v.contains("utf-8") || v.contains("utf8")
+        });
+    if utf8 {
+        '█'
+    } else {
+        '#'
     }
-    let mut total = Values::default();
+}
+
+/// The latency histogram as text, one row per log2 bucket from the first
+/// non-empty one to the last: the bucket's range, a bar scaled to the
+/// fullest bucket (`width` glyphs), the count.
+fn chart(hist: &[u64], width: usize, glyph: char) -> Vec<String> {
+    let (Some(first), Some(last)) = (
+        hist.iter().position(|&c| c > 0),
+        hist.iter().rposition(|&c| c > 0),
+    ) else {
+        return Vec::new();
+    };
+    let max = hist[first..=last].iter().copied().max().unwrap_or(1);
+    (first..=last)
+        .map(|k| {
+            let c = hist[k];
+            // Every non-empty bucket gets at least one glyph.
+            let len = (c as u128 * width as u128).div_ceil(max as u128) as usize;
+            let lo = dur(1u64 << k.min(63));
+            let hi = dur(1u64 << (k + 1).min(63));
+            let bar: String = std::iter::repeat_n(glyph, len).collect();
+            format!("{lo:>9} - {hi:>9} |{bar:<width$} {c}")
+        })
+        .collect()
+}
+
+pub fn stats(args: StatsArgs) -> ExitCode {
+    let mut nums: BTreeMap<String, u64> = BTreeMap::new();
+    let mut hist: Vec<u64> = Vec::new();
     let mut files = 0;
     let mut trackers = Vec::new();
-    for f in args {
+    for f in &args.files {
         let text = match std::fs::read_to_string(f) {
             Ok(t) => t,
-            Err(e) => return fail(&format!("{f}: {e}")),
+            Err(e) => return fail(&format!("{}: {e}", f.display())),
         };
-        let v = parse(&text);
-        if !v.nums.contains_key("syncs") || !v.nums.contains_key("lines_written") {
-            return fail(&format!("{f}: not a DAXSHIM_STATS file"));
-        }
-        for (k, n) in &v.nums {
+        let Some(v) = parse(&text) else {
+            return fail(&format!("{}: not a DAXSHIM_STATS file", f.display()));
+        };
+        for (k, n) in v.counters() {
             if k != "pid" {
-                *total.nums.entry(k.clone()).or_default() += n;
+                *nums.entry(k.clone()).or_default() += n;
             }
         }
-        if total.hist.len() < v.hist.len() {
-            total.hist.resize(v.hist.len(), 0);
+        if hist.len() < v.hist.len() {
+            hist.resize(v.hist.len(), 0);
         }
         for (i, c) in v.hist.iter().enumerate() {
-            total.hist[i] += c;
+            hist[i] += c;
         }
-        if let Some(t) = v.texts.get("tracker") {
-            if !trackers.contains(t) {
-                trackers.push(t.clone());
+        if let Some(t) = v.tracker {
+            if !trackers.contains(&t) {
+                trackers.push(t);
             }
         }
         files += 1;
     }
-    let n = |k: &str| total.num(k);
+    let n = |k: &str| nums.get(k).copied().unwrap_or(0);
     println!(
         "processes            {files} (tracker: {})",
         trackers.join(", ")
@@ -170,11 +197,7 @@ pub fn stats(args: &[String]) -> ExitCode {
             dur(n("sync_ns")),
             dur(mean)
         );
-        let p = |q| {
-            percentile(&total.hist, q)
-                .map(dur)
-                .unwrap_or_else(|| "-".into())
-        };
+        let p = |q| percentile(&hist, q).map(dur).unwrap_or_else(|| "-".into());
         println!(
             "sync latency         p50 < {}, p90 < {}, p99 < {}, max < {}",
             p(0.5),
@@ -182,6 +205,9 @@ pub fn stats(args: &[String]) -> ExitCode {
             p(0.99),
             p(1.0)
         );
+        for row in chart(&hist, 40, bar_glyph()) {
+            println!("  {row}");
+        }
     } else {
         println!("syncs                0");
     }
@@ -194,11 +220,35 @@ mod tests {
 
     #[test]
     fn parses_the_library_format() {
-        let v = parse("{\"pid\":7,\"tracker\":\"uffd\",\"flush\":\"clwb\",\"syncs\":3,\"lines_written\":10,\"sync_hist_log2_ns\":[0,1,2]}\n");
+        let v = parse("{\"pid\":7,\"tracker\":\"uffd\",\"flush\":\"clwb\",\"syncs\":3,\"lines_written\":10,\"sync_hist_log2_ns\":[0,1,2]}\n").unwrap();
         assert_eq!(v.num("syncs"), 3);
         assert_eq!(v.num("lines_written"), 10);
-        assert_eq!(v.texts["tracker"], "uffd");
+        assert_eq!(v.tracker.as_deref(), Some("uffd"));
         assert_eq!(v.hist, vec![0, 1, 2]);
+        // Counters are the integers; the names are not.
+        let keys: Vec<&String> = v.counters().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["lines_written", "pid", "syncs"]);
+        assert!(parse("{\"x\":1}").is_none());
+        assert!(parse("{\"syncs\":1,\"lines_written\":\"2\"}").is_none());
+        assert!(parse("not json").is_none());
+    }
+
+    #[test]
+    fn chart_has_a_row_per_bucket_scaled_to_the_fullest() {
+        let mut h = vec![0u64; 40];
+        h[10] = 10;
+        h[12] = 1;
+        let rows = chart(&h, 20, '#');
+        assert_eq!(rows.len(), 3, "{rows:#?}");
+        assert!(
+            rows[0].starts_with("  1024 ns -   2048 ns |####################"),
+            "{}",
+            rows[0]
+        );
+        assert!(rows[0].ends_with(" 10"));
+        assert!(rows[1].contains("|                     0"), "{}", rows[1]);
+        assert!(rows[2].contains("|##                   1"), "{}", rows[2]);
+        assert!(chart(&[0, 0], 20, '#').is_empty());
     }
 
     #[test]
