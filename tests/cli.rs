@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// An installed copy: prefix/bin/daxshim and prefix/lib/libdaxshim.so.
 fn install(w: &World) -> PathBuf {
     let prefix = w.root.join("prefix");
@@ -435,7 +431,8 @@ fn completions_for_bash_zsh_and_fish() {
     let script = w.root.join("daxshim.bash");
     std::fs::write(&script, ok(daxshim(&w, &exe, &["completions", "bash"]))).unwrap();
     let mut c = Command::new("bash");
-    c.arg("-c")
+    c.current_dir(&w.root)
+        .arg("-c")
         .arg(
             "source \"$1\" && COMP_WORDS=(daxshim cr) COMP_CWORD=1 COMP_LINE='daxshim cr' \
              COMP_POINT=10 && _daxshim daxshim cr daxshim && echo \"${COMPREPLY[*]}\"",
