@@ -113,20 +113,34 @@ fn retire_lazy_mappings(reg: &Registry) {
 }
 
 /// pthread_atfork handlers: no lock of ours may be held across fork.
+///
+/// Locks that threads take without `REG` (the fault thread: a file's chunk
+/// bits, its shadow's residency probe, the list of filled chunks; the read
+/// hooks: the probe) are held across fork too: a copy held by a thread the
+/// child does not have would never be released there (found in the DAX
+/// guest: a child's first store waited forever on its own fault thread).
+/// No holder of them waits for `REG` or `inner`, so taking them here after
+/// those cannot deadlock.
 pub fn atfork_prepare() {
     let a = ATTACHING.lock();
     std::mem::forget(a);
     let reg = REG.lock();
     for f in reg.files.iter() {
         std::mem::forget(f.inner.lock());
+        std::mem::forget(f.lazy_chunks.lock());
+        f.shadow.hold_for_fork();
     }
+    crate::lazy::hold_for_fork();
     std::mem::forget(reg);
 }
 
 fn atfork_release() {
     // SAFETY: atfork_prepare took exactly these locks and forgot the guards.
     unsafe {
+        crate::lazy::release_after_fork();
         for f in REG.data_unchecked().files.iter() {
+            f.shadow.release_after_fork();
+            f.lazy_chunks.force_unlock();
             f.inner.force_unlock();
         }
         REG.force_unlock();

@@ -72,3 +72,14 @@ fn evict_to(target: u64) {
         }
     }
 }
+
+pub(super) fn hold_for_fork() {
+    std::mem::forget(FILLED.lock());
+}
+
+/// # Safety
+/// After [`hold_for_fork`].
+pub(super) unsafe fn release_after_fork() {
+    // SAFETY: hold_for_fork took it and forgot the guard.
+    unsafe { FILLED.force_unlock() };
+}

@@ -75,6 +75,19 @@ pub fn init(host: &'static dyn Host, cache_max: Option<u64>) {
     evict::set_limit(cache_max);
 }
 
+/// Fork: the list of filled chunks must not be copied held by a thread the
+/// child does not have.
+pub fn hold_for_fork() {
+    evict::hold_for_fork();
+}
+
+/// # Safety
+/// After [`hold_for_fork`], in the parent or the child.
+pub unsafe fn release_after_fork() {
+    // SAFETY: per the contract.
+    unsafe { evict::release_after_fork() };
+}
+
 fn host() -> Option<&'static dyn Host> {
     HOST.get().copied()
 }

@@ -310,6 +310,18 @@ impl Shadow {
         Ok(!left)
     }
 
+    /// Fork: holds the residency probe's lock (see `lifecycle`).
+    pub fn hold_for_fork(&self) {
+        std::mem::forget(self.probe.lock());
+    }
+
+    /// # Safety
+    /// After [`Shadow::hold_for_fork`], in the parent or the child.
+    pub unsafe fn release_after_fork(&self) {
+        // SAFETY: hold_for_fork took it and forgot the guard.
+        unsafe { self.probe.force_unlock() };
+    }
+
     /// The pages of `[a, b)` that the data file holds, as page-aligned
     /// ranges. Call under the fill lock. `mincore` on a `PROT_NONE` view
     /// answers for pages in memory in one call; a page it calls absent may
