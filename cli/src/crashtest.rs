@@ -65,6 +65,10 @@ struct Plan {
     crash_after_lines: Option<u64>,
 }
 
+/// How long a writeback-crash iteration waits at least for the shim to kill
+/// the command.
+const CRASH_WAIT_MIN: Duration = Duration::from_secs(10);
+
 fn plan(seed: u64, max_delay_ms: u64) -> Plan {
     let r = mix(seed);
     let inside_writeback = r.is_multiple_of(3);
@@ -143,7 +147,12 @@ pub fn crashtest(args: CrashtestArgs) -> ExitCode {
         };
         let start = Instant::now();
         let limit = if p.crash_after_lines.is_some() {
-            Duration::from_millis(max_delay.max(1) * 5)
+            // The shim kills the command itself once it has written that
+            // many cachelines back; a slow machine (an emulated DAX guest
+            // takes ~0.3 s to SQLite's first commit) must not turn that
+            // into an ordinary kill. The cap is for commands that stop
+            // writing.
+            Duration::from_millis(max_delay.max(1) * 5).max(CRASH_WAIT_MIN)
         } else {
             p.delay
         };
