@@ -1,0 +1,143 @@
+//! The measurements, one per case, each run in a process of its own
+//! (`daxshim-bench one CASE DIR`) with or without the shim.
+
+use crate::mapped::{make_file, map};
+use crate::{die, secs, PAGE};
+use std::path::Path;
+use std::time::Instant;
+
+/// One measurement in this process; prints `key value` lines.
+pub fn one(case: &str, dir: &Path, quick: bool) {
+    match case {
+        "first-store" => {
+            // ns per first store to a clean page, then per store to a page
+            // made clean again by a sync (the tracker's re-arm).
+            let len = if quick { 16 << 20 } else { 64 << 20 };
+            let f = dir.join("first-store");
+            make_file(&f, len);
+            let m = map(&f, len);
+            let t = Instant::now();
+            m.touch_pages(1);
+            println!("first {:.1}", secs(t) * 1e9 / (len / PAGE) as f64);
+            m.msync();
+            let t = Instant::now();
+            m.touch_pages(2);
+            println!("after-sync {:.1}", secs(t) * 1e9 / (len / PAGE) as f64);
+            m.msync();
+        }
+        "bandwidth" => {
+            // Steady-state store bandwidth into the mapping (pages already
+            // written once) against plain anonymous memory.
+            let len = if quick { 64 << 20 } else { 256 << 20 };
+            let f = dir.join("bandwidth");
+            make_file(&f, len);
+            let m = map(&f, len);
+            m.touch_pages(1);
+            // SAFETY: within the mapping.
+            let s = unsafe { std::slice::from_raw_parts_mut(m.p, len) };
+            let mut best = f64::MAX;
+            for i in 0..5 {
+                let t = Instant::now();
+                s.fill(i as u8);
+                best = best.min(secs(t));
+            }
+            println!("mapping {:.2}", len as f64 / best / 1e9);
+            let mut v = vec![0u8; len];
+            let mut best = f64::MAX;
+            for i in 0..5 {
+                let t = Instant::now();
+                v.fill(i as u8);
+                best = best.min(secs(t));
+            }
+            println!("memory {:.2}", len as f64 / best / 1e9);
+            std::hint::black_box(&v);
+        }
+        "sync" => {
+            // msync(MS_SYNC) latency with 1, 16, 1024 dirty pages in
+            // mappings of 16 MiB, 256 MiB, 1 GiB (median of repeats).
+            let sizes: &[usize] = if quick {
+                &[16 << 20, 256 << 20]
+            } else {
+                &[16 << 20, 256 << 20, 1 << 30]
+            };
+            for &len in sizes {
+                let f = dir.join(format!("sync-{len}"));
+                make_file(&f, len);
+                let m = map(&f, len);
+                m.touch_pages(1);
+                m.msync();
+                for dirty in [1usize, 16, 1024] {
+                    let mut v = Vec::new();
+                    for r in 0..7 {
+                        for k in 0..dirty {
+                            let page = (k * 7919 + r * 31) % (len / PAGE);
+                            // SAFETY: within the mapping.
+                            unsafe {
+                                std::ptr::write_volatile(
+                                    m.p.add(page * PAGE + 64 * (r % 64)),
+                                    r as u8 + 2,
+                                )
+                            };
+                        }
+                        let t = Instant::now();
+                        m.msync();
+                        v.push(secs(t) * 1e6);
+                    }
+                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    println!("sync-{}MiB-{dirty} {:.1}", len >> 20, v[v.len() / 2]);
+                }
+                drop(m);
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+        "writeback" => {
+            // A large dirty set: every line of 256 MiB changed, then msync.
+            let len = if quick { 64 << 20 } else { 256 << 20 };
+            let f = dir.join("writeback");
+            make_file(&f, len);
+            let m = map(&f, len);
+            m.touch_pages(1);
+            m.msync();
+            // SAFETY: within the mapping.
+            let s = unsafe { std::slice::from_raw_parts_mut(m.p, len) };
+            s.fill(0x33);
+            let t = Instant::now();
+            m.msync();
+            println!("msync {:.2}", len as f64 / secs(t) / 1e9);
+        }
+        "map4g" => {
+            // Map a large pmem file, read 1% of its pages at random.
+            let len: usize = if quick { 1 << 30 } else { 4 << 30 };
+            let f = dir.join("big");
+            make_file(&f, len);
+            let t = Instant::now();
+            let m = map(&f, len);
+            let map_ms = secs(t) * 1e3;
+            let t = Instant::now();
+            let pages = len / PAGE;
+            let mut sum = 0u64;
+            for k in 0..pages / 100 {
+                let page = (k * 7919 * 13) % pages;
+                // SAFETY: within the mapping.
+                sum += unsafe { std::ptr::read_volatile(m.p.add(page * PAGE)) } as u64;
+            }
+            std::hint::black_box(sum);
+            println!("map-ms {map_ms:.1}");
+            println!("read1pct-ms {:.1}", secs(t) * 1e3);
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            for k in ["VmRSS", "RssShmem"] {
+                if let Some(l) = status.lines().find(|l| l.starts_with(k)) {
+                    let kb: u64 = l
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
+                    println!("{k}-MiB {}", kb / 1024);
+                }
+            }
+            drop(m);
+            let _ = std::fs::remove_file(&f);
+        }
+        _ => die(&format!("unknown case {case}")),
+    }
+}
