@@ -4,7 +4,7 @@
 
 use crate::classify::{classify, Classified};
 use crate::file::FileState;
-use crate::registry::{get_or_attach, release_ref, REG};
+use crate::registry::{get_or_attach, release_ref, RefKind, REG};
 use crate::sys::{self};
 use crate::track;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,15 +13,21 @@ use std::sync::Arc;
 const FD_WORDS: usize = 1 << 14; // 1M descriptors
 pub static FD_BITS: [AtomicU64; FD_WORDS] = [const { AtomicU64::new(0) }; FD_WORDS];
 
-pub fn set_fd_bit(fd: i32, on: bool) {
+/// The word of `fd`'s bit and the bit, if it has one.
+fn fd_bit(fd: i32) -> Option<(&'static AtomicU64, u64)> {
     let fd = fd as usize;
-    if fd / 64 < FD_WORDS {
-        let bit = 1u64 << (fd % 64);
-        if on {
-            FD_BITS[fd / 64].fetch_or(bit, Ordering::Relaxed);
-        } else {
-            FD_BITS[fd / 64].fetch_and(!bit, Ordering::Relaxed);
-        }
+    (fd / 64 < FD_WORDS).then(|| (&FD_BITS[fd / 64], 1u64 << (fd % 64)))
+}
+
+fn mark_fd(fd: i32) {
+    if let Some((w, bit)) = fd_bit(fd) {
+        w.fetch_or(bit, Ordering::Relaxed);
+    }
+}
+
+fn unmark_fd(fd: i32) {
+    if let Some((w, bit)) = fd_bit(fd) {
+        w.fetch_and(!bit, Ordering::Relaxed);
     }
 }
 
@@ -53,10 +59,10 @@ pub fn file_for_fd(fd: i32) -> Result<Option<Arc<FileState>>, String> {
     if let Some(f) = lookup_fd(fd) {
         return Ok(Some(f));
     }
-    let Some(Classified { id, emulated, path }) = classify(fd) else {
+    let Some(class) = classify(fd) else {
         return Ok(None);
     };
-    let f = get_or_attach(fd, id, emulated, &path)?;
+    let f = get_or_attach(fd, &class)?;
     let dropped = register_fd(fd, f.clone());
     drop(dropped);
     Ok(Some(f))
@@ -68,8 +74,8 @@ pub fn register_fd(fd: i32, f: Arc<FileState>) -> Option<Arc<FileState>> {
     f.inner.lock().fd_refs += 1;
     let mut reg = REG.lock();
     let old = reg.fds.insert(fd, f);
-    set_fd_bit(fd, true);
-    old.and_then(|o| release_ref(&mut reg, o, true))
+    mark_fd(fd);
+    old.and_then(|o| release_ref(&mut reg, o, RefKind::Descriptor))
 }
 
 /// After a successful open: enter pmem files in the table.
@@ -84,8 +90,7 @@ pub fn on_open(fd: i32, flags: i32) {
 
 /// `on_open` for a descriptor already classified as pmem.
 pub fn on_open_classified(fd: i32, flags: i32, class: Classified) {
-    let Classified { id, emulated, path } = class;
-    match get_or_attach(fd, id, emulated, &path) {
+    match get_or_attach(fd, &class) {
         Ok(f) => {
             if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
                 // The kernel truncated the backing; the shadow follows.
@@ -95,7 +100,7 @@ pub fn on_open_classified(fd: i32, flags: i32, class: Classified) {
             let dropped = register_fd(fd, f);
             drop(dropped);
         }
-        Err(e) => warn!("{path}: {e}; this descriptor bypasses the shadow"),
+        Err(e) => warn!("{}: {e}; this descriptor bypasses the shadow", class.path),
     }
 }
 
@@ -106,9 +111,9 @@ pub fn on_close(fd: i32) {
     }
     let dropped = {
         let mut reg = REG.lock();
-        set_fd_bit(fd, false);
+        unmark_fd(fd);
         match reg.fds.remove(&fd) {
-            Some(f) => release_ref(&mut reg, f, true),
+            Some(f) => release_ref(&mut reg, f, RefKind::Descriptor),
             None => None,
         }
     };

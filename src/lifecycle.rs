@@ -7,7 +7,7 @@ use crate::ranges::RangeSet;
 use crate::registry::*;
 use crate::shadow::Detach;
 use crate::sys::{self, Errno};
-use crate::track;
+use crate::track::{self, Stores};
 use crate::writeback::{unmap_views, Durability, Scope};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -182,8 +182,10 @@ pub fn atfork_child() {
             } else {
                 Err(Errno(libc::ENOTSUP))
             };
-            if r.and_then(|()| track::tracker().register_lazy(m.start, m.len, m.tracked))
-                .is_ok()
+            if r.and_then(|()| {
+                track::tracker().register_lazy(m.start, m.len, Stores::tracked_if(m.tracked))
+            })
+            .is_ok()
             {
                 continue;
             }

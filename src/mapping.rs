@@ -10,7 +10,7 @@ use crate::registry::{Mapping, REG, SHADOW_MAPS};
 use crate::shadow::Fill;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, PAGE};
-use crate::track;
+use crate::track::{self, Stores};
 use libc::{c_int, c_void, off64_t, size_t};
 use std::sync::atomic::Ordering;
 
@@ -191,7 +191,12 @@ pub fn mmap_impl(
     }
     let mut tracked = false;
     if lazy {
-        match watch_lazy(&file, p as usize, maplen, shared && writable_fd) {
+        match watch_lazy(
+            &file,
+            p as usize,
+            maplen,
+            Stores::tracked_if(shared && writable_fd),
+        ) {
             Ok(true) => tracked = shared && writable_fd,
             Ok(false) => lazy = false,
             Err(e) => {
@@ -265,9 +270,9 @@ fn watch_lazy(
     file: &crate::file::FileState,
     addr: usize,
     len: usize,
-    track: bool,
+    stores: Stores,
 ) -> Result<bool, String> {
-    match track::tracker().register_lazy(addr, len, track) {
+    match track::tracker().register_lazy(addr, len, stores) {
         Ok(()) => Ok(true),
         Err(e) => {
             warn!(
@@ -361,7 +366,7 @@ pub fn mremap_impl(
         if lazy && n != o {
             // A moved range lost its registration (one grown in place keeps
             // it; lazy ranges are never armed ahead).
-            lazy = watch_lazy(file, n, new_span, tracked).unwrap_or_else(|e| {
+            lazy = watch_lazy(file, n, new_span, Stores::tracked_if(tracked)).unwrap_or_else(|e| {
                 error!("{}: {e}", file.path);
                 false
             });

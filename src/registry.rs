@@ -2,17 +2,18 @@
 //! mapping reference counts) and its shadow mappings; harvesting a range's
 //! dirty pages before it goes away.
 //!
-//! Lock order: `ATTACHING` → `FileState::sync_lock` → `REG` →
-//! `FileState::inner` → the shadow's io lock → the shadow's fill lock. No
-//! I/O on the backing while `REG` is held, except the harvest (a pagemap
-//! ioctl).
+//! Lock order (docs/ARCHITECTURE.md, "Locks and their order"): `ATTACHING`
+//! → `FileState::sync_lock` → `REG` → `FileState::inner` → the shadow's io
+//! lock → the shadow's fill lock → leaf locks (chunk bits, residency probe,
+//! filled chunks).
 
+use crate::classify::Classified;
 use crate::file::{Backing, FileInner, FileState};
 use crate::lazy::{Hit, Host, LazyFile};
 use crate::lock::Lock;
 use crate::ranges::RangeSet;
 use crate::runtime::rt;
-use crate::shadow::{self, AttachOptions, FileId};
+use crate::shadow::{self, AttachOptions};
 use crate::sys::{self, OwnedMap, SysResult};
 use crate::track;
 use std::collections::BTreeMap;
@@ -49,6 +50,7 @@ pub static ATTACHING: Lock<()> = Lock::new(());
 /// Number of shadow mappings: 0 lets mapping hooks skip the registry.
 pub static SHADOW_MAPS: AtomicUsize = AtomicUsize::new(0);
 
+/// What attaching to (or detaching from) the shadow of a file needs.
 pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
     AttachOptions {
         emulated,
@@ -58,13 +60,10 @@ pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
     }
 }
 
-/// The attached state of a pmem file, attaching it if needed.
-pub fn get_or_attach(
-    fd: i32,
-    id: FileId,
-    emulated: bool,
-    path: &str,
-) -> Result<Arc<FileState>, String> {
+/// The attached state of the pmem file behind `fd`, attaching it if needed.
+pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, String> {
+    let Classified { id, emulated, path } = class;
+    let (id, emulated, path) = (*id, *emulated, path.as_str());
     let _a = ATTACHING.lock();
     if let Some(f) = REG.lock().files.iter().find(|f| f.id == id).cloned() {
         return Ok(f);
@@ -109,14 +108,20 @@ pub fn get_or_attach(
     Ok(f)
 }
 
-/// Drops one reference (fd or mapping) to `f`; if none remain, removes the
-/// file from the registry and returns it.
-pub fn release_ref(reg: &mut Registry, f: Arc<FileState>, is_fd: bool) -> Option<Arc<FileState>> {
+/// What holds a reference to an attached file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RefKind {
+    Descriptor,
+    Mapping,
+}
+
+/// Drops one reference to `f`; if none remain, removes the file from the
+/// registry and returns it.
+pub fn release_ref(reg: &mut Registry, f: Arc<FileState>, kind: RefKind) -> Option<Arc<FileState>> {
     let mut inner = f.inner.lock();
-    if is_fd {
-        inner.fd_refs -= 1;
-    } else {
-        inner.map_refs -= 1;
+    match kind {
+        RefKind::Descriptor => inner.fd_refs -= 1,
+        RefKind::Mapping => inner.map_refs -= 1,
     }
     let last = inner.fd_refs == 0 && inner.map_refs == 0;
     drop(inner);
@@ -249,7 +254,7 @@ pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<File
         match pieces {
             0 => {
                 SHADOW_MAPS.fetch_sub(1, Ordering::Relaxed);
-                if let Some(r) = release_ref(reg, f, false) {
+                if let Some(r) = release_ref(reg, f, RefKind::Mapping) {
                     released.push(r);
                 }
             }

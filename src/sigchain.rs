@@ -123,13 +123,22 @@ extern "C" fn defer_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut
         reentry::defer_signal(sig as usize, info);
         return;
     }
-    call_program(sig, info, ctx, false);
+    call_program(sig, info, ctx, MaskedBy::Kernel);
 }
 
-/// Runs the program's action for `sig`. `apply_mask`: the kernel ran the
-/// shim's handler with the shim's mask (SIGSEGV), so the action's mask is
-/// applied here.
-fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, apply_mask: bool) {
+/// Who applies the program's action's signal mask around its handler.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MaskedBy {
+    /// The kernel did (the trampoline was installed with the action's mask).
+    Kernel,
+    /// The shim's own handler ran with the shim's mask (SIGSEGV): applied
+    /// here.
+    Shim,
+}
+
+/// Runs the program's action for `sig`.
+fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, masked_by: MaskedBy) {
+    let apply_mask = masked_by == MaskedBy::Shim;
     let i = sig as usize;
     let act = program_action(i);
     let h = act.sa_sigaction;
@@ -264,7 +273,7 @@ extern "C" fn segv_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut 
         unsafe { real::sigaction(sig, &dfl, std::ptr::null_mut()) };
         return;
     }
-    call_program(sig, info, ctx, true);
+    call_program(sig, info, ctx, MaskedBy::Shim);
 }
 
 // ---- the program's view ---------------------------------------------------

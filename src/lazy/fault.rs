@@ -5,7 +5,7 @@ use super::{host, Hit, CHUNK};
 use crate::lock::Lock;
 use crate::stats::{add, STATS};
 use crate::sys::{self, PAGE};
-use crate::track::uffd;
+use crate::track::uffd::{self, MapAs};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The descriptor the running fault thread serves (-1: none).
@@ -133,13 +133,18 @@ fn on_fault(fault: uffd::Fault, seq: &mut Sequence, buf: &mut [u8]) {
     // written, and one write-protect fault per page would double the cost.
     // (Only mappings registered for write-protection can be protected.)
     if write {
-        let _ = uffd::map_filled(page, PAGE, false);
+        let _ = uffd::map_filled(page, PAGE, MapAs::Written);
     }
     // Pages that cannot be mapped (an I/O error left a hole) fault again.
     // A sequential window's part before the fault was mapped by the fill
     // before: start at the fault (each mapped page costs an ioctl).
     let from = if sequential { page } else { va };
-    let _ = uffd::map_filled(from, va + n - from, tracked && !(write && sequential));
+    let how = if tracked && !(write && sequential) {
+        MapAs::Clean
+    } else {
+        MapAs::Written
+    };
+    let _ = uffd::map_filled(from, va + n - from, how);
     uffd::wake(va, n);
     seq.next_va = va + n;
     seq.window = window;

@@ -6,7 +6,7 @@
 
 use super::header::*;
 use super::owned::{cstr, err, open_owned, Create};
-use super::slots::{self, AttachLock};
+use super::slots::{self, AttachLock, DeadReaders};
 use super::{AttachOptions, BackingState, Shadow};
 use crate::persist;
 use crate::sys::{self, OwnedMap, SysResult};
@@ -138,7 +138,7 @@ fn prepare(
         init_header(base, hdr, id, backing_fd);
         return Ok(());
     }
-    let census = slots::census(hdr, meta_fd, None, true);
+    let census = slots::census(hdr, meta_fd, DeadReaders::Free);
     if census.live > 0 {
         return Ok(());
     }
@@ -224,7 +224,7 @@ impl Shadow {
         let Ok(_attach) = lock else {
             return;
         };
-        let census = slots::census(h, self.meta_fd(), None, false);
+        let census = slots::census(h, self.meta_fd(), DeadReaders::Keep);
         let mut dead_writer = census.dead_writer;
         if census.live == 0 && dead_writer {
             let _io = self.io_lock();

@@ -57,24 +57,27 @@ pub(super) struct Census {
     pub dead_writer: bool,
 }
 
-/// Scans every used slot but `own`. With `free_dead_readers`, slots of dead
-/// processes that never wrote are freed on the way.
-pub(super) fn census(
-    h: &Header,
-    meta_fd: i32,
-    own: Option<usize>,
-    free_dead_readers: bool,
-) -> Census {
+/// What a census does with slots of dead processes that never wrote.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum DeadReaders {
+    /// Free them (attaching).
+    Free,
+    /// Leave them (detaching: only the next attacher cleans up).
+    Keep,
+}
+
+/// Scans every used slot.
+pub(super) fn census(h: &Header, meta_fd: i32, dead_readers: DeadReaders) -> Census {
     let mut c = Census::default();
     for (i, s) in h.slots.iter().enumerate() {
-        if Some(i) == own || s.pid.load(Ordering::Relaxed) == 0 {
+        if s.pid.load(Ordering::Relaxed) == 0 {
             continue;
         }
         if slot_alive(meta_fd, i) {
             c.live += 1;
         } else if s.flags.load(Ordering::Relaxed) & SLOT_WRITER != 0 {
             c.dead_writer = true;
-        } else if free_dead_readers {
+        } else if dead_readers == DeadReaders::Free {
             s.pid.store(0, Ordering::Relaxed);
         }
     }

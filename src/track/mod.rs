@@ -16,6 +16,24 @@ use crate::config::TrackerKind;
 use crate::sys::SysResult;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// Whether a mapping's stores are tracked (a shared mapping of a writable
+/// descriptor) or cannot happen / do not matter.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stores {
+    Tracked,
+    Untracked,
+}
+
+impl Stores {
+    pub fn tracked_if(tracked: bool) -> Stores {
+        if tracked {
+            Stores::Tracked
+        } else {
+            Stores::Untracked
+        }
+    }
+}
+
 pub trait DirtyTracker: Sync {
     fn name(&self) -> &'static str;
     /// Whether harvests are exact. `false`: syncs must compare everything.
@@ -49,8 +67,8 @@ pub trait DirtyTracker: Sync {
         false
     }
     /// Registers a lazily filled mapping (missing and minor faults go to the
-    /// fault thread); `track`: its stores are tracked as well.
-    fn register_lazy(&self, _addr: usize, _len: usize, _track: bool) -> SysResult<()> {
+    /// fault thread), its stores tracked or not.
+    fn register_lazy(&self, _addr: usize, _len: usize, _stores: Stores) -> SysResult<()> {
         Err(crate::sys::Errno(libc::ENOTSUP))
     }
     /// Is `fd` one of the tracker's own descriptors?

@@ -9,6 +9,7 @@
 //! # Safety
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
 
+use super::Stores;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -231,11 +232,15 @@ pub fn lazy_ok() -> bool {
 /// armed: pages are mapped write-protected as they are filled
 /// (`UFFDIO_CONTINUE_MODE_WP`), and only filled chunks are ever scanned.
 ///
-/// `track`: also write-protect (a shared mapping of a writable descriptor;
-/// the kernel refuses write-protection where the mapping can never be
-/// written, e.g. a read-only descriptor's).
-pub fn register_lazy(addr: usize, len: usize, track: bool) -> SysResult<()> {
-    let wp = if track { UFFDIO_REGISTER_MODE_WP } else { 0 };
+/// [`Stores::Tracked`]: also write-protect (a shared mapping of a writable
+/// descriptor; the kernel refuses write-protection where the mapping can
+/// never be written, e.g. a read-only descriptor's).
+pub fn register_lazy(addr: usize, len: usize, stores: Stores) -> SysResult<()> {
+    let wp = if stores == Stores::Tracked {
+        UFFDIO_REGISTER_MODE_WP
+    } else {
+        0
+    };
     register(
         addr,
         len,
@@ -243,13 +248,22 @@ pub fn register_lazy(addr: usize, len: usize, track: bool) -> SysResult<()> {
     )
 }
 
+/// How [`map_filled`] maps a page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MapAs {
+    /// Write-protected: its first store is tracked.
+    Clean,
+    /// Already written (a store faulted it in).
+    Written,
+}
+
 /// Maps the pages of `[addr, addr+len)` that the data file holds, skipping
-/// pages already mapped. `protect`: write-protected, so that the first
-/// store is tracked; otherwise they count as written from the start (for a
-/// store that faulted them in: the next harvest reports and re-arms them).
+/// pages already mapped. `how`: [`MapAs::Clean`] (write-protected, so that the first store is
+/// tracked) or [`MapAs::Written`] (for a store that faulted them in: the
+/// next harvest reports and re-arms them).
 /// Returns false if a page is missing from the file. Wakes nobody: see
 /// [`wake`].
-pub fn map_filled(addr: usize, len: usize, protect: bool) -> bool {
+pub fn map_filled(addr: usize, len: usize, how: MapAs) -> bool {
     let end = addr + len;
     let mut cur = addr;
     while cur < end {
@@ -261,7 +275,12 @@ pub fn map_filled(addr: usize, len: usize, protect: bool) -> bool {
             // Woken by the caller once the whole window is mapped: a thread
             // that ran on early could harvest the window's unmapped pages,
             // which count as written.
-            mode: UFFDIO_CONTINUE_MODE_DONTWAKE | if protect { UFFDIO_CONTINUE_MODE_WP } else { 0 },
+            mode: UFFDIO_CONTINUE_MODE_DONTWAKE
+                | if how == MapAs::Clean {
+                    UFFDIO_CONTINUE_MODE_WP
+                } else {
+                    0
+                },
             mapped: 0,
         };
         // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
@@ -424,8 +443,8 @@ impl super::DirtyTracker for UffdTracker {
     fn fills_lazily(&self) -> bool {
         lazy_ok()
     }
-    fn register_lazy(&self, addr: usize, len: usize, track: bool) -> SysResult<()> {
-        register_lazy(addr, len, track)
+    fn register_lazy(&self, addr: usize, len: usize, stores: Stores) -> SysResult<()> {
+        register_lazy(addr, len, stores)
     }
     fn owns_fd(&self, fd: i32) -> bool {
         owned_fds().contains(&fd)
