@@ -4,7 +4,7 @@ use crate::config::DaxOptIn;
 use crate::runtime::rt;
 use crate::shadow::FileId;
 use crate::sys::{self};
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::path::Path;
 
 const STATX_ATTR_DAX: u64 = 0x0020_0000;
@@ -77,4 +77,36 @@ pub fn classify(fd: i32) -> Option<Classified> {
         emulated: !dax,
         path,
     })
+}
+
+/// Might a file at `path` (existing, or to be created there) be pmem? A
+/// cheap test before the shim opens a stream's file itself: the file's own
+/// device, or its directory's if it does not exist yet, must be one that
+/// holds pmem. A yes is checked again on the descriptor ([`classify`]).
+pub fn path_may_be_pmem(path: &CStr) -> bool {
+    let r = rt();
+    if r.pmem_devs.is_empty() && r.dax_devs.is_empty() {
+        // Real DAX files on a dax=inode mount say so only in their statx.
+        return sys::statx_path(path, libc::STATX_BASIC_STATS)
+            .is_ok_and(|stx| stx.stx_attributes & STATX_ATTR_DAX != 0);
+    }
+    let stx = sys::statx_path(path, libc::STATX_BASIC_STATS).or_else(|_| {
+        let bytes = path.to_bytes();
+        let dir = match bytes.iter().rposition(|&b| b == b'/') {
+            Some(0) => b"/".to_vec(),
+            Some(i) => bytes[..i].to_vec(),
+            None => b".".to_vec(),
+        };
+        let dir = CString::new(dir).unwrap_or_default();
+        sys::statx_path(&dir, libc::STATX_BASIC_STATS)
+    });
+    match stx {
+        Ok(stx) => {
+            let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+            stx.stx_attributes & STATX_ATTR_DAX != 0
+                || r.pmem_devs.contains(&dev)
+                || r.dax_devs.contains(&dev)
+        }
+        Err(_) => false,
+    }
 }

@@ -51,6 +51,7 @@ mod lifecycle;
 mod mapping;
 mod registry;
 mod runtime;
+mod stdio;
 mod writeback;
 // 4: the exported hooks (nothing below imports them).
 mod hooks;
@@ -71,6 +72,7 @@ pub use hooks::io::{
 };
 pub use hooks::map::{madvise, mmap, mmap64, mprotect, mremap, munmap};
 pub use hooks::signal::{sigaction, signal};
+pub use hooks::stdio::{fdopen, fileno, fileno_unlocked, fopen, fopen64, freopen, freopen64};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
 
 use std::path::Path;
@@ -177,6 +179,7 @@ extern "C" fn daxshim_init() {
     lazy::init(&registry::LazyHost, rt_cache_max);
     reentry::READY.store(true, Ordering::Release);
     crate::fdtable::scan_inherited_fds();
+    hooks::stdio::adopt_standard_streams();
 }
 
 /// Devices of file systems mounted with `dax` or `dax=always` (not
@@ -203,6 +206,10 @@ fn dax_mount_devices(mountinfo: &str) -> Vec<u64> {
 extern "C" fn daxshim_fini() {
     if !reentry::READY.load(Ordering::Acquire) {
         return;
+    }
+    // Outside the shim: the flushed bytes go through its write hook.
+    if !reentry::in_shim() {
+        hooks::stdio::flush_streams();
     }
     let Some(_g) = reentry::enter() else {
         return;

@@ -173,3 +173,35 @@ real_variadic! {
         => sc(SYS_openat, dirfd, path, flags, mode) as c_int;
     fn fcntl64(fd: c_int, cmd: c_int; arg: c_long) -> c_int => sc(SYS_fcntl, fd, cmd, arg) as c_int;
 }
+
+/// The next definition of a function with no system-call equivalent (the
+/// stdio functions), resolved on first use: such a function may be called
+/// before the constructor ran (by another library's constructor), and a
+/// `dlsym` there is safe (these are not called from the allocator or the
+/// mapping hooks, whose lookups must not allocate).
+pub struct Next {
+    slot: AtomicUsize,
+    name: &'static std::ffi::CStr,
+}
+
+impl Next {
+    pub const fn new(name: &'static std::ffi::CStr) -> Next {
+        Next {
+            slot: AtomicUsize::new(0),
+            name,
+        }
+    }
+
+    /// The function's address, or 0 if no later object defines it.
+    pub fn addr(&self) -> usize {
+        let p = self.slot.load(Relaxed);
+        if p != 0 {
+            return p;
+        }
+        // SAFETY: a NUL-terminated name; RTLD_NEXT is valid in a shared
+        // object.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
+        self.slot.store(p, Relaxed);
+        p
+    }
+}

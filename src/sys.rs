@@ -176,6 +176,21 @@ pub fn statx_fd(fd: i32, mask: u32) -> SysResult<libc::statx> {
     Ok(stx)
 }
 
+/// `statx` of a path (symbolic links followed).
+pub fn statx_path(path: &CStr, mask: u32) -> SysResult<libc::statx> {
+    // SAFETY: an all-zero statx is a valid value to be overwritten.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    sc!(
+        libc::SYS_statx,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        0,
+        mask,
+        &mut stx as *mut libc::statx
+    )?;
+    Ok(stx)
+}
+
 pub fn ftruncate(fd: i32, len: u64) -> SysResult<()> {
     loop {
         match sc!(libc::SYS_ftruncate, fd, len) {

@@ -25,6 +25,15 @@
  *   try_munmap OFF LEN | try_fsync FD|self | try_mremap NEWLEN FLAGS
  *   fork                    the rest of the script runs in a child too;
  *                           the parent waits for it, then continues
+ * stdio (one stream, FP):
+ *   fopen PATH MODE | fdopen MODE | freopen PATH|- MODE [stdout]
+ *                           print "fopen: ok" or "fopen: errno=E"
+ *   fwrite TEXT | fprintf TEXT | fputc C | fread N | fgetc | ungetc C
+ *   fseek OFF set|cur|end | ftell | rewind | fflush | ffsync (fsync(fileno(FP)))
+ *   setvbuf none|line|full | fileno (print whether it is the descriptor)
+ *   usestream               the stream's descriptor becomes the probe's
+ *   fclose                  print "fclose: R errno=E"
+ *   puts TEXT | flushout    to stdout (a redirected stdout's file) | fflush it
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -56,6 +65,7 @@
 static int fd = -1;
 static char *map;
 static size_t maplen;
+static FILE *fp;
 
 static void die(const char *what) {
     printf("FAIL %s: %s\n", what, strerror(errno));
@@ -248,6 +258,72 @@ int main(int argc, char **argv) {
         } else if (!strcmp(c, "try_fsync")) {
             const char *a = argv[++i];
             report(fsync(!strcmp(a, "self") ? fd : (int)num(a)));
+        } else if (!strcmp(c, "fopen")) {
+            const char *p = argv[++i], *m = argv[++i];
+            fp = fopen(p, m);
+            if (fp) printf("fopen: ok\n"); else printf("fopen: errno=%d\n", errno);
+        } else if (!strcmp(c, "usestream")) {
+            fd = fileno(fp);
+        } else if (!strcmp(c, "fdopen")) {
+            const char *m = argv[++i];
+            fp = fdopen(fd, m);
+            if (fp) printf("fdopen: ok\n"); else printf("fdopen: errno=%d\n", errno);
+        } else if (!strcmp(c, "freopen")) {
+            const char *p = argv[++i], *m = argv[++i];
+            int std = i + 1 < argc && !strcmp(argv[i + 1], "stdout");
+            if (std) i++;
+            FILE *r = freopen(strcmp(p, "-") ? p : NULL, m, std ? stdout : fp);
+            if (!std) fp = r;
+            if (r) printf("freopen: ok\n"); else printf("freopen: errno=%d\n", errno);
+        } else if (!strcmp(c, "fwrite")) {
+            const char *t = argv[++i];
+            printf("fwrite: %zu\n", fwrite(t, 1, strlen(t), fp));
+        } else if (!strcmp(c, "fprintf")) {
+            printf("fprintf: %d\n", fprintf(fp, "%s", argv[++i]));
+        } else if (!strcmp(c, "fputc")) {
+            printf("fputc: %d\n", fputc(argv[++i][0], fp));
+        } else if (!strcmp(c, "fread")) {
+            long n = num(argv[++i]);
+            char *b = calloc(1, n + 1);
+            size_t k = fread(b, 1, n, fp);
+            printf("fread: %zu %s\n", k, b);
+            free(b);
+        } else if (!strcmp(c, "fgetc")) {
+            printf("fgetc: %d\n", fgetc(fp));
+        } else if (!strcmp(c, "ungetc")) {
+            printf("ungetc: %d\n", ungetc(argv[++i][0], fp));
+        } else if (!strcmp(c, "fseek")) {
+            long o = num(argv[i + 1]);
+            const char *w = argv[i + 2];
+            i += 2;
+            int wh = !strcmp(w, "end") ? SEEK_END : !strcmp(w, "cur") ? SEEK_CUR : SEEK_SET;
+            int r = fseek(fp, o, wh);
+            printf("fseek: %d\n", r);
+        } else if (!strcmp(c, "ftell")) {
+            printf("ftell: %ld\n", ftell(fp));
+        } else if (!strcmp(c, "rewind")) {
+            rewind(fp);
+        } else if (!strcmp(c, "fflush")) {
+            printf("fflush: %d\n", fflush(fp));
+        } else if (!strcmp(c, "ffsync")) {
+            printf("ffsync: %d\n", fsync(fileno(fp)));
+        } else if (!strcmp(c, "setvbuf")) {
+            const char *m = argv[++i];
+            int mode = !strcmp(m, "none") ? _IONBF : !strcmp(m, "line") ? _IOLBF : _IOFBF;
+            printf("setvbuf: %d\n", setvbuf(fp, NULL, mode, 0));
+        } else if (!strcmp(c, "fileno")) {
+            int n = fileno(fp);
+            struct stat a, b;
+            int same = n >= 0 && fd >= 0 && !fstat(n, &a) && !fstat(fd, &b) && a.st_ino == b.st_ino;
+            printf("fileno: %s\n", n < 0 ? "-1" : same ? "same file" : "other file");
+        } else if (!strcmp(c, "fclose")) {
+            int r = fclose(fp);
+            fp = NULL;
+            printf("fclose: %d errno=%d\n", r, r ? errno : 0);
+        } else if (!strcmp(c, "puts")) {
+            fputs(argv[++i], stdout);
+        } else if (!strcmp(c, "flushout")) {
+            fflush(stdout);
         } else if (!strcmp(c, "try_mremap")) {
             long n = num(argv[i + 1]), fl = num(argv[i + 2]);
             i += 2;

@@ -7,4 +7,5 @@ pub mod fd;
 pub mod io;
 pub mod map;
 pub mod signal;
+pub mod stdio;
 pub mod sync;

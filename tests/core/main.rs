@@ -19,6 +19,9 @@ mod io;
 /// Exit, `_exit`, `SIGKILL`, `exec`, `fork`, threads, inherited descriptors.
 mod processes;
 
+/// stdio streams on pmem files go through the shim.
+mod stdio;
+
 /// The shadow store: private, never stale, and a safe fallback when refused.
 mod shadows;
 
