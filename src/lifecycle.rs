@@ -131,12 +131,14 @@ pub fn atfork_prepare() {
         f.shadow.hold_for_fork();
     }
     crate::lazy::hold_for_fork();
+    crate::stdio::hold_for_fork();
     std::mem::forget(reg);
 }
 
 fn atfork_release() {
     // SAFETY: atfork_prepare took exactly these locks and forgot the guards.
     unsafe {
+        crate::stdio::release_after_fork();
         crate::lazy::release_after_fork();
         for f in REG.data_unchecked().files.iter() {
             f.shadow.release_after_fork();

@@ -89,6 +89,19 @@ pub fn lookup(stream: usize) -> Option<Stream> {
     STREAMS.lock().get(&stream).copied()
 }
 
+/// Fork: the table must not be copied held by a thread the child does not
+/// have.
+pub fn hold_for_fork() {
+    std::mem::forget(STREAMS.lock());
+}
+
+/// # Safety
+/// After [`hold_for_fork`], in the parent or the child.
+pub unsafe fn release_after_fork() {
+    // SAFETY: hold_for_fork took it and forgot the guard.
+    unsafe { STREAMS.force_unlock() };
+}
+
 /// Every cookie stream (to flush them before the shim detaches at exit).
 pub fn all() -> Vec<usize> {
     STREAMS.lock().keys().copied().collect()
