@@ -419,3 +419,20 @@ fn crash_inside_the_writeback_recovers() {
     // Every iteration must have died by the injected crash, not our timeout.
     assert_eq!(died_mid_writeback, 2 * iters);
 }
+
+/// SQLite's own tests damage a database through stdio (its `hexio_write`
+/// helper) in the process that has it open and mapped, and expect SQLite to
+/// report the damage on its next read: the page cache shows the mapping the
+/// stdio write at once, and so must the shim.
+#[test]
+fn stdio_damage_of_a_mapped_database_is_seen_by_sqlite() {
+    let w = World::new("sqldamage");
+    let plain = ok(harness_plain(
+        &w,
+        &["damage", "--db", s(&w.plain.join("db"))],
+    ));
+    assert_eq!(plain.trim(), "damage: corrupt", "the kernel's answer");
+    let shim = ok(harness_shim(&w, &["damage", "--db", s(&w.pmem.join("db"))]));
+    assert_eq!(shim.trim(), "damage: corrupt");
+    w.assert_shadowed();
+}

@@ -11,9 +11,11 @@
 //!   sqlharness reader   --db P --until FILE
 //!   sqlharness bench-run --db P --rows N [--mmap 0|1]
 //!   sqlharness bench    [--rows N,N…] [--dir DIR] [--lib PATH]
+//!   sqlharness damage   --db P     (stdio damage of a mapped database)
 
 mod bench;
 mod crash;
+mod damage;
 mod data;
 mod db;
 mod speedtest;
@@ -71,8 +73,9 @@ fn main() {
         Some("reader") => crash::reader(&a),
         Some("bench-run") => speedtest::bench_run(&a),
         Some("bench") => bench::bench(&a),
+        Some("damage") => damage::damage(&a),
         _ => Err(
-            "usage: sqlharness workload|writer|check|reader|bench-run|bench --help (see source)"
+            "usage: sqlharness workload|writer|check|reader|bench-run|bench|damage (see source)"
                 .into(),
         ),
     };
