@@ -3,6 +3,7 @@
 //! or before initialisation), call a safe `*_impl`, set `errno` in one place.
 //! Nothing below this module imports it.
 
+mod cookie;
 pub mod fd;
 pub mod io;
 pub mod map;
