@@ -36,6 +36,8 @@ pub struct FileState {
     pub lazy_chunks: Lock<ChunkBits>,
     /// Written back and detached ([`FileState::finish`]).
     pub finished: AtomicBool,
+    /// A change made outside the shim was seen (logged once).
+    pub foreign_seen: AtomicBool,
 }
 
 /// This process's own descriptor of a backing file.

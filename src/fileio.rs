@@ -146,6 +146,8 @@ fn copy_to_shadow(
         let buf = unsafe { std::slice::from_raw_parts(p, len) };
         sys::pwrite_all(data_fd, buf, off + pos as u64)?;
     }
+    // The backing holds these lines now as the shim knows them.
+    f.shadow.rebase(f.backing_fd(), off, off + n as u64)?;
     f.shadow.record_backing(f.backing_fd());
     Ok(())
 }
@@ -180,6 +182,7 @@ fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> 
         let (a, b) = (a.max(off), b.min(end));
         if a < b {
             sys::pwrite_all(data_fd, &bytes[(a - off) as usize..(b - off) as usize], a)?;
+            f.shadow.rebase(f.backing_fd(), a, b)?;
         }
     }
     Ok(())
@@ -204,6 +207,11 @@ pub fn read_impl(
     };
     let n = check(kernel())?;
     // No data file: no process mapped the file, the backing is the truth.
+    if n > 0 {
+        // The shadow's bytes replace the kernel's only where the shim
+        // changed them: take in what was changed outside it first.
+        f.catch_up();
+    }
     if let (true, Some(data_fd)) = (n > 0, f.shadow.data().map(|d| d.rw())) {
         let off = match at {
             At::Offset(o) => Some(o),
@@ -293,6 +301,7 @@ fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Resu
             store_in_lazy_shadow(f, data_fd, &buf[..n], off)?;
         } else {
             sys::pwrite_all(data_fd, &buf[..n], off)?;
+            f.shadow.rebase(f.backing_fd(), off, off + n as u64)?;
         }
         off += n as u64;
     }

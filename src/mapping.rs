@@ -141,6 +141,8 @@ pub fn mmap_impl(
             return kernel_map(flags);
         }
     };
+    // The mapping shows what was changed outside the shim too.
+    file.catch_up();
     // Let the kernel validate everything and choose the address by mapping
     // the file itself, then put the shadow over it.
     let probe_flags = flags & !(libc::MAP_POPULATE | libc::MAP_LOCKED);

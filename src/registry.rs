@@ -103,8 +103,11 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Stri
         }),
         lazy_chunks: Lock::new(Default::default()),
         finished: AtomicBool::new(false),
+        foreign_seen: AtomicBool::new(false),
     });
     REG.lock().files.push(f.clone());
+    // Changes made outside the shim since the shadow last saw the file.
+    f.catch_up();
     Ok(f)
 }
 

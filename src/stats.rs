@@ -22,6 +22,10 @@ pub struct Stats {
     pub lazy_faults: AtomicU64,
     pub lazy_filled_bytes: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Lines changed outside the shim, taken into a shadow.
+    pub foreign_writes: AtomicU64,
+    /// Lines changed both outside and inside the shim between two syncs.
+    pub conflicts: AtomicU64,
     pub sync_hist: [AtomicU64; HIST_BUCKETS],
 }
 
@@ -43,6 +47,8 @@ impl Stats {
             lazy_faults: AtomicU64::new(0),
             lazy_filled_bytes: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            foreign_writes: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
             sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
         }
     }
@@ -70,7 +76,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 impl Stats {
     pub fn to_json(&self, tracker: &str, flush: &str) -> String {
-        let fields: [(&str, &AtomicU64); 15] = [
+        let fields: [(&str, &AtomicU64); 17] = [
             ("mappings_shadowed", &self.mappings_shadowed),
             ("mappings_direct", &self.mappings_direct),
             ("pages_dirtied", &self.pages_dirtied),
@@ -86,6 +92,8 @@ impl Stats {
             ("lazy_faults", &self.lazy_faults),
             ("lazy_filled_bytes", &self.lazy_filled_bytes),
             ("evicted_bytes", &self.evicted_bytes),
+            ("foreign_writes", &self.foreign_writes),
+            ("conflicts", &self.conflicts),
         ];
         let mut s = String::from("{");
         s.push_str(&format!("\"pid\":{},", crate::sys::getpid()));

@@ -7,6 +7,7 @@ use crate::persist::{self};
 use crate::ranges::RangeSet;
 use crate::registry::{harvest_file, REG};
 use crate::runtime::rt;
+use crate::shadow::BackingState;
 use crate::shadow::{self};
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, OwnedMap, SysResult, PAGE};
@@ -97,6 +98,9 @@ impl FileState {
         } else {
             Scope::Dirty
         };
+        // What was changed outside the shim reaches the shadow first (and is
+        // then never written back over).
+        self.catch_up();
         let mut dirty = RangeSet::new();
         if scope == Scope::Dirty {
             harvest_file(self, range.start, range.end, &mut dirty);
@@ -176,13 +180,15 @@ impl FileState {
                 return Ok(());
             }
             let bfd = self.backing_fd();
+            // Writable: lines changed outside the shim are taken into it.
             let sv = ensure_view(
                 &mut inner.shadow_view,
                 data_fd,
                 size as usize,
-                libc::PROT_READ,
+                libc::PROT_READ | libc::PROT_WRITE,
                 ViewKind::Plain,
             )?;
+            let bases = self.shadow.bases(size);
             let bv = ensure_view(
                 &mut inner.backing_view,
                 bfd,
@@ -209,8 +215,11 @@ impl FileState {
                     flush: rt().flush,
                     msync_touched: how == Durability::Complete && self.emulated,
                     via_fd: self.writeback_fd(),
+                    bases: bases.as_ref().map(|g| &g.bases),
                 },
             )?;
+            drop(bases);
+            self.report_outside_changes(&counts);
             if full {
                 // Without a tracker, the pages found changed are the dirty ones.
                 add(&STATS.pages_dirtied, counts.pages_written);
@@ -229,6 +238,112 @@ impl FileState {
             return Err(Errno(libc::EIO));
         }
         Ok(())
+    }
+}
+
+impl FileState {
+    /// Brings changes made to the backing outside the shim (another program,
+    /// a raw system call, a direct mapping) into the shadow: every line the
+    /// shim's processes left alone takes the backing's bytes; a size change
+    /// is followed. Called before a sync, a mapping and a read, and after an
+    /// attach; one `fstat` when the backing is as the shim last left it.
+    pub fn catch_up(&self) {
+        let Some(data_fd) = self.shadow.data().map(|d| d.rw()) else {
+            return;
+        };
+        match BackingState::of(self.backing_fd()) {
+            Ok(b) if !self.shadow.backing_unchanged(&b) => {}
+            _ => return,
+        }
+        let mut inner = self.inner.lock();
+        let _io = self.shadow.io_lock();
+        let _fill = self.shadow.fill_lock();
+        let Ok(b) = BackingState::of(self.backing_fd()) else {
+            return;
+        };
+        if self.shadow.backing_unchanged(&b) {
+            return; // another thread caught up meanwhile
+        }
+        let taken = (|| -> SysResult<u64> {
+            // A size change: the shadow follows (nothing beyond the new size
+            // is ever written back).
+            self.shadow.set_data_size(b.size)?;
+            if b.size == 0 {
+                return Ok(0);
+            }
+            let len = b.size as usize;
+            let sv = ensure_view(
+                &mut inner.shadow_view,
+                data_fd,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                ViewKind::Plain,
+            )?;
+            let kind = if self.emulated {
+                ViewKind::Plain
+            } else {
+                ViewKind::Sync
+            };
+            let bv = ensure_view(
+                &mut inner.backing_view,
+                self.backing_fd(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                kind,
+            )?;
+            let Some(g) = self.shadow.bases(b.size) else {
+                return Ok(0);
+            };
+            // Only pages the data file holds (a hole is the backing's).
+            let mut all = RangeSet::new();
+            all.insert(0, b.size);
+            let held = if self.shadow.is_lazy() {
+                self.shadow.present_in(&all)
+            } else {
+                all
+            };
+            let mut taken = 0;
+            for (a, e) in held.iter() {
+                // SAFETY: [a, e) lies within [0, size), which both views
+                // cover; the shadow view is writable.
+                taken +=
+                    unsafe { persist::base::adopt_changes(sv, bv, a, e.min(b.size), &g.bases) };
+            }
+            Ok(taken)
+        })();
+        self.shadow.record_backing(self.backing_fd());
+        match taken {
+            Ok(n) => {
+                add(&STATS.foreign_writes, n);
+                self.report_outside_changes(&persist::LineCounts {
+                    foreign: n,
+                    ..Default::default()
+                });
+            }
+            Err(e) => warn!(
+                "{}: cannot take in changes made outside the shim: {e}",
+                self.path
+            ),
+        }
+    }
+
+    /// Logs (once per file) that lines were changed outside the shim, and
+    /// each sync's conflicts with their first offset.
+    fn report_outside_changes(&self, c: &persist::LineCounts) {
+        if c.foreign > 0 && !self.foreign_seen.swap(true, Ordering::Relaxed) {
+            warn!(
+                "{}: changed outside the shim (another program, a raw system call or a \
+                 direct mapping); those bytes are kept and shown, never written over",
+                self.path
+            );
+        }
+        if let Some(off) = c.first_conflict {
+            warn!(
+                "{}: {} line(s) changed both outside and inside the shim since the last \
+                 sync, first at offset {off}: the shim's bytes were written",
+                self.path, c.conflicts
+            );
+        }
     }
 }
 

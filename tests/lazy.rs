@@ -52,7 +52,8 @@ def shadow_bytes():
     d = os.environ.get("DAXSHIM_SHADOW_DIR")
     if not d or not os.path.isdir(d): return 0
     return sum(os.stat(os.path.join(d, n)).st_blocks * 512
-               for n in os.listdir(d) if not n.endswith(".meta") and "orphan" not in n)
+               for n in os.listdir(d)
+               if not n.endswith((".meta", ".lines")) and "orphan" not in n)
 "#;
 
 /// Runs `script` (after the prelude) on a pmem file under the shim and on a

@@ -287,5 +287,9 @@ pub fn remove(s: &ShadowInfo) -> std::io::Result<()> {
         return Err(std::io::Error::other("a process attached meanwhile"));
     }
     let _ = std::fs::remove_file(&s.data);
+    // The line bases beside the data (the library's `shadow/lines.rs`).
+    let mut lines = s.data.clone().into_os_string();
+    lines.push(".lines");
+    let _ = std::fs::remove_file(lines);
     std::fs::remove_file(&s.meta)
 }

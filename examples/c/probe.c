@@ -15,6 +15,7 @@
  *   fsync | fdatasync | syncfs | sync
  *   sfr OFF LEN [wait]      sync_file_range(WRITE [|WAIT_AFTER])
  *   pwrite OFF TEXT | write TEXT | pread OFF LEN | read LEN | seek OFF
+ *   rawpwrite OFF TEXT      syscall(SYS_pwrite64, ...): no libc wrapper
  *   writev TEXT1 TEXT2      | preadv OFF LEN1 LEN2
  *   ftruncate LEN | fallocate OFF LEN | punch OFF LEN | mremap NEWLEN | munmap | close | dup
  *   vmflags                 print "vmflags: ..." of the mapping (/proc/self/smaps)
@@ -47,6 +48,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -258,6 +260,12 @@ int main(int argc, char **argv) {
         } else if (!strcmp(c, "try_fsync")) {
             const char *a = argv[++i];
             report(fsync(!strcmp(a, "self") ? fd : (int)num(a)));
+        } else if (!strcmp(c, "rawpwrite")) {
+            long o = num(argv[i + 1]);
+            const char *t = argv[i + 2];
+            i += 2;
+            long r = syscall(SYS_pwrite64, fd, t, strlen(t), o);
+            if (r < 0) die("rawpwrite");
         } else if (!strcmp(c, "fopen")) {
             const char *p = argv[++i], *m = argv[++i];
             fp = fopen(p, m);

@@ -15,6 +15,12 @@ pub struct LineCounts {
     pub written: u64,
     /// Pages with at least one line written (set by `write_back`).
     pub pages_written: u64,
+    /// Lines only changed outside the shim: taken into the shadow.
+    pub foreign: u64,
+    /// Lines changed on both sides: the shim's bytes were written.
+    pub conflicts: u64,
+    /// The file offset of the first conflict.
+    pub first_conflict: Option<u64>,
 }
 
 impl std::ops::AddAssign for LineCounts {
@@ -22,6 +28,9 @@ impl std::ops::AddAssign for LineCounts {
         self.compared += o.compared;
         self.written += o.written;
         self.pages_written += o.pages_written;
+        self.foreign += o.foreign;
+        self.conflicts += o.conflicts;
+        self.first_conflict = self.first_conflict.or(o.first_conflict);
     }
 }
 
@@ -182,7 +191,8 @@ mod tests {
             LineCounts {
                 compared: 64,
                 written: 0,
-                pages_written: 0
+                pages_written: 0,
+                ..Default::default()
             }
         );
         assert_eq!(flushed, 0);
@@ -203,7 +213,8 @@ mod tests {
             LineCounts {
                 compared: 64,
                 written: 3,
-                pages_written: 0
+                pages_written: 0,
+                ..Default::default()
             }
         );
         assert_eq!(flushed, 3);
@@ -222,7 +233,8 @@ mod tests {
             LineCounts {
                 compared: 2,
                 written: 1,
-                pages_written: 0
+                pages_written: 0,
+                ..Default::default()
             }
         );
         assert_eq!(b.0[100], 1);

@@ -1,6 +1,7 @@
 //! The flush engine: compare shadow and backing one 64-byte cacheline at a
 //! time, copy the lines that differ, flush them, fence once per sync.
 
+pub mod base;
 pub mod diff;
 pub mod flush;
 
@@ -130,13 +131,91 @@ impl SpanWriter {
 }
 
 /// How a writeback reaches the media.
-pub struct Writeback {
+pub struct Writeback<'a> {
     pub flush: FlushKind,
     /// Make the touched pages durable with msync (emulated pmem).
     pub msync_touched: bool,
     /// Write the changed spans with pwrite to this descriptor instead of
     /// storing into the backing mapping.
     pub via_fd: Option<i32>,
+    /// The shadow's line bases: lines only someone outside the shim changed
+    /// are taken into the shadow (whose view must then be writable), never
+    /// written back over; `None`: every differing line is written back.
+    pub bases: Option<&'a base::Bases>,
+}
+
+/// Before a page is written back: lines that differ only because someone
+/// outside the shim changed the backing are copied into the shadow (they
+/// are equal afterwards, so the writeback leaves them); returns the mask of
+/// the page's other differing lines (their bases are renewed once written).
+///
+/// # Safety
+/// Both views cover `[start, end)`, within one page; the shadow view is
+/// writable.
+unsafe fn adopt_foreign_lines(
+    shadow: usize,
+    backing: usize,
+    start: u64,
+    end: u64,
+    bases: &base::Bases,
+    c: &mut LineCounts,
+) -> u64 {
+    let page = start - start % PAGE as u64;
+    let mut mask = 0u64;
+    let mut off = start;
+    while off < end {
+        let n = (LINE as u64).min(end - off) as usize;
+        let (s, b) = (
+            (shadow + off as usize) as *mut u8,
+            (backing + off as usize) as *const u8,
+        );
+        // SAFETY: n bytes at both views (contract).
+        if !unsafe { diff::line_equal(s, b, n) } {
+            let mut seen = [0u8; LINE];
+            // SAFETY: as above.
+            unsafe { std::ptr::copy_nonoverlapping(s, seen.as_mut_ptr(), n) };
+            // SAFETY: as above.
+            match unsafe { base::who_changed(bases.get(off), seen.as_ptr(), b, n) } {
+                base::Change::Foreign => {
+                    // SAFETY: as above; the shadow view is writable.
+                    unsafe { base::adopt_line(s, b, &seen, n) };
+                    // SAFETY: as above.
+                    bases.set(off, unsafe { base::line_hash(b, n) });
+                    c.foreign += 1;
+                }
+                change => {
+                    if change == base::Change::Both {
+                        c.conflicts += 1;
+                        c.first_conflict.get_or_insert(off);
+                    }
+                    mask |= 1 << ((off - page) / LINE as u64);
+                }
+            }
+        }
+        off += n as u64;
+    }
+    mask
+}
+
+/// After a page was written back: the lines of `mask` hold the shadow's
+/// bytes in the backing now, their new base.
+///
+/// # Safety
+/// The backing view covers the page's lines of `mask` below `end`.
+unsafe fn renew_bases(backing: usize, page: u64, end: u64, mask: u64, bases: &base::Bases) {
+    let mut m = mask;
+    while m != 0 {
+        let k = m.trailing_zeros() as u64;
+        m &= m - 1;
+        let off = page + k * LINE as u64;
+        let n = (LINE as u64).min(end.saturating_sub(off)) as usize;
+        if n > 0 {
+            // SAFETY: n bytes of the backing view (contract).
+            bases.set(off, unsafe {
+                base::line_hash((backing + off as usize) as *const u8, n)
+            });
+        }
+    }
 }
 
 /// Writes back the differing lines of `ranges` (file offsets) from the
@@ -158,12 +237,22 @@ pub fn write_back(
     let mut total = LineCounts::default();
     let mut touched = RangeSet::new();
     let mut writer = via_fd.map(|fd| SpanWriter::new(fd, shadow));
+    let mut pending_bases = Vec::new();
     for (a, b) in ranges.iter() {
         let b = b.min(size);
         let mut page = a - a % PAGE as u64;
         while page < b {
             let start = page.max(a);
             let end = (page + PAGE as u64).min(b);
+            let mut foreign = LineCounts::default();
+            let mask = match how.bases {
+                // SAFETY: start < end <= size, within one page; both views
+                // cover [0, size); the caller mapped the shadow writable.
+                Some(bases) => unsafe {
+                    adopt_foreign_lines(shadow, backing, start, end, bases, &mut foreign)
+                },
+                None => 0,
+            };
             let c = match &mut writer {
                 // SAFETY: start < end <= size; both views cover [0, size).
                 None => unsafe {
@@ -183,11 +272,19 @@ pub fn write_back(
                 touched.insert(page, page + PAGE as u64);
             }
             total += c;
+            total += foreign;
             page += PAGE as u64;
+            pending_bases.push((page - PAGE as u64, end, mask));
         }
     }
     if let Some(w) = &mut writer {
         w.finish()?;
+    }
+    if let Some(bases) = how.bases {
+        for (page, end, mask) in pending_bases {
+            // SAFETY: within [0, size), which the backing view covers.
+            unsafe { renew_bases(backing, page, end, mask, bases) };
+        }
     }
     if let Some(b) = budget {
         CRASH_BUDGET.store(b, Ordering::Relaxed);
@@ -198,6 +295,8 @@ pub fn write_back(
     add(&STATS.lines_written, total.written);
     add(&STATS.bytes_flushed, flusher.lines * LINE as u64);
     add(&STATS.bytes_streamed, flusher.streamed * LINE as u64);
+    add(&STATS.foreign_writes, total.foreign);
+    add(&STATS.conflicts, total.conflicts);
     if msync_touched {
         // One msync over the span of touched pages: each call is a file
         // system sync (~100 µs on ext4), and clean pages inside the span

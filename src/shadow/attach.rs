@@ -16,14 +16,17 @@ use std::sync::OnceLock;
 
 /// Writes back every line of the shadow that differs from the backing
 /// (reconciliation after writers died). Durable when it returns Ok.
-fn reconcile(data_fd: i32, backing_fd: i32, opt: &AttachOptions) -> SysResult<()> {
+fn reconcile(base: &str, data_fd: i32, backing_fd: i32, opt: &AttachOptions) -> SysResult<()> {
     let shadow_size = sys::fstat(data_fd)?.st_size as u64;
     let backing_size = sys::fstat(backing_fd)?.st_size as u64;
     let size = shadow_size.min(backing_size) as usize;
     if size == 0 {
         return Ok(());
     }
-    let s = OwnedMap::shared(data_fd, size, libc::PROT_READ)?;
+    // Lines someone outside the shim changed are not written back.
+    let mut lines = super::lines::LinesMap::default();
+    let bases = super::lines::map_bases(&format!("{base}.lines"), size as u64, &mut lines);
+    let s = OwnedMap::shared(data_fd, size, libc::PROT_READ | libc::PROT_WRITE)?;
     let b = OwnedMap::shared(backing_fd, size, libc::PROT_READ | libc::PROT_WRITE)?;
     // Only pages the data file holds: a hole is either not filled yet (lazy:
     // the backing's bytes) or zeros in the backing too.
@@ -32,6 +35,7 @@ fn reconcile(data_fd: i32, backing_fd: i32, opt: &AttachOptions) -> SysResult<()
         flush: opt.flush,
         msync_touched: opt.emulated,
         via_fd: (opt.emulated && !opt.writeback_stores).then_some(backing_fd),
+        bases: bases.as_ref(),
     };
     let r = persist::write_back(s.addr(), b.addr(), size as u64, &all, &how);
     crate::stats::add(&crate::stats::STATS.reconciles, 1);
@@ -69,6 +73,7 @@ pub fn attach(
                 slot: slot.into(),
                 data: OnceLock::new(),
                 probe: crate::lock::Lock::new(OwnedMap::default()),
+                lines: crate::lock::Lock::new(super::lines::LinesMap::default()),
             });
         }
     }
@@ -102,6 +107,7 @@ fn attach_locked(
 fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
     hdr.magic.store(0, Ordering::Release);
     let _ = sys::unlink(&cstr(base)); // data left by an older header
+    Shadow::unlink_lines(base);
     hdr.version.store(VERSION, Ordering::Relaxed);
     hdr.slot_count.store(SLOTS as u32, Ordering::Relaxed);
     hdr.dev.store(id.dev, Ordering::Relaxed);
@@ -164,6 +170,7 @@ fn prepare(
                     .unwrap_or(0)
             );
             let _ = sys::rename(&cstr(base), &cstr(&orphan));
+            Shadow::unlink_lines(base);
             warn!(
                 "{base}: the backing file was changed without the shim while the shadow \
                  held unsynced stores of a process that died; the shadow was kept as \
@@ -171,6 +178,7 @@ fn prepare(
             );
         } else {
             let _ = sys::unlink(&cstr(base));
+            Shadow::unlink_lines(base);
         }
         hdr.data_valid.store(0, Ordering::Release);
         hdr.lazy.store(0, Ordering::Relaxed);
@@ -179,7 +187,7 @@ fn prepare(
     } else if census.dead_writer || io.owner_died() {
         open_owned(base, Create::No).and_then(|data| {
             let data_fd = data.as_raw_fd();
-            reconcile(data_fd, backing_fd, opt)
+            reconcile(base, data_fd, backing_fd, opt)
                 .and_then(|()| {
                     // The backing's size is the truth for the shadow.
                     let old = sys::fstat(data_fd)?.st_size as u64;
@@ -229,7 +237,7 @@ impl Shadow {
         if census.live == 0 && dead_writer {
             let _io = self.io_lock();
             let reconciled = match self.data() {
-                Some(d) => reconcile(d.rw(), backing_fd, opt).is_ok(),
+                Some(d) => reconcile(&self.base, d.rw(), backing_fd, opt).is_ok(),
                 None => true,
             };
             if reconciled {
@@ -239,6 +247,7 @@ impl Shadow {
         }
         if census.live == 0 && !dead_writer {
             let _ = sys::unlink(&cstr(&self.base));
+            Shadow::unlink_lines(&self.base);
             let _ = sys::unlink(&cstr(&format!("{}.meta", self.base)));
         }
     }

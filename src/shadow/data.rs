@@ -4,6 +4,7 @@
 
 use super::owned::{cstr, err, open_owned, reopen_read_only, Create};
 use super::{BackingState, Shadow};
+use crate::persist::LINE;
 use crate::ranges::RangeSet;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, OwnedMap, SysResult, PAGE};
@@ -114,8 +115,9 @@ pub fn data_segments(fd: i32, lo: u64, hi: u64) -> RangeSet {
 }
 
 /// Fills every hole of a lazy data file from the backing (for a process
-/// that maps it without handling missing pages). Holds the fill lock.
-fn fill_holes(data_fd: i32, backing_fd: i32) -> SysResult<()> {
+/// that maps it without handling missing pages), with the lines' bases.
+/// Holds the fill lock.
+fn fill_holes(shadow: &Shadow, data_fd: i32, backing_fd: i32) -> SysResult<()> {
     let size = sys::fstat(data_fd)?.st_size as u64;
     let mut off = 0u64;
     while off < size {
@@ -129,6 +131,7 @@ fn fill_holes(data_fd: i32, backing_fd: i32) -> SysResult<()> {
             Err(e) => return Err(e),
         };
         copy_from_backing(data_fd, backing_fd, hole, data)?;
+        shadow.rebase(backing_fd, hole, data)?;
         off = data;
     }
     Ok(())
@@ -185,7 +188,7 @@ impl Shadow {
             let d = self.open_data()?;
             if fill == Fill::Eager && self.is_lazy() && !self.no_evict() {
                 let _fill = self.fill_lock();
-                fill_holes(d.rw(), backing_fd)
+                fill_holes(self, d.rw(), backing_fd)
                     .map_err(|e| err("cannot fill shadow", &self.base, e))?;
                 h.no_evict.store(1, Ordering::Release);
             }
@@ -195,11 +198,17 @@ impl Shadow {
         let fd = open_owned(&self.base, Create::Yes)?;
         let size = BackingState::of(backing_fd).map(|b| b.size);
         let create_lazy = fill == Fill::Lazy && size.is_ok_and(|s| s >= LAZY_MIN_SIZE);
+        // The lines' bases: unknown for holes (filled later), the copied
+        // bytes' otherwise.
+        *self.lines.lock() = super::lines::LinesMap::default();
+        Shadow::unlink_lines(&self.base);
         let filled = size.and_then(|size| {
+            self.size_lines(size)?;
             if create_lazy {
                 sys::ftruncate(fd.as_raw_fd(), size)
             } else {
-                fill_from_backing(fd.as_raw_fd(), backing_fd, size)
+                fill_from_backing(fd.as_raw_fd(), backing_fd, size)?;
+                self.rebase(backing_fd, 0, size)
             }
         });
         if let Err(e) = filled {
@@ -220,8 +229,18 @@ impl Shadow {
     /// backing's bytes.
     pub fn set_data_size(&self, size: u64) -> SysResult<()> {
         if let Some(d) = self.data() {
-            if sys::fstat(d.rw())?.st_size as u64 != size {
+            let old = sys::fstat(d.rw())?.st_size as u64;
+            if old != size {
                 sys::ftruncate(d.rw(), size)?;
+                self.size_lines(size)?;
+                if size > old {
+                    // Grown with zeros (a partial last line hashes as if
+                    // zero-padded, so its base stays right).
+                    if let Some(g) = self.bases(size) {
+                        let from = old.div_ceil(LINE as u64) * LINE as u64;
+                        g.bases.record_zeros(from, size);
+                    }
+                }
             }
         }
         Ok(())
@@ -255,6 +274,7 @@ impl Shadow {
         for (hole, data) in holes.iter() {
             // In the kernel, one copy: backing page cache to shmem.
             let got = copy_from_backing(data_fd, backing_fd, hole, data)?;
+            self.rebase(backing_fd, hole, hole + got)?;
             // Past the backing's end (it shrank behind the shim's back):
             // zeros, so that the hole does not fault forever.
             let mut z = hole + got;

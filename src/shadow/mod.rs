@@ -18,6 +18,7 @@
 pub mod attach;
 pub mod data;
 pub mod header;
+pub mod lines;
 pub mod owned;
 mod slots;
 
@@ -51,6 +52,8 @@ pub struct Shadow {
     /// A `PROT_NONE` mapping of the data file, for `mincore` (which pages a
     /// lazy data file holds). Used under the fill lock only.
     probe: Lock<OwnedMap>,
+    /// The line bases (`lines.rs`).
+    lines: Lock<lines::LinesMap>,
 }
 
 impl Drop for Shadow {
@@ -139,6 +142,13 @@ impl Shadow {
     pub fn alone(&self) -> bool {
         let h = self.header();
         (0..SLOTS).all(|i| i == self.slot() || h.slots[i].pid.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Is the backing as the shim last left it (size and mtime)? If not,
+    /// someone outside the shim changed it (or the shim itself within the
+    /// file system's timestamp granularity: the caller then finds nothing).
+    pub fn backing_unchanged(&self, b: &BackingState) -> bool {
+        b.is_recorded_in(self.header())
     }
 
     /// Records the backing's size and mtime after the shim changed it. Call

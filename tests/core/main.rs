@@ -22,6 +22,9 @@ mod processes;
 /// stdio streams on pmem files go through the shim.
 mod stdio;
 
+/// Writers the shim cannot intercept are never undone, and are seen.
+mod foreign;
+
 /// The shadow store: private, never stale, and a safe fallback when refused.
 mod shadows;
 

@@ -1,0 +1,123 @@
+//! The line bases of a shadow ([`crate::persist::base`]): `<key>.lines`
+//! beside the data file, one `u32` per 64-byte line (6.25 % of the data:
+//! 64 MiB per GiB), shared by every attached process, created with the
+//! data file, removed with it. 0 is "unknown".
+
+use super::owned::{cstr, open_owned, Create};
+use super::Shadow;
+use crate::lock::LockGuard;
+use crate::persist::base::Bases;
+use crate::persist::LINE;
+use crate::sys::{self, OwnedMap, SysResult};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicU32;
+
+/// This process's descriptor and mapping of a shadow's bases.
+#[derive(Default)]
+pub struct LinesMap {
+    fd: Option<OwnedFd>,
+    map: OwnedMap,
+}
+
+/// The bases of a shadow, mapped while this is held.
+pub struct BasesGuard<'a> {
+    _map: LockGuard<'a, LinesMap>,
+    pub bases: Bases,
+}
+
+fn bytes_for(size: u64) -> u64 {
+    size.div_ceil(LINE as u64) * 4
+}
+
+fn lines_fd(path: &str, m: &mut LinesMap) -> Result<i32, String> {
+    if m.fd.is_none() {
+        m.fd = Some(open_owned(path, Create::Yes)?);
+    }
+    Ok(m.fd.as_ref().expect("opened").as_raw_fd())
+}
+
+/// Maps the bases file at `path` into `m` for `size` bytes of data (growing
+/// the file if it is shorter). The result is valid while `m` is neither
+/// dropped nor mapped again.
+pub(super) fn map_bases(path: &str, size: u64, m: &mut LinesMap) -> Option<Bases> {
+    let need = bytes_for(size);
+    let fd = lines_fd(path, m).ok()?;
+    let have = sys::fstat(fd).ok()?.st_size as u64;
+    if have < need {
+        sys::ftruncate(fd, need).ok()?;
+    }
+    let len = sys::page_up(need.max(1) as usize);
+    if m.map.len() < len {
+        m.map = OwnedMap::default();
+        m.map = OwnedMap::shared(
+            fd,
+            len.next_power_of_two(),
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+        .ok()?;
+    }
+    let ptr = m.map.addr() as *const AtomicU32;
+    // SAFETY: the mapping holds at least `need / 4` atomics and stays mapped
+    // while `m` is neither dropped nor remapped (the callers' contract).
+    Some(unsafe { Bases::new(ptr, (need / 4) as usize) })
+}
+
+impl Shadow {
+    pub(super) fn lines_path(&self) -> String {
+        format!("{}.lines", self.base)
+    }
+
+    /// Makes the bases file cover `size` bytes of data (new lines are
+    /// unknown). Call where the data file is resized, under the fill lock.
+    pub(super) fn size_lines(&self, size: u64) -> SysResult<()> {
+        let mut m = self.lines.lock();
+        let fd = self.lines_fd(&mut m).map_err(|_| sys::Errno(libc::EIO))?;
+        sys::ftruncate(fd, bytes_for(size))
+    }
+
+    fn lines_fd(&self, m: &mut LinesMap) -> Result<i32, String> {
+        lines_fd(&self.lines_path(), m)
+    }
+
+    /// The bases of the first `size` bytes of data, or `None` where they
+    /// cannot be had (every differing line is then written back, as before
+    /// bases existed).
+    pub fn bases(&self, size: u64) -> Option<BasesGuard<'_>> {
+        let mut m = self.lines.lock();
+        let bases = map_bases(&self.lines_path(), size, &mut m)?;
+        Some(BasesGuard { _map: m, bases })
+    }
+
+    /// Records the bases of `[a, b)` from what the backing holds there.
+    pub fn rebase(&self, backing_fd: i32, a: u64, b: u64) -> SysResult<()> {
+        let a = a - a % LINE as u64;
+        let size = sys::fstat(backing_fd)?.st_size as u64;
+        let b = b
+            .div_ceil(LINE as u64)
+            .saturating_mul(LINE as u64)
+            .min(size);
+        if a >= b {
+            return Ok(());
+        }
+        let Some(g) = self.bases(size) else {
+            return Ok(());
+        };
+        let mut buf = vec![0u8; (b - a).min(1 << 16) as usize];
+        let mut off = a;
+        while off < b {
+            let want = ((b - off) as usize).min(buf.len());
+            let n = sys::pread_full(backing_fd, &mut buf[..want], off)?;
+            if n == 0 {
+                break;
+            }
+            g.bases.record(off, &buf[..n]);
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Removes the bases file (with the data file).
+    pub(super) fn unlink_lines(base: &str) {
+        let _ = sys::unlink(&cstr(&format!("{base}.lines")));
+    }
+}

@@ -1,0 +1,196 @@
+//! Writers the shim cannot intercept (issue: "Every writer is coherent",
+//! parts 2 and 3): a process without the shim, a raw system call, a direct
+//! (DAX-aware) mapping. A sync never writes back a line only they changed;
+//! their bytes reach the shadow no later than the next sync, mapping or
+//! read; a line both sides changed is a conflict the shim's bytes win.
+
+use crate::common::*;
+use crate::{zeros, PAGE};
+use std::process::{Child, Command, Stdio};
+
+fn spawn(mut c: Command) -> Child {
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A shim process maps the file, stores `store` at `store_at`, and, once
+/// the outside writer ran (`outside`), reads and syncs as `then` says.
+fn with_outside_writer(
+    w: &World,
+    f: &std::path::Path,
+    store: &str,
+    outside: &str,
+    then: &str,
+) -> String {
+    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
+    let _ = std::fs::remove_file(&ready);
+    let _ = std::fs::remove_file(&done);
+    let a = spawn(w.probe_cmd(&*format!(
+        "open {f} rw
+         map 8192
+         {store}
+         touch {ready}
+         waitfor {done}
+         {then}",
+        f = s(f),
+        ready = s(&ready),
+        done = s(&done),
+    )));
+    wait_for(&ready);
+    // The outside writer: the probe without the shim.
+    ok(w.probe_plain(&*format!(
+        "open {f} rw\n{outside}\ntouch {done}",
+        f = s(f),
+        done = s(&done)
+    )));
+    ok(a.wait_with_output().unwrap())
+}
+
+// A process without the shim writes into the page the shim process stored
+// to (another line) and into a page nobody stored to: the shim process's
+// pread sees them at once, its msync keeps them, its mapping shows them
+// after the msync.
+#[test]
+fn a_writer_without_the_shim_is_never_undone() {
+    let w = World::new("foreign");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let out = with_outside_writer(
+        &w,
+        &f,
+        "store 100 AAAA",
+        "pwrite 200 BBBB\npwrite 5000 CCCC",
+        "pread 200 4\nmsync sync\nload 200 4\nload 5000 4\nload 100 4",
+    );
+    assert!(out.contains("pread: BBBB"), "{out}");
+    assert!(
+        out.contains("load: BBBB") && out.contains("load: CCCC"),
+        "{out}"
+    );
+    assert!(out.contains("load: AAAA"), "{out}");
+    let b = backing(&f);
+    assert_eq!(&b[100..104], b"AAAA");
+    assert_eq!(&b[200..204], b"BBBB");
+    assert_eq!(&b[5000..5004], b"CCCC");
+    assert!(w.stat_sum("foreign_writes") >= 2);
+}
+
+// The same line changed on both sides between two syncs: the shim's bytes
+// win, and the conflict is logged and counted.
+#[test]
+fn a_line_changed_on_both_sides_is_a_conflict_the_shim_wins() {
+    let w = World::new("conflict");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
+    let a = spawn(w.probe_cmd(&*format!(
+        "open {f} rw
+         map 8192
+         store 100 AAAA
+         touch {ready}
+         waitfor {done}
+         msync sync",
+        f = s(&f),
+        ready = s(&ready),
+        done = s(&done),
+    )));
+    wait_for(&ready);
+    ok(w.probe_plain(&*format!(
+        "open {f} rw\npwrite 102 XX\npwrite 400 YY\ntouch {done}",
+        f = s(&f),
+        done = s(&done)
+    )));
+    let o = a.wait_with_output().unwrap();
+    let err = stderr(&o);
+    ok(o);
+    let b = backing(&f);
+    assert_eq!(&b[100..104], b"AAAA", "the shim's line won");
+    assert_eq!(&b[400..402], b"YY", "the other line was kept");
+    assert!(err.contains("offset 64"), "{err}");
+    assert!(w.stat_sum("conflicts") >= 1 && w.stat_sum("foreign_writes") >= 1);
+}
+
+// A raw system call from the shim's own process (no libc wrapper, so no
+// hook): never undone by the next msync, seen by the mapping after it.
+#[test]
+fn raw_system_call_writes_are_never_undone() {
+    let w = World::new("rawsys");
+    let pf = w.pmem_file("f", &zeros(2 * PAGE));
+    let of = w.plain_file("f", &zeros(2 * PAGE));
+    let out = w.probe_both(
+        &pf,
+        &of,
+        "open {f} rw
+         map 8192
+         store 100 mapped
+         rawpwrite 300 raw
+         rawpwrite 5000 clean
+         msync sync
+         load 300 3
+         load 5000 5
+         load 100 6",
+    );
+    assert!(
+        out.contains("load: raw") && out.contains("load: clean"),
+        "{out}"
+    );
+    assert_eq!(backing(&pf), backing(&of));
+}
+
+// Truncated from outside: the shadow follows, nothing beyond the new size
+// is written back. Extended from outside: the new bytes are kept and seen.
+#[test]
+fn truncate_and_extend_from_outside() {
+    let w = World::new("outsize");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    with_outside_writer(&w, &f, "store 5000 BBBB", "ftruncate 50", "msync sync");
+    assert_eq!(backing(&f).len(), 50, "written back beyond the new size");
+
+    let g = w.pmem_file("g", &zeros(2 * PAGE));
+    let out = with_outside_writer(
+        &w,
+        &g,
+        "store 100 AAAA",
+        "ftruncate 12288\npwrite 9000 ext",
+        "msync sync\npread 9000 3",
+    );
+    assert!(out.contains("pread: ext"), "{out}");
+    let b = backing(&g);
+    assert_eq!(b.len(), 3 * PAGE);
+    assert_eq!(&b[9000..9003], b"ext");
+    assert_eq!(&b[100..104], b"AAAA");
+}
+
+// A DAX-aware writer (a direct mapping, MAP_DAX) and an unaware one (a
+// shadow) store into the same page, different lines: both stores survive
+// every sync of either, and the unaware one sees the direct one's bytes
+// after its sync.
+#[test]
+fn dax_aware_and_unaware_writers_share_a_page() {
+    let w = World::new("mixed");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
+    let a = spawn(w.probe_cmd(&*format!(
+        "open {f} rw
+         map 8192
+         store 200 shadow
+         touch {ready}
+         waitfor {done}
+         msync sync
+         load 0 6",
+        f = s(&f),
+        ready = s(&ready),
+        done = s(&done),
+    )));
+    wait_for(&ready);
+    ok(w.probe(&*format!(
+        "open {f} rw\nmap 8192 dax\nstore 0 DIRECT\nmsync sync\ntouch {done}",
+        f = s(&f),
+        done = s(&done)
+    )));
+    let out = ok(a.wait_with_output().unwrap());
+    assert!(out.contains("load: DIRECT"), "{out}");
+    let b = backing(&f);
+    assert_eq!(&b[0..6], b"DIRECT");
+    assert_eq!(&b[200..206], b"shadow");
+}
