@@ -291,9 +291,6 @@ impl FileState {
                 libc::PROT_READ | libc::PROT_WRITE,
                 kind,
             )?;
-            let Some(g) = self.shadow.bases(b.size) else {
-                return Ok(0);
-            };
             // Only pages the data file holds (a hole is the backing's).
             let mut all = RangeSet::new();
             all.insert(0, b.size);
@@ -301,6 +298,10 @@ impl FileState {
                 self.shadow.present_in(&all)
             } else {
                 all
+            };
+            // (After the residency probe: the two leaf locks never nest.)
+            let Some(g) = self.shadow.bases(b.size) else {
+                return Ok(0);
             };
             let mut taken = 0;
             for (a, e) in held.iter() {

@@ -330,16 +330,21 @@ impl Shadow {
         Ok(!left)
     }
 
-    /// Fork: holds the residency probe's lock (see `lifecycle`).
+    /// Fork: holds the residency probe's and the bases' locks (see
+    /// `lifecycle`).
     pub fn hold_for_fork(&self) {
         std::mem::forget(self.probe.lock());
+        std::mem::forget(self.lines.lock());
     }
 
     /// # Safety
     /// After [`Shadow::hold_for_fork`], in the parent or the child.
     pub unsafe fn release_after_fork(&self) {
-        // SAFETY: hold_for_fork took it and forgot the guard.
-        unsafe { self.probe.force_unlock() };
+        // SAFETY: hold_for_fork took them and forgot the guards.
+        unsafe {
+            self.lines.force_unlock();
+            self.probe.force_unlock();
+        }
     }
 
     /// The pages of `[a, b)` that the data file holds, as page-aligned
