@@ -14,7 +14,7 @@ LAYERS = [
     ["shadow", "track", "persist", "sigchain"],
     ["lazy"],
     ["runtime", "classify", "file", "registry", "fdtable", "writeback", "fileio", "mapping",
-     "lifecycle", "stdio"],
+     "lifecycle", "stdio", "watcher"],
     ["hooks"],
     ["lib"],
 ]

@@ -52,6 +52,7 @@ mod mapping;
 mod registry;
 mod runtime;
 mod stdio;
+mod watcher;
 mod writeback;
 // 4: the exported hooks (nothing below imports them).
 mod hooks;

@@ -31,6 +31,7 @@ impl FileState {
             )
             .is_ok()
         };
+        crate::watcher::unwatch(self);
         unmap_views(&mut self.inner.lock());
         self.shadow.detach(
             if synced {
@@ -132,12 +133,14 @@ pub fn atfork_prepare() {
     }
     crate::lazy::hold_for_fork();
     crate::stdio::hold_for_fork();
+    crate::watcher::hold_for_fork();
     std::mem::forget(reg);
 }
 
 fn atfork_release() {
     // SAFETY: atfork_prepare took exactly these locks and forgot the guards.
     unsafe {
+        crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
         crate::lazy::release_after_fork();
         for f in REG.data_unchecked().files.iter() {
@@ -172,6 +175,11 @@ pub fn atfork_child() {
         }
     };
     crate::lazy::forget_thread_after_fork();
+    // The parent's watcher is not the child's: watch again, afresh.
+    crate::watcher::forget_after_fork();
+    for f in files.iter().filter(|f| f.shadow.data().is_some()) {
+        crate::watcher::watch(f);
+    }
     let mut reg = REG.lock();
     let mut lazy_failed = Vec::new();
     for m in reg.maps.values_mut() {

@@ -141,8 +141,10 @@ pub fn mmap_impl(
             return kernel_map(flags);
         }
     };
-    // The mapping shows what was changed outside the shim too.
+    // The mapping shows what was changed outside the shim too, from now on
+    // without waiting for a shim call.
     file.catch_up();
+    crate::watcher::watch(&file);
     // Let the kernel validate everything and choose the address by mapping
     // the file itself, then put the shadow over it.
     let probe_flags = flags & !(libc::MAP_POPULATE | libc::MAP_LOCKED);

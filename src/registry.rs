@@ -108,6 +108,9 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Stri
     REG.lock().files.push(f.clone());
     // Changes made outside the shim since the shadow last saw the file.
     f.catch_up();
+    if f.shadow.data().is_some() {
+        crate::watcher::watch(&f);
+    }
     Ok(f)
 }
 

@@ -11,6 +11,8 @@
  *   store OFF TEXT          copy TEXT into the mapping at OFF
  *   fill OFF LEN CHAR       memset the mapping
  *   load OFF LEN            print "load: <bytes>"
+ *   waitload OFF TEXT MS    poll the mapping until it holds TEXT at OFF:
+ *                           print "waitload: ok" or "waitload: timeout"
  *   msync [sync|async|inval|0] [OFF LEN]
  *   fsync | fdatasync | syncfs | sync
  *   sfr OFF LEN [wait]      sync_file_range(WRITE [|WAIT_AFTER])
@@ -260,6 +262,19 @@ int main(int argc, char **argv) {
         } else if (!strcmp(c, "try_fsync")) {
             const char *a = argv[++i];
             report(fsync(!strcmp(a, "self") ? fd : (int)num(a)));
+        } else if (!strcmp(c, "waitload")) {
+            long o = num(argv[i + 1]), ms = num(argv[i + 3]);
+            const char *t = argv[i + 2];
+            i += 3;
+            int ok = 0;
+            for (long k = 0; k <= ms && !ok; k++) {
+                ok = !memcmp(map + o, t, strlen(t));
+                if (!ok) usleep(1000);
+            }
+            printf("waitload: %s\n", ok ? "ok" : "timeout");
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            fprintf(stderr, "waitload-at: %ld.%09ld\n", (long)now.tv_sec, now.tv_nsec);
         } else if (!strcmp(c, "rawpwrite")) {
             long o = num(argv[i + 1]);
             const char *t = argv[i + 2];

@@ -194,3 +194,23 @@ fn dax_aware_and_unaware_writers_share_a_page() {
     assert_eq!(&b[0..6], b"DIRECT");
     assert_eq!(&b[200..206], b"shadow");
 }
+
+// Without any call of the shim's process (it only polls its mapping), a
+// write made by a process without the shim reaches the shadow: the watcher
+// takes it in (bounded here by 10 s; its latency is measured, not tested).
+#[test]
+fn outside_writes_reach_the_mapping_without_a_shim_call() {
+    let w = World::new("watch");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let out = with_outside_writer(
+        &w,
+        &f,
+        "store 100 AAAA",
+        "pwrite 5000 seen\npwrite 200 also",
+        "waitload 5000 seen 10000\nwaitload 200 also 10000\nmsync sync",
+    );
+    assert_eq!(out.matches("waitload: ok").count(), 2, "{out}");
+    let b = backing(&f);
+    assert_eq!(&b[100..104], b"AAAA");
+    assert_eq!(&b[5000..5004], b"seen");
+}

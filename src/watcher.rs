@@ -1,0 +1,172 @@
+//! Changes made outside the shim reach the shadow without waiting for a
+//! shim call: an inotify watch on each backing file that has a shadow copy,
+//! served by one thread per process, makes the file catch up
+//! ([`FileState::catch_up`]) when the kernel reports a write to it. The
+//! shim's own writes record the backing's size and mtime as they change it,
+//! so their events cost one `fstat` and find nothing to take in.
+//!
+//! inotify sees writes through `write(2)` and its kin (other processes,
+//! raw system calls, truncation), not stores through another process's
+//! mapping: those reach the shadow at the next sync, mapping or read.
+
+use crate::file::FileState;
+use crate::lock::Lock;
+use crate::sys;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Weak};
+
+struct Watches {
+    /// Watch descriptor → the file it watches.
+    files: BTreeMap<i32, Weak<FileState>>,
+}
+
+static WATCHES: Lock<Watches> = Lock::new(Watches {
+    files: BTreeMap::new(),
+});
+/// The process's inotify descriptor (-1: none yet; owned while ≥ 0).
+static FD: AtomicI32 = AtomicI32::new(-1);
+/// inotify could not be had (limits): no watcher, said once.
+static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// The inotify descriptor, made (with its thread) on first use.
+fn fd() -> Option<i32> {
+    let fd = FD.load(Ordering::Acquire);
+    if fd >= 0 {
+        return Some(fd);
+    }
+    if UNAVAILABLE.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: plain system call.
+    let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if raw < 0 {
+        UNAVAILABLE.store(true, Ordering::Relaxed);
+        info!(
+            "no inotify ({}): changes made outside the shim show at the next sync, mapping or read",
+            sys::Errno::last()
+        );
+        return None;
+    }
+    // SAFETY: a descriptor the kernel just opened for us.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    let spawned = std::thread::Builder::new()
+        .name("daxshim-watch".into())
+        .stack_size(128 << 10)
+        .spawn(move || serve(raw));
+    if spawned.is_err() {
+        UNAVAILABLE.store(true, Ordering::Relaxed);
+        return None;
+    }
+    FD.store(owned.into_raw_fd(), Ordering::Release);
+    Some(raw)
+}
+
+/// Watches `f`'s backing file (once it has a shadow copy).
+pub fn watch(f: &Arc<FileState>) {
+    let mut w = WATCHES.lock();
+    if w.files
+        .values()
+        .any(|x| std::ptr::addr_eq(x.as_ptr(), Arc::as_ptr(f)))
+    {
+        return;
+    }
+    let Some(fd) = fd() else {
+        return;
+    };
+    let path = CString::new(format!("/proc/self/fd/{}", f.backing_fd())).unwrap_or_default();
+    // SAFETY: a C string; the watch follows the link to the file itself.
+    let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_MODIFY) };
+    if wd < 0 {
+        debug!("{}: no inotify watch: {}", f.path, sys::Errno::last());
+        return;
+    }
+    w.files.insert(wd, Arc::downgrade(f));
+}
+
+/// Stops watching `f` (detached).
+pub fn unwatch(f: &FileState) {
+    let mut w = WATCHES.lock();
+    let fd = FD.load(Ordering::Acquire);
+    let gone: Vec<i32> = w
+        .files
+        .iter()
+        .filter(|(_, x)| std::ptr::addr_eq(x.as_ptr(), f as *const FileState))
+        .map(|(&wd, _)| wd)
+        .collect();
+    for wd in gone {
+        w.files.remove(&wd);
+        if fd >= 0 {
+            // SAFETY: plain system call on our descriptor.
+            unsafe { libc::inotify_rm_watch(fd, wd) };
+        }
+    }
+}
+
+/// The watcher thread: reads events, makes each watched file catch up.
+fn serve(fd: i32) {
+    // Signals are for the program's threads; hooks pass straight through.
+    let _signals = sys::SignalBlock::all();
+    let _inside = crate::reentry::enter_always();
+    let mut buf = [0u8; 4096];
+    loop {
+        if sys::poll_in(fd).is_err() {
+            return;
+        }
+        let n = match sys::read(fd, &mut buf) {
+            Ok(n) => n,
+            Err(sys::Errno(libc::EAGAIN)) | Err(sys::Errno(libc::EINTR)) => continue,
+            Err(_) => return,
+        };
+        if FD.load(Ordering::Acquire) != fd {
+            return; // replaced after fork
+        }
+        let mut wds = Vec::new();
+        let mut off = 0;
+        let head = std::mem::size_of::<libc::inotify_event>();
+        while off + head <= n {
+            // SAFETY: the kernel wrote whole events into the buffer.
+            let ev =
+                unsafe { (buf.as_ptr().add(off) as *const libc::inotify_event).read_unaligned() };
+            if !wds.contains(&ev.wd) {
+                wds.push(ev.wd);
+            }
+            off += head + ev.len as usize;
+        }
+        let files: Vec<Arc<FileState>> = {
+            let w = WATCHES.lock();
+            wds.iter()
+                .filter_map(|wd| w.files.get(wd).and_then(Weak::upgrade))
+                .collect()
+        };
+        for f in files {
+            f.catch_up();
+        }
+    }
+}
+
+/// Fork: held by the atfork handlers like the other leaf locks.
+pub fn hold_for_fork() {
+    std::mem::forget(WATCHES.lock());
+}
+
+/// # Safety
+/// After [`hold_for_fork`], in the parent or the child.
+pub unsafe fn release_after_fork() {
+    // SAFETY: hold_for_fork took it and forgot the guard.
+    unsafe { WATCHES.force_unlock() };
+}
+
+/// In a forked child: the inherited inotify descriptor is the parent's
+/// instance (its events would be shared) and its thread does not exist
+/// here. The caller watches its files again.
+pub fn forget_after_fork() {
+    let old = FD.swap(-1, Ordering::AcqRel);
+    if old >= 0 {
+        // SAFETY: the inherited descriptor, ours to close in the child.
+        drop(unsafe { OwnedFd::from_raw_fd(old) });
+    }
+    WATCHES.lock().files.clear();
+}
