@@ -18,6 +18,7 @@
  *   sfr OFF LEN [wait]      sync_file_range(WRITE [|WAIT_AFTER])
  *   pwrite OFF TEXT | write TEXT | pread OFF LEN | read LEN | seek OFF
  *   rawpwrite OFF TEXT      syscall(SYS_pwrite64, ...): no libc wrapper
+ *   rawwrite TEXT | rawpwritev OFF TEXT1 TEXT2   syscall(SYS_write / SYS_pwritev)
  *   writev TEXT1 TEXT2      | preadv OFF LEN1 LEN2
  *   ftruncate LEN | fallocate OFF LEN | punch OFF LEN | mremap NEWLEN | munmap | close | dup
  *   vmflags                 print "vmflags: ..." of the mapping (/proc/self/smaps)
@@ -275,6 +276,15 @@ int main(int argc, char **argv) {
             struct timespec now;
             clock_gettime(CLOCK_MONOTONIC, &now);
             fprintf(stderr, "waitload-at: %ld.%09ld\n", (long)now.tv_sec, now.tv_nsec);
+        } else if (!strcmp(c, "rawwrite")) {
+            const char *t = argv[++i];
+            if (syscall(SYS_write, fd, t, strlen(t)) < 0) die("rawwrite");
+        } else if (!strcmp(c, "rawpwritev")) {
+            long o = num(argv[i + 1]);
+            struct iovec v[2] = {{(void *)argv[i + 2], strlen(argv[i + 2])},
+                                 {(void *)argv[i + 3], strlen(argv[i + 3])}};
+            i += 3;
+            if (syscall(SYS_pwritev, fd, v, 2, o, 0) < 0) die("rawpwritev");
         } else if (!strcmp(c, "rawpwrite")) {
             long o = num(argv[i + 1]);
             const char *t = argv[i + 2];

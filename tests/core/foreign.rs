@@ -110,8 +110,9 @@ fn a_line_changed_on_both_sides_is_a_conflict_the_shim_wins() {
     assert!(w.stat_sum("conflicts") >= 1 && w.stat_sum("foreign_writes") >= 1);
 }
 
-// A raw system call from the shim's own process (no libc wrapper, so no
-// hook): never undone by the next msync, seen by the mapping after it.
+// Raw system calls from the shim's own process (no libc wrapper, so no
+// hook: SYS_pwrite64, SYS_write, SYS_pwritev): never undone by the next
+// msync, seen by the mapping after it.
 #[test]
 fn raw_system_call_writes_are_never_undone() {
     let w = World::new("rawsys");
@@ -125,13 +126,22 @@ fn raw_system_call_writes_are_never_undone() {
          store 100 mapped
          rawpwrite 300 raw
          rawpwrite 5000 clean
+         seek 600
+         rawwrite written
+         rawpwritev 700 ve ctor
          msync sync
          load 300 3
          load 5000 5
+         load 600 7
+         load 700 6
          load 100 6",
     );
     assert!(
         out.contains("load: raw") && out.contains("load: clean"),
+        "{out}"
+    );
+    assert!(
+        out.contains("load: written") && out.contains("load: vector"),
         "{out}"
     );
     assert_eq!(backing(&pf), backing(&of));
@@ -213,4 +223,37 @@ fn outside_writes_reach_the_mapping_without_a_shim_call() {
     let b = backing(&f);
     assert_eq!(&b[100..104], b"AAAA");
     assert_eq!(&b[5000..5004], b"seen");
+}
+
+// A shell's truncating `>` onto a file another process maps: the file is
+// what the shell wrote, the mapping shows it, and its msync writes nothing
+// of its lost stores back (as the kernel truncates the page cache).
+#[test]
+fn a_truncating_redirection_onto_a_mapped_file() {
+    let w = World::new("redir");
+    let f = w.pmem_file("f", &zeros(2 * PAGE));
+    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
+    let a = spawn(w.probe_cmd(&*format!(
+        "open {f} rw
+         map 8192
+         store 100 AAAA
+         touch {ready}
+         waitfor {done}
+         load 0 2
+         msync sync",
+        f = s(&f),
+        ready = s(&ready),
+        done = s(&done),
+    )));
+    wait_for(&ready);
+    let mut sh = w.shim_cmd("sh");
+    sh.arg("-c").arg(format!(
+        "printf XY > {f} && touch {done}",
+        f = s(&f),
+        done = s(&done)
+    ));
+    ok(run(sh));
+    let out = ok(a.wait_with_output().unwrap());
+    assert!(out.contains("load: XY"), "{out}");
+    assert_eq!(backing(&f), b"XY");
 }
