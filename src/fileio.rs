@@ -60,40 +60,68 @@ fn iov_parts(iov: &[iovec], n: usize) -> impl Iterator<Item = (usize, *mut u8, u
         .filter(|&(_, _, len)| len > 0)
 }
 
-/// Overwrites `n` bytes spread over `iov` with the shadow's bytes at `off`.
+/// Overwrites `n` bytes spread over `iov` (the kernel's, i.e. the
+/// backing's) with the shadow's bytes at `off`, where the shadow's are the
+/// ones to show: lines the shim's processes changed. A line whose shadow
+/// bytes still match its base (what the backing held when the shim last
+/// knew it) keeps the kernel's bytes, which are newer if someone outside
+/// the shim changed it (whatever the timestamps say). A lazy shadow holds
+/// only some pages; elsewhere the kernel's bytes are right. The shadow is
+/// read under the fill lock into our own buffer: the caller's buffer may
+/// itself be a lazy mapping whose faults need that lock.
 fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: u64) {
-    if f.shadow.is_lazy() {
-        return patch_from_lazy_shadow(f, data_fd, iov, n, off);
-    }
-    for (pos, p, len) in iov_parts(iov, n) {
-        // SAFETY: the kernel just wrote `len` bytes there for the caller.
-        let buf = unsafe { std::slice::from_raw_parts_mut(p, len) };
-        if sys::pread_full(data_fd, buf, off + pos as u64).is_err() {
-            return;
-        }
-    }
-}
-
-/// A lazy shadow holds only some pages; elsewhere the kernel's bytes (the
-/// backing's) are right. The pages are read under the fill lock into our
-/// own buffer: the caller's buffer may itself be a lazy mapping whose
-/// faults need that lock.
-fn patch_from_lazy_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: u64) {
+    let line = crate::persist::LINE as u64;
+    let end = off + n as u64;
     let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
     {
-        let _fill = f.shadow.fill_lock();
-        let end = off + n as u64;
-        for (a, b) in f.shadow.present(off, end).iter() {
-            let (a, b) = (a.max(off), b.min(end));
+        let lazy = f.shadow.is_lazy();
+        let _fill = lazy.then(|| f.shadow.fill_lock());
+        let held = if lazy {
+            f.shadow.present(off, end)
+        } else {
+            let mut all = crate::ranges::RangeSet::new();
+            all.insert(off, end);
+            all
+        };
+        let Ok(size) = sys::fstat(data_fd).map(|st| st.st_size as u64) else {
+            return;
+        };
+        let bases = f.shadow.bases(size);
+        for (a, b) in held.iter() {
+            let (a, b) = (a.max(off), b.min(end).min(size));
             if a >= b {
                 continue;
             }
-            let mut buf = vec![0u8; (b - a) as usize];
-            match sys::pread_full(data_fd, &mut buf, a) {
+            // Whole lines, to compare them with their bases.
+            let la = a - a % line;
+            let lb = b.div_ceil(line).saturating_mul(line).min(size);
+            let mut buf = vec![0u8; (lb - la) as usize];
+            match sys::pread_full(data_fd, &mut buf, la) {
                 Ok(k) => buf.truncate(k),
                 Err(_) => return,
             }
-            parts.push((a, buf));
+            for (k, bytes) in buf.chunks(line as usize).enumerate() {
+                let lo = la + k as u64 * line;
+                let untouched = bases.as_ref().is_some_and(|g| {
+                    let base = g.bases.get(lo);
+                    // SAFETY: `bytes` is at most one line.
+                    base != 0
+                        && unsafe { crate::persist::base::line_hash(bytes.as_ptr(), bytes.len()) }
+                            == base
+                });
+                if untouched {
+                    continue;
+                }
+                let (s, e) = (lo.max(a), (lo + bytes.len() as u64).min(b));
+                if s >= e {
+                    continue;
+                }
+                let piece = &bytes[(s - lo) as usize..(e - lo) as usize];
+                match parts.last_mut() {
+                    Some((at, v)) if *at + v.len() as u64 == s => v.extend_from_slice(piece),
+                    _ => parts.push((s, piece.to_vec())),
+                }
+            }
         }
     }
     for (a, bytes) in parts {

@@ -176,6 +176,16 @@ pub fn statx_fd(fd: i32, mask: u32) -> SysResult<libc::statx> {
     Ok(stx)
 }
 
+/// The coarse real-time clock (the one file timestamps are taken from), as
+/// seconds and nanoseconds.
+pub fn coarse_realtime() -> (i64, u64) {
+    // SAFETY: an all-zero timespec is a valid value to be overwritten.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock and output pointer (vDSO, no system call).
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    (ts.tv_sec, ts.tv_nsec as u64)
+}
+
 /// `statx` of a path (symbolic links followed).
 pub fn statx_path(path: &CStr, mask: u32) -> SysResult<libc::statx> {
     // SAFETY: an all-zero statx is a valid value to be overwritten.

@@ -312,7 +312,7 @@ impl FileState {
             }
             Ok(taken)
         })();
-        self.shadow.record_backing(self.backing_fd());
+        self.shadow.record_outside_change(self.backing_fd());
         match taken {
             Ok(n) => {
                 add(&STATS.foreign_writes, n);

@@ -121,6 +121,7 @@ fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
     unsafe { hdr.init_locks() };
     hdr.lazy.store(0, Ordering::Relaxed);
     hdr.no_evict.store(0, Ordering::Relaxed);
+    hdr.rec_unsure.store(0, Ordering::Relaxed);
     record(hdr, backing_fd);
     hdr.magic.store(MAGIC, Ordering::Release);
 }

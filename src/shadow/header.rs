@@ -68,6 +68,11 @@ pub struct Header {
     /// writeback's view): such a read of a hole would create a page of
     /// zeros. Never held while touching memory of a watched mapping.
     pub fill_lock: UnsafeCell<libc::pthread_mutex_t>,
+    /// 1: the record above was taken after a change from outside the shim
+    /// within the current tick of the file system's clock, so another such
+    /// change may hide behind the same mtime: the next check looks at the
+    /// lines whatever the record says.
+    pub rec_unsure: AtomicU32,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;

@@ -148,7 +148,22 @@ impl Shadow {
     /// someone outside the shim changed it (or the shim itself within the
     /// file system's timestamp granularity: the caller then finds nothing).
     pub fn backing_unchanged(&self, b: &BackingState) -> bool {
-        b.is_recorded_in(self.header())
+        b.is_recorded_in(self.header()) && self.header().rec_unsure.load(Ordering::Acquire) == 0
+    }
+
+    /// After taking in changes made outside the shim: records the backing
+    /// and whether a later change could hide behind the same mtime (it lies
+    /// in the clock tick that is still current). Call with the io lock held.
+    pub fn record_outside_change(&self, backing_fd: i32) {
+        let Ok(b) = BackingState::of(backing_fd) else {
+            return;
+        };
+        self.header().record(b.size, b.mtime_sec, b.mtime_nsec);
+        let now = sys::coarse_realtime();
+        let unsure = (b.mtime_sec, b.mtime_nsec) >= now;
+        self.header()
+            .rec_unsure
+            .store(unsure as u32, Ordering::Release);
     }
 
     /// Records the backing's size and mtime after the shim changed it. Call
