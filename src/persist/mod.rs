@@ -253,6 +253,13 @@ pub fn write_back(
                 },
                 None => 0,
             };
+            if how.bases.is_some() && mask == 0 {
+                // Nothing left to write in this page: the compare is done.
+                foreign.compared += (end - start).div_ceil(LINE as u64);
+                total += foreign;
+                page += PAGE as u64;
+                continue;
+            }
             let c = match &mut writer {
                 // SAFETY: start < end <= size; both views cover [0, size).
                 None => unsafe {
