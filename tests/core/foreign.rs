@@ -5,47 +5,21 @@
 //! read; a line both sides changed is a conflict the shim's bytes win.
 
 use crate::common::*;
+use crate::while_mapped;
 use crate::{zeros, PAGE};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
-fn spawn(mut c: Command) -> Child {
-    c.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// A shim process maps the file, stores `store` at `store_at`, and, once
-/// the outside writer ran (`outside`), reads and syncs as `then` says.
-fn with_outside_writer(
-    w: &World,
-    f: &std::path::Path,
-    store: &str,
-    outside: &str,
-    then: &str,
-) -> String {
-    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
-    let _ = std::fs::remove_file(&ready);
-    let _ = std::fs::remove_file(&done);
-    let a = spawn(w.probe_cmd(&*format!(
-        "open {f} rw
-         map 8192
-         {store}
-         touch {ready}
-         waitfor {done}
-         {then}",
-        f = s(f),
-        ready = s(&ready),
-        done = s(&done),
-    )));
-    wait_for(&ready);
-    // The outside writer: the probe without the shim.
-    ok(w.probe_plain(&*format!(
-        "open {f} rw\n{outside}\ntouch {done}",
-        f = s(f),
-        done = s(&done)
-    )));
-    ok(a.wait_with_output().unwrap())
+/// [`while_mapped`] with a process without the shim (the probe) writing
+/// meanwhile: `outside` is its script on the same file.
+fn with_outside_writer(w: &World, f: &Path, store: &str, outside: &str, then: &str) -> String {
+    let o = while_mapped(w, f, store, then, |done| {
+        ok(w.probe_plain(&*format!(
+            "open {f} rw\n{outside}\ntouch {done}",
+            f = s(f),
+            done = s(done)
+        )));
+    });
+    stdout(&o)
 }
 
 // A process without the shim writes into the page the shim process stored
@@ -82,27 +56,14 @@ fn a_writer_without_the_shim_is_never_undone() {
 fn a_line_changed_on_both_sides_is_a_conflict_the_shim_wins() {
     let w = World::new("conflict");
     let f = w.pmem_file("f", &zeros(2 * PAGE));
-    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
-    let a = spawn(w.probe_cmd(&*format!(
-        "open {f} rw
-         map 8192
-         store 100 AAAA
-         touch {ready}
-         waitfor {done}
-         msync sync",
-        f = s(&f),
-        ready = s(&ready),
-        done = s(&done),
-    )));
-    wait_for(&ready);
-    ok(w.probe_plain(&*format!(
-        "open {f} rw\npwrite 102 XX\npwrite 400 YY\ntouch {done}",
-        f = s(&f),
-        done = s(&done)
-    )));
-    let o = a.wait_with_output().unwrap();
+    let o = while_mapped(&w, &f, "store 100 AAAA", "msync sync", |done| {
+        ok(w.probe_plain(&*format!(
+            "open {f} rw\npwrite 102 XX\npwrite 400 YY\ntouch {done}",
+            f = s(&f),
+            done = s(done)
+        )));
+    });
     let err = stderr(&o);
-    ok(o);
     let b = backing(&f);
     assert_eq!(&b[100..104], b"AAAA", "the shim's line won");
     assert_eq!(&b[400..402], b"YY", "the other line was kept");
@@ -179,26 +140,14 @@ fn truncate_and_extend_from_outside() {
 fn dax_aware_and_unaware_writers_share_a_page() {
     let w = World::new("mixed");
     let f = w.pmem_file("f", &zeros(2 * PAGE));
-    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
-    let a = spawn(w.probe_cmd(&*format!(
-        "open {f} rw
-         map 8192
-         store 200 shadow
-         touch {ready}
-         waitfor {done}
-         msync sync
-         load 0 6",
-        f = s(&f),
-        ready = s(&ready),
-        done = s(&done),
-    )));
-    wait_for(&ready);
-    ok(w.probe(&*format!(
-        "open {f} rw\nmap 8192 dax\nstore 0 DIRECT\nmsync sync\ntouch {done}",
-        f = s(&f),
-        done = s(&done)
-    )));
-    let out = ok(a.wait_with_output().unwrap());
+    let o = while_mapped(&w, &f, "store 200 shadow", "msync sync\nload 0 6", |done| {
+        ok(w.probe(&*format!(
+            "open {f} rw\nmap 8192 dax\nstore 0 DIRECT\nmsync sync\ntouch {done}",
+            f = s(&f),
+            done = s(done)
+        )));
+    });
+    let out = stdout(&o);
     assert!(out.contains("load: DIRECT"), "{out}");
     let b = backing(&f);
     assert_eq!(&b[0..6], b"DIRECT");
@@ -232,28 +181,16 @@ fn outside_writes_reach_the_mapping_without_a_shim_call() {
 fn a_truncating_redirection_onto_a_mapped_file() {
     let w = World::new("redir");
     let f = w.pmem_file("f", &zeros(2 * PAGE));
-    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
-    let a = spawn(w.probe_cmd(&*format!(
-        "open {f} rw
-         map 8192
-         store 100 AAAA
-         touch {ready}
-         waitfor {done}
-         load 0 2
-         msync sync",
-        f = s(&f),
-        ready = s(&ready),
-        done = s(&done),
-    )));
-    wait_for(&ready);
-    let mut sh = w.shim_cmd("sh");
-    sh.arg("-c").arg(format!(
-        "printf XY > {f} && touch {done}",
-        f = s(&f),
-        done = s(&done)
-    ));
-    ok(run(sh));
-    let out = ok(a.wait_with_output().unwrap());
+    let o = while_mapped(&w, &f, "store 100 AAAA", "load 0 2\nmsync sync", |done| {
+        let mut sh = w.shim_cmd("sh");
+        sh.arg("-c").arg(format!(
+            "printf XY > {f} && touch {done}",
+            f = s(&f),
+            done = s(done)
+        ));
+        ok(run(sh));
+    });
+    let out = stdout(&o);
     assert!(out.contains("load: XY"), "{out}");
     assert_eq!(backing(&f), b"XY");
 }

@@ -39,3 +39,45 @@ const PAGE: usize = 4096;
 fn zeros(n: usize) -> Vec<u8> {
     vec![0u8; n]
 }
+
+/// A probe under the shim maps `f` (8 KiB) and runs `before`; once
+/// `meanwhile` ran (it gets the path it must create when done), the probe
+/// runs `after`. Returns the probe's output (it must exit 0).
+fn while_mapped(
+    w: &common::World,
+    f: &std::path::Path,
+    before: &str,
+    after: &str,
+    meanwhile: impl FnOnce(&std::path::Path),
+) -> std::process::Output {
+    use common::s;
+    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
+    let _ = std::fs::remove_file(&ready);
+    let _ = std::fs::remove_file(&done);
+    let mut probe = w.probe_cmd(&*format!(
+        "open {f} rw
+         map 8192
+         {before}
+         touch {ready}
+         waitfor {done}
+         {after}",
+        f = s(f),
+        ready = s(&ready),
+        done = s(&done),
+    ));
+    let a = probe
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for(&ready);
+    meanwhile(&done);
+    let o = a.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        common::stdout(&o),
+        common::stderr(&o)
+    );
+    o
+}

@@ -5,7 +5,7 @@
 //! without the shim, and both must print the same and leave the same bytes).
 
 use crate::common::*;
-use crate::{zeros, PAGE};
+use crate::{while_mapped, zeros, PAGE};
 
 fn digits(n: usize) -> Vec<u8> {
     (0..n).map(|i| b'0' + (i % 10) as u8).collect()
@@ -49,34 +49,21 @@ fn stdio_writes_reach_the_mapping_and_survive_its_msync() {
 fn another_processes_stdio_writes_survive_this_ones_msync() {
     let w = World::new("stdio2");
     let f = w.pmem_file("f", &zeros(2 * PAGE));
-    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
-    let a = w.probe_cmd(&*format!(
-        "open {f} rw
-         map 8192
-         store 100 AAAA
-         touch {ready}
-         waitfor {done}
-         load 100 4
-         load 5000 4
-         msync sync",
-        f = s(&f),
-        ready = s(&ready),
-        done = s(&done),
-    ));
-    let a = a_spawn(a);
-    wait_for(&ready);
-    ok(w.probe(&*format!(
-        "fopen {f} r+
-         fseek 102 set
-         fwrite BB
-         fseek 5000 set
-         fwrite CCCC
-         fclose
-         touch {done}",
-        f = s(&f),
-        done = s(&done),
-    )));
-    let out = ok(a.wait_with_output().unwrap());
+    let after = "load 100 4\nload 5000 4\nmsync sync";
+    let o = while_mapped(&w, &f, "store 100 AAAA", after, |done| {
+        ok(w.probe(&*format!(
+            "fopen {f} r+
+             fseek 102 set
+             fwrite BB
+             fseek 5000 set
+             fwrite CCCC
+             fclose
+             touch {done}",
+            f = s(&f),
+            done = s(done),
+        )));
+    });
+    let out = stdout(&o);
     assert!(
         out.contains("load: AABB") && out.contains("load: CCCC"),
         "{out}"
@@ -84,13 +71,6 @@ fn another_processes_stdio_writes_survive_this_ones_msync() {
     let b = backing(&f);
     assert_eq!(&b[100..104], b"AABB");
     assert_eq!(&b[5000..5004], b"CCCC");
-}
-
-fn a_spawn(mut c: std::process::Command) -> std::process::Child {
-    c.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 // Append mode positions at the end ("a"); the appended bytes land in the
@@ -206,29 +186,17 @@ fn fclose_reports_errors_like_the_kernel() {
 fn redirected_standard_streams_and_freopen_of_stdout() {
     let w = World::new("stdio6");
     let f = w.pmem_file("f", &zeros(2 * PAGE));
-    let (ready, done) = (w.root.join("ready"), w.root.join("done"));
-    let a = a_spawn(w.probe_cmd(&*format!(
-        "open {f} rw
-         map 8192
-         store 100 mapped
-         touch {ready}
-         waitfor {done}
-         load 0 2
-         load 100 6
-         msync sync",
-        f = s(&f),
-        ready = s(&ready),
-        done = s(&done),
-    )));
-    wait_for(&ready);
-    let mut sh = w.shim_cmd("sh");
-    sh.arg("-c").arg(format!(
-        "env printf XY 1<>{f} && printf AB >> {f} && touch {done}",
-        f = s(&f),
-        done = s(&done)
-    ));
-    ok(run(sh));
-    let out = ok(a.wait_with_output().unwrap());
+    let after = "load 0 2\nload 100 6\nmsync sync";
+    let o = while_mapped(&w, &f, "store 100 mapped", after, |done| {
+        let mut sh = w.shim_cmd("sh");
+        sh.arg("-c").arg(format!(
+            "env printf XY 1<>{f} && printf AB >> {f} && touch {done}",
+            f = s(&f),
+            done = s(done)
+        ));
+        ok(run(sh));
+    });
+    let out = stdout(&o);
     assert!(
         out.contains("load: XY") && out.contains("load: mapped"),
         "{out}"
