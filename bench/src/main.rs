@@ -31,14 +31,34 @@ fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+const USAGE: &str = "usage: daxshim-bench [--dir DIR] [--quick]\n\
+  Measures the shim against the kernel page cache and memory copies and\n\
+  prints tables (see BENCHMARKS.md). DIR (default /tmp) holds the files;\n\
+  --quick uses smaller files and fewer repeats.";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
     if args.get(1).map(|s| s.as_str()) == Some("one") {
         let quick = args.iter().any(|a| a == "--quick");
         cases::one(&args[2], Path::new(&args[3]), quick);
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // Anything else is a mistake, not a request for the full run.
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--quick" => {}
+            "--dir" => {
+                rest.next();
+            }
+            _ => die(&format!("unknown argument {a}\n{USAGE}")),
+        }
+    }
     let dir = args
         .iter()
         .position(|a| a == "--dir")
