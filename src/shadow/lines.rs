@@ -17,6 +17,9 @@ use std::sync::atomic::AtomicU32;
 pub struct LinesMap {
     fd: Option<OwnedFd>,
     map: OwnedMap,
+    /// The file is at least this long (it never shrinks): no `fstat` on
+    /// the hot paths while it covers what is asked.
+    known_len: u64,
 }
 
 /// The bases of a shadow, mapped while this is held.
@@ -27,6 +30,19 @@ pub struct BasesGuard<'a> {
 
 fn bytes_for(size: u64) -> u64 {
     size.div_ceil(LINE as u64) * 4
+}
+
+/// Makes the file at least `need` bytes long.
+fn grow_to(fd: i32, need: u64, known_len: &mut u64) -> SysResult<()> {
+    if *known_len >= need {
+        return Ok(());
+    }
+    let have = sys::fstat(fd)?.st_size as u64;
+    if have < need {
+        sys::ftruncate(fd, need)?;
+    }
+    *known_len = have.max(need);
+    Ok(())
 }
 
 fn lines_fd(path: &str, m: &mut LinesMap) -> Result<i32, String> {
@@ -42,10 +58,7 @@ fn lines_fd(path: &str, m: &mut LinesMap) -> Result<i32, String> {
 pub(super) fn map_bases(path: &str, size: u64, m: &mut LinesMap) -> Option<Bases> {
     let need = bytes_for(size);
     let fd = lines_fd(path, m).ok()?;
-    let have = sys::fstat(fd).ok()?.st_size as u64;
-    if have < need {
-        sys::ftruncate(fd, need).ok()?;
-    }
+    grow_to(fd, need, &mut m.known_len).ok()?;
     let len = sys::page_up(need.max(1) as usize);
     if m.map.len() < len {
         m.map = OwnedMap::default();
@@ -68,11 +81,13 @@ impl Shadow {
     }
 
     /// Makes the bases file cover `size` bytes of data (new lines are
-    /// unknown). Call where the data file is resized, under the fill lock.
+    /// unknown). It never shrinks: another process may be reading bases
+    /// beyond a new, smaller size through its mapping (stale bases there
+    /// are renewed when the data grows again).
     pub(super) fn size_lines(&self, size: u64) -> SysResult<()> {
         let mut m = self.lines.lock();
         let fd = self.lines_fd(&mut m).map_err(|_| sys::Errno(libc::EIO))?;
-        sys::ftruncate(fd, bytes_for(size))
+        grow_to(fd, bytes_for(size), &mut m.known_len)
     }
 
     fn lines_fd(&self, m: &mut LinesMap) -> Result<i32, String> {
