@@ -105,16 +105,15 @@ impl Shadow {
 
     /// Records the bases of `[a, b)` from what the backing holds there.
     pub fn rebase(&self, backing_fd: i32, a: u64, b: u64) -> SysResult<()> {
+        // Whole lines; reading stops at the backing's end by itself (no
+        // fstat on the write hooks' path), and a partial last line is
+        // hashed as it is.
         let a = a - a % LINE as u64;
-        let size = sys::fstat(backing_fd)?.st_size as u64;
-        let b = b
-            .div_ceil(LINE as u64)
-            .saturating_mul(LINE as u64)
-            .min(size);
+        let b = b.div_ceil(LINE as u64).saturating_mul(LINE as u64);
         if a >= b {
             return Ok(());
         }
-        let Some(g) = self.bases(size) else {
+        let Some(g) = self.bases(b) else {
             return Ok(());
         };
         let mut buf = vec![0u8; (b - a).min(1 << 16) as usize];
