@@ -11,7 +11,7 @@ from pathlib import Path
 # but the graph must stay acyclic.
 LAYERS = [
     ["sys", "real", "lock", "log", "config", "stats", "ranges", "reentry"],
-    ["shadow", "track", "persist", "sigchain"],
+    ["shadow", "track", "persist", "sigchain", "sud"],
     ["lazy"],
     ["runtime", "classify", "file", "registry", "fdtable", "writeback", "fileio", "mapping",
      "lifecycle", "stdio", "watcher"],

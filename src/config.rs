@@ -59,6 +59,9 @@ pub struct Config {
     /// Clean shadow pages this process filled lazily are evicted beyond
     /// this many bytes (`DAXSHIM_CACHE_MAX`); `None`: no limit.
     pub cache_max: Option<u64>,
+    /// `DAXSHIM_SYSCALLS=trap`: Syscall User Dispatch routes the system
+    /// calls `LD_PRELOAD` cannot see ([`crate::sud`]).
+    pub trap_syscalls: bool,
     /// Testing only: die after writing this many cachelines.
     pub crash_after_lines: Option<u64>,
     /// Testing only: this many writebacks fail with EIO before copying.
@@ -95,6 +98,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "DAXSHIM_WRITEBACK",
     "DAXSHIM_LAZY",
     "DAXSHIM_CACHE_MAX",
+    "DAXSHIM_SYSCALLS",
     "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
     "DAXSHIM_DEBUG_FAIL_SYNCS",
 ];
@@ -222,6 +226,12 @@ pub fn parse(
             },
         };
 
+    let trap_syscalls = match get("DAXSHIM_SYSCALLS").as_deref() {
+        None | Some("") | Some("off") => false,
+        Some("trap") => true,
+        Some(v) => return Err(err("DAXSHIM_SYSCALLS", v, "trap or off")),
+    };
+
     let crash_after_lines = match get("DAXSHIM_DEBUG_CRASH_AFTER_LINES") {
         None => None,
         Some(v) => match v.parse::<u64>() {
@@ -254,6 +264,7 @@ pub fn parse(
         writeback_stores,
         lazy,
         cache_max,
+        trap_syscalls,
         crash_after_lines,
         fail_syncs,
     })

@@ -39,6 +39,7 @@ mod sys;
 mod persist;
 mod shadow;
 mod sigchain;
+mod sud;
 mod track;
 // 2: lazy filling (fault thread, eviction).
 mod lazy;
@@ -75,6 +76,7 @@ pub use hooks::map::{madvise, mmap, mmap64, mprotect, mremap, munmap};
 pub use hooks::signal::{sigaction, signal};
 pub use hooks::stdio::{fdopen, fileno, fileno_unlocked, fopen, fopen64, freopen, freopen64};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
+pub use hooks::thread::pthread_create;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,6 +100,13 @@ extern "C" fn atfork_parent() {
 
 extern "C" fn atfork_child() {
     crate::lifecycle::atfork_child();
+    if sud::active() {
+        // The kernel turned dispatch off in the child.
+        if let Err(e) = sud::enable_this_thread() {
+            warn!("the forked child runs without Syscall User Dispatch ({e})");
+            reentry::set_dispatched(false);
+        }
+    }
     leave_after_fork();
 }
 
@@ -108,7 +117,7 @@ fn leave_after_fork() {
 /// Load-time constructor: resolve real functions, parse the configuration,
 /// pick the flush instruction and the tracker, adopt inherited descriptors.
 extern "C" fn daxshim_init() {
-    let Some(_g) = reentry::enter_always() else {
+    let Some(mut g) = reentry::enter_always() else {
         return;
     };
     let mut missing = real::resolve_all();
@@ -160,6 +169,7 @@ extern "C" fn daxshim_init() {
         cfg.pmem_dirs
     );
     let rt_cache_max = cfg.cache_max;
+    let trap_syscalls = cfg.trap_syscalls;
     let _ = crate::runtime::RT.set(crate::runtime::Runtime {
         cfg,
         flush,
@@ -181,6 +191,12 @@ extern "C" fn daxshim_init() {
     reentry::READY.store(true, Ordering::Release);
     crate::fdtable::scan_inherited_fds();
     hooks::stdio::adopt_standard_streams();
+    if trap_syscalls {
+        if let Err(e) = sud::start(hooks::syscall::route) {
+            config_error(&format!("DAXSHIM_SYSCALLS=trap: {e}"));
+        }
+        g.block_on_leave();
+    }
 }
 
 /// Devices of file systems mounted with `dax` or `dax=always` (not

@@ -407,6 +407,7 @@ pub fn mremap_impl(
                 prot: *prot,
             },
         );
+        crate::registry::publish_spans(&reg);
     } else {
         if !dontunmap {
             released.extend(crate::registry::forget_range(&mut reg, o, old_span));

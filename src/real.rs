@@ -30,6 +30,9 @@ macro_rules! real_fns {
                     let f: unsafe extern "C" fn($($ty),*) -> $ret =
                         // SAFETY: as above.
                         unsafe { std::mem::transmute::<usize, _>(p) };
+                    // libc's system calls are outside the range Syscall User
+                    // Dispatch allows: open the selector around them.
+                    let _open = crate::reentry::Open::new();
                     // SAFETY: the caller upholds the libc function's contract.
                     return unsafe { f($($arg),*) };
                 }
@@ -145,6 +148,7 @@ macro_rules! real_variadic {
                     let f: unsafe extern "C" fn($($ty),*, ...) -> $ret =
                         // SAFETY: as above.
                         unsafe { std::mem::transmute::<usize, _>(p) };
+                    let _open = crate::reentry::Open::new();
                     // SAFETY: the caller upholds the libc function's contract.
                     return unsafe { f($($arg),*, $var) };
                 }

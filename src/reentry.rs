@@ -25,6 +25,12 @@ pub const NSIG: usize = 65;
 
 thread_local! {
     static IN_SHIM: Cell<bool> = const { Cell::new(false) };
+    /// This thread's Syscall User Dispatch selector ([`crate::sud`]): the
+    /// kernel reads it at every system call once dispatch is on for the
+    /// thread. `BLOCK` while the program runs, `ALLOW` while the shim does.
+    static SELECTOR: Cell<u8> = const { Cell::new(ALLOW) };
+    /// Dispatch is on for this thread (its resting selector is `BLOCK`).
+    static DISPATCHED: Cell<bool> = const { Cell::new(false) };
     /// Deferred signals of this thread (bit n: signal n).
     static PENDING: Cell<u64> = const { Cell::new(0) };
     static INFOS: UnsafeCell<[libc::siginfo_t; NSIG]> = const { UnsafeCell::new(no_infos()) };
@@ -35,9 +41,62 @@ const fn no_infos() -> [libc::siginfo_t; NSIG] {
     unsafe { std::mem::zeroed() }
 }
 
+/// Selector values (`SYSCALL_DISPATCH_FILTER_*`).
+pub const ALLOW: u8 = 0;
+pub const BLOCK: u8 = 1;
+
+/// Sets this thread's selector; returns the previous value.
+#[inline]
+pub fn set_selector(v: u8) -> u8 {
+    SELECTOR.try_with(|c| c.replace(v)).unwrap_or(ALLOW)
+}
+
+/// The address of this thread's selector (handed to the kernel).
+pub fn selector_addr() -> *mut u8 {
+    SELECTOR
+        .try_with(|c| c.as_ptr())
+        .unwrap_or(std::ptr::null_mut())
+}
+
+/// Records that dispatch is on for this thread.
+pub fn set_dispatched(on: bool) {
+    let _ = DISPATCHED.try_with(|c| c.set(on));
+}
+
+/// The selector of this thread outside the shim.
+fn resting_selector() -> u8 {
+    if DISPATCHED.try_with(|c| c.get()).unwrap_or(false) {
+        BLOCK
+    } else {
+        ALLOW
+    }
+}
+
+/// While held, this thread's system calls are not dispatched: the shim's
+/// own calls into libc (whose `syscall` instructions are outside the
+/// shim's allowed range) go to the kernel directly. Free when dispatch is
+/// off: the kernel never reads the byte.
+pub struct Open(u8);
+
+impl Open {
+    #[inline]
+    pub fn new() -> Open {
+        Open(set_selector(ALLOW))
+    }
+}
+
+impl Drop for Open {
+    #[inline]
+    fn drop(&mut self) {
+        set_selector(self.0);
+    }
+}
+
 /// Held while a thread runs shim code; nested hooks pass through.
 pub struct Entered {
     saved_errno: i32,
+    /// The selector is `ALLOW` inside; this is the one to restore.
+    selector: u8,
 }
 
 impl Drop for Entered {
@@ -45,6 +104,7 @@ impl Drop for Entered {
         let _ = IN_SHIM.try_with(|c| c.set(false));
         // Signals that arrived inside are delivered now, outside.
         requeue_deferred();
+        set_selector(self.selector);
     }
 }
 
@@ -78,6 +138,7 @@ pub fn enter_always() -> Option<Entered> {
         .unwrap_or(false);
     fresh.then(|| Entered {
         saved_errno: sys::get_errno(),
+        selector: set_selector(ALLOW),
     })
 }
 
@@ -87,7 +148,14 @@ impl Entered {
     pub fn assume_entered() -> Entered {
         Entered {
             saved_errno: sys::get_errno(),
+            selector: resting_selector(),
         }
+    }
+
+    /// Leaves the shim with the selector at `BLOCK` (dispatch was turned on
+    /// for this thread inside).
+    pub fn block_on_leave(&mut self) {
+        self.selector = BLOCK;
     }
 
     pub fn restore_errno(&self) {

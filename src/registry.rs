@@ -50,6 +50,54 @@ pub static ATTACHING: Lock<()> = Lock::new(());
 /// Number of shadow mappings: 0 lets mapping hooks skip the registry.
 pub static SHADOW_MAPS: AtomicUsize = AtomicUsize::new(0);
 
+/// The shadow mappings' address ranges, readable without `REG` (by the
+/// Syscall User Dispatch handler, which may interrupt an allocator holding
+/// its own lock: a thread holding `REG` may be waiting for that lock).
+/// A sequence lock over the first [`SPAN_SLOTS`] ranges; with more, every
+/// range counts as possibly shadowed.
+const SPAN_SLOTS: usize = 64;
+static SPAN_SEQ: AtomicUsize = AtomicUsize::new(0);
+static SPAN_LEN: AtomicUsize = AtomicUsize::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const SPAN0: AtomicUsize = AtomicUsize::new(0);
+static SPANS: [AtomicUsize; 2 * SPAN_SLOTS] = [SPAN0; 2 * SPAN_SLOTS];
+
+/// Publishes the registry's mapping ranges (called with `REG` held after
+/// every change to `maps`).
+pub fn publish_spans(reg: &Registry) {
+    SPAN_SEQ.fetch_add(1, Ordering::AcqRel);
+    let n = reg.maps.len();
+    for (i, m) in reg.maps.values().take(SPAN_SLOTS).enumerate() {
+        SPANS[2 * i].store(m.start, Ordering::Relaxed);
+        SPANS[2 * i + 1].store(m.start + m.len, Ordering::Relaxed);
+    }
+    SPAN_LEN.store(n, Ordering::Relaxed);
+    SPAN_SEQ.fetch_add(1, Ordering::Release);
+}
+
+/// May `[addr, addr+len)` overlap a shadow mapping? Lock-free; never a
+/// false "no".
+pub fn maybe_shadowed(addr: usize, len: usize) -> bool {
+    let end = addr.saturating_add(len.max(1));
+    loop {
+        let s1 = SPAN_SEQ.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let n = SPAN_LEN.load(Ordering::Relaxed);
+        let hit = n > SPAN_SLOTS
+            || (0..n).any(|i| {
+                SPANS[2 * i].load(Ordering::Relaxed) < end
+                    && SPANS[2 * i + 1].load(Ordering::Relaxed) > addr
+            });
+        std::sync::atomic::fence(Ordering::Acquire);
+        if SPAN_SEQ.load(Ordering::Relaxed) == s1 {
+            return hit;
+        }
+    }
+}
+
 /// What attaching to (or detaching from) the shadow of a file needs.
 pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
     AttachOptions {
@@ -271,6 +319,7 @@ pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<File
             }
         }
     }
+    publish_spans(reg);
     released
 }
 
@@ -278,6 +327,7 @@ pub fn add_mapping(reg: &mut Registry, m: Mapping) {
     m.file.inner.lock().map_refs += 1;
     SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
     reg.maps.insert(m.start, m);
+    publish_spans(reg);
 }
 
 /// Can this process fill shadows lazily? (Configuration allows it and the

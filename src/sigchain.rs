@@ -28,6 +28,32 @@ use libc::{c_int, c_void, sighandler_t};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
+/// `SIGSYS` belongs to the shim's Syscall User Dispatch handler
+/// ([`crate::sud`]); the program's action runs for the `SIGSYS` it did not
+/// cause.
+static SIGSYS_OWNED: AtomicBool = AtomicBool::new(false);
+
+/// Takes `SIGSYS` over (the shim's handler is installed): `prev` becomes the
+/// program's action.
+pub fn own_sigsys(prev: &libc::sigaction) {
+    set_program_action(libc::SIGSYS as usize, prev);
+    SIGSYS_OWNED.store(true, Ordering::Release);
+}
+
+fn sigsys_owned() -> bool {
+    SIGSYS_OWNED.load(Ordering::Acquire)
+}
+
+/// While the shim owns `SIGSYS` no mask may block it: a system call trapped
+/// while it is blocked would kill the process.
+fn without_sigsys(mut mask: libc::sigset_t) -> libc::sigset_t {
+    if sigsys_owned() {
+        // SAFETY: a valid set.
+        unsafe { libc::sigdelset(&mut mask, libc::SIGSYS) };
+    }
+    mask
+}
+
 /// The program's action for each signal, as it believes it installed it.
 struct Actions {
     seq: [AtomicU32; NSIG],
@@ -167,7 +193,7 @@ fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, masked
     // SAFETY: an all-zero sigset is a valid (empty) set.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     if apply_mask {
-        let mut mask = act.sa_mask;
+        let mut mask = without_sigsys(act.sa_mask);
         if act.sa_flags & libc::SA_NODEFER == 0 {
             // SAFETY: valid set.
             unsafe { libc::sigaddset(&mut mask, sig) };
@@ -213,6 +239,7 @@ pub fn adopt_installed_handlers() {
 /// Installs in the kernel what stands for the program's action `act`.
 fn install_kernel_action(sig: c_int, act: &libc::sigaction) -> Result<(), Errno> {
     let mut k = *act;
+    k.sa_mask = without_sigsys(k.sa_mask);
     if deferrable(sig) && is_handler(act.sa_sigaction) {
         k.sa_sigaction = defer_trampoline as *const () as usize;
         k.sa_flags = (k.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
@@ -280,7 +307,15 @@ extern "C" fn segv_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut 
 
 /// Does the shim stand in front of the program's action for `sig`?
 pub fn interposed(sig: c_int) -> bool {
-    (sig == libc::SIGSEGV && tracking_segv()) || deferrable(sig)
+    (sig == libc::SIGSEGV && tracking_segv())
+        || (sig == libc::SIGSYS && sigsys_owned())
+        || deferrable(sig)
+}
+
+/// Runs the program's action for a signal the shim's own handler took but
+/// did not cause (a seccomp `SIGSYS`).
+pub fn run_program_action(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    call_program(sig, info, ctx, MaskedBy::Shim);
 }
 
 /// `sigaction` as the program sees it: its own action is kept (and, for a
@@ -304,7 +339,9 @@ pub fn sigaction_impl(
     if !act.is_null() {
         // SAFETY: the caller's action.
         let a = unsafe { *act };
-        if !(sig == libc::SIGSEGV && tracking_segv()) {
+        let shim_owned =
+            (sig == libc::SIGSEGV && tracking_segv()) || (sig == libc::SIGSYS && sigsys_owned());
+        if !shim_owned {
             install_kernel_action(sig, &a)?;
         }
         set_program_action(i, &a);

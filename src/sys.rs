@@ -454,9 +454,11 @@ pub struct SignalBlock {
 }
 
 impl SignalBlock {
-    /// Blocks every signal (a shim-owned thread).
+    /// Blocks every signal but `SIGSYS` (under Syscall User Dispatch a
+    /// system call trapped while it is blocked would kill the process; the
+    /// shim never causes one it does not handle).
     pub fn all() -> SignalBlock {
-        SignalBlock::mask(!0)
+        SignalBlock::mask(!(1u64 << (libc::SIGSYS - 1)))
     }
 
     fn mask(set: u64) -> SignalBlock {

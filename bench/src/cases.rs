@@ -138,6 +138,57 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
             drop(m);
             let _ = std::fs::remove_file(&f);
         }
+        "syscalls" => {
+            // ns per call: an unhooked system call, a hooked one on an
+            // ordinary descriptor, a write to a pmem file through libc and
+            // as a raw system call (median of 7 batches).
+            let n = if quick { 20_000 } else { 100_000 };
+            let f = dir.join("syscalls");
+            make_file(&f, 1 << 20);
+            let pm = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&f)
+                .unwrap();
+            let null = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .unwrap();
+            use std::os::fd::AsRawFd;
+            let (pfd, nfd) = (pm.as_raw_fd(), null.as_raw_fd());
+            let buf = [7u8; 64];
+            let per_call = |f: &dyn Fn(usize)| {
+                let mut v: Vec<f64> = (0..7)
+                    .map(|_| {
+                        let t = Instant::now();
+                        for k in 0..n {
+                            f(k);
+                        }
+                        secs(t) * 1e9 / n as f64
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                v[3]
+            };
+            // SAFETY (all four): plain system calls on this case's own
+            // descriptors and buffer.
+            let getppid = per_call(&|_| unsafe {
+                libc::syscall(libc::SYS_getppid);
+            });
+            let null_write = per_call(&|_| unsafe {
+                libc::write(nfd, buf.as_ptr().cast(), 64);
+            });
+            let pwrite = per_call(&|k| unsafe {
+                libc::pwrite(pfd, buf.as_ptr().cast(), 64, ((k % 4096) * 64) as i64);
+            });
+            let raw_pwrite = per_call(&|k| unsafe {
+                libc::syscall(libc::SYS_pwrite64, pfd, buf.as_ptr(), 64, (k % 4096) * 64);
+            });
+            println!("unhooked-getppid {getppid:.0}");
+            println!("write-dev-null {null_write:.0}");
+            println!("pwrite-pmem {pwrite:.0}");
+            println!("raw-pwrite-pmem {raw_pwrite:.0}");
+        }
         _ => die(&format!("unknown case {case}")),
     }
 }

@@ -161,5 +161,12 @@ fn main() {
             "shim-compare",
         ],
     );
+    table(
+        "system calls, with and without Syscall User Dispatch (DAXSHIM_SYSCALLS=trap)",
+        "ns/call, median of 7",
+        "syscalls",
+        (&dir, &lib, quick),
+        &["page-cache", "shim-uffd", "shim-trap"],
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -44,6 +44,11 @@ fn run_case(case: &str, dir: &Path, lib: &Path, cfg: &str, quick: bool) -> Vec<(
             "shim-mprotect" => {
                 c.env("DAXSHIM_TRACKER", "mprotect");
             }
+            // Syscall User Dispatch on: every system call not made through
+            // a hook traps.
+            "shim-trap" => {
+                c.env("DAXSHIM_SYSCALLS", "trap");
+            }
             _ => {}
         }
     }

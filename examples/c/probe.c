@@ -19,6 +19,12 @@
  *   pwrite OFF TEXT | write TEXT | pread OFF LEN | read LEN | seek OFF
  *   rawpwrite OFF TEXT      syscall(SYS_pwrite64, ...): no libc wrapper
  *   rawwrite TEXT | rawpwritev OFF TEXT1 TEXT2   syscall(SYS_write / SYS_pwritev)
+ *   threadpwrite OFF TEXT   rawpwrite from a new thread (pthread_create), joined
+ *   dprintf TEXT            dprintf(fd, ...): libc writes it with its internal write
+ *   seccomp                 install a seccomp filter trapping getppid, with a SIGSYS
+ *                           handler answering 4242: print "seccomp: getppid=N"
+ *   sigwrite OFF TEXT       raise SIGUSR1 whose handler does rawpwrite OFF TEXT
+ *   maskall                 sigprocmask(SIG_BLOCK, all): print "maskall: ok"
  *   writev TEXT1 TEXT2      | preadv OFF LEN1 LEN2
  *   ftruncate LEN | fallocate OFF LEN | punch OFF LEN | mremap NEWLEN | munmap | close | dup
  *   vmflags                 print "vmflags: ..." of the mapping (/proc/self/smaps)
@@ -27,8 +33,8 @@
  *   try_msync OFF LEN FLAGS         print "ret=R errno=E"
  *   try_mmap LEN PROT FLAGS OFF     (numbers) print "ret=ok|-1 errno=E"
  *   try_munmap OFF LEN | try_fsync FD|self | try_mremap NEWLEN FLAGS
- *   fork                    the rest of the script runs in a child too;
- *                           the parent waits for it, then continues
+ *   fork                    the rest of the script runs in a child; the
+ *                           parent waits for it, prints "child: STATUS", exits
  * stdio (one stream, FP):
  *   fopen PATH MODE | fdopen MODE | freopen PATH|- MODE [stdout]
  *                           print "fopen: ok" or "fopen: errno=E"
@@ -49,7 +55,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <ucontext.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -71,6 +83,45 @@ static int fd = -1;
 static char *map;
 static size_t maplen;
 static FILE *fp;
+
+struct rawpw { long off; const char *text; };
+
+static void *thread_pwrite(void *p) {
+    struct rawpw *w = p;
+    long r = syscall(SYS_pwrite64, fd, w->text, strlen(w->text), w->off);
+    return (void *)r;
+}
+
+static struct rawpw sig_write;
+
+static void on_usr1(int sig) {
+    (void)sig;
+    syscall(SYS_pwrite64, fd, sig_write.text, strlen(sig_write.text), sig_write.off);
+}
+
+static void on_sigsys(int sig, siginfo_t *si, void *ctx) {
+    (void)sig;
+    ucontext_t *uc = ctx;
+    if (si->si_code == 1 /* SYS_SECCOMP */ && si->si_syscall == SYS_getppid)
+        uc->uc_mcontext.gregs[REG_RAX] = 4242;
+}
+
+static void install_seccomp(void) {
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_sigsys;
+    sa.sa_flags = SA_SIGINFO;
+    sigfillset(&sa.sa_mask);
+    if (sigaction(SIGSYS, &sa, NULL)) { perror("sigaction"); exit(2); }
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRAP),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) { perror("no_new_privs"); exit(2); }
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog)) { perror("seccomp"); exit(2); }
+}
 
 static void die(const char *what) {
     printf("FAIL %s: %s\n", what, strerror(errno));
@@ -291,6 +342,30 @@ int main(int argc, char **argv) {
             i += 2;
             long r = syscall(SYS_pwrite64, fd, t, strlen(t), o);
             if (r < 0) die("rawpwrite");
+        } else if (!strcmp(c, "threadpwrite")) {
+            struct rawpw w = {num(argv[i + 1]), argv[i + 2]};
+            i += 2;
+            pthread_t t;
+            void *r;
+            if (pthread_create(&t, NULL, thread_pwrite, &w)) die("pthread_create");
+            pthread_join(t, &r);
+            if ((long)r < 0) die("threadpwrite");
+        } else if (!strcmp(c, "dprintf")) {
+            if (dprintf(fd, "%s", argv[++i]) < 0) die("dprintf");
+        } else if (!strcmp(c, "seccomp")) {
+            install_seccomp();
+            printf("seccomp: getppid=%ld\n", (long)getppid());
+        } else if (!strcmp(c, "sigwrite")) {
+            sig_write.off = num(argv[i + 1]);
+            sig_write.text = argv[i + 2];
+            i += 2;
+            signal(SIGUSR1, on_usr1);
+            raise(SIGUSR1);
+        } else if (!strcmp(c, "maskall")) {
+            sigset_t all;
+            sigfillset(&all);
+            if (sigprocmask(SIG_BLOCK, &all, NULL)) die("sigprocmask");
+            printf("maskall: ok\n");
         } else if (!strcmp(c, "fopen")) {
             const char *p = argv[++i], *m = argv[++i];
             fp = fopen(p, m);

@@ -33,18 +33,21 @@ pub fn bench(a: &Args) -> Res<()> {
         base.parent().unwrap().display()
     );
     println!("# median of {repeats} runs per configuration; ratio = shim / page cache");
+    // (name, column, tracker, DAXSHIM_SYSCALLS); the first is the page
+    // cache (no shim), the reference of every ratio.
     let configs = [
-        ("page-cache", false, None),
-        ("shim-uffd", true, Some("auto")),
-        ("shim-compare", true, Some("compare")),
+        ("page-cache", "page-cache", None, None),
+        ("shim-uffd", "shim", Some("auto"), None),
+        ("shim-trap", "shim-trap", Some("auto"), Some("trap")),
+        ("shim-compare", "shim-cmp", Some("compare"), None),
     ];
-    let mut overall = [0f64; 3];
+    let mut overall = [0f64; 4];
     for rows in sizes {
         // Configurations interleaved within each repeat, so that drift of
         // the machine affects all three alike.
         let mut runs: Vec<Vec<Vec<(String, f64)>>> = vec![Vec::new(); configs.len()];
         for r in 0..repeats {
-            for (ci, (name, shim, tracker)) in configs.iter().enumerate() {
+            for (ci, (name, _, tracker, syscalls)) in configs.iter().enumerate() {
                 let dir = base.join(format!("{name}-{rows}-{r}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).map_err(e)?;
@@ -55,11 +58,15 @@ pub fn bench(a: &Args) -> Res<()> {
                     .arg(dir.join("db"))
                     .arg("--rows")
                     .arg(rows.to_string());
-                if *shim {
+                cmd.env_remove("DAXSHIM_SYSCALLS");
+                if let Some(t) = tracker {
                     cmd.env("LD_PRELOAD", &lib)
                         .env("DAXSHIM_PMEM", &dir)
-                        .env("DAXSHIM_SHADOW_DIR", &shadow);
-                    cmd.env("DAXSHIM_TRACKER", tracker.unwrap());
+                        .env("DAXSHIM_SHADOW_DIR", &shadow)
+                        .env("DAXSHIM_TRACKER", t);
+                }
+                if let Some(v) = syscalls {
+                    cmd.env("DAXSHIM_SYSCALLS", v);
                 }
                 let out = cmd.output().map_err(e)?;
                 let _ = std::fs::remove_dir_all(&dir);
@@ -90,45 +97,45 @@ pub fn bench(a: &Args) -> Res<()> {
             })
             .collect();
         println!("\n## {rows} rows");
-        println!(
-            "{:<26} {:>12} {:>12} {:>13} {:>8} {:>14}",
-            "phase", "page-cache s", "shim s", "shim-cmp s", "ratio", "ratio-compare"
-        );
-        let mut tot = [0f64; 3];
+        let row = |label: &str, v: &[f64]| {
+            print!("{label:<26}");
+            for x in v {
+                print!(" {x:>12.4}");
+            }
+            for x in &v[1..] {
+                print!(" {:>12.3}", x / v[0]);
+            }
+            println!();
+        };
+        print!("{:<26}", "phase");
+        for (_, col, _, _) in &configs {
+            print!(" {:>12}", format!("{col} s"));
+        }
+        for (_, col, _, _) in &configs[1..] {
+            print!(" {:>12}", format!("ratio-{col}"));
+        }
+        println!();
+        let mut tot = [0f64; 4];
         for (p, (phase, _)) in results[0].iter().enumerate() {
             let v: Vec<f64> = results.iter().map(|r| r[p].1).collect();
-            for c in 0..3 {
+            for c in 0..configs.len() {
                 tot[c] += v[c];
                 overall[c] += v[c];
             }
-            println!(
-                "{:<26} {:>12.4} {:>12.4} {:>13.4} {:>8.3} {:>14.3}",
-                phase,
-                v[0],
-                v[1],
-                v[2],
-                v[1] / v[0],
-                v[2] / v[0]
-            );
+            row(phase, &v);
         }
-        println!(
-            "{:<26} {:>12.4} {:>12.4} {:>13.4} {:>8.3} {:>14.3}",
-            "total",
-            tot[0],
-            tot[1],
-            tot[2],
-            tot[1] / tot[0],
-            tot[2] / tot[0]
-        );
+        row("total", &tot);
     }
     let _ = std::fs::remove_dir_all(&base);
     println!(
-        "\noverall: page cache {:.3} s, shim {:.3} s (ratio {:.3}), shim with full compare {:.3} s (ratio {:.3})",
+        "\noverall: page cache {:.3} s, shim {:.3} s (ratio {:.3}), shim with DAXSHIM_SYSCALLS=trap {:.3} s (ratio {:.3}), shim with full compare {:.3} s (ratio {:.3})",
         overall[0],
         overall[1],
         overall[1] / overall[0],
         overall[2],
-        overall[2] / overall[0]
+        overall[2] / overall[0],
+        overall[3],
+        overall[3] / overall[0]
     );
     Ok(())
 }

@@ -10,3 +10,5 @@ pub mod map;
 pub mod signal;
 pub mod stdio;
 pub mod sync;
+pub mod syscall;
+pub mod thread;

@@ -192,10 +192,16 @@ impl World {
             .env_remove("DAXSHIM_TEST_DAX_DIR")
             .env_remove("DAXSHIM_TEST_TRACKER")
             .env_remove("DAXSHIM_TEST_WRITEBACK")
+            .env_remove("DAXSHIM_TEST_SYSCALLS")
+            .env_remove("DAXSHIM_SYSCALLS")
             .env_remove("DAXSHIM_CRASH_ITERS");
         // The whole suite can run on the full-compare oracle.
         if let Ok(t) = std::env::var("DAXSHIM_TEST_TRACKER") {
             c.env("DAXSHIM_TRACKER", t);
+        }
+        // …with every system call outside the hooks trapped…
+        if let Ok(t) = std::env::var("DAXSHIM_TEST_SYSCALLS") {
+            c.env("DAXSHIM_SYSCALLS", t);
         }
         // …and with emulated pmem written back the way real pmem is.
         if let Ok(t) = std::env::var("DAXSHIM_TEST_WRITEBACK") {

@@ -17,6 +17,7 @@ fn invalid_env_values_exit_125_before_main() {
         ("DAXSHIM_FLUSH", "wbinvd"),
         ("DAXSHIM_SHADOW_DIR", "shm"),
         ("DAXSHIM_STATS", ""),
+        ("DAXSHIM_SYSCALLS", "always"),
     ];
     for (var, val) in cases {
         let w = World::new("badenv");

@@ -25,6 +25,10 @@ mod stdio;
 /// Writers the shim cannot intercept are never undone, and are seen.
 mod foreign;
 
+/// `DAXSHIM_SYSCALLS=trap`: raw and libc-internal system calls go through
+/// the shim.
+mod syscalls;
+
 /// The shadow store: private, never stale, and a safe fallback when refused.
 mod shadows;
 
