@@ -333,6 +333,17 @@ mod tests {
         assert_eq!(c.tracker, TrackerKind::Auto);
         assert_eq!(c.flush, FlushChoice::Auto);
         assert!(c.stats.is_none());
+        assert!(!c.trap_syscalls);
+        assert!(
+            parse_map(&[("DAXSHIM_SYSCALLS", "trap")])
+                .unwrap()
+                .trap_syscalls
+        );
+        assert!(
+            !parse_map(&[("DAXSHIM_SYSCALLS", "off")])
+                .unwrap()
+                .trap_syscalls
+        );
     }
 
     #[test]
@@ -394,6 +405,7 @@ mod tests {
             ("DAXSHIM_CACHE_MAX", "512X"),
             ("DAXSHIM_CACHE_MAX", "4096"),
             ("DAXSHIM_CACHE_MAX", "99999999999999T"),
+            ("DAXSHIM_SYSCALLS", "on"),
         ] {
             let e = parse_map(&[(var, bad)]).unwrap_err();
             assert_eq!(e.var, var);

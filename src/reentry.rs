@@ -102,9 +102,11 @@ pub struct Entered {
 impl Drop for Entered {
     fn drop(&mut self) {
         let _ = IN_SHIM.try_with(|c| c.set(false));
+        // The selector first: a handler run by the requeue below is the
+        // program's code, whose system calls trap.
+        set_selector(self.selector);
         // Signals that arrived inside are delivered now, outside.
         requeue_deferred();
-        set_selector(self.selector);
     }
 }
 

@@ -138,6 +138,46 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
             drop(m);
             let _ = std::fs::remove_file(&f);
         }
+        "outside-write" => {
+            // A write the hooks do not see — a raw pwrite64 system call,
+            // which goes to the backing as a process without the shim
+            // would — into a page this process has mapped and read: µs
+            // until the mapping shows it (median and worst of 25). Without
+            // DAXSHIM_SYSCALLS=trap that is the watcher's latency.
+            let len = 4 << 20;
+            let f = dir.join("outside");
+            make_file(&f, len);
+            let m = map(&f, len);
+            let mut sum = 0u64;
+            for pg in 0..len / PAGE {
+                // SAFETY: within the mapping.
+                sum += unsafe { std::ptr::read_volatile(m.p.add(pg * PAGE)) } as u64;
+            }
+            std::hint::black_box(sum);
+            let mut v = Vec::new();
+            for r in 0..25usize {
+                let token = format!("w{r:07}");
+                let off = (r * 17 % (len / PAGE)) * PAGE + 128;
+                // SAFETY: within the mapping.
+                let seen =
+                    || unsafe { std::slice::from_raw_parts(m.p.add(off), 8) } == token.as_bytes();
+                let t = Instant::now();
+                // SAFETY: a plain system call on this case's own descriptor.
+                let n =
+                    unsafe { libc::syscall(libc::SYS_pwrite64, m.fd, token.as_ptr(), 8usize, off) };
+                if n != 8 {
+                    die("pwrite64");
+                }
+                while !seen() && secs(t) < 2.0 {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                v.push(if seen() { secs(t) * 1e6 } else { f64::INFINITY });
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!("latency-median-us {:.0}", v[v.len() / 2]);
+            println!("latency-worst-us {:.0}", v[v.len() - 1]);
+        }
         "syscalls" => {
             // ns per call: an unhooked system call, a hooked one on an
             // ordinary descriptor, a write to a pmem file through libc and

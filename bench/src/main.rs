@@ -162,6 +162,13 @@ fn main() {
         ],
     );
     table(
+        "a write the hooks do not see (raw pwrite64), until the mapping shows it",
+        "µs",
+        "outside-write",
+        (&dir, &lib, quick),
+        &["page-cache", "shim-uffd", "shim-trap"],
+    );
+    table(
         "system calls, with and without Syscall User Dispatch (DAXSHIM_SYSCALLS=trap)",
         "ns/call, median of 7",
         "syscalls",

@@ -7,7 +7,7 @@ use std::path::Path;
 pub struct Mapped {
     pub p: *mut u8,
     len: usize,
-    fd: i32,
+    pub fd: i32,
 }
 
 pub fn make_file(path: &Path, len: usize) {
