@@ -6,7 +6,8 @@
 #   2. the core, robustness, programs and SQLite suites again on the
 #      full-compare tracker (the oracle), with emulated pmem written back by
 #      stores and cache flushes through the mapping, as real pmem is;
-#      and once more on the mprotect+SIGSEGV fallback tracker;
+#      and once more on the mprotect+SIGSEGV fallback tracker, and once
+#      with Syscall User Dispatch on (DAXSHIM_SYSCALLS=trap);
 #   3. the integration suite inside a QEMU guest on a real -o dax file system
 #      (scripts/test-dax.sh), when the VM can be started here (root, qemu).
 #      DAXSHIM_TEST_DAX=0 skips it, DAXSHIM_TEST_DAX=1 makes a VM that
@@ -35,6 +36,8 @@ echo "== the same suites on the full-compare tracker (the correctness oracle), w
 DAXSHIM_TEST_TRACKER=compare DAXSHIM_TEST_WRITEBACK=stores logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
 echo "== the same suites on the mprotect+SIGSEGV fallback tracker"
 DAXSHIM_TEST_TRACKER=mprotect logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
+echo "== the same suites with every system call outside the hooks trapped (DAXSHIM_SYSCALLS=trap)"
+DAXSHIM_TEST_SYSCALLS=trap logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
 
 if [ "${DAXSHIM_TEST_DAX:-auto}" != 0 ]; then
   echo "== the integration suite on a real -o dax file system (QEMU guest)"
