@@ -3,9 +3,11 @@
 use crate::config::DaxOptIn;
 use crate::runtime::rt;
 use crate::shadow::FileId;
-use crate::sys::{self};
+use crate::stats::{add, STATS};
+use crate::sys::{self, Errno, Failure};
 use std::ffi::{CStr, CString};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const STATX_ATTR_DAX: u64 = 0x0020_0000;
 
@@ -77,6 +79,44 @@ pub fn classify(fd: i32) -> Option<Classified> {
         emulated: !dax,
         path,
     })
+}
+
+/// No shadow can be had for a pmem file (`why`): may the call go on
+/// without one — mapping the file directly, or a descriptor that bypasses
+/// the shadow? On emulated pmem, as on any file that is not DAX, the page
+/// cache is under the direct mapping, so the semantics stay (logged once
+/// per process). A real DAX file's direct mapping is exactly what an
+/// unaware program must not get: the call fails with the errno the kernel
+/// uses for the exhausted resource — `EMFILE`/`ENFILE` where a descriptor
+/// was missing, `ENOMEM` otherwise — unless `DAXSHIM_FALLBACK=direct`.
+/// `instead` says what happens without a shadow, for the log.
+pub fn without_shadow(
+    emulated: bool,
+    path: &str,
+    why: &Failure,
+    instead: &str,
+) -> Result<(), Errno> {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if emulated {
+        if !LOGGED.swap(true, Ordering::Relaxed) {
+            warn!("{path}: {why}; {instead} (emulated pmem: the page cache under it keeps the semantics; further cases are logged at debug)");
+        } else {
+            debug!("{path}: {why}; {instead}");
+        }
+        add(&STATS.fallbacks_direct, 1);
+        return Ok(());
+    }
+    if rt().cfg.fallback_direct {
+        warn!("{path}: {why}; {instead}: a real DAX file, DAX semantics (DAXSHIM_FALLBACK=direct)");
+        add(&STATS.fallbacks_direct, 1);
+        return Ok(());
+    }
+    let e = match why.errno.0 {
+        libc::EMFILE | libc::ENFILE => why.errno,
+        _ => Errno(libc::ENOMEM),
+    };
+    error!("{path}: {why}; the call fails with {e} rather than give a real DAX file's direct semantics to a program that did not ask for them (DAXSHIM_FALLBACK=direct allows it)");
+    Err(e)
 }
 
 /// Might a file at `path` (existing, or to be created there) be pmem? A

@@ -62,6 +62,9 @@ pub struct Config {
     /// `DAXSHIM_SYSCALLS=trap`: Syscall User Dispatch routes the system
     /// calls `LD_PRELOAD` cannot see ([`crate::sud`]).
     pub trap_syscalls: bool,
+    /// `DAXSHIM_FALLBACK=direct`: a real DAX file whose shadow cannot be
+    /// made is mapped directly (DAX semantics) instead of failing the call.
+    pub fallback_direct: bool,
     /// Testing only: die after writing this many cachelines.
     pub crash_after_lines: Option<u64>,
     /// Testing only: this many writebacks fail with EIO before copying.
@@ -99,6 +102,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "DAXSHIM_LAZY",
     "DAXSHIM_CACHE_MAX",
     "DAXSHIM_SYSCALLS",
+    "DAXSHIM_FALLBACK",
     "DAXSHIM_DEBUG_CRASH_AFTER_LINES",
     "DAXSHIM_DEBUG_FAIL_SYNCS",
 ];
@@ -232,6 +236,12 @@ pub fn parse(
         Some(v) => return Err(err("DAXSHIM_SYSCALLS", v, "trap or off")),
     };
 
+    let fallback_direct = match get("DAXSHIM_FALLBACK").as_deref() {
+        None | Some("") | Some("fail") => false,
+        Some("direct") => true,
+        Some(v) => return Err(err("DAXSHIM_FALLBACK", v, "fail or direct")),
+    };
+
     let crash_after_lines = match get("DAXSHIM_DEBUG_CRASH_AFTER_LINES") {
         None => None,
         Some(v) => match v.parse::<u64>() {
@@ -265,6 +275,7 @@ pub fn parse(
         lazy,
         cache_max,
         trap_syscalls,
+        fallback_direct,
         crash_after_lines,
         fail_syncs,
     })
@@ -406,6 +417,7 @@ mod tests {
             ("DAXSHIM_CACHE_MAX", "4096"),
             ("DAXSHIM_CACHE_MAX", "99999999999999T"),
             ("DAXSHIM_SYSCALLS", "on"),
+            ("DAXSHIM_FALLBACK", "yes"),
         ] {
             let e = parse_map(&[(var, bad)]).unwrap_err();
             assert_eq!(e.var, var);

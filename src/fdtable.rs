@@ -5,7 +5,7 @@
 use crate::classify::{classify, Classified};
 use crate::file::FileState;
 use crate::registry::{get_or_attach, release_ref, RefKind, REG};
-use crate::sys::{self};
+use crate::sys::{self, Errno, Failure};
 use crate::track;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,7 +55,7 @@ pub fn lookup_fd(fd: i32) -> Option<Arc<FileState>> {
 /// The attached file behind `fd`, classifying and attaching a descriptor the
 /// table has not seen (opened before the shim, or by a path it cannot see).
 /// `Ok(None)`: not pmem. `Err`: pmem, but no shadow could be had.
-pub fn file_for_fd(fd: i32) -> Result<Option<Arc<FileState>>, String> {
+pub fn file_for_fd(fd: i32) -> Result<Option<Arc<FileState>>, Failure> {
     if let Some(f) = lookup_fd(fd) {
         return Ok(Some(f));
     }
@@ -78,18 +78,21 @@ pub fn register_fd(fd: i32, f: Arc<FileState>) -> Option<Arc<FileState>> {
     old.and_then(|o| release_ref(&mut reg, o, RefKind::Descriptor))
 }
 
-/// After a successful open: enter pmem files in the table.
-pub fn on_open(fd: i32, flags: i32) {
+/// After a successful open: enter pmem files in the table. `Err`: no
+/// shadow can be had and the file may not be used without one
+/// ([`crate::classify::without_shadow`]): the caller fails its open.
+pub fn on_open(fd: i32, flags: i32) -> Result<(), Errno> {
     if fd < 0 {
-        return;
+        return Ok(());
     }
-    if let Some(class) = classify(fd) {
-        on_open_classified(fd, flags, class);
+    match classify(fd) {
+        Some(class) => on_open_classified(fd, flags, class),
+        None => Ok(()),
     }
 }
 
 /// `on_open` for a descriptor already classified as pmem.
-pub fn on_open_classified(fd: i32, flags: i32, class: Classified) {
+pub fn on_open_classified(fd: i32, flags: i32, class: Classified) -> Result<(), Errno> {
     match get_or_attach(fd, &class) {
         Ok(f) => {
             if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
@@ -99,8 +102,14 @@ pub fn on_open_classified(fd: i32, flags: i32, class: Classified) {
             }
             let dropped = register_fd(fd, f);
             drop(dropped);
+            Ok(())
         }
-        Err(e) => warn!("{}: {e}; this descriptor bypasses the shadow", class.path),
+        Err(e) => crate::classify::without_shadow(
+            class.emulated,
+            &class.path,
+            &e,
+            "this descriptor bypasses the shadow",
+        ),
     }
 }
 
@@ -161,7 +170,9 @@ pub fn scan_inherited_fds() {
         }
         // Only descriptors that are still open (the read_dir one is gone).
         if sys::fcntl(fd, libc::F_GETFD, 0).is_ok() {
-            on_open(fd, 0);
+            // An inherited descriptor cannot be refused: it bypasses the
+            // shadow (logged).
+            let _ = on_open(fd, 0);
         }
     }
 }

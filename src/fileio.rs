@@ -302,7 +302,7 @@ pub fn truncate_impl(path: &CStr, kernel: impl FnOnce() -> c_int) -> Result<i32,
     if let Ok(owned) = sys::open(path, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);
         if crate::classify::classify(fd).is_some() {
-            crate::fdtable::on_open(fd, 0);
+            let _ = crate::fdtable::on_open(fd, 0);
             if let Some(f) = crate::fdtable::lookup_fd(fd) {
                 let _io = f.shadow.io_lock();
                 let _ = f.follow_backing_size();

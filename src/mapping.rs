@@ -9,7 +9,7 @@ use crate::real;
 use crate::registry::{Mapping, REG, SHADOW_MAPS};
 use crate::shadow::Fill;
 use crate::stats::{add, STATS};
-use crate::sys::{self, Errno, PAGE};
+use crate::sys::{self, Errno, Failure, PAGE};
 use crate::track::{self, Stores};
 use libc::{c_int, c_void, off64_t, size_t};
 use std::sync::atomic::Ordering;
@@ -67,6 +67,9 @@ fn fd_writable(fd: c_int) -> bool {
     sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_ACCMODE == libc::O_RDWR)
 }
 
+/// What a mapping without a shadow is, for the log.
+const DIRECT: &str = "mapping the file directly";
+
 pub fn mmap_impl(
     addr: *mut c_void,
     len: size_t,
@@ -81,18 +84,6 @@ pub fn mmap_impl(
     if fixed {
         harvest_before_replace(addr as usize, len);
     }
-    let file = if flags & libc::MAP_ANONYMOUS != 0 || fd < 0 {
-        None
-    } else {
-        match crate::fdtable::file_for_fd(fd) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!("fd {fd}: {e}; mapping the file directly");
-                add(&STATS.fallbacks_direct, 1);
-                None
-            }
-        }
-    };
     // The kernel maps the file itself; with MAP_FIXED it replaced whatever
     // the registry had there.
     let kernel_map = |kflags: c_int| -> Result<*mut c_void, Errno> {
@@ -101,6 +92,22 @@ pub fn mmap_impl(
             forget_replaced(p as usize, len);
         }
         Ok(p)
+    };
+    let file = if flags & libc::MAP_ANONYMOUS != 0 || fd < 0 {
+        None
+    } else {
+        match crate::fdtable::file_for_fd(fd) {
+            Ok(f) => f,
+            Err(e) => {
+                let class = crate::classify::classify(fd);
+                let emulated = class.as_ref().is_none_or(|c| c.emulated);
+                let path = class.map_or_else(|| format!("fd {fd}"), |c| c.path);
+                crate::classify::without_shadow(emulated, &path, &e, DIRECT)?;
+                let p = kernel_map(flags)?;
+                add(&STATS.mappings_direct, 1);
+                return Ok(p);
+            }
+        }
     };
     let Some(file) = file else {
         return kernel_map(flags);
@@ -135,8 +142,7 @@ pub fn mmap_impl(
     let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd(), fill) {
         Ok(d) => (d.rw(), d.ro()),
         Err(e) => {
-            warn!("{}: {e}; mapping the file directly", file.path);
-            add(&STATS.fallbacks_direct, 1);
+            crate::classify::without_shadow(file.emulated, &file.path, &e, DIRECT)?;
             add(&STATS.mappings_direct, 1);
             return kernel_map(flags);
         }
@@ -176,11 +182,16 @@ pub fn mmap_impl(
     // SAFETY: `p` is the range the kernel just gave this call.
     let q = unsafe { sys::mmap(p, len, prot, sflags, sfd, off) };
     if let Err(e) = q {
-        warn!(
-            "{}: cannot map its shadow ({e}); mapping the file directly",
-            file.path
-        );
-        add(&STATS.fallbacks_direct, 1);
+        let why = Failure::new(e, format!("cannot map its shadow: {e}"));
+        if let Err(e) = crate::classify::without_shadow(file.emulated, &file.path, &why, DIRECT) {
+            // SAFETY: the range this call mapped above, the program's
+            // address only once this call returns it.
+            let _ = unsafe { real::munmap(p, len) };
+            if fixed {
+                forget_replaced(p as usize, len);
+            }
+            return Err(e);
+        }
         add(&STATS.mappings_direct, 1);
         if fixed {
             forget_replaced(p as usize, len);
@@ -205,9 +216,17 @@ pub fn mmap_impl(
             Ok(false) => lazy = false,
             Err(e) => {
                 // Unregistered holes would read as zeros: the file's own
-                // mapping is the only safe answer now.
-                warn!("{}: {e}; mapping the file directly", file.path);
-                add(&STATS.fallbacks_direct, 1);
+                // mapping is the only other answer now.
+                if let Err(e) =
+                    crate::classify::without_shadow(file.emulated, &file.path, &e, DIRECT)
+                {
+                    // SAFETY: as above: this call's own range.
+                    let _ = unsafe { real::munmap(p, len) };
+                    if fixed {
+                        forget_replaced(p as usize, len);
+                    }
+                    return Err(e);
+                }
                 add(&STATS.mappings_direct, 1);
                 let fixed_flags = (flags & !libc::MAP_FIXED_NOREPLACE) | libc::MAP_FIXED;
                 return real_mmap(p, len, prot, fixed_flags, fd, off);
@@ -275,7 +294,7 @@ fn watch_lazy(
     addr: usize,
     len: usize,
     stores: Stores,
-) -> Result<bool, String> {
+) -> Result<bool, Failure> {
     match track::tracker().register_lazy(addr, len, stores) {
         Ok(()) => Ok(true),
         Err(e) => {

@@ -14,7 +14,7 @@ use crate::lock::Lock;
 use crate::ranges::RangeSet;
 use crate::runtime::rt;
 use crate::shadow::{self, AttachOptions};
-use crate::sys::{self, OwnedMap, SysResult};
+use crate::sys::{self, Failure, OwnedMap, SysResult};
 use crate::track;
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -109,7 +109,7 @@ pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
 }
 
 /// The attached state of the pmem file behind `fd`, attaching it if needed.
-pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, String> {
+pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Failure> {
     let Classified { id, emulated, path } = class;
     let (id, emulated, path) = (*id, *emulated, path.as_str());
     let _a = ATTACHING.lock();
@@ -118,13 +118,17 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Stri
     }
     let r = rt();
     if r.shadow_dir_bad.load(Ordering::Relaxed) {
-        return Err(format!("shadow directory {} is unusable", r.shadow_dir));
+        return Err(Failure::refused(format!(
+            "shadow directory {} is unusable",
+            r.shadow_dir
+        )));
     }
     if let Err(e) = shadow::ensure_dir(&r.shadow_dir) {
         r.shadow_dir_bad.store(true, Ordering::Relaxed);
         return Err(e);
     }
-    let backing = Backing::reopen(fd).map_err(|e| format!("cannot reopen {path}: {e}"))?;
+    let backing =
+        Backing::reopen(fd).map_err(|e| Failure::new(e, format!("cannot reopen {path}: {e}")))?;
     let shadow = shadow::attach(
         &r.shadow_dir,
         id,

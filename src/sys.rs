@@ -37,6 +37,42 @@ impl From<Errno> for io::Error {
 
 pub type SysResult<T> = Result<T, Errno>;
 
+/// A failure told in words for the log, with the system error behind it:
+/// a hook that fails its call because of it reports that errno (or the
+/// one the kernel uses for the exhausted resource).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub errno: Errno,
+    pub msg: String,
+}
+
+impl Failure {
+    pub fn new(errno: Errno, msg: impl Into<String>) -> Failure {
+        Failure {
+            errno,
+            msg: msg.into(),
+        }
+    }
+
+    /// A refusal on the shim's own grounds (an unsafe shadow directory, a
+    /// full slot table): no system call failed.
+    pub fn refused(msg: impl Into<String>) -> Failure {
+        Failure::new(Errno(libc::EACCES), msg)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl From<Failure> for String {
+    fn from(f: Failure) -> String {
+        f.msg
+    }
+}
+
 fn check(ret: libc::c_long) -> SysResult<i64> {
     if ret < 0 {
         Err(Errno::last())

@@ -168,3 +168,68 @@ fn device_dax_and_non_regular_files_pass_through() {
     ));
     assert_eq!(w.stat_sum("mappings_shadowed"), 0);
 }
+
+// No shadow can be made for a real DAX file: the call that needed it fails
+// with the kernel's errno for the exhausted resource and nothing is mapped
+// directly (an unaware program never gets DAX semantics it did not ask
+// for); the log says why. A shadow file system full for the data (a
+// 64 KiB tmpfs, the shadow copied whole): `mmap` fails with ENOMEM. Full
+// even for the header (no inode left): `open` fails with ENOMEM. With
+// DAXSHIM_FALLBACK=direct both go on and map the file directly. (Emulated
+// pmem maps directly either way: core::shadows.)
+#[test]
+#[ignore = "needs a -o dax file system: scripts/test-dax.sh"]
+fn no_shadow_for_a_real_dax_file_fails_the_call_unless_told_otherwise() {
+    let w = dax_world("noshadow");
+    let f = w.pmem_file("f", &[7u8; 1 << 20]);
+    let small = w.root.join("small-shm");
+    std::fs::create_dir_all(&small).unwrap();
+    let script = format!(
+        "open {f} rw
+         try_mmap 1048576 3 1 0
+         exit",
+        f = s(&f)
+    );
+    for (mount_opts, fallback) in [
+        ("size=64k", "fail"),
+        ("size=64k", "direct"),
+        ("size=64k,nr_inodes=2", "fail"),
+        ("size=64k,nr_inodes=2", "direct"),
+    ] {
+        w.clear_stats();
+        // A private mount namespace, so the small tmpfs needs no cleanup.
+        let mut c = w.shim_cmd("unshare");
+        c.args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs -o {mount_opts},mode=0700 tmpfs {d} && exec \"$0\" \"$@\"",
+                d = small.display()
+            ))
+            .arg(probe())
+            .args(script_args(&script))
+            .env("DAXSHIM_SHADOW_DIR", small.join("d"))
+            .env("DAXSHIM_LAZY", "off")
+            .env("DAXSHIM_FALLBACK", fallback);
+        let o = run(c);
+        let (out, err) = (stdout(&o), stderr(&o));
+        let case = format!("{mount_opts} {fallback}: {out}{err}");
+        match (mount_opts.contains("nr_inodes"), fallback) {
+            (false, "fail") => {
+                assert!(o.status.success(), "{case}");
+                assert!(out.contains("ret=-1 errno=12"), "{case}");
+                assert!(err.contains("DAXSHIM_FALLBACK=direct"), "{case}");
+                assert_eq!(w.stat_sum("mappings_direct"), 0, "{case}");
+            }
+            (true, "fail") => {
+                assert_eq!(o.status.code(), Some(2), "{case}");
+                assert!(out.contains("FAIL open: Cannot allocate memory"), "{case}");
+                assert!(err.contains("DAXSHIM_FALLBACK=direct"), "{case}");
+            }
+            _ => {
+                assert!(o.status.success(), "{case}");
+                assert!(out.contains("ret=ok"), "{case}");
+                assert_eq!(w.stat_sum("mappings_direct"), 1, "{case}");
+                assert!(w.stat_sum("fallbacks_direct") >= 1, "{case}");
+            }
+        }
+    }
+}

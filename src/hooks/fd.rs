@@ -14,8 +14,14 @@ fn opened(fd: c_int, flags: c_int) -> c_int {
     let Some(class) = crate::sys::preserving_errno(|| crate::classify::classify(fd)) else {
         return fd;
     };
-    if let Some(_g) = enter() {
-        crate::sys::preserving_errno(|| crate::fdtable::on_open_classified(fd, flags, class));
+    if let Some(g) = enter() {
+        if let Err(e) = crate::fdtable::on_open_classified(fd, flags, class) {
+            // SAFETY: the descriptor this open just returned, not yet the
+            // program's.
+            unsafe { real::close(fd) };
+            return g.ret(Err(e));
+        }
+        g.restore_errno();
     }
     fd
 }

@@ -236,7 +236,12 @@ unsafe fn reopen_glibc_stream(
         return r;
     }
     // glibc opened it with its internal open: the table learns of it now.
-    crate::fdtable::on_open(fd, om.flags & !libc::O_TRUNC);
+    if let Err(e) = crate::fdtable::on_open(fd, om.flags & !libc::O_TRUNC) {
+        // SAFETY: the stream glibc just reopened; freopen failing closes it.
+        unsafe { libc::fclose(r) };
+        sys::set_errno(e.0);
+        return std::ptr::null_mut();
+    }
     if crate::fdtable::lookup_fd(fd).is_none() {
         return r;
     }

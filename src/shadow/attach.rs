@@ -9,7 +9,7 @@ use super::owned::{cstr, err, open_owned, Create};
 use super::slots::{self, AttachLock, DeadReaders};
 use super::{AttachOptions, BackingState, Shadow};
 use crate::persist;
-use crate::sys::{self, OwnedMap, SysResult};
+use crate::sys::{self, Failure, OwnedMap, SysResult};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
@@ -50,7 +50,7 @@ pub fn attach(
     id: FileId,
     backing_fd: i32,
     opt: &AttachOptions,
-) -> Result<Shadow, String> {
+) -> Result<Shadow, Failure> {
     let base = format!("{dir}/{}", id.key());
     let meta_path = format!("{base}.meta");
     // Open the meta file and hold its attach lock, retrying if a detaching
@@ -85,13 +85,17 @@ fn attach_locked(
     id: FileId,
     backing_fd: i32,
     opt: &AttachOptions,
-) -> Result<(OwnedMap, usize), String> {
+) -> Result<(OwnedMap, usize), Failure> {
     let meta_path = format!("{base}.meta");
     let meta_fd = meta.as_raw_fd();
     let st = sys::fstat(meta_fd).map_err(|e| err("cannot stat", &meta_path, e))?;
     if (st.st_size as usize) < META_SIZE {
         sys::ftruncate(meta_fd, META_SIZE as u64).map_err(|e| err("cannot size", &meta_path, e))?;
     }
+    // Its page allocated now: a full shadow file system is an error here,
+    // not SIGBUS at the first store into the header.
+    sys::fallocate(meta_fd, 0, 0, META_SIZE as u64)
+        .map_err(|e| err("cannot allocate", &meta_path, e))?;
     let map = OwnedMap::shared(meta_fd, META_SIZE, libc::PROT_READ | libc::PROT_WRITE)
         .map_err(|e| err("cannot map", &meta_path, e))?;
     // SAFETY: META_SIZE bytes mapped shared for as long as `map`; Header
@@ -140,7 +144,7 @@ fn prepare(
     id: FileId,
     backing_fd: i32,
     opt: &AttachOptions,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     if !hdr.describes(id) {
         init_header(base, hdr, id, backing_fd);
         return Ok(());

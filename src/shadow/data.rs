@@ -7,7 +7,7 @@ use super::{BackingState, Shadow};
 use crate::persist::LINE;
 use crate::ranges::RangeSet;
 use crate::stats::{add, STATS};
-use crate::sys::{self, Errno, OwnedMap, SysResult, PAGE};
+use crate::sys::{self, Errno, Failure, OwnedMap, SysResult, PAGE};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
@@ -160,7 +160,7 @@ impl Shadow {
         self.open_data().ok()
     }
 
-    fn open_data(&self) -> Result<&DataFiles, String> {
+    fn open_data(&self) -> Result<&DataFiles, Failure> {
         let rw = open_owned(&self.base, Create::No)?;
         let ro = reopen_read_only(&self.base, &rw)?;
         // Another thread may have been first: its descriptors are kept,
@@ -178,7 +178,7 @@ impl Shadow {
     /// is small, where copying it costs less than a few round trips to the
     /// fault thread. [`Fill::Eager`]: the copy is complete before it
     /// returns, holes of a lazy data file included.
-    pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<&DataFiles, String> {
+    pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<&DataFiles, Failure> {
         let h = self.header();
         if self.data().is_some() && (fill == Fill::Lazy || self.no_evict() || !self.is_lazy()) {
             return Ok(self.data().expect("checked"));

@@ -8,7 +8,7 @@ use super::Shadow;
 use crate::lock::LockGuard;
 use crate::persist::base::Bases;
 use crate::persist::LINE;
-use crate::sys::{self, OwnedMap, SysResult};
+use crate::sys::{self, Failure, OwnedMap, SysResult};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 
@@ -45,7 +45,7 @@ fn grow_to(fd: i32, need: u64, known_len: &mut u64) -> SysResult<()> {
     Ok(())
 }
 
-fn lines_fd(path: &str, m: &mut LinesMap) -> Result<i32, String> {
+fn lines_fd(path: &str, m: &mut LinesMap) -> Result<i32, Failure> {
     if m.fd.is_none() {
         m.fd = Some(open_owned(path, Create::Yes)?);
     }
@@ -90,7 +90,7 @@ impl Shadow {
         grow_to(fd, bytes_for(size), &mut m.known_len)
     }
 
-    fn lines_fd(&self, m: &mut LinesMap) -> Result<i32, String> {
+    fn lines_fd(&self, m: &mut LinesMap) -> Result<i32, Failure> {
         lines_fd(&self.lines_path(), m)
     }
 

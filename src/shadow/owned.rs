@@ -7,7 +7,7 @@
 //!
 //! [`Shadow`]: super::Shadow
 
-use crate::sys::{self, Errno};
+use crate::sys::{self, Errno, Failure};
 use std::ffi::CString;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,13 +16,13 @@ pub(super) fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-pub(super) fn err(what: &str, path: &str, e: Errno) -> String {
-    format!("{what} {path}: {e}")
+pub(super) fn err(what: &str, path: &str, e: Errno) -> Failure {
+    Failure::new(e, format!("{what} {path}: {e}"))
 }
 
 /// Creates (0700) or checks the per-user shadow directory: a real directory,
 /// owned by us, not accessible to others.
-pub fn ensure_dir(dir: &str) -> Result<(), String> {
+pub fn ensure_dir(dir: &str) -> Result<(), Failure> {
     let c = cstr(dir);
     match sys::mkdir(&c, 0o700) {
         Ok(()) | Err(Errno(libc::EEXIST)) => {}
@@ -30,21 +30,21 @@ pub fn ensure_dir(dir: &str) -> Result<(), String> {
     }
     let st = sys::lstat(&c).map_err(|e| err("cannot stat shadow directory", dir, e))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return Err(format!(
+        return Err(Failure::refused(format!(
             "shadow directory {dir} is not a directory (a symlink?); refusing it"
-        ));
+        )));
     }
     if st.st_uid != sys::geteuid() {
-        return Err(format!(
+        return Err(Failure::refused(format!(
             "shadow directory {dir} belongs to uid {}, not to us; refusing it",
             st.st_uid
-        ));
+        )));
     }
     if st.st_mode & 0o077 != 0 {
-        return Err(format!(
+        return Err(Failure::refused(format!(
             "shadow directory {dir} has mode {:o}; it must not be accessible to others",
             st.st_mode & 0o777
-        ));
+        )));
     }
     Ok(())
 }
@@ -58,7 +58,7 @@ pub(super) enum Create {
 
 /// Opens an existing shadow file or creates it exclusively; checks it is a
 /// regular file of ours with mode 0600.
-pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, String> {
+pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, Failure> {
     let c = cstr(path);
     let base = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     let fd = loop {
@@ -80,15 +80,15 @@ pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, String> 
             && st.st_mode & 0o077 == 0
     });
     if !ok {
-        return Err(format!(
+        return Err(Failure::refused(format!(
             "{path} is not a private regular file of ours; refusing it"
-        ));
+        )));
     }
     Ok(fd)
 }
 
 /// A read-only descriptor of the very file `fd` is (through /proc).
-pub(super) fn reopen_read_only(base: &str, fd: &OwnedFd) -> Result<OwnedFd, String> {
+pub(super) fn reopen_read_only(base: &str, fd: &OwnedFd) -> Result<OwnedFd, Failure> {
     let p = cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
     sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map_err(|e| err("cannot reopen read-only", base, e))

@@ -5,7 +5,7 @@
 //! under the attach lock (another byte of the meta file).
 
 use super::header::{Header, ATTACH_LOCK_BYTE, SLOTS, SLOT_LOCK_BASE, SLOT_WRITER};
-use crate::sys::{self, SysResult};
+use crate::sys::{self, Errno, Failure, SysResult};
 use std::sync::atomic::Ordering;
 
 /// Holds the attach lock of a meta file (released when dropped).
@@ -92,9 +92,12 @@ pub(super) fn take_slot(
     meta_fd: i32,
     flags: u32,
     meta_path: &str,
-) -> Result<usize, String> {
+) -> Result<usize, Failure> {
     let Some(i) = (0..SLOTS).find(|&i| h.slots[i].pid.load(Ordering::Relaxed) == 0) else {
-        return Err(format!("{meta_path}: all {SLOTS} process slots are in use"));
+        return Err(Failure::new(
+            Errno(libc::EUSERS),
+            format!("{meta_path}: all {SLOTS} process slots are in use"),
+        ));
     };
     sys::ofd_lock(
         meta_fd,
@@ -103,7 +106,7 @@ pub(super) fn take_slot(
         SLOT_LOCK_BASE + i as i64,
         1,
     )
-    .map_err(|e| format!("cannot lock a slot of {meta_path}: {e}"))?;
+    .map_err(|e| Failure::new(e, format!("cannot lock a slot of {meta_path}: {e}")))?;
     h.slots[i].flags.store(flags, Ordering::Relaxed);
     h.slots[i].pid.store(sys::getpid(), Ordering::Relaxed);
     Ok(i)

@@ -18,6 +18,7 @@ fn invalid_env_values_exit_125_before_main() {
         ("DAXSHIM_SHADOW_DIR", "shm"),
         ("DAXSHIM_STATS", ""),
         ("DAXSHIM_SYSCALLS", "always"),
+        ("DAXSHIM_FALLBACK", "maybe"),
     ];
     for (var, val) in cases {
         let w = World::new("badenv");
