@@ -12,6 +12,7 @@ use crate::sys::{self, Errno};
 use crate::writeback::Durability;
 use libc::{c_int, iovec, off64_t};
 use std::ffi::CStr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 /// The result of a real call returning -1/errno (or a negative count), as
@@ -240,7 +241,9 @@ pub fn read_impl(
         // changed them: take in what was changed outside it first.
         f.catch_up();
     }
-    if let (true, Some(data_fd)) = (n > 0, f.shadow.data().map(|d| d.rw())) {
+    let data = if n > 0 { f.shadow.data() } else { None };
+    if let Some(data) = &data {
+        let data_fd = data.fd().as_raw_fd();
         let off = match at {
             At::Offset(o) => Some(o),
             At::Position => pos_before(fd, n as usize),
@@ -265,9 +268,10 @@ pub fn write_impl(
     let n = check(kernel())?;
     // Under the io lock the data cannot appear between the write and this
     // test; without data the write went where everyone reads.
-    let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
+    let Some(data) = f.shadow.data() else {
         return Ok(n);
     };
+    let data_fd = data.fd().as_raw_fd();
     if n <= 0 {
         return Ok(n);
     }
@@ -352,9 +356,10 @@ pub fn fallocate_impl(
     let r = check(kernel())?;
     let done = (|| {
         f.follow_backing_size()?;
-        let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
+        let Some(data) = f.shadow.data() else {
             return Ok(());
         };
+        let data_fd = data.fd().as_raw_fd();
         let size = sys::fstat(data_fd)?.st_size as u64;
         let (off, len) = (off.max(0) as u64, len.max(0) as u64);
         if shifts {
@@ -389,9 +394,10 @@ fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
         return;
     };
     let _io = f.shadow.io_lock();
-    let Some(data_fd) = f.shadow.data().map(|d| d.rw()) else {
+    let Some(data) = f.shadow.data() else {
         return;
     };
+    let data_fd = data.fd().as_raw_fd();
     let at = off.map_or(At::Position, At::Offset);
     let r = f
         .follow_backing_size()

@@ -132,6 +132,7 @@ pub fn atfork_prepare() {
         f.shadow.hold_for_fork();
     }
     crate::lazy::hold_for_fork();
+    crate::shadow::data::hold_data_fds_for_fork();
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
     std::mem::forget(reg);
@@ -142,6 +143,7 @@ fn atfork_release() {
     unsafe {
         crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
+        crate::shadow::data::release_data_fds_after_fork();
         crate::lazy::release_after_fork();
         for f in REG.data_unchecked().files.iter() {
             f.shadow.release_after_fork();

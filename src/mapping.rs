@@ -5,6 +5,7 @@
 
 use crate::fileio::check;
 use crate::real;
+use std::os::fd::AsRawFd;
 
 use crate::registry::{Mapping, REG, SHADOW_MAPS};
 use crate::shadow::Fill;
@@ -139,8 +140,8 @@ pub fn mmap_impl(
     } else {
         Fill::Eager
     };
-    let (data_fd, data_ro_fd) = match file.shadow.ensure_data(file.backing_fd(), fill) {
-        Ok(d) => (d.rw(), d.ro()),
+    let data = match file.shadow.ensure_data(file.backing_fd(), fill) {
+        Ok(d) => d,
         Err(e) => {
             crate::classify::without_shadow(file.emulated, &file.path, &e, DIRECT)?;
             add(&STATS.mappings_direct, 1);
@@ -155,7 +156,27 @@ pub fn mmap_impl(
     // the file itself, then put the shadow over it.
     let probe_flags = flags & !(libc::MAP_POPULATE | libc::MAP_LOCKED);
     let p = real_mmap(addr, len, prot, probe_flags, fd, off)?;
-    let sfd = if writable_fd { data_fd } else { data_ro_fd };
+    // A read-only descriptor's mapping maps a read-only descriptor of the
+    // data (its protection must never exceed the program's descriptor),
+    // opened for this mapping only.
+    let data_ro = if writable_fd {
+        None
+    } else {
+        match file.shadow.data_read_only() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                // SAFETY: the range this call mapped above, not yet the
+                // program's.
+                let _ = unsafe { real::munmap(p, len) };
+                crate::classify::without_shadow(file.emulated, &file.path, &e, DIRECT)?;
+                add(&STATS.mappings_direct, 1);
+                return kernel_map(flags);
+            }
+        }
+    };
+    let sfd = data_ro
+        .as_ref()
+        .map_or(data.fd().as_raw_fd(), |fd| fd.as_raw_fd());
     let stype = if shared {
         libc::MAP_SHARED
     } else {

@@ -13,6 +13,7 @@ use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, OwnedMap, SysResult, PAGE};
 use crate::track;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -135,9 +136,10 @@ impl FileState {
     ) -> SysResult<()> {
         let (lo, hi) = (range.start, range.end);
         let full = scope == Scope::WholeFile;
-        let Some(data_fd) = self.shadow.data().map(|d| d.rw()) else {
+        let Some(data) = self.shadow.data() else {
             return Ok(()); // no copy, nothing to write back
         };
+        let data_fd = data.fd().as_raw_fd();
         let mut inner = self.inner.lock();
         let in_range = inner.pending.clip(lo, hi);
         inner.pending.remove(lo, hi);
@@ -248,9 +250,10 @@ impl FileState {
     /// is followed. Called before a sync, a mapping and a read, and after an
     /// attach; one `fstat` when the backing is as the shim last left it.
     pub fn catch_up(&self) {
-        let Some(data_fd) = self.shadow.data().map(|d| d.rw()) else {
+        let Some(data) = self.shadow.data() else {
             return;
         };
+        let data_fd = data.fd().as_raw_fd();
         match BackingState::of(self.backing_fd()) {
             Ok(b) if !self.shadow.backing_unchanged(&b) => {}
             _ => return,

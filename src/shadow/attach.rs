@@ -12,7 +12,6 @@ use crate::persist;
 use crate::sys::{self, Failure, OwnedMap, SysResult};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
 
 /// Writes back every line of the shadow that differs from the backing
 /// (reconciliation after writers died). Durable when it returns Ok.
@@ -71,7 +70,7 @@ pub fn attach(
                 meta_fd: meta.into_raw_fd().into(),
                 header,
                 slot: slot.into(),
-                data: OnceLock::new(),
+                key: super::data::new_key(),
                 probe: crate::lock::Lock::new(OwnedMap::default()),
                 lines: crate::lock::Lock::new(super::lines::LinesMap::default()),
             });
@@ -242,7 +241,7 @@ impl Shadow {
         if census.live == 0 && dead_writer {
             let _io = self.io_lock();
             let reconciled = match self.data() {
-                Some(d) => reconcile(&self.base, d.rw(), backing_fd, opt).is_ok(),
+                Some(d) => reconcile(&self.base, d.fd().as_raw_fd(), backing_fd, opt).is_ok(),
                 None => true,
             };
             if reconciled {

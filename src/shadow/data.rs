@@ -2,31 +2,63 @@
 //! file (whole, or as holes that mean "the backing's bytes" when filled
 //! lazily), filled from the backing, and asked which pages it holds.
 
-use super::owned::{cstr, err, open_owned, reopen_read_only, Create};
+use super::owned::{cstr, err, open_owned, open_owned_read_only, Create};
 use super::{BackingState, Shadow};
+use crate::lock::Lock;
 use crate::persist::LINE;
 use crate::ranges::RangeSet;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, Failure, OwnedMap, SysResult, PAGE};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// This process's descriptors of a shadow's data file.
-pub struct DataFiles {
-    rw: OwnedFd,
-    ro: OwnedFd,
+/// A read-write descriptor of a shadow's data file, held while used: the
+/// process keeps at most [`DATA_FDS_MAX`] of them open (the program's
+/// descriptors are its own: the shim's must not grow with the number of
+/// files), and one that falls out of the cache is closed when its last
+/// holder drops it.
+#[derive(Clone)]
+pub struct DataFile(Arc<OwnedFd>);
+
+impl DataFile {
+    /// The descriptor, valid while this handle lives.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
 
-impl DataFiles {
-    /// Read-write (shared mappings of writable descriptors, writeback reads).
-    pub fn rw(&self) -> i32 {
-        self.rw.as_raw_fd()
-    }
-    /// Read-only (mappings of read-only descriptors: their protection must
-    /// not exceed the caller's descriptor).
-    pub fn ro(&self) -> i32 {
-        self.ro.as_raw_fd()
-    }
+use std::os::fd::AsFd;
+
+/// Open data descriptors of this process, least recently used first.
+const DATA_FDS_MAX: usize = 16;
+static DATA_FDS: Lock<Vec<(u64, DataFile)>> = Lock::new(Vec::new());
+/// Cache keys: one per [`Shadow`] of this process.
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+pub(super) fn new_key() -> u64 {
+    NEXT_KEY.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Forgets a detached shadow's descriptor (closed with its last holder).
+pub(super) fn forget_data_fd(key: u64) {
+    let gone = {
+        let mut c = DATA_FDS.lock();
+        c.iter().position(|e| e.0 == key).map(|i| c.remove(i))
+    };
+    drop(gone);
+}
+
+/// Fork: the cache's lock is a leaf lock (see `lifecycle`).
+pub fn hold_data_fds_for_fork() {
+    std::mem::forget(DATA_FDS.lock());
+}
+
+/// # Safety
+/// After [`hold_data_fds_for_fork`], in the parent or the child.
+pub unsafe fn release_data_fds_after_fork() {
+    // SAFETY: per contract.
+    unsafe { DATA_FDS.force_unlock() };
 }
 
 /// Whether a new data file may start as holes (the caller's mappings handle
@@ -149,9 +181,9 @@ fn swap_possible() -> bool {
 }
 
 impl Shadow {
-    /// This process's descriptors of the data file, if the data exists.
-    pub fn data(&self) -> Option<&DataFiles> {
-        if let Some(d) = self.data.get() {
+    /// This process's descriptor of the data file, if the data exists.
+    pub fn data(&self) -> Option<DataFile> {
+        if let Some(d) = self.cached_data() {
             return Some(d);
         }
         if self.header().data_valid.load(Ordering::Acquire) == 0 {
@@ -160,13 +192,35 @@ impl Shadow {
         self.open_data().ok()
     }
 
-    fn open_data(&self) -> Result<&DataFiles, Failure> {
-        let rw = open_owned(&self.base, Create::No)?;
-        let ro = reopen_read_only(&self.base, &rw)?;
-        // Another thread may have been first: its descriptors are kept,
-        // ours closed.
-        let _ = self.data.set(DataFiles { rw, ro });
-        Ok(self.data.get().expect("set above"))
+    fn cached_data(&self) -> Option<DataFile> {
+        let mut c = DATA_FDS.lock();
+        let i = c.iter().position(|e| e.0 == self.key)?;
+        let e = c.remove(i);
+        let d = e.1.clone();
+        c.push(e);
+        Some(d)
+    }
+
+    fn open_data(&self) -> Result<DataFile, Failure> {
+        let d = DataFile(Arc::new(open_owned(&self.base, Create::No)?));
+        let evicted = {
+            let mut c = DATA_FDS.lock();
+            if let Some(e) = c.iter().find(|e| e.0 == self.key) {
+                // Another thread was first: its descriptor is kept.
+                return Ok(e.1.clone());
+            }
+            c.push((self.key, d.clone()));
+            (c.len() > DATA_FDS_MAX).then(|| c.remove(0))
+        };
+        drop(evicted);
+        Ok(d)
+    }
+
+    /// A read-only descriptor of the data file, for a mapping of a read-only
+    /// descriptor (whose protection must not exceed it); close it once
+    /// mapped.
+    pub fn data_read_only(&self) -> Result<OwnedFd, Failure> {
+        open_owned_read_only(&self.base)
     }
 
     /// The data file, created from the backing if no process mapped the file
@@ -178,17 +232,22 @@ impl Shadow {
     /// is small, where copying it costs less than a few round trips to the
     /// fault thread. [`Fill::Eager`]: the copy is complete before it
     /// returns, holes of a lazy data file included.
-    pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<&DataFiles, Failure> {
+    pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<DataFile, Failure> {
         let h = self.header();
-        if self.data().is_some() && (fill == Fill::Lazy || self.no_evict() || !self.is_lazy()) {
-            return Ok(self.data().expect("checked"));
+        if let Some(d) = self.data() {
+            if fill == Fill::Lazy || self.no_evict() || !self.is_lazy() {
+                return Ok(d);
+            }
         }
         let _io = self.io_lock();
         if h.data_valid.load(Ordering::Acquire) != 0 {
-            let d = self.open_data()?;
+            let d = match self.cached_data() {
+                Some(d) => d,
+                None => self.open_data()?,
+            };
             if fill == Fill::Eager && self.is_lazy() && !self.no_evict() {
                 let _fill = self.fill_lock();
-                fill_holes(self, d.rw(), backing_fd)
+                fill_holes(self, d.fd().as_raw_fd(), backing_fd)
                     .map_err(|e| err("cannot fill shadow", &self.base, e))?;
                 h.no_evict.store(1, Ordering::Release);
             }
@@ -229,9 +288,10 @@ impl Shadow {
     /// backing's bytes.
     pub fn set_data_size(&self, size: u64) -> SysResult<()> {
         if let Some(d) = self.data() {
-            let old = sys::fstat(d.rw())?.st_size as u64;
+            let fd = d.fd().as_raw_fd();
+            let old = sys::fstat(fd)?.st_size as u64;
             if old != size {
-                sys::ftruncate(d.rw(), size)?;
+                sys::ftruncate(fd, size)?;
                 self.size_lines(size)?;
                 if size > old {
                     // Grown with zeros (a partial last line hashes as if
@@ -258,7 +318,7 @@ impl Shadow {
         let Some(data) = self.data() else {
             return Err(Errno(libc::EIO));
         };
-        let data_fd = data.rw();
+        let data_fd = data.fd().as_raw_fd();
         let _fill = self.fill_lock();
         let size = sys::fstat(data_fd)?.st_size as u64;
         let end = c1.min(size);
@@ -297,7 +357,7 @@ impl Shadow {
         let Some(data) = self.data() else {
             return Ok(true);
         };
-        let data_fd = data.rw();
+        let data_fd = data.fd().as_raw_fd();
         let size = sys::fstat(data_fd)?.st_size as u64;
         let end = c1.min(size);
         let present = self.present(c0, end);
@@ -365,7 +425,7 @@ impl Shadow {
         let Some(data) = self.data() else {
             return out;
         };
-        let data_fd = data.rw();
+        let data_fd = data.fd().as_raw_fd();
         let Ok(st) = sys::fstat(data_fd) else {
             for (a, b) in ranges.iter() {
                 out.extend(&data_segments(data_fd, a, b));

@@ -12,7 +12,8 @@ use crate::sys::{self, Failure, OwnedMap, SysResult};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 
-/// This process's descriptor and mapping of a shadow's bases.
+/// This process's mapping of a shadow's bases (and its descriptor while
+/// the file is grown or mapped).
 #[derive(Default)]
 pub struct LinesMap {
     fd: Option<OwnedFd>,
@@ -54,20 +55,24 @@ fn lines_fd(path: &str, m: &mut LinesMap) -> Result<i32, Failure> {
 
 /// Maps the bases file at `path` into `m` for `size` bytes of data (growing
 /// the file if it is shorter). The result is valid while `m` is neither
-/// dropped nor mapped again.
+/// dropped nor mapped again. The descriptor is opened only to grow or map
+/// the file and closed again: the mapping is what is used.
 pub(super) fn map_bases(path: &str, size: u64, m: &mut LinesMap) -> Option<Bases> {
     let need = bytes_for(size);
-    let fd = lines_fd(path, m).ok()?;
-    grow_to(fd, need, &mut m.known_len).ok()?;
     let len = sys::page_up(need.max(1) as usize);
-    if m.map.len() < len {
-        m.map = OwnedMap::default();
-        m.map = OwnedMap::shared(
-            fd,
-            len.next_power_of_two(),
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-        .ok()?;
+    if m.known_len < need || m.map.len() < len {
+        let fd = lines_fd(path, m).ok()?;
+        grow_to(fd, need, &mut m.known_len).ok()?;
+        if m.map.len() < len {
+            m.map = OwnedMap::default();
+            m.map = OwnedMap::shared(
+                fd,
+                len.next_power_of_two(),
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+            .ok()?;
+        }
+        m.fd = None;
     }
     let ptr = m.map.addr() as *const AtomicU32;
     // SAFETY: the mapping holds at least `need / 4` atomics and stays mapped
@@ -86,8 +91,13 @@ impl Shadow {
     /// are renewed when the data grows again).
     pub(super) fn size_lines(&self, size: u64) -> SysResult<()> {
         let mut m = self.lines.lock();
-        let fd = self.lines_fd(&mut m).map_err(|_| sys::Errno(libc::EIO))?;
-        grow_to(fd, bytes_for(size), &mut m.known_len)
+        if m.known_len >= bytes_for(size) {
+            return Ok(());
+        }
+        let fd = self.lines_fd(&mut m).map_err(|f| f.errno)?;
+        let r = grow_to(fd, bytes_for(size), &mut m.known_len);
+        m.fd = None;
+        r
     }
 
     fn lines_fd(&self, m: &mut LinesMap) -> Result<i32, Failure> {

@@ -28,10 +28,9 @@ use crate::sys::{self, OwnedMap, SysResult};
 use header::*;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 pub use attach::{attach, Detach};
-pub use data::{data_segments, DataFiles, Fill};
+pub use data::{data_segments, Fill};
 pub use header::FileId;
 pub use owned::{ensure_dir, HeaderLock};
 
@@ -44,11 +43,11 @@ pub struct Shadow {
     /// The header's mapping; [`Shadow::header`] hands out `&Header` only.
     header: OwnedMap,
     slot: AtomicUsize,
-    /// This process's descriptors of the data file, opened once the data
-    /// exists. The data is created lazily, by the first process that maps
-    /// the file: until then reads and writes go straight to the backing,
-    /// which is coherent because there is no copy.
-    data: OnceLock<DataFiles>,
+    /// Key of this shadow's data descriptor in the process's cache
+    /// (`data.rs`). The data is created lazily, by the first process that
+    /// maps the file: until then reads and writes go straight to the
+    /// backing, which is coherent because there is no copy.
+    key: u64,
     /// A `PROT_NONE` mapping of the data file, for `mincore` (which pages a
     /// lazy data file holds). Used under the fill lock only.
     probe: Lock<OwnedMap>,
@@ -58,6 +57,7 @@ pub struct Shadow {
 
 impl Drop for Shadow {
     fn drop(&mut self) {
+        data::forget_data_fd(self.key);
         // SAFETY: the meta descriptor is ours (see the field).
         drop(unsafe { OwnedFd::from_raw_fd(self.meta_fd.load(Ordering::Relaxed)) });
     }

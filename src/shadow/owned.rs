@@ -74,6 +74,11 @@ pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, Failure>
             Err(e) => return Err(err("cannot open", path, e)),
         }
     };
+    check_owned(path, &fd)?;
+    Ok(fd)
+}
+
+fn check_owned(path: &str, fd: &OwnedFd) -> Result<(), Failure> {
     let ok = sys::fstat(fd.as_raw_fd()).is_ok_and(|st| {
         st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_uid == sys::geteuid()
@@ -84,14 +89,20 @@ pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, Failure>
             "{path} is not a private regular file of ours; refusing it"
         )));
     }
-    Ok(fd)
+    Ok(())
 }
 
-/// A read-only descriptor of the very file `fd` is (through /proc).
-pub(super) fn reopen_read_only(base: &str, fd: &OwnedFd) -> Result<OwnedFd, Failure> {
-    let p = cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0)
-        .map_err(|e| err("cannot reopen read-only", base, e))
+/// A read-only descriptor of the shadow file at `path`, checked as
+/// [`open_owned`] checks.
+pub(super) fn open_owned_read_only(path: &str) -> Result<OwnedFd, Failure> {
+    let fd = sys::open(
+        &cstr(path),
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        0,
+    )
+    .map_err(|e| err("cannot open read-only", path, e))?;
+    check_owned(path, &fd)?;
+    Ok(fd)
 }
 
 /// Holds one of the header's robust locks (io or fill).
