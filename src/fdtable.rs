@@ -72,10 +72,14 @@ pub fn file_for_fd(fd: i32) -> Result<Option<Arc<FileState>>, Failure> {
 /// this removed (to be dropped by the caller outside any lock).
 pub fn register_fd(fd: i32, f: Arc<FileState>) -> Option<Arc<FileState>> {
     f.inner.lock().fd_refs += 1;
+    f.backing.note_program_fd(fd);
     let mut reg = REG.lock();
     let old = reg.fds.insert(fd, f);
     mark_fd(fd);
-    old.and_then(|o| release_ref(&mut reg, o, RefKind::Descriptor))
+    old.and_then(|o| {
+        o.backing.forget_program_fd(fd);
+        release_ref(&mut reg, o, RefKind::Descriptor)
+    })
 }
 
 /// After a successful open: enter pmem files in the table. `Err`: no
@@ -122,7 +126,10 @@ pub fn on_close(fd: i32) {
         let mut reg = REG.lock();
         unmark_fd(fd);
         match reg.fds.remove(&fd) {
-            Some(f) => release_ref(&mut reg, f, RefKind::Descriptor),
+            Some(f) => {
+                f.backing.forget_program_fd(fd);
+                release_ref(&mut reg, f, RefKind::Descriptor)
+            }
             None => None,
         }
     };

@@ -1,6 +1,7 @@
 //! One pmem file attached by this process: its shadow, its backing
 //! descriptor, and the state of its syncs.
 
+use crate::fdcache::{self, FdCache, SharedFd};
 use crate::lazy::{ChunkBits, LazyFile};
 use crate::lock::Lock;
 use crate::ranges::RangeSet;
@@ -9,7 +10,7 @@ use crate::shadow::{FileId, Shadow};
 use crate::sys::{self, OwnedMap, SysResult};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// One pmem file attached by this process.
 pub struct FileState {
@@ -18,7 +19,7 @@ pub struct FileState {
     pub emulated: bool,
     pub path: String,
     pub shadow: Shadow,
-    /// Our own descriptor of the backing file (fixed for the file's life).
+    /// How this process reaches the backing file ([`FileState::backing`]).
     pub backing: Backing,
     /// Tracking could not be set up for a mapping: syncs compare everything.
     pub untracked: AtomicBool,
@@ -40,27 +41,110 @@ pub struct FileState {
     pub foreign_seen: AtomicBool,
 }
 
-/// This process's own descriptor of a backing file.
+/// How this process reaches a backing file. Its descriptor is not held per
+/// file (the program's descriptor limit is the program's): it comes from a
+/// per-process cache of a few ([`BACKING_FDS`]) and is reopened when it fell
+/// out — through a descriptor the program holds for the file (the very
+/// file, renamed or not), else by path — and checked to be the same file.
 pub struct Backing {
-    pub fd: OwnedFd,
+    key: u64,
     /// Opened read-write (a process that could never write the file has
     /// nothing of its own to write back).
     pub writable: bool,
+    /// Some of the program's descriptors of the file (-1: none), kept by
+    /// the descriptor table.
+    program_fds: [AtomicI32; 4],
 }
 
+/// This process's open backing descriptors: at most 16.
+static BACKING_FDS: FdCache = FdCache::new(16);
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_FD: AtomicI32 = AtomicI32::new(-1);
+
 impl Backing {
-    /// Reopens the file behind the program's descriptor `fd` (through
-    /// /proc: the very file), read-write if we may.
-    pub fn reopen(fd: i32) -> SysResult<Backing> {
-        let p = CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default();
-        match sys::open(&p, libc::O_RDWR | libc::O_CLOEXEC, 0) {
-            Ok(fd) => Ok(Backing { fd, writable: true }),
-            Err(_) => sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0).map(|fd| Backing {
-                fd,
-                writable: false,
-            }),
+    /// Opens the file behind the program's descriptor `fd` (through /proc:
+    /// the very file), read-write if we may; the descriptor goes into the
+    /// cache (and is returned, held).
+    pub fn reopen(fd: i32) -> SysResult<(Backing, SharedFd)> {
+        let (owned, writable) = open_proc_fd(fd, None)?;
+        let b = Backing {
+            key: fdcache::new_key(),
+            writable,
+            program_fds: [NO_FD; 4],
+        };
+        let held = BACKING_FDS.insert(b.key, owned);
+        Ok((b, held))
+    }
+
+    /// The program opened `fd` on this file.
+    pub fn note_program_fd(&self, fd: i32) {
+        for s in &self.program_fds {
+            if s.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
         }
     }
+
+    /// The program is closing `fd`.
+    pub fn forget_program_fd(&self, fd: i32) {
+        for s in &self.program_fds {
+            let _ = s.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Fork: the cache's lock is a leaf lock (see `lifecycle`).
+    pub fn hold_for_fork() {
+        BACKING_FDS.hold_for_fork();
+    }
+
+    /// # Safety
+    /// After [`Backing::hold_for_fork`], in the parent or the child.
+    pub unsafe fn release_after_fork() {
+        // SAFETY: per contract.
+        unsafe { BACKING_FDS.release_after_fork() };
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        BACKING_FDS.forget(self.key);
+    }
+}
+
+/// Opens `/proc/self/fd/FD` (the very file), read-write, else read-only
+/// (or as `writable` says).
+fn open_proc_fd(fd: i32, writable: Option<bool>) -> SysResult<(OwnedFd, bool)> {
+    open_path(&format!("/proc/self/fd/{fd}"), writable)
+}
+
+fn open_path(path: &str, writable: Option<bool>) -> SysResult<(OwnedFd, bool)> {
+    let p = CString::new(path).map_err(|_| sys::Errno(libc::EINVAL))?;
+    if writable != Some(false) {
+        match sys::open(&p, libc::O_RDWR | libc::O_CLOEXEC, 0) {
+            Ok(fd) => return Ok((fd, true)),
+            Err(e) if writable == Some(true) => return Err(e),
+            Err(_) => {}
+        }
+    }
+    sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0).map(|fd| (fd, false))
+}
+
+/// Is `fd` the file `id`?
+fn is_file(fd: &OwnedFd, id: &FileId) -> bool {
+    sys::statx_fd(fd.as_raw_fd(), libc::STATX_BASIC_STATS | libc::STATX_BTIME).is_ok_and(|x| {
+        let (sec, nsec) = if x.stx_mask & libc::STATX_BTIME != 0 {
+            (x.stx_btime.tv_sec, x.stx_btime.tv_nsec)
+        } else {
+            (0, 0)
+        };
+        libc::makedev(x.stx_dev_major, x.stx_dev_minor) == id.dev
+            && x.stx_ino == id.ino
+            && sec == id.gen_sec
+            && nsec == id.gen_nsec
+    })
 }
 
 pub struct FileInner {
@@ -76,9 +160,36 @@ pub struct FileInner {
 }
 
 impl FileState {
-    /// Our descriptor of the backing file.
-    pub fn backing_fd(&self) -> i32 {
-        self.backing.fd.as_raw_fd()
+    /// A descriptor of the backing file, open while the handle lives.
+    /// `EIO` if it cannot be reopened (renamed or removed by someone else
+    /// while the program holds no descriptor of it).
+    pub fn backing(&self) -> SysResult<SharedFd> {
+        BACKING_FDS.get_or_open(self.backing.key, || self.reopen_backing())
+    }
+
+    fn reopen_backing(&self) -> SysResult<OwnedFd> {
+        let writable = Some(self.backing.writable);
+        for s in &self.backing.program_fds {
+            let fd = s.load(Ordering::Acquire);
+            if fd < 0 {
+                continue;
+            }
+            if let Ok((owned, _)) = open_proc_fd(fd, writable) {
+                if is_file(&owned, &self.id) {
+                    return Ok(owned);
+                }
+            }
+        }
+        if let Ok((owned, _)) = open_path(&self.path, writable) {
+            if is_file(&owned, &self.id) {
+                return Ok(owned);
+            }
+        }
+        warn!(
+            "{}: cannot reopen the file (renamed or removed, and no descriptor of it is open)",
+            self.path
+        );
+        Err(sys::Errno(libc::EIO))
     }
 
     /// The shadow follows a size change the kernel made to the backing
@@ -89,10 +200,11 @@ impl FileState {
         if self.shadow.data().is_none() {
             return Ok(());
         }
-        let size = sys::fstat(self.backing_fd())?.st_size as u64;
+        let backing = self.backing()?;
+        let size = sys::fstat(backing.raw())?.st_size as u64;
         let _fill = self.shadow.fill_lock();
         self.shadow.set_data_size(size)?;
-        self.shadow.record_backing(self.backing_fd());
+        self.shadow.record_backing(backing.raw());
         Ok(())
     }
 
@@ -101,8 +213,8 @@ impl FileState {
     /// make durable, and stores into its mapping take a file system write
     /// fault per page); real DAX with stores and flushes through the
     /// mapping. `DAXSHIM_WRITEBACK=stores` uses the latter everywhere.
-    pub fn writeback_fd(&self) -> Option<i32> {
-        (self.emulated && !rt().cfg.writeback_stores).then_some(self.backing_fd())
+    pub fn writes_back_with_pwrite(&self) -> bool {
+        self.emulated && !rt().cfg.writeback_stores
     }
 
     /// The shadow no longer agrees with the backing where it should (an
@@ -117,8 +229,8 @@ impl LazyFile for FileState {
     fn shadow(&self) -> &Shadow {
         &self.shadow
     }
-    fn backing_fd(&self) -> i32 {
-        FileState::backing_fd(self)
+    fn backing(&self) -> SysResult<SharedFd> {
+        FileState::backing(self)
     }
     fn path(&self) -> &str {
         &self.path

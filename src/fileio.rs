@@ -167,7 +167,7 @@ fn copy_to_shadow(
     if f.shadow.is_lazy() {
         // Gathered before the fill lock: the buffer may be a lazy mapping.
         store_in_lazy_shadow(f, data_fd, &iov_gather(iov, n), off)?;
-        f.shadow.record_backing(f.backing_fd());
+        f.shadow.record_backing(f.backing()?.raw());
         return Ok(());
     }
     for (pos, p, len) in iov_parts(iov, n) {
@@ -176,8 +176,9 @@ fn copy_to_shadow(
         sys::pwrite_all(data_fd, buf, off + pos as u64)?;
     }
     // The backing holds these lines now as the shim knows them.
-    f.shadow.rebase(f.backing_fd(), off, off + n as u64)?;
-    f.shadow.record_backing(f.backing_fd());
+    let backing = f.backing()?;
+    f.shadow.rebase(backing.raw(), off, off + n as u64)?;
+    f.shadow.record_backing(backing.raw());
     Ok(())
 }
 
@@ -187,14 +188,16 @@ fn copy_to_shadow(
 /// (`no_evict`), every page must be held: holes are filled first.
 fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> Result<(), Errno> {
     let end = off + bytes.len() as u64;
-    let backing_size = sys::fstat(f.backing_fd())?.st_size as u64;
+    let backing = f.backing()?;
+    let bfd = backing.raw();
+    let backing_size = sys::fstat(bfd)?.st_size as u64;
     let fill_holes = f.shadow.no_evict();
     if fill_holes {
         let mut buf = vec![0u8; crate::lazy::CHUNK as usize];
         let mut a = sys::page_down(off as usize) as u64;
         while a < end {
             let b = (a + crate::lazy::CHUNK).min(sys::page_up(end as usize) as u64);
-            f.shadow.fill_range(f.backing_fd(), a, b, &mut buf)?;
+            f.shadow.fill_range(bfd, a, b, &mut buf)?;
             a = b;
         }
     }
@@ -211,7 +214,7 @@ fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> 
         let (a, b) = (a.max(off), b.min(end));
         if a < b {
             sys::pwrite_all(data_fd, &bytes[(a - off) as usize..(b - off) as usize], a)?;
-            f.shadow.rebase(f.backing_fd(), a, b)?;
+            f.shadow.rebase(bfd, a, b)?;
         }
     }
     Ok(())
@@ -325,7 +328,7 @@ fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Resu
     let mut off = from;
     while off < to {
         let want = ((to - off) as usize).min(buf.len());
-        let n = sys::pread_full(f.backing_fd(), &mut buf[..want], off)?;
+        let n = sys::pread_full(f.backing()?.raw(), &mut buf[..want], off)?;
         if n == 0 {
             break;
         }
@@ -333,7 +336,7 @@ fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Resu
             store_in_lazy_shadow(f, data_fd, &buf[..n], off)?;
         } else {
             sys::pwrite_all(data_fd, &buf[..n], off)?;
-            f.shadow.rebase(f.backing_fd(), off, off + n as u64)?;
+            f.shadow.rebase(f.backing()?.raw(), off, off + n as u64)?;
         }
         off += n as u64;
     }

@@ -29,6 +29,7 @@
 #[macro_use]
 mod log;
 mod config;
+mod fdcache;
 mod lock;
 mod ranges;
 mod real;

@@ -33,13 +33,17 @@ impl FileState {
         };
         crate::watcher::unwatch(self);
         unmap_views(&mut self.inner.lock());
+        // Without a descriptor (renamed away with none open) the detach
+        // cannot write back: the data stays in the shadow for the next
+        // process that opens the file.
+        let backing = self.backing().ok();
         self.shadow.detach(
             if synced {
                 Detach::Synced
             } else {
                 Detach::Unsynced
             },
-            self.backing_fd(),
+            backing.as_ref().map_or(-1, |b| b.raw()),
             &attach_options(self.emulated, &self.path),
         );
         debug!("detached {}", self.path);
@@ -95,6 +99,9 @@ fn retire_lazy_mappings(reg: &Registry) {
         } else {
             libc::MAP_PRIVATE
         } | libc::MAP_FIXED;
+        let Ok(backing) = m.file.backing() else {
+            continue;
+        };
         // SAFETY: replaces our own shadow mapping at the same place; the
         // registry forgets it right after.
         let r = unsafe {
@@ -103,7 +110,7 @@ fn retire_lazy_mappings(reg: &Registry) {
                 m.len,
                 m.prot,
                 flags,
-                m.file.backing_fd(),
+                backing.raw(),
                 m.off as i64,
             )
         };
@@ -133,6 +140,7 @@ pub fn atfork_prepare() {
     }
     crate::lazy::hold_for_fork();
     crate::shadow::data::hold_data_fds_for_fork();
+    crate::file::Backing::hold_for_fork();
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
     std::mem::forget(reg);
@@ -143,6 +151,7 @@ fn atfork_release() {
     unsafe {
         crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
+        crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();
         crate::lazy::release_after_fork();
         for f in REG.data_unchecked().files.iter() {
@@ -218,10 +227,12 @@ pub fn atfork_child() {
     }
     drop(reg);
     for f in lazy_failed {
-        if let Err(e) = f
-            .shadow
-            .ensure_data(f.backing_fd(), crate::shadow::Fill::Eager)
-        {
+        let filled = f.backing().map_err(|e| e.to_string()).and_then(|b| {
+            f.shadow
+                .ensure_data(b.raw(), crate::shadow::Fill::Eager)
+                .map_err(String::from)
+        });
+        if let Err(e) = filled {
             error!(
                 "{}: cannot fill the shadow in the forked child: {e}",
                 f.path

@@ -140,7 +140,11 @@ pub fn mmap_impl(
     } else {
         Fill::Eager
     };
-    let data = match file.shadow.ensure_data(file.backing_fd(), fill) {
+    let data = match file
+        .backing()
+        .map_err(|e| Failure::new(e, format!("cannot reopen {}: {e}", file.path)))
+        .and_then(|b| file.shadow.ensure_data(b.raw(), fill))
+    {
         Ok(d) => d,
         Err(e) => {
             crate::classify::without_shadow(file.emulated, &file.path, &e, DIRECT)?;
@@ -323,8 +327,11 @@ fn watch_lazy(
                 "{}: cannot watch a lazy mapping ({e}); filling its shadow now",
                 file.path
             );
+            let backing = file
+                .backing()
+                .map_err(|e| Failure::new(e, format!("cannot reopen {}: {e}", file.path)))?;
             file.shadow
-                .ensure_data(file.backing_fd(), Fill::Eager)
+                .ensure_data(backing.raw(), Fill::Eager)
                 .map(|_| false)
         }
     }
@@ -492,12 +499,14 @@ pub fn remove_impl(addr: usize, len: usize, real: impl FnOnce() -> c_int) -> Res
         .collect();
     let r = check(real())?;
     for (f, off, n) in &targets {
-        let punched = sys::fallocate(
-            f.backing_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            *off,
-            *n,
-        );
+        let punched = f.backing().and_then(|b| {
+            sys::fallocate(
+                b.raw(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                *off,
+                *n,
+            )
+        });
         if let Err(e) = punched {
             // The shadow reads zeros there now; the backing must too.
             warn!("{}: cannot punch the backing ({e}); writing zeros", f.path);

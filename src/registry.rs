@@ -17,7 +17,6 @@ use crate::shadow::{self, AttachOptions};
 use crate::sys::{self, Failure, OwnedMap, SysResult};
 use crate::track;
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -127,12 +126,12 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Fail
         r.shadow_dir_bad.store(true, Ordering::Relaxed);
         return Err(e);
     }
-    let backing =
+    let (backing, held) =
         Backing::reopen(fd).map_err(|e| Failure::new(e, format!("cannot reopen {path}: {e}")))?;
     let shadow = shadow::attach(
         &r.shadow_dir,
         id,
-        backing.fd.as_raw_fd(),
+        held.raw(),
         &attach_options(emulated, path),
     )?;
     debug!("attached {path} (slot {})", shadow.slot());
@@ -392,7 +391,9 @@ impl Host for LazyHost {
                 sys::madvise(va, n, libc::MADV_DONTNEED)?;
             }
         }
-        let r = shadow.punch_clean(file.backing_fd(), c0, c1);
+        let r = file
+            .backing()
+            .and_then(|b| shadow.punch_clean(b.raw(), c0, c1));
         drop(fill);
         if let Some(f) = owner.filter(|_| !written.is_empty()) {
             f.inner.lock().pending.extend(&written);

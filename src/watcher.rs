@@ -76,7 +76,10 @@ pub fn watch(f: &Arc<FileState>) {
     let Some(fd) = fd() else {
         return;
     };
-    let path = CString::new(format!("/proc/self/fd/{}", f.backing_fd())).unwrap_or_default();
+    let Ok(backing) = f.backing() else {
+        return;
+    };
+    let path = CString::new(format!("/proc/self/fd/{}", backing.raw())).unwrap_or_default();
     // SAFETY: a C string; the watch follows the link to the file itself.
     let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_MODIFY) };
     if wd < 0 {

@@ -113,7 +113,7 @@ impl FileState {
             && how == Durability::Complete
             && self.size_dirty.swap(false, Ordering::Relaxed)
         {
-            if let Err(e) = sys::fdatasync(self.backing_fd()) {
+            if let Err(e) = self.backing().and_then(|b| sys::fdatasync(b.raw())) {
                 self.size_dirty.store(true, Ordering::Relaxed);
                 r = Err(e);
             }
@@ -175,13 +175,14 @@ impl FileState {
             if persist::inject_failure() {
                 return Err(Errno(libc::EIO));
             }
+            let backing = self.backing()?;
+            let bfd = backing.raw();
             let shadow_size = sys::fstat(data_fd)?.st_size as u64;
-            let backing_size = sys::fstat(self.backing_fd())?.st_size as u64;
+            let backing_size = sys::fstat(bfd)?.st_size as u64;
             let size = shadow_size.min(backing_size);
             if size == 0 {
                 return Ok(());
             }
-            let bfd = self.backing_fd();
             // Writable: lines changed outside the shim are taken into it.
             let sv = ensure_view(
                 &mut inner.shadow_view,
@@ -216,7 +217,7 @@ impl FileState {
                 &persist::Writeback {
                     flush: rt().flush,
                     msync_touched: how == Durability::Complete && self.emulated,
-                    via_fd: self.writeback_fd(),
+                    via_fd: self.writes_back_with_pwrite().then_some(bfd),
                     bases: bases.as_ref().map(|g| &g.bases),
                 },
             )?;
@@ -254,14 +255,18 @@ impl FileState {
             return;
         };
         let data_fd = data.fd().as_raw_fd();
-        match BackingState::of(self.backing_fd()) {
+        let Ok(backing) = self.backing() else {
+            return;
+        };
+        let bfd = backing.raw();
+        match BackingState::of(bfd) {
             Ok(b) if !self.shadow.backing_unchanged(&b) => {}
             _ => return,
         }
         let mut inner = self.inner.lock();
         let _io = self.shadow.io_lock();
         let _fill = self.shadow.fill_lock();
-        let Ok(b) = BackingState::of(self.backing_fd()) else {
+        let Ok(b) = BackingState::of(bfd) else {
             return;
         };
         if self.shadow.backing_unchanged(&b) {
@@ -289,7 +294,7 @@ impl FileState {
             };
             let bv = ensure_view(
                 &mut inner.backing_view,
-                self.backing_fd(),
+                bfd,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 kind,
@@ -315,7 +320,7 @@ impl FileState {
             }
             Ok(taken)
         })();
-        self.shadow.record_outside_change(self.backing_fd());
+        self.shadow.record_outside_change(bfd);
         match taken {
             Ok(n) => {
                 add(&STATS.foreign_writes, n);

@@ -101,7 +101,10 @@ fn on_fault(fault: uffd::Fault, seq: &mut Sequence, buf: &mut [u8]) {
     let c0 = w0.max(off);
     let c1 = (w0 + window).min(off + len as u64);
     let chunk0 = c0 - c0 % CHUNK;
-    let filled = match file.shadow().fill_range(file.backing_fd(), c0, c1, buf) {
+    let filled = match file
+        .backing()
+        .and_then(|b| file.shadow().fill_range(b.raw(), c0, c1, buf))
+    {
         Ok(n) => n,
         Err(e) => {
             // The page cannot be had (a read error of the backing, a full

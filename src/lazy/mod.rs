@@ -39,7 +39,8 @@ pub const CHUNK: u64 = 64 << 10;
 /// What the fault thread and eviction need of an attached file.
 pub trait LazyFile: Send + Sync {
     fn shadow(&self) -> &Shadow;
-    fn backing_fd(&self) -> i32;
+    /// A descriptor of the backing file, open while the handle lives.
+    fn backing(&self) -> crate::sys::SysResult<crate::fdcache::SharedFd>;
     fn path(&self) -> &str;
     /// The chunks of the file whose pages this process may have mapped.
     fn chunks(&self) -> &Lock<ChunkBits>;

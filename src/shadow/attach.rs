@@ -70,7 +70,7 @@ pub fn attach(
                 meta_fd: meta.into_raw_fd().into(),
                 header,
                 slot: slot.into(),
-                key: super::data::new_key(),
+                key: crate::fdcache::new_key(),
                 probe: crate::lock::Lock::new(OwnedMap::default()),
                 lines: crate::lock::Lock::new(super::lines::LinesMap::default()),
             });

@@ -4,61 +4,34 @@
 
 use super::owned::{cstr, err, open_owned, open_owned_read_only, Create};
 use super::{BackingState, Shadow};
-use crate::lock::Lock;
+use crate::fdcache::{FdCache, SharedFd};
 use crate::persist::LINE;
 use crate::ranges::RangeSet;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, Failure, OwnedMap, SysResult, PAGE};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 
-/// A read-write descriptor of a shadow's data file, held while used: the
-/// process keeps at most [`DATA_FDS_MAX`] of them open (the program's
-/// descriptors are its own: the shim's must not grow with the number of
-/// files), and one that falls out of the cache is closed when its last
-/// holder drops it.
-#[derive(Clone)]
-pub struct DataFile(Arc<OwnedFd>);
-
-impl DataFile {
-    /// The descriptor, valid while this handle lives.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-}
-
-use std::os::fd::AsFd;
-
-/// Open data descriptors of this process, least recently used first.
-const DATA_FDS_MAX: usize = 16;
-static DATA_FDS: Lock<Vec<(u64, DataFile)>> = Lock::new(Vec::new());
-/// Cache keys: one per [`Shadow`] of this process.
-static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-
-pub(super) fn new_key() -> u64 {
-    NEXT_KEY.fetch_add(1, Ordering::Relaxed)
-}
+/// This process's read-write descriptors of data files: at most 16 open
+/// (a [`SharedFd`] keeps one open while used; the program's descriptor
+/// limit is the program's).
+static DATA_FDS: FdCache = FdCache::new(16);
 
 /// Forgets a detached shadow's descriptor (closed with its last holder).
 pub(super) fn forget_data_fd(key: u64) {
-    let gone = {
-        let mut c = DATA_FDS.lock();
-        c.iter().position(|e| e.0 == key).map(|i| c.remove(i))
-    };
-    drop(gone);
+    DATA_FDS.forget(key);
 }
 
 /// Fork: the cache's lock is a leaf lock (see `lifecycle`).
 pub fn hold_data_fds_for_fork() {
-    std::mem::forget(DATA_FDS.lock());
+    DATA_FDS.hold_for_fork();
 }
 
 /// # Safety
 /// After [`hold_data_fds_for_fork`], in the parent or the child.
 pub unsafe fn release_data_fds_after_fork() {
     // SAFETY: per contract.
-    unsafe { DATA_FDS.force_unlock() };
+    unsafe { DATA_FDS.release_after_fork() };
 }
 
 /// Whether a new data file may start as holes (the caller's mappings handle
@@ -182,8 +155,8 @@ fn swap_possible() -> bool {
 
 impl Shadow {
     /// This process's descriptor of the data file, if the data exists.
-    pub fn data(&self) -> Option<DataFile> {
-        if let Some(d) = self.cached_data() {
+    pub fn data(&self) -> Option<SharedFd> {
+        if let Some(d) = DATA_FDS.get(self.key) {
             return Some(d);
         }
         if self.header().data_valid.load(Ordering::Acquire) == 0 {
@@ -192,28 +165,8 @@ impl Shadow {
         self.open_data().ok()
     }
 
-    fn cached_data(&self) -> Option<DataFile> {
-        let mut c = DATA_FDS.lock();
-        let i = c.iter().position(|e| e.0 == self.key)?;
-        let e = c.remove(i);
-        let d = e.1.clone();
-        c.push(e);
-        Some(d)
-    }
-
-    fn open_data(&self) -> Result<DataFile, Failure> {
-        let d = DataFile(Arc::new(open_owned(&self.base, Create::No)?));
-        let evicted = {
-            let mut c = DATA_FDS.lock();
-            if let Some(e) = c.iter().find(|e| e.0 == self.key) {
-                // Another thread was first: its descriptor is kept.
-                return Ok(e.1.clone());
-            }
-            c.push((self.key, d.clone()));
-            (c.len() > DATA_FDS_MAX).then(|| c.remove(0))
-        };
-        drop(evicted);
-        Ok(d)
+    fn open_data(&self) -> Result<SharedFd, Failure> {
+        DATA_FDS.get_or_open(self.key, || open_owned(&self.base, Create::No))
     }
 
     /// A read-only descriptor of the data file, for a mapping of a read-only
@@ -232,7 +185,7 @@ impl Shadow {
     /// is small, where copying it costs less than a few round trips to the
     /// fault thread. [`Fill::Eager`]: the copy is complete before it
     /// returns, holes of a lazy data file included.
-    pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<DataFile, Failure> {
+    pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<SharedFd, Failure> {
         let h = self.header();
         if let Some(d) = self.data() {
             if fill == Fill::Lazy || self.no_evict() || !self.is_lazy() {
@@ -241,10 +194,7 @@ impl Shadow {
         }
         let _io = self.io_lock();
         if h.data_valid.load(Ordering::Acquire) != 0 {
-            let d = match self.cached_data() {
-                Some(d) => d,
-                None => self.open_data()?,
-            };
+            let d = self.open_data()?;
             if fill == Fill::Eager && self.is_lazy() && !self.no_evict() {
                 let _fill = self.fill_lock();
                 fill_holes(self, d.fd().as_raw_fd(), backing_fd)
