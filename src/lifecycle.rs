@@ -86,6 +86,9 @@ pub fn shutdown() {
         f.finish();
     }
     drop(files);
+    // Nothing is attached any more: this process's presence file goes (a
+    // file the fault thread still holds for a moment is detached already).
+    crate::shadow::remove_presence();
 }
 
 /// At exit, before the registry is emptied: lazy mappings still in place
@@ -141,6 +144,7 @@ pub fn atfork_prepare() {
     crate::lazy::hold_for_fork();
     crate::shadow::data::hold_data_fds_for_fork();
     crate::file::Backing::hold_for_fork();
+    crate::shadow::hold_presence_for_fork();
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
     std::mem::forget(reg);
@@ -151,6 +155,7 @@ fn atfork_release() {
     unsafe {
         crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
+        crate::shadow::release_presence_after_fork();
         crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();
         crate::lazy::release_after_fork();
@@ -170,6 +175,8 @@ pub fn atfork_parent() {
 
 pub fn atfork_child() {
     atfork_release();
+    // The inherited presence is the parent's; the child's slots get its own.
+    crate::shadow::forget_presence_after_fork();
     let files: Vec<Arc<FileState>> = REG.lock().files.clone();
     for f in &files {
         f.sync_lock.reset_after_fork();

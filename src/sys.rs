@@ -291,6 +291,21 @@ pub fn getpid() -> i32 {
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
 }
 
+/// Fills `buf` with random bytes (never blocks: `GRND_NONBLOCK`).
+pub fn getrandom(buf: &mut [u8]) -> SysResult<()> {
+    let n = sc!(
+        libc::SYS_getrandom,
+        buf.as_mut_ptr(),
+        buf.len(),
+        libc::GRND_NONBLOCK
+    )?;
+    if n as usize == buf.len() {
+        Ok(())
+    } else {
+        Err(Errno(libc::EAGAIN))
+    }
+}
+
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid never fails.
     unsafe { libc::syscall(libc::SYS_geteuid) as u32 }

@@ -411,6 +411,8 @@ pub fn gc(args: GcArgs) -> ExitCode {
         }
     }
     progress.finish();
+    // What dead processes left of their presence (not shadows: not counted).
+    shadows::remove_stale_presences(&dir);
     println!("{removed} removed, {kept} kept");
     ExitCode::SUCCESS
 }

@@ -76,6 +76,8 @@ impl ShadowInfo {
 pub struct Meta {
     fd: i32,
     hdr: *mut Header,
+    /// The shadow directory (where the processes' presence files are).
+    dir: String,
 }
 
 impl Drop for Meta {
@@ -120,6 +122,15 @@ impl Meta {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // A shorter file (an older shim's header) would fault past its end.
+        // SAFETY: an all-zero stat is valid output space; our descriptor.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd, &mut st) } < 0 || (st.st_size as usize) < META_SIZE {
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidData));
+        }
         // SAFETY: a fresh shared mapping of the meta file.
         let p = unsafe {
             libc::mmap(
@@ -140,6 +151,10 @@ impl Meta {
         Ok(Meta {
             fd,
             hdr: p as *mut Header,
+            dir: path
+                .parent()
+                .map(|d| d.to_string_lossy().into_owned())
+                .unwrap_or_else(|| ".".into()),
         })
     }
 
@@ -166,14 +181,7 @@ impl Meta {
                 if pid == 0 {
                     return None;
                 }
-                let alive = ofd(
-                    self.fd,
-                    libc::F_OFD_GETLK,
-                    libc::F_WRLCK,
-                    SLOT_LOCK_BASE + i as i64,
-                )
-                .map(|fl| fl.l_type != libc::F_UNLCK as i16)
-                .unwrap_or(true);
+                let alive = h.slots[i].alive(&self.dir, 0);
                 let writer = h.slots[i].flags.load(Ordering::Relaxed) & SLOT_WRITER != 0;
                 Some(Proc { pid, alive, writer })
             })
@@ -276,6 +284,23 @@ pub fn list(dir: &Path) -> (Vec<ShadowInfo>, Vec<PathBuf>) {
         }
     }
     (shadows, orphans)
+}
+
+/// Removes the presence files (`live-<tag>`) of processes that are gone:
+/// a live process holds a lock on its own. Returns how many went.
+pub fn remove_stale_presences(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let d = dir.to_string_lossy();
+    rd.flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            u64::from_str_radix(n.strip_prefix("live-")?, 16).ok()
+        })
+        .filter(|&tag| !presence_alive(&d, tag))
+        .filter(|&tag| std::fs::remove_file(presence_path(&d, tag)).is_ok())
+        .count()
 }
 
 /// Removes a shadow's files under its attach lock (an attaching process

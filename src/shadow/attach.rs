@@ -10,7 +10,7 @@ use super::slots::{self, AttachLock, DeadReaders};
 use super::{AttachOptions, BackingState, Shadow};
 use crate::persist;
 use crate::sys::{self, Failure, OwnedMap, SysResult};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 /// Writes back every line of the shadow that differs from the backing
@@ -54,20 +54,20 @@ pub fn attach(
     let meta_path = format!("{base}.meta");
     // Open the meta file and hold its attach lock, retrying if a detaching
     // process unlinked it meanwhile.
+    // The descriptor is closed again with the lock: the header is used
+    // through its mapping, liveness through the process's presence file.
     loop {
         let meta = open_owned(&meta_path, Create::Yes)?;
-        let lock =
-            AttachLock::take(meta.as_raw_fd()).map_err(|e| err("cannot lock", &meta_path, e))?;
-        let linked = match (sys::fstat(meta.as_raw_fd()), sys::lstat(&cstr(&meta_path))) {
+        let lock = AttachLock::take(meta).map_err(|e| err("cannot lock", &meta_path, e))?;
+        let linked = match (sys::fstat(lock.fd()), sys::lstat(&cstr(&meta_path))) {
             (Ok(a), Ok(b)) => a.st_ino == b.st_ino && a.st_dev == b.st_dev,
             _ => false,
         };
         if linked {
-            let r = attach_locked(&base, &meta, id, backing_fd, opt);
+            let r = attach_locked(&base, lock.fd(), id, backing_fd, opt);
             drop(lock);
             return r.map(|(header, slot)| Shadow {
                 base,
-                meta_fd: meta.into_raw_fd().into(),
                 header,
                 slot: slot.into(),
                 key: crate::fdcache::new_key(),
@@ -80,13 +80,12 @@ pub fn attach(
 
 fn attach_locked(
     base: &str,
-    meta: &OwnedFd,
+    meta_fd: i32,
     id: FileId,
     backing_fd: i32,
     opt: &AttachOptions,
 ) -> Result<(OwnedMap, usize), Failure> {
     let meta_path = format!("{base}.meta");
-    let meta_fd = meta.as_raw_fd();
     let st = sys::fstat(meta_fd).map_err(|e| err("cannot stat", &meta_path, e))?;
     if (st.st_size as usize) < META_SIZE {
         sys::ftruncate(meta_fd, META_SIZE as u64).map_err(|e| err("cannot size", &meta_path, e))?;
@@ -100,8 +99,8 @@ fn attach_locked(
     // SAFETY: META_SIZE bytes mapped shared for as long as `map`; Header
     // fits (static assert) and is only ever used through shared references.
     let hdr = unsafe { &*(map.addr() as *const Header) };
-    prepare(base, meta_fd, hdr, id, backing_fd, opt)?;
-    let slot = slots::take_slot(hdr, meta_fd, 0, &meta_path)?;
+    prepare(base, hdr, id, backing_fd, opt)?;
+    let slot = slots::take_slot(hdr, 0, &meta_path)?;
     hdr.emulated.store(opt.emulated as u32, Ordering::Relaxed);
     hdr.set_path(&opt.path);
     Ok((map, slot))
@@ -138,7 +137,6 @@ fn record(hdr: &Header, backing_fd: i32) {
 /// Under the attach lock: make the shadow valid for the backing file.
 fn prepare(
     base: &str,
-    meta_fd: i32,
     hdr: &Header,
     id: FileId,
     backing_fd: i32,
@@ -148,7 +146,7 @@ fn prepare(
         init_header(base, hdr, id, backing_fd);
         return Ok(());
     }
-    let census = slots::census(hdr, meta_fd, DeadReaders::Free);
+    let census = slots::census(hdr, slots::dir_of(base), DeadReaders::Free);
     if census.live > 0 {
         return Ok(());
     }
@@ -228,15 +226,15 @@ impl Shadow {
     /// remains, the shadow files are removed (the backing holds everything).
     pub fn detach(&self, how: Detach, backing_fd: i32, opt: &AttachOptions) {
         let h = self.header();
-        let lock = AttachLock::take(self.meta_fd());
-        if how == Detach::Synced {
-            slots::free_slot(h, self.slot());
+        let lock = AttachLock::take_path(&self.meta_path());
+        match how {
+            Detach::Synced => slots::free_slot(h, self.slot()),
+            Detach::Unsynced => slots::leave_slot(h, self.slot()),
         }
-        slots::unlock_slot(self.meta_fd(), self.slot());
         let Ok(_attach) = lock else {
             return;
         };
-        let census = slots::census(h, self.meta_fd(), DeadReaders::Keep);
+        let census = slots::census(h, slots::dir_of(&self.base), DeadReaders::Keep);
         let mut dead_writer = census.dead_writer;
         if census.live == 0 && dead_writer {
             let _io = self.io_lock();
@@ -256,20 +254,16 @@ impl Shadow {
         }
     }
 
-    /// In a forked child: the inherited meta descriptor shares the parent's
-    /// open file description (and slot lock). Take a slot of our own.
+    /// In a forked child (after `slots::forget_presence_after_fork`): the
+    /// parent's slot is the parent's. Take a slot of our own, with the
+    /// parent's flags (the child has the parent's unsynced stores too).
     pub fn reslot_after_fork(&self) -> Result<(), String> {
-        let meta_path = format!("{}.meta", self.base);
-        let fd = open_owned(&meta_path, Create::No)?;
-        let attach =
-            AttachLock::take(fd.as_raw_fd()).map_err(|e| err("cannot lock", &meta_path, e))?;
+        let meta_path = self.meta_path();
+        let attach = AttachLock::take_path(&meta_path)?;
         let h = self.header();
         let parent_flags = h.slots[self.slot()].flags.load(Ordering::Relaxed);
-        let slot = slots::take_slot(h, fd.as_raw_fd(), parent_flags, &meta_path)?;
+        let slot = slots::take_slot(h, parent_flags, &meta_path)?;
         drop(attach);
-        let old = self.meta_fd.swap(fd.into_raw_fd(), Ordering::Relaxed);
-        // SAFETY: the parent's descriptor, ours to close (the child's copy).
-        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(old) });
         self.slot.store(slot, Ordering::Relaxed);
         Ok(())
     }

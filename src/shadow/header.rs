@@ -11,22 +11,77 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 pub const SLOTS: usize = 128;
-pub const META_SIZE: usize = 4096;
+pub const META_SIZE: usize = 8192;
 
 /// Byte (beyond the header) locked exclusively while attaching/detaching.
 pub const ATTACH_LOCK_BYTE: i64 = 1 << 20;
-/// Slot `i`'s owner holds an OFD lock on byte `SLOT_LOCK_BASE + i`.
-pub const SLOT_LOCK_BASE: i64 = 1 << 21;
 
 /// The slot's process may have stored to the shadow without writing back.
 pub const SLOT_WRITER: u32 = 1;
+/// The slot's process detached leaving unsynced stores: the slot counts as
+/// a dead writer's, although the process may live on.
+pub const SLOT_LEFT: u32 = 2;
 
+/// A process that attached to a shadow. Its liveness is its presence file
+/// in the shadow directory ([`presence_path`]), which it holds an OFD lock
+/// on for its whole life: the kernel drops the lock when the process dies,
+/// however it dies (or execs), and a process keeps one descriptor for it
+/// whatever the number of files it attaches.
 #[repr(C)]
 pub struct Slot {
     pub pid: AtomicI32,
     pub flags: AtomicU32,
+    /// Names the owner's presence file.
+    pub tag: AtomicU64,
+}
+
+/// The presence file of the process whose slots carry `tag`.
+pub fn presence_path(dir: &str, tag: u64) -> String {
+    format!("{dir}/live-{tag:016x}")
+}
+
+/// Is the process whose slots carry `tag` alive? Its presence file exists
+/// and is locked. (Unknown — the file cannot be opened for another reason —
+/// counts as alive: nothing is reconciled under a live writer.)
+pub fn presence_alive(dir: &str, tag: u64) -> bool {
+    let Ok(c) = std::ffi::CString::new(presence_path(dir, tag)) else {
+        return true;
+    };
+    // SAFETY: a C string; the descriptor is closed below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT);
+    }
+    // SAFETY: an all-zero flock is valid; filled in below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: our descriptor and a valid flock.
+    let r = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+    r != 0 || fl.l_type != libc::F_UNLCK as i16
+}
+
+impl Slot {
+    /// Does a live process hold this slot? (`own`: this process's tag, known
+    /// alive without a look.)
+    pub fn alive(&self, dir: &str, own: u64) -> bool {
+        if self.pid.load(Ordering::Relaxed) == 0
+            || self.flags.load(Ordering::Relaxed) & SLOT_LEFT != 0
+        {
+            return false;
+        }
+        let tag = self.tag.load(Ordering::Relaxed);
+        tag == own && own != 0 || presence_alive(dir, tag)
+    }
 }
 
 #[repr(C)]

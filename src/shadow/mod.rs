@@ -26,20 +26,20 @@ use crate::lock::Lock;
 use crate::persist::FlushKind;
 use crate::sys::{self, OwnedMap, SysResult};
 use header::*;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use attach::{attach, Detach};
 pub use data::{data_segments, Fill};
 pub use header::FileId;
 pub use owned::{ensure_dir, HeaderLock};
+pub use slots::{
+    forget_presence_after_fork, hold_presence_for_fork, release_presence_after_fork,
+    remove_presence,
+};
 
 /// This process's attachment to one shadow.
 pub struct Shadow {
     pub base: String,
-    /// The meta file (our slot's liveness lock is held through it). Owned;
-    /// replaced in a forked child ([`Shadow::reslot_after_fork`]).
-    meta_fd: AtomicI32,
     /// The header's mapping; [`Shadow::header`] hands out `&Header` only.
     header: OwnedMap,
     slot: AtomicUsize,
@@ -58,8 +58,6 @@ pub struct Shadow {
 impl Drop for Shadow {
     fn drop(&mut self) {
         data::forget_data_fd(self.key);
-        // SAFETY: the meta descriptor is ours (see the field).
-        drop(unsafe { OwnedFd::from_raw_fd(self.meta_fd.load(Ordering::Relaxed)) });
     }
 }
 
@@ -99,8 +97,9 @@ impl BackingState {
 }
 
 impl Shadow {
-    pub fn meta_fd(&self) -> i32 {
-        self.meta_fd.load(Ordering::Relaxed)
+    /// The header's file.
+    pub fn meta_path(&self) -> String {
+        format!("{}.meta", self.base)
     }
 
     pub fn slot(&self) -> usize {
@@ -200,6 +199,6 @@ impl Shadow {
 
     /// After a full-file writeback: slots of dead writers are covered now.
     pub fn clear_dead_writers(&self) {
-        slots::clear_dead_writers(self.header(), self.meta_fd(), self.slot());
+        slots::clear_dead_writers(self.header(), &self.meta_path(), self.slot());
     }
 }
