@@ -6,17 +6,19 @@
 //! last holder, and reopened by its owner on the next use.
 
 use crate::lock::Lock;
+use crate::sys::HeldFd;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// An open descriptor, held while used.
+/// An open descriptor, held while used (a [`HeldFd`]: high-numbered, and
+/// out of reach of the program's close calls).
 #[derive(Clone)]
-pub struct SharedFd(Arc<OwnedFd>);
+pub struct SharedFd(Arc<HeldFd>);
 
 impl SharedFd {
     pub fn new(fd: OwnedFd) -> SharedFd {
-        SharedFd(Arc::new(fd))
+        SharedFd(Arc::new(HeldFd::new(fd)))
     }
 
     /// The descriptor, valid while this handle lives.

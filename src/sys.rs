@@ -7,7 +7,8 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// An `errno` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -539,6 +540,113 @@ impl Drop for SignalBlock {
                 std::ptr::null_mut::<u64>(),
                 8usize,
             );
+        }
+    }
+}
+
+// ---- descriptors the shim holds -------------------------------------------
+
+/// Descriptors the shim keeps open for long (the tracker's handles, the
+/// watcher's, the process's presence, the descriptor caches): moved to high
+/// numbers, away from those a program expects `open` to return (0–2 after
+/// a `close`, the lowest free one), and skipped by the program's `close`,
+/// `close_range` and `closefrom` (a daemon's "close everything").
+const HELD_MAX: usize = 64;
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_FD: AtomicI32 = AtomicI32::new(-1);
+static HELD: [AtomicI32; HELD_MAX] = [NO_FD; HELD_MAX];
+
+/// The lowest number a held descriptor is moved to: 64 below the soft
+/// descriptor limit, at most 960 (a huge limit would make the kernel's
+/// descriptor table huge), at least 3.
+fn held_floor() -> i64 {
+    static FLOOR: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *FLOOR.get_or_init(|| {
+        // SAFETY: an all-zero rlimit is valid output space.
+        let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: valid output pointer.
+        let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+            rl.rlim_cur.min(i64::MAX as u64) as i64
+        } else {
+            1024
+        };
+        (cur - 64).clamp(3, 960)
+    })
+}
+
+/// Moves `fd` to a high number (or leaves it where it is if none is free)
+/// and records it as held; [`unhold`] before closing it.
+pub fn hold(fd: OwnedFd) -> OwnedFd {
+    let fd = match fcntl(
+        fd.as_raw_fd(),
+        libc::F_DUPFD_CLOEXEC,
+        held_floor() as libc::c_long,
+    ) {
+        // SAFETY: the kernel just made this descriptor; `fd` is closed on drop.
+        Ok(n) => unsafe { OwnedFd::from_raw_fd(n as i32) },
+        Err(_) => fd,
+    };
+    let raw = fd.as_raw_fd();
+    for s in &HELD {
+        if s.compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            break;
+        }
+    }
+    fd
+}
+
+/// `fd` is about to be closed by the shim: no longer held.
+pub fn unhold(fd: i32) {
+    for s in &HELD {
+        let _ = s.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Is `fd` held by the shim?
+pub fn is_held(fd: i32) -> bool {
+    fd >= 0 && HELD.iter().any(|s| s.load(Ordering::Acquire) == fd)
+}
+
+/// The held descriptors in `[first, last]`, sorted.
+pub fn held_in(first: u32, last: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = HELD
+        .iter()
+        .map(|s| s.load(Ordering::Acquire))
+        .filter(|&fd| fd >= 0 && (first..=last).contains(&(fd as u32)))
+        .map(|fd| fd as u32)
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// A held descriptor: unheld, then closed, when dropped.
+pub struct HeldFd(Option<OwnedFd>);
+
+impl HeldFd {
+    pub fn new(fd: OwnedFd) -> HeldFd {
+        HeldFd(Some(hold(fd)))
+    }
+}
+
+impl std::os::fd::AsFd for HeldFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_ref().expect("open until dropped").as_fd()
+    }
+}
+
+impl AsRawFd for HeldFd {
+    fn as_raw_fd(&self) -> i32 {
+        self.0.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+}
+
+impl Drop for HeldFd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            unhold(f.as_raw_fd());
+            drop(f);
         }
     }
 }

@@ -51,7 +51,8 @@ fn fd() -> Option<i32> {
         return None;
     }
     // SAFETY: a descriptor the kernel just opened for us.
-    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    let owned = sys::hold(unsafe { OwnedFd::from_raw_fd(raw) });
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&owned);
     let spawned = std::thread::Builder::new()
         .name("daxshim-watch".into())
         .stack_size(128 << 10)
@@ -168,6 +169,7 @@ pub unsafe fn release_after_fork() {
 pub fn forget_after_fork() {
     let old = FD.swap(-1, Ordering::AcqRel);
     if old >= 0 {
+        sys::unhold(old);
         // SAFETY: the inherited descriptor, ours to close in the child.
         drop(unsafe { OwnedFd::from_raw_fd(old) });
     }

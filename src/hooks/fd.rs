@@ -124,6 +124,11 @@ pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: 
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if crate::sys::is_held(fd) && !crate::reentry::in_shim() {
+        // One of the shim's own (a "close every descriptor" loop): the
+        // program never opened it; for it, it is closed.
+        return 0;
+    }
     if crate::fdtable::fd_maybe_pmem(fd) {
         if let Some(_g) = enter() {
             crate::sys::preserving_errno(|| crate::fdtable::on_close(fd));
@@ -154,14 +159,33 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
+    if onto_held(new) {
+        return -1;
+    }
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     duped(fd, unsafe { real::dup2(fd, new) })
+}
+
+/// `dup2`/`dup3` onto a descriptor the shim holds would close it under the
+/// shim: refused with `EBUSY`, the kernel's answer when the target is
+/// being opened meanwhile (it never comes up unless a program picks high
+/// numbers itself).
+fn onto_held(new: c_int) -> bool {
+    if crate::sys::is_held(new) && !crate::reentry::in_shim() {
+        warn!("dup2/dup3 onto descriptor {new}, which the shim holds: EBUSY");
+        crate::sys::set_errno(libc::EBUSY);
+        return true;
+    }
+    false
 }
 
 /// # Safety
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    if onto_held(new) {
+        return -1;
+    }
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     duped(fd, unsafe { real::dup3(fd, new, flags) })
 }
@@ -189,12 +213,40 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
     fcntl_impl(fd, cmd, arg)
 }
 
+/// `close_range` over `[first, last]` minus the descriptors the shim holds
+/// (a "close everything" must not close the shim's own).
+fn close_range_around_held(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let held = if crate::reentry::in_shim() || first > last {
+        Vec::new()
+    } else {
+        crate::sys::held_in(first, last)
+    };
+    let mut from = first;
+    for h in held {
+        if h > from {
+            // SAFETY: a subrange of the caller's own range.
+            let r = unsafe { real::close_range(from, h - 1, flags) };
+            if r != 0 {
+                return r;
+            }
+        }
+        from = h.saturating_add(1);
+        if h == c_uint::MAX {
+            return 0;
+        }
+    }
+    if from > last {
+        return 0;
+    }
+    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+    unsafe { real::close_range(from, last, flags) }
+}
+
 /// # Safety
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    let r = unsafe { real::close_range(first, last, flags) };
+    let r = close_range_around_held(first, last, flags);
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         if let Some(_g) = enter() {
             crate::sys::preserving_errno(|| crate::fdtable::on_close_range(first, last));
@@ -207,8 +259,12 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn closefrom(first: c_int) {
-    // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    unsafe { real::closefrom(first) };
+    if crate::sys::held_in(first.max(0) as u32, u32::MAX).is_empty() {
+        // SAFETY: forwarded with the caller's own arguments (C ABI contract).
+        unsafe { real::closefrom(first) };
+    } else {
+        close_range_around_held(first.max(0) as u32, u32::MAX, 0);
+    }
     if let Some(_g) = enter() {
         crate::sys::preserving_errno(|| {
             crate::fdtable::on_close_range(first.max(0) as u32, u32::MAX)

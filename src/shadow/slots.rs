@@ -62,7 +62,7 @@ impl Drop for AttachLock {
 struct Presence {
     tag: u64,
     dir: String,
-    fd: Option<OwnedFd>,
+    fd: Option<sys::HeldFd>,
 }
 
 static PRESENCE: Lock<Presence> = Lock::new(Presence {
@@ -107,7 +107,7 @@ pub(super) fn presence_tag(dir: &str) -> Result<u64, Failure> {
     *p = Presence {
         tag,
         dir: dir.to_string(),
-        fd: Some(fd),
+        fd: Some(sys::HeldFd::new(fd)),
     };
     Ok(tag)
 }

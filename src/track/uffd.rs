@@ -142,6 +142,7 @@ impl Handles {
             PAGEMAP.swap(-1, Ordering::Relaxed),
         ]
         .map(|fd| {
+            sys::unhold(fd);
             // SAFETY: installed by `install`, now owned by nobody else.
             (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
         })
@@ -164,7 +165,11 @@ fn open_handles() -> SysResult<Handles> {
         }
     };
     let pagemap = sys::open(c"/proc/self/pagemap", libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
-    Ok(Handles { uffd: fd, pagemap })
+    // Long-lived: high-numbered and out of the program's reach (`sys::hold`).
+    Ok(Handles {
+        uffd: sys::hold(fd),
+        pagemap: sys::hold(pagemap),
+    })
 }
 
 /// Opens the process's userfaultfd and pagemap handles and checks that a

@@ -22,6 +22,10 @@ mod files;
 /// Fuzzed mapping calls and `DAXSHIM_*` values.
 mod fuzz;
 
+/// The program's descriptors are its own: many files, low numbers, a
+/// daemon's "close everything".
+mod limits;
+
 use common::*;
 
 /// Runs examples/c/hostile.c with `args`, under the shim or without it.
