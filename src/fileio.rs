@@ -290,6 +290,8 @@ pub fn write_impl(
         );
         f.poison();
     }
+    drop(_io);
+    crate::writeback::keep_views_bounded(&f);
     Ok(n)
 }
 

@@ -145,6 +145,7 @@ pub fn atfork_prepare() {
     crate::shadow::data::hold_data_fds_for_fork();
     crate::file::Backing::hold_for_fork();
     crate::shadow::hold_presence_for_fork();
+    crate::writeback::hold_views_for_fork();
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
     std::mem::forget(reg);
@@ -155,6 +156,7 @@ fn atfork_release() {
     unsafe {
         crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
+        crate::writeback::release_views_after_fork();
         crate::shadow::release_presence_after_fork();
         crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();

@@ -60,6 +60,14 @@ impl<T> Lock<T> {
         LockGuard { lock: self }
     }
 
+    /// The lock if it is free now, without waiting.
+    pub fn try_lock(&self) -> Option<LockGuard<'_, T>> {
+        self.state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(LockGuard { lock: self })
+    }
+
     /// Forces the lock free. Only for the single-threaded child after fork,
     /// on locks whose holder (a thread that is gone) left the data consistent.
     pub fn reset_after_fork(&self) {

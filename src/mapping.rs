@@ -308,6 +308,7 @@ pub fn mmap_impl(
         "shadow mapping of {} at {p:?} (+{len}, off {off}, shared {shared}, tracked {tracked})",
         file.path
     );
+    crate::writeback::keep_views_bounded(&file);
     Ok(p)
 }
 

@@ -3,6 +3,7 @@
 //! cachelines back to the backing and make them durable.
 
 use crate::file::{FileInner, FileState};
+use crate::lock::Lock;
 use crate::persist::{self};
 use crate::ranges::RangeSet;
 use crate::registry::{harvest_file, REG};
@@ -15,7 +16,7 @@ use crate::track;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// How a sync makes what it wrote durable.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,48 @@ fn ensure_view(
     Ok(v.addr())
 }
 
+/// Files whose writeback views and line bases stay mapped after a sync,
+/// most recently synced last: at most [`VIEWS_MAX`], so that the shim's own
+/// mappings are one per attached file (its header) plus a constant.
+const VIEWS_MAX: usize = 16;
+static VIEWED: Lock<Vec<Weak<FileState>>> = Lock::new(Vec::new());
+
+/// After a sync of `f` (or a mapping of it, or a write): its views and
+/// bases stay; those of the least recently used files beyond [`VIEWS_MAX`]
+/// go (if busy, they stay in the list). Call with no shim lock held but
+/// `f`'s sync lock: a victim whose last reference this drops detaches here.
+pub fn keep_views_bounded(f: &Arc<FileState>) {
+    let victims: Vec<Arc<FileState>> = {
+        let mut v = VIEWED.lock();
+        v.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(f)));
+        v.push(Arc::downgrade(f));
+        let excess = v.len().saturating_sub(VIEWS_MAX);
+        v.drain(..excess).filter_map(|w| w.upgrade()).collect()
+    };
+    for victim in victims {
+        match victim.inner.try_lock() {
+            Some(mut inner) => {
+                unmap_views(&mut inner);
+                drop(inner);
+                victim.shadow.unmap_bases();
+            }
+            None => VIEWED.lock().insert(0, Arc::downgrade(&victim)),
+        }
+    }
+}
+
+/// Fork: the list's lock is a leaf lock (see `lifecycle`).
+pub fn hold_views_for_fork() {
+    std::mem::forget(VIEWED.lock());
+}
+
+/// # Safety
+/// After [`hold_views_for_fork`], in the parent or the child.
+pub unsafe fn release_views_after_fork() {
+    // SAFETY: per contract.
+    unsafe { VIEWED.force_unlock() };
+}
+
 impl FileState {
     /// Writes back the dirty lines of `range` (file offsets; `None` = whole
     /// file), made durable as `how` says.
@@ -122,6 +165,7 @@ impl FileState {
         if r.is_ok() && scope == Scope::WholeFile && whole {
             self.shadow.clear_dead_writers();
         }
+        keep_views_bounded(self);
         r
     }
 
@@ -321,6 +365,15 @@ impl FileState {
             Ok(taken)
         })();
         self.shadow.record_outside_change(bfd);
+        // Views of a file this process does not sync are not kept.
+        let kept = VIEWED
+            .lock()
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), self as *const FileState));
+        if !kept {
+            unmap_views(&mut inner);
+        }
+        drop(inner);
         match taken {
             Ok(n) => {
                 add(&STATS.foreign_writes, n);

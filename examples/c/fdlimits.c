@@ -4,8 +4,9 @@
  *   fdlimits many DIR N [close]   create N 8 KiB files in DIR, open, map and
  *                                 store into each (close each descriptor after
  *                                 mapping with "close"), msync them all, check
- *                                 every mapping; print
- *                                 "many: files N fds F maps M"
+ *                                 every mapping; print "many: files N fds F
+ *                                 maps M synced S" (S: mappings after the
+ *                                 syncs)"
  *   fdlimits lowfds FILE          close 0, 1 and 2, open and map FILE (the shim
  *                                 opens its own descriptors for it), open
  *                                 /dev/null twice: print the three numbers,
@@ -89,7 +90,7 @@ int main(int argc, char **argv) {
             snprintf(want, sizeof want, "file-%d", i);
             if (strcmp(maps[i] + 100, want)) { fprintf(stderr, "file %d: wrong bytes\n", i); return 1; }
         }
-        printf("many: files %d fds %d maps %d\n", n, fds, nmaps);
+        printf("many: files %d fds %d maps %d synced %d\n", n, fds, nmaps, count_maps());
         return 0;
     }
     if (!strcmp(argv[1], "lowfds")) {

@@ -85,6 +85,14 @@ impl Shadow {
         format!("{}.lines", self.base)
     }
 
+    /// Unmaps the bases unless they are in use (they are mapped again on the
+    /// next use): the process keeps a bounded number of mappings.
+    pub fn unmap_bases(&self) {
+        if let Some(mut m) = self.lines.try_lock() {
+            m.map = OwnedMap::default();
+        }
+    }
+
     /// Makes the bases file cover `size` bytes of data (new lines are
     /// unknown). It never shrinks: another process may be reading bases
     /// beyond a new, smaller size through its mapping (stale bases there

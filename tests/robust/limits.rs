@@ -1,7 +1,8 @@
 //! The shim spends none of the program's descriptors (issue: "The shim
 //! spends none of the program's resources"): it holds a constant number,
 //! whatever the number of files, at high numbers the program does not
-//! expect `open` to return, out of reach of its `close_range`/`closefrom`.
+//! expect `open` to return, out of reach of its `close_range`/`closefrom`;
+//! and one mapping of its own per file plus a constant.
 //! Each case runs the same program without the shim as the reference.
 
 use crate::common::*;
@@ -46,6 +47,15 @@ fn a_thousand_mapped_files_under_a_limit_of_1100() {
             fs <= fp + 40,
             "close {close}: {fs} descriptors under the shim, {fp} without"
         );
+        // Mappings: one of the shim's own per file (its header), plus a
+        // constant (the views and bases of the 16 most recently used).
+        for k in ["maps", "synced"] {
+            let (mp, ms) = (field(&plain, k), field(&shim, k));
+            assert!(
+                ms <= mp + 1000 + 100,
+                "close {close}: {ms} mappings ({k}) under the shim, {mp} without"
+            );
+        }
         assert_eq!(w.stat_sum("mappings_shadowed"), 1000);
         assert_eq!(w.stat_sum("fallbacks_direct"), 0);
         for i in [0, 499, 999] {
