@@ -48,11 +48,14 @@ fn a_thousand_mapped_files_under_a_limit_of_1100() {
             "close {close}: {fs} descriptors under the shim, {fp} without"
         );
         // Mappings: one of the shim's own per file (its header), plus a
-        // constant (the views and bases of the 16 most recently used).
+        // constant (the views and bases of the 16 most recently used). The
+        // mprotect tracker splits a mapping at its first store (a
+        // read-only rest): one more per file, its known price.
+        let per_file = if w.tracker() == "mprotect" { 2 } else { 1 };
         for k in ["maps", "synced"] {
             let (mp, ms) = (field(&plain, k), field(&shim, k));
             assert!(
-                ms <= mp + 1000 + 100,
+                ms <= mp + per_file * 1000 + 100,
                 "close {close}: {ms} mappings ({k}) under the shim, {mp} without"
             );
         }
