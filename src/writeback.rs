@@ -111,6 +111,30 @@ pub fn keep_views_bounded(f: &Arc<FileState>) {
     }
 }
 
+/// Unmaps the views and bases of every other file this process keeps
+/// them for (those busy keep theirs). Call with no shim lock held but `f`'s
+/// sync lock.
+fn release_other_views(f: &Arc<FileState>) {
+    let others: Vec<Arc<FileState>> = {
+        let mut v = VIEWED.lock();
+        let all = std::mem::take(&mut *v);
+        all.into_iter()
+            .filter(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(f)))
+            .filter_map(|w| w.upgrade())
+            .collect()
+    };
+    for o in others {
+        match o.inner.try_lock() {
+            Some(mut inner) => {
+                unmap_views(&mut inner);
+                drop(inner);
+                o.shadow.unmap_bases();
+            }
+            None => VIEWED.lock().push(Arc::downgrade(&o)),
+        }
+    }
+}
+
 /// Fork: the list's lock is a leaf lock (see `lifecycle`).
 pub fn hold_views_for_fork() {
     std::mem::forget(VIEWED.lock());
@@ -149,7 +173,18 @@ impl FileState {
         if scope == Scope::Dirty {
             harvest_file(self, range.start, range.end, &mut dirty);
         }
-        let mut r = self.write_back_dirty(dirty, range, scope, how);
+        let mut r = self.write_back_dirty(dirty, range.clone(), scope, how);
+        if r == Err(Errno(libc::ENOMEM)) {
+            // No mapping left for the views (the program is at
+            // vm.max_map_count): other files' views and bases go, and the
+            // writeback (its dirty set kept as pending) is tried again.
+            release_other_views(self);
+            r = self.write_back_dirty(RangeSet::new(), range, scope, how);
+        }
+        let mut r = r.map_err(|e| {
+            error!("{}: writeback failed: {e}", self.path);
+            Errno(libc::EIO)
+        });
         // Data pages are durable now (flushed, or msynced on emulated pmem);
         // a size change is metadata, which only the kernel can persist.
         if r.is_ok()
@@ -281,8 +316,12 @@ impl FileState {
             if !full {
                 inner.pending.extend(&dirty);
             }
-            error!("{}: writeback failed: {e}", self.path);
-            return Err(Errno(libc::EIO));
+            // ENOMEM (no mapping for a view) is for `sync` to retry.
+            return Err(if e.0 == libc::ENOMEM {
+                e
+            } else {
+                Errno(libc::EIO)
+            });
         }
         Ok(())
     }

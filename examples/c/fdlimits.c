@@ -17,6 +17,12 @@
  *                                 again, pwrite, store, msync: print
  *                                 "closeall: ok" (the bytes are checked by the
  *                                 caller in the file)
+ *   fdlimits maxmaps DIR FREE     map, store into and msync 20 files m0..m19 of
+ *                                 DIR; map single anonymous pages (alternating
+ *                                 protections, so that none merge) until mmap
+ *                                 fails; unmap FREE of them; store into m0 and
+ *                                 msync it: print "maxmaps: errno=E msync=R"
+ *                                 (the kernel: errno=12 msync=0)
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -126,6 +132,39 @@ int main(int argc, char **argv) {
         if (pread(fd, buf, 7, 100) != 7 || memcmp(buf, "written", 7)) die("pread");
         if (memcmp(m + 100, "written", 7)) { fprintf(stderr, "mapping stale\n"); return 1; }
         printf("closeall: ok\n");
+        return 0;
+    }
+    if (!strcmp(argv[1], "maxmaps") && argc >= 4) {
+        /* 20 files, each mapped, stored into and synced (the shim keeps the
+         * views of the 16 most recent only). */
+        char *maps[20];
+        for (int i = 0; i < 20; i++) {
+            char p[4096];
+            snprintf(p, sizeof p, "%s/m%d", argv[2], i);
+            int fd = open(p, O_RDWR | O_CREAT, 0644);
+            if (fd < 0 || ftruncate(fd, 4096)) die("create");
+            maps[i] = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (maps[i] == MAP_FAILED) die("mmap");
+            memcpy(maps[i], "first", 5);
+            if (msync(maps[i], 4096, MS_SYNC)) die("msync");
+        }
+        size_t cap = 1 << 20, n = 0;
+        void **pages = malloc(cap * sizeof *pages);
+        int err = 0;
+        for (; n < cap; n++) {
+            void *p = mmap(NULL, 4096, n % 2 ? PROT_READ : PROT_NONE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED) {
+                err = errno;
+                break;
+            }
+            pages[n] = p;
+        }
+        for (long k = atol(argv[3]); k > 0 && n > 0; k--) munmap(pages[--n], 4096);
+        /* The least recently synced file. */
+        memcpy(maps[0] + 100, "second", 6);
+        int r = msync(maps[0], 4096, MS_SYNC);
+        printf("maxmaps: errno=%d msync=%d\n", err, r);
         return 0;
     }
     return 2;
