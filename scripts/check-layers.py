@@ -10,7 +10,7 @@ from pathlib import Path
 # Lowest first. A module may use modules of its own layer or lower ones,
 # but the graph must stay acyclic.
 LAYERS = [
-    ["sys", "real", "lock", "log", "config", "stats", "ranges", "reentry", "fdcache"],
+    ["sys", "real", "lock", "log", "config", "stats", "ranges", "reentry", "fdcache", "alloc"],
     ["shadow", "track", "persist", "sigchain", "sud"],
     ["lazy"],
     ["runtime", "classify", "file", "registry", "fdtable", "writeback", "fileio", "mapping",

@@ -28,6 +28,7 @@
 // 0: system calls, locks, configuration, re-entrancy.
 #[macro_use]
 mod log;
+mod alloc;
 mod config;
 mod fdcache;
 mod lock;
@@ -58,6 +59,11 @@ mod watcher;
 mod writeback;
 // 4: the exported hooks (nothing below imports them).
 mod hooks;
+
+/// The shim's memory is its own (`alloc.rs`): the program's `malloc` is the
+/// program's.
+#[cfg_attr(not(test), global_allocator)]
+static SHIM_ALLOC: alloc::ShimAlloc = alloc::ShimAlloc;
 
 /// Per-mapping DAX opt-in flag (also in `include/daxshim.h`).
 pub const MAP_DAX: i32 = hooks::map::MAP_DAX;

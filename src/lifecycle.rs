@@ -146,6 +146,8 @@ pub fn atfork_prepare() {
     crate::file::Backing::hold_for_fork();
     crate::shadow::hold_presence_for_fork();
     crate::writeback::hold_views_for_fork();
+    // Last: every other lock's holder may allocate.
+    crate::alloc::hold_for_fork();
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
     std::mem::forget(reg);
@@ -154,6 +156,7 @@ pub fn atfork_prepare() {
 fn atfork_release() {
     // SAFETY: atfork_prepare took exactly these locks and forgot the guards.
     unsafe {
+        crate::alloc::release_after_fork();
         crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
         crate::writeback::release_views_after_fork();

@@ -8,7 +8,7 @@
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
 /// An `errno` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,15 +363,54 @@ pub struct OwnedMap {
     len: usize,
 }
 
+// ---- where the shim's own memory goes --------------------------------------
+
+/// The shim's own mappings (its headers, views, thread stacks, allocator)
+/// are asked for far below the area where the kernel places a program's
+/// hint-free mappings (top-down from below the stack), so that the program's
+/// `mmap` calls land where they would without the shim. Each request gets
+/// the next range of its area; a range that is taken makes the kernel choose
+/// (then the program's area is used: no harm but the placement).
+const MAPS_AREA: usize = 0x1000_0000_0000; // 16 TiB
+const ALLOC_AREA: usize = 0x1800_0000_0000; // 24 TiB
+const AREA_END: usize = 0x2000_0000_0000; // 32 TiB
+static NEXT_MAP: AtomicUsize = AtomicUsize::new(MAPS_AREA);
+static NEXT_ALLOC: AtomicUsize = AtomicUsize::new(ALLOC_AREA);
+
+fn next_in(next: &AtomicUsize, len: usize, gap: usize, start: usize, end: usize) -> usize {
+    let step = page_up(len) + gap;
+    let a = next.fetch_add(step, Ordering::Relaxed);
+    if a + step > end {
+        // Out of the area (after terabytes of remaps): let the kernel choose.
+        next.store(start, Ordering::Relaxed);
+        return 0;
+    }
+    a
+}
+
+/// Where the next of the shim's mappings of `len` bytes should go (a gap of
+/// 64 KiB between them keeps the kernel from merging unrelated ones).
+pub fn place_map(len: usize) -> usize {
+    next_in(&NEXT_MAP, len, 64 << 10, MAPS_AREA, ALLOC_AREA)
+}
+
+/// Where the allocator's next chunk goes: right after the previous one, so
+/// that the chunks merge into one mapping.
+pub fn place_alloc(len: usize) -> usize {
+    next_in(&NEXT_ALLOC, len, 0, ALLOC_AREA, AREA_END)
+}
+
 impl OwnedMap {
-    /// Maps `len` bytes of `fd` from offset 0 where the kernel chooses;
-    /// `len` 0 gives an empty map.
+    /// Maps `len` bytes of `fd` from offset 0 in the shim's own area
+    /// ([`place_map`]); `len` 0 gives an empty map.
     pub fn new(fd: i32, len: usize, prot: i32, flags: i32) -> SysResult<OwnedMap> {
         if len == 0 {
             return Ok(OwnedMap::default());
         }
-        // SAFETY: no MAP_FIXED: a fresh range nobody else uses.
-        let p = unsafe { mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }?;
+        let hint = place_map(len) as *mut libc::c_void;
+        // SAFETY: no MAP_FIXED: a fresh range nobody else uses (the address
+        // is a hint).
+        let p = unsafe { mmap(hint, len, prot, flags, fd, 0) }?;
         Ok(OwnedMap {
             addr: p as usize,
             len,
@@ -649,4 +688,52 @@ impl Drop for HeldFd {
             drop(f);
         }
     }
+}
+
+// ---- the shim's threads ---------------------------------------------------
+
+/// Starts a detached thread running `f` on a stack of `stack` bytes mapped
+/// in the shim's own area (a thread made by `std::thread` would get its
+/// stack where the program's next `mmap` would land). The stack lives as
+/// long as the process (the shim's threads do).
+pub fn spawn(
+    name: &'static std::ffi::CStr,
+    stack: usize,
+    f: Box<dyn FnOnce() + Send>,
+) -> SysResult<()> {
+    extern "C" fn start(p: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `spawn` passed a leaked Box<Box<dyn FnOnce()>>.
+        let f = unsafe { Box::from_raw(p as *mut Box<dyn FnOnce() + Send>) };
+        f();
+        std::ptr::null_mut()
+    }
+    let map = OwnedMap::new(
+        -1,
+        stack,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+    )?;
+    let arg = Box::into_raw(Box::new(f)) as *mut libc::c_void;
+    // SAFETY: an attribute object initialised here and destroyed below; the
+    // stack is ours (leaked below) and large enough; `start` takes `arg`.
+    let r = unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstack(&mut attr, map.addr() as *mut libc::c_void, stack);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut t: libc::pthread_t = 0;
+        let r = libc::pthread_create(&mut t, &attr, start, arg);
+        libc::pthread_attr_destroy(&mut attr);
+        if r == 0 {
+            libc::pthread_setname_np(t, name.as_ptr());
+        }
+        r
+    };
+    if r != 0 {
+        // SAFETY: no thread took it.
+        drop(unsafe { Box::from_raw(arg as *mut Box<dyn FnOnce() + Send>) });
+        return Err(Errno(r));
+    }
+    std::mem::forget(map);
+    Ok(())
 }

@@ -53,10 +53,7 @@ fn fd() -> Option<i32> {
     // SAFETY: a descriptor the kernel just opened for us.
     let owned = sys::hold(unsafe { OwnedFd::from_raw_fd(raw) });
     let raw = std::os::fd::AsRawFd::as_raw_fd(&owned);
-    let spawned = std::thread::Builder::new()
-        .name("daxshim-watch".into())
-        .stack_size(128 << 10)
-        .spawn(move || serve(raw));
+    let spawned = sys::spawn(c"daxshim-watch", 128 << 10, Box::new(move || serve(raw)));
     if spawned.is_err() {
         UNAVAILABLE.store(true, Ordering::Relaxed);
         return None;

@@ -23,6 +23,11 @@
  *                                 fails; unmap FREE of them; store into m0 and
  *                                 msync it: print "maxmaps: errno=E msync=R"
  *                                 (the kernel: errno=12 msync=0)
+ *   fdlimits layout FILE          map 64 MiB, then FILE (stores, msync, read it
+ *                                 all), then 64 MiB again: print where each
+ *                                 mapping landed relative to the one before
+ *                                 ("layout: file -F second -S"; the kernel,
+ *                                 top-down: F = the file's size, S = 64 MiB)
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -165,6 +170,24 @@ int main(int argc, char **argv) {
         memcpy(maps[0] + 100, "second", 6);
         int r = msync(maps[0], 4096, MS_SYNC);
         printf("maxmaps: errno=%d msync=%d\n", err, r);
+        return 0;
+    }
+    if (!strcmp(argv[1], "layout")) {
+        size_t big = 64 << 20;
+        char *a = mmap(NULL, big, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        int fd = open(argv[2], O_RDWR);
+        if (a == MAP_FAILED || fd < 0) die("setup");
+        size_t len = lseek(fd, 0, SEEK_END);
+        char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) die("mmap");
+        long sum = 0;
+        for (size_t k = 0; k < len; k += 4096) sum += m[k];
+        m[0] = 'x';
+        m[len - 1] = 'y';
+        if (msync(m, len, MS_SYNC)) die("msync");
+        char *b = mmap(NULL, big, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (b == MAP_FAILED) die("mmap");
+        printf("layout: file %ld second %ld\n", (long)(m - a), (long)(b - m) + 0 * sum);
         return 0;
     }
     return 2;

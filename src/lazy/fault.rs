@@ -23,11 +23,12 @@ pub fn start() -> Result<(), String> {
     if SERVED_FD.load(Ordering::Acquire) == fd {
         return Ok(());
     }
-    std::thread::Builder::new()
-        .name("daxshim-fault".into())
-        .stack_size(256 << 10)
-        .spawn(move || fault_thread(fd))
-        .map_err(|e| format!("cannot start the fault thread: {e}"))?;
+    sys::spawn(
+        c"daxshim-fault",
+        256 << 10,
+        Box::new(move || fault_thread(fd)),
+    )
+    .map_err(|e| format!("cannot start the fault thread: {e}"))?;
     SERVED_FD.store(fd, Ordering::Release);
     Ok(())
 }

@@ -159,3 +159,22 @@ fn a_program_at_the_mapping_limit_gets_enomem_and_its_syncs_still_work() {
     assert_eq!(shim, plain);
     assert!(contains(&backing(&w.pmem.join("m0")), "second"));
 }
+
+// The shim's own mappings (headers, views, bases), its threads' stacks and
+// its memory are placed away from where the kernel puts a program's
+// hint-free mappings: 64 MiB, a 4 MiB pmem file (read whole, stored to,
+// synced: the fault thread, the watcher and the writeback views start
+// meanwhile) and 64 MiB again land one below the other, as without the
+// shim. (Before: the second 64 MiB landed 234 MiB further down.)
+#[test]
+fn the_programs_mappings_land_where_they_would_without_the_shim() {
+    let w = World::new("layout");
+    let content = vec![1u8; 4 << 20];
+    let f = w.pmem_file("f", &content);
+    let p = w.plain_file("f", &content);
+    let plain = ok(fdlimits(&w, false, 1024, &["layout", s(&p)]));
+    let shim = ok(fdlimits(&w, true, 1024, &["layout", s(&f)]));
+    assert_eq!(plain.trim(), "layout: file -4194304 second -67108864");
+    assert_eq!(shim, plain);
+    assert_eq!(w.stat_sum("mappings_shadowed"), 1);
+}
