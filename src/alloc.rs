@@ -3,11 +3,13 @@
 //! would get arenas of their own (mapped where the program's next `mmap`
 //! would land), and a hook allocating inside a signal handler that
 //! interrupted the program's `malloc` could wait on the program's arena
-//! lock. Here: size classes of powers of two from 16 bytes to 64 KiB,
-//! carved from 256 KiB chunks in the shim's own area
-//! ([`crate::sys::place_alloc`], contiguous: one mapping), free lists under
-//! one lock; larger blocks are mappings of their own. Small memory is never
-//! returned to the system (the shim's working set is small and steady).
+//! lock. Here: size classes of powers of two from 16 bytes to 64 MiB, free
+//! lists under one lock. Up to 64 KiB, blocks are carved from 256 KiB
+//! chunks in the shim's own area ([`crate::sys::place_alloc`], contiguous:
+//! one mapping); larger ones are mappings of their own, kept for reuse when
+//! freed (a buffer that grows and shrinks must not cost a map, an unmap and
+//! its page faults every time); beyond 64 MiB they are unmapped. Memory is
+//! kept at its peak (the shim's working set is small and steady).
 //!
 //! # Safety
 //! Implements `GlobalAlloc`: blocks of a class are at least as large and as
@@ -20,14 +22,19 @@ use crate::sys;
 use std::alloc::{GlobalAlloc, Layout};
 
 const MIN_CLASS: usize = 16;
-const MAX_CLASS: usize = 64 << 10;
-const CLASSES: usize = 13; // 16 B … 64 KiB
+/// The largest class carved from chunks.
+const MAX_CARVED: usize = 64 << 10;
+/// The largest class kept for reuse.
+const MAX_CLASS: usize = 64 << 20;
+const CLASSES: usize = 23; // 16 B … 64 MiB
 const CHUNK: usize = 256 << 10;
 
-/// Free blocks of each class, as intrusive singly linked lists.
-struct FreeLists([usize; CLASSES]);
+/// Free blocks of each class, as intrusive singly linked lists, and the
+/// unused rest of each class's current chunk (taken block by block, so
+/// that only pages in use are ever touched).
+struct FreeLists([usize; CLASSES], [(usize, usize); CLASSES]);
 
-static FREE: Lock<FreeLists> = Lock::new(FreeLists([0; CLASSES]));
+static FREE: Lock<FreeLists> = Lock::new(FreeLists([0; CLASSES], [(0, 0); CLASSES]));
 
 pub struct ShimAlloc;
 
@@ -67,25 +74,79 @@ unsafe impl GlobalAlloc for ShimAlloc {
         }
         let i = class_index(size);
         let mut f = FREE.lock();
+        if f.0[i] == 0 && size > MAX_CARVED {
+            // A block of its own, kept for reuse once freed.
+            drop(f);
+            return map(size, sys::place_map(size)) as *mut u8;
+        }
         if f.0[i] == 0 {
+            let (cur, end) = f.1[i];
+            if cur + size <= end && cur != 0 {
+                f.1[i].0 = cur + size;
+                return cur as *mut u8;
+            }
             let chunk = map(CHUNK, sys::place_alloc(CHUNK));
             if chunk == 0 {
                 return std::ptr::null_mut();
             }
-            // Carve the chunk: each block links to the next.
-            let n = CHUNK / size;
-            for k in 0..n {
-                let b = chunk + k * size;
-                let next = if k + 1 < n { b + size } else { 0 };
-                // SAFETY: `b` is a block of our fresh, writable chunk.
-                unsafe { *(b as *mut usize) = next };
-            }
-            f.0[i] = chunk;
+            f.1[i] = (chunk + size, chunk + CHUNK);
+            return chunk as *mut u8;
         }
         let b = f.0[i];
         // SAFETY: a free block of this class holds the next free one.
         f.0[i] = unsafe { *(b as *const usize) };
         b as *mut u8
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let size = class_size(&l);
+        if size > MAX_CARVED && l.align() <= sys::PAGE {
+            let i = class_index(size);
+            let reused = size <= MAX_CLASS && {
+                let mut f = FREE.lock();
+                let b = f.0[i];
+                if b != 0 {
+                    // SAFETY: a free block of this class holds the next one.
+                    f.0[i] = unsafe { *(b as *const usize) };
+                }
+                drop(f);
+                if b != 0 {
+                    // SAFETY: a whole block of ours, `size` bytes.
+                    unsafe { (b as *mut u8).write_bytes(0, l.size()) };
+                    return b as *mut u8;
+                }
+                false
+            };
+            debug_assert!(!reused);
+            // A fresh mapping is zeros already: no page is touched.
+            return map(size, sys::place_map(size)) as *mut u8;
+        }
+        // SAFETY: forwarded; `alloc` returns `l.size()` writable bytes.
+        let p = unsafe { self.alloc(l) };
+        if !p.is_null() {
+            // SAFETY: as above.
+            unsafe { p.write_bytes(0, l.size()) };
+        }
+        p
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the layout of the block the caller holds, with its new
+        // size (a valid layout per the `GlobalAlloc` contract).
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, l.align()) };
+        if class_size(&new) == class_size(&l) {
+            return p; // the block is large enough already
+        }
+        // SAFETY: per the contract of `realloc`.
+        let q = unsafe { self.alloc(new) };
+        if !q.is_null() {
+            // SAFETY: both blocks hold at least the smaller size.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p, q, l.size().min(new_size));
+                self.dealloc(p, l);
+            }
+        }
+        q
     }
 
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
@@ -129,6 +190,7 @@ mod tests {
         let l = Layout::from_size_align(1, 64).unwrap();
         assert_eq!(class_size(&l), 64);
         assert_eq!(class_index(MAX_CLASS), CLASSES - 1);
+        assert_eq!(class_index(MAX_CARVED), 12);
     }
 
     #[test]
@@ -149,6 +211,12 @@ mod tests {
             assert!(!b.is_null());
             b.write_bytes(1, 1 << 20);
             a.dealloc(b, big);
+            assert_eq!(a.alloc(big), b, "a large block is reused");
+            a.dealloc(b, big);
+            let huge = Layout::from_size_align(65 << 20, 8).unwrap();
+            let h = a.alloc(huge);
+            assert!(!h.is_null());
+            a.dealloc(h, huge);
         }
     }
 }

@@ -378,8 +378,30 @@ static NEXT_MAP: AtomicUsize = AtomicUsize::new(MAPS_AREA);
 static NEXT_ALLOC: AtomicUsize = AtomicUsize::new(ALLOC_AREA);
 
 fn next_in(next: &AtomicUsize, len: usize, gap: usize, start: usize, end: usize) -> usize {
-    let step = page_up(len) + gap;
-    let a = next.fetch_add(step, Ordering::Relaxed);
+    // Mappings of 2 MiB or more start at a 2 MiB boundary, as the kernel
+    // places them: a DAX file (the writeback's view of real pmem) is then
+    // mapped with 2 MiB pages, not one page-table entry per 4 KiB.
+    const HUGE: usize = 2 << 20;
+    let step = if len >= HUGE {
+        len.div_ceil(HUGE) * HUGE + gap.div_ceil(HUGE) * HUGE
+    } else {
+        page_up(len) + gap
+    };
+    let a = next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+        let a = if len >= HUGE {
+            a.div_ceil(HUGE) * HUGE
+        } else {
+            a
+        };
+        Some(a + step)
+    });
+    let a = a.map_or(start, |a| {
+        if len >= HUGE {
+            a.div_ceil(HUGE) * HUGE
+        } else {
+            a
+        }
+    });
     if a + step > end {
         // Out of the area (after terabytes of remaps): let the kernel choose.
         next.store(start, Ordering::Relaxed);
@@ -389,7 +411,8 @@ fn next_in(next: &AtomicUsize, len: usize, gap: usize, start: usize, end: usize)
 }
 
 /// Where the next of the shim's mappings of `len` bytes should go (a gap of
-/// 64 KiB between them keeps the kernel from merging unrelated ones).
+/// 64 KiB between them keeps the kernel from merging unrelated ones; 2 MiB
+/// for large ones, which start at a 2 MiB boundary).
 pub fn place_map(len: usize) -> usize {
     next_in(&NEXT_MAP, len, 64 << 10, MAPS_AREA, ALLOC_AREA)
 }
