@@ -183,3 +183,24 @@ pub fn scan_inherited_fds() {
         }
     }
 }
+
+/// After a rename by this process: an attached file now at `path` (relative
+/// to `dirfd`) is reopened there when its cached descriptor is gone.
+pub fn on_rename(dirfd: i32, path: &std::ffi::CStr) {
+    let Ok(fd) = sys::openat(
+        dirfd,
+        path,
+        libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        0,
+    ) else {
+        return;
+    };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let Some(class) = classify(raw) else {
+        return;
+    };
+    let file = REG.lock().files.iter().find(|f| f.id == class.id).cloned();
+    if let Some(f) = file {
+        f.backing.set_path(class.path);
+    }
+}

@@ -48,6 +48,9 @@ pub struct FileState {
 /// file, renamed or not), else by path — and checked to be the same file.
 pub struct Backing {
     key: u64,
+    /// Where the file is now, as far as this process knows (its own
+    /// renames update it): the last way to reopen it.
+    path: Lock<String>,
     /// Opened read-write (a process that could never write the file has
     /// nothing of its own to write back).
     pub writable: bool,
@@ -66,10 +69,11 @@ impl Backing {
     /// Opens the file behind the program's descriptor `fd` (through /proc:
     /// the very file), read-write if we may; the descriptor goes into the
     /// cache (and is returned, held).
-    pub fn reopen(fd: i32) -> SysResult<(Backing, SharedFd)> {
+    pub fn reopen(fd: i32, path: &str) -> SysResult<(Backing, SharedFd)> {
         let (owned, writable) = open_proc_fd(fd, None)?;
         let b = Backing {
             key: fdcache::new_key(),
+            path: Lock::new(path.to_string()),
             writable,
             program_fds: [NO_FD; 4],
         };
@@ -86,6 +90,11 @@ impl Backing {
                 return;
             }
         }
+    }
+
+    /// This process renamed the file to `path`.
+    pub fn set_path(&self, path: String) {
+        *self.path.lock() = path;
     }
 
     /// The program is closing `fd`.
@@ -180,7 +189,8 @@ impl FileState {
                 }
             }
         }
-        if let Ok((owned, _)) = open_path(&self.path, writable) {
+        let path = self.backing.path.lock().clone();
+        if let Ok((owned, _)) = open_path(&path, writable) {
             if is_file(&owned, &self.id) {
                 return Ok(owned);
             }

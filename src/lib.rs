@@ -71,7 +71,7 @@ pub const MAP_DAX: i32 = hooks::map::MAP_DAX;
 // The whole exported ABI, in one list.
 pub use hooks::fd::{
     __open64_2, __open_2, __openat64_2, __openat_2, close, close_range, closefrom, creat, creat64,
-    dup, dup2, dup3, fcntl, fcntl64, open, open64, openat, openat64,
+    dup, dup2, dup3, fcntl, fcntl64, open, open64, openat, openat64, rename, renameat, renameat2,
 };
 pub use hooks::io::{
     __pread64_chk, __pread_chk, __read_chk, copy_file_range, fallocate, fallocate64, ftruncate,

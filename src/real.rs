@@ -118,6 +118,8 @@ real_fns! {
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int
         => sc(SYS_close_range, first, last, flags) as c_int;
     fn closefrom(first: c_int) -> () => { sc(SYS_close_range, first, !0u32, 0); };
+    fn renameat2(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char, flags: c_uint) -> c_int
+        => sc(SYS_renameat2, olddir, old, newdir, new, flags) as c_int;
     fn sendfile64(out: c_int, inp: c_int, off: *mut off64_t, n: size_t) -> ssize_t
         => sc(SYS_sendfile, out, inp, off, n) as ssize_t;
     fn copy_file_range(inp: c_int, off_in: *mut off64_t, out: c_int, off_out: *mut off64_t, n: size_t, flags: c_uint) -> ssize_t

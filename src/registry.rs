@@ -126,8 +126,8 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Fail
         r.shadow_dir_bad.store(true, Ordering::Relaxed);
         return Err(e);
     }
-    let (backing, held) =
-        Backing::reopen(fd).map_err(|e| Failure::new(e, format!("cannot reopen {path}: {e}")))?;
+    let (backing, held) = Backing::reopen(fd, path)
+        .map_err(|e| Failure::new(e, format!("cannot reopen {path}: {e}")))?;
     let shadow = shadow::attach(
         &r.shadow_dir,
         id,

@@ -23,6 +23,10 @@
  *                                 fails; unmap FREE of them; store into m0 and
  *                                 msync it: print "maxmaps: errno=E msync=R"
  *                                 (the kernel: errno=12 msync=0)
+ *   fdlimits rename DIR           map 20 files m0..m19 of DIR, close their
+ *                                 descriptors, store into and msync each; rename
+ *                                 m0 to r0, store into its mapping, msync it:
+ *                                 print "rename: msync=R" (the kernel: 0)
  *   fdlimits layout FILE          map 64 MiB, then FILE (stores, msync, read it
  *                                 all), then 64 MiB again: print where each
  *                                 mapping landed relative to the one before
@@ -170,6 +174,27 @@ int main(int argc, char **argv) {
         memcpy(maps[0] + 100, "second", 6);
         int r = msync(maps[0], 4096, MS_SYNC);
         printf("maxmaps: errno=%d msync=%d\n", err, r);
+        return 0;
+    }
+    if (!strcmp(argv[1], "rename")) {
+        char *maps[20], p[4096], q[4096];
+        for (int i = 0; i < 20; i++) {
+            snprintf(p, sizeof p, "%s/m%d", argv[2], i);
+            int fd = open(p, O_RDWR | O_CREAT, 0644);
+            if (fd < 0 || ftruncate(fd, 4096)) die("create");
+            maps[i] = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (maps[i] == MAP_FAILED) die("mmap");
+            close(fd);
+        }
+        for (int i = 0; i < 20; i++) {
+            memcpy(maps[i], "first", 5);
+            if (msync(maps[i], 4096, MS_SYNC)) die("msync");
+        }
+        snprintf(p, sizeof p, "%s/m0", argv[2]);
+        snprintf(q, sizeof q, "%s/r0", argv[2]);
+        if (rename(p, q)) die("rename");
+        memcpy(maps[0] + 100, "moved", 5);
+        printf("rename: msync=%d\n", msync(maps[0], 4096, MS_SYNC));
         return 0;
     }
     if (!strcmp(argv[1], "layout")) {

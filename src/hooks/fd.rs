@@ -271,3 +271,68 @@ pub unsafe extern "C" fn closefrom(first: c_int) {
         });
     }
 }
+
+/// A rename by this process: an attached file's new place is remembered
+/// (its backing descriptor may have to be reopened by path later).
+fn renamed(
+    r: c_int,
+    olddir: c_int,
+    old: *const c_char,
+    newdir: c_int,
+    new: *const c_char,
+) -> c_int {
+    if r != 0 {
+        return r;
+    }
+    if let Some(g) = enter() {
+        if !crate::registry::REG.lock().files.is_empty() {
+            for (dir, p) in [(newdir, new), (olddir, old)] {
+                if !p.is_null() {
+                    // SAFETY: a C string the kernel just accepted.
+                    let p = unsafe { std::ffi::CStr::from_ptr(p) };
+                    crate::fdtable::on_rename(dir, p);
+                }
+            }
+        }
+        g.restore_errno();
+    }
+    r
+}
+
+/// # Safety
+/// C ABI, contract of rename(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn rename(old: *const c_char, new: *const c_char) -> c_int {
+    // SAFETY: rename is renameat2 relative to the working directory, no flags.
+    let r = unsafe { real::renameat2(libc::AT_FDCWD, old, libc::AT_FDCWD, new, 0) };
+    renamed(r, libc::AT_FDCWD, old, libc::AT_FDCWD, new)
+}
+
+/// # Safety
+/// C ABI, contract of renameat(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn renameat(
+    olddir: c_int,
+    old: *const c_char,
+    newdir: c_int,
+    new: *const c_char,
+) -> c_int {
+    // SAFETY: renameat is renameat2 without flags.
+    let r = unsafe { real::renameat2(olddir, old, newdir, new, 0) };
+    renamed(r, olddir, old, newdir, new)
+}
+
+/// # Safety
+/// C ABI, contract of renameat2(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn renameat2(
+    olddir: c_int,
+    old: *const c_char,
+    newdir: c_int,
+    new: *const c_char,
+    flags: c_uint,
+) -> c_int {
+    // SAFETY: forwarded with the caller's own arguments.
+    let r = unsafe { real::renameat2(olddir, old, newdir, new, flags) };
+    renamed(r, olddir, old, newdir, new)
+}

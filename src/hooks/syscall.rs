@@ -68,6 +68,11 @@ pub fn route(nr: c_long, a: &[u64; 6]) -> Option<c_long> {
             libc::SYS_dup2 => fd::dup2(i(0), i(1)) as i64,
             libc::SYS_dup3 => fd::dup3(i(0), i(1), i(2)) as i64,
             libc::SYS_fcntl => fd::fcntl64(i(0), i(1), a[2] as c_long) as i64,
+            libc::SYS_rename => fd::rename(path(0), path(1)) as i64,
+            libc::SYS_renameat => fd::renameat(i(0), path(1), i(2), path(3)) as i64,
+            libc::SYS_renameat2 => {
+                fd::renameat2(i(0), path(1), i(2), path(3), a[4] as c_uint) as i64
+            }
             libc::SYS_mmap if i(3) & libc::MAP_ANONYMOUS == 0 => {
                 map::mmap64(p(0), s(1), i(2), i(3), i(4), o(5)) as i64
             }

@@ -178,3 +178,18 @@ fn the_programs_mappings_land_where_they_would_without_the_shim() {
     assert_eq!(shim, plain);
     assert_eq!(w.stat_sum("mappings_shadowed"), 1);
 }
+
+// A mapped file whose descriptors the program closed, renamed by the
+// program after its backing descriptor left the shim's cache (20 files
+// synced): the shim reopens it at its new name, and the sync succeeds.
+#[test]
+fn a_renamed_file_without_descriptors_is_still_written_back() {
+    let w = World::new("renamed");
+    let plain_dir = w.plain.join("m");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let plain = ok(fdlimits(&w, false, 1024, &["rename", s(&plain_dir)]));
+    let shim = ok(fdlimits(&w, true, 1024, &["rename", s(&w.pmem)]));
+    assert_eq!(plain.trim(), "rename: msync=0");
+    assert_eq!(shim, plain);
+    assert!(contains(&backing(&w.pmem.join("r0")), "moved"));
+}
