@@ -134,6 +134,22 @@ fn record(hdr: &Header, backing_fd: i32) {
     }
 }
 
+/// Renames the data file at `base` to `….orphan-<time>` (shown by `daxshim
+/// status`), with a warning saying `why`; the backing file is served.
+fn keep_aside(base: &str, why: &str) {
+    let orphan = format!(
+        "{base}.orphan-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    if sys::rename(&cstr(base), &cstr(&orphan)).is_ok() {
+        Shadow::unlink_lines(base);
+        warn!("{base}: {why}; the shadow was kept as {orphan} and the backing file is served");
+    }
+}
+
 /// Under the attach lock: make the shadow valid for the backing file.
 fn prepare(
     base: &str,
@@ -143,6 +159,18 @@ fn prepare(
     opt: &AttachOptions,
 ) -> Result<(), Failure> {
     if !hdr.describes(id) {
+        if hdr.magic.load(Ordering::Acquire) == MAGIC
+            && hdr.version.load(Ordering::Relaxed) != VERSION
+            && hdr.data_valid.load(Ordering::Acquire) != 0
+        {
+            // A copy made by another version of the shim (whose slots this
+            // one cannot read): it may hold a dead writer's unsynced
+            // stores, so it is kept aside, never dropped.
+            keep_aside(
+                base,
+                "the shadow was made by another version of daxshim and may hold unsynced stores",
+            );
+        }
         init_header(base, hdr, id, backing_fd);
         return Ok(());
     }
@@ -164,19 +192,10 @@ fn prepare(
     let now_size = now.map(|b| b.size).unwrap_or(u64::MAX);
     let result = if changed && !io.owner_died() {
         if census.dead_writer {
-            let orphan = format!(
-                "{base}.orphan-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            );
-            let _ = sys::rename(&cstr(base), &cstr(&orphan));
-            Shadow::unlink_lines(base);
-            warn!(
-                "{base}: the backing file was changed without the shim while the shadow \
-                 held unsynced stores of a process that died; the shadow was kept as \
-                 {orphan} and the backing file is served"
+            keep_aside(
+                base,
+                "the backing file was changed without the shim while the shadow held \
+                 unsynced stores of a process that died",
             );
         } else {
             let _ = sys::unlink(&cstr(base));

@@ -160,3 +160,45 @@ fn recreated_file_never_meets_the_old_shadow() {
     )));
     assert!(!out.contains("oldfile"), "{out}");
 }
+
+// A shadow left by another version of the shim (its header's version
+// differs; its slots cannot be read) that holds data is kept aside as an
+// orphan with a warning, never dropped or served.
+#[test]
+fn a_shadow_of_another_version_is_kept_aside() {
+    let w = World::new("oldversion");
+    let f = w.pmem_file("f", &zeros(PAGE));
+    killed(w.probe(&format!(
+        "open {f} rw
+         map 4096
+         store 0 unsynced
+         kill",
+        f = s(&f)
+    )));
+    let meta = w
+        .shadow_files()
+        .into_iter()
+        .find(|n| n.ends_with(".meta"))
+        .expect("a header");
+    let meta = w.shadow.join(meta);
+    let mut h = std::fs::read(&meta).unwrap();
+    // The version field follows the 8-byte magic.
+    h[8..12].copy_from_slice(&4u32.to_ne_bytes());
+    std::fs::write(&meta, &h).unwrap();
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 4096
+         load 0 8
+         exit",
+        f = s(&f)
+    ));
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(o.status.success(), "{out}{err}");
+    assert!(err.contains("another version"), "{err}");
+    assert!(!out.contains("unsynced"), "served the old shadow: {out}");
+    assert!(
+        w.shadow_files().iter().any(|n| n.contains(".orphan-")),
+        "{:?}",
+        w.shadow_files()
+    );
+}
