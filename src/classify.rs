@@ -63,22 +63,27 @@ pub fn classify(fd: i32) -> Option<Classified> {
     {
         return None;
     }
+    Some(Classified {
+        id: file_id(&stx),
+        emulated: !dax,
+        path,
+    })
+}
+
+/// A file's identity from its statx (`STATX_BASIC_STATS | STATX_BTIME`):
+/// device, inode and birth time (a reused inode number is another file).
+pub fn file_id(stx: &libc::statx) -> FileId {
     let (gen_sec, gen_nsec) = if stx.stx_mask & libc::STATX_BTIME != 0 {
         (stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)
     } else {
         (0, 0)
     };
-    let id = FileId {
-        dev,
+    FileId {
+        dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         ino: stx.stx_ino,
         gen_sec,
         gen_nsec,
-    };
-    Some(Classified {
-        id,
-        emulated: !dax,
-        path,
-    })
+    }
 }
 
 /// No shadow can be had for a pmem file (`why`): may the call go on

@@ -143,17 +143,8 @@ fn open_path(path: &str, writable: Option<bool>) -> SysResult<(OwnedFd, bool)> {
 
 /// Is `fd` the file `id`?
 fn is_file(fd: &OwnedFd, id: &FileId) -> bool {
-    sys::statx_fd(fd.as_raw_fd(), libc::STATX_BASIC_STATS | libc::STATX_BTIME).is_ok_and(|x| {
-        let (sec, nsec) = if x.stx_mask & libc::STATX_BTIME != 0 {
-            (x.stx_btime.tv_sec, x.stx_btime.tv_nsec)
-        } else {
-            (0, 0)
-        };
-        libc::makedev(x.stx_dev_major, x.stx_dev_minor) == id.dev
-            && x.stx_ino == id.ino
-            && sec == id.gen_sec
-            && nsec == id.gen_nsec
-    })
+    sys::statx_fd(fd.as_raw_fd(), libc::STATX_BASIC_STATS | libc::STATX_BTIME)
+        .is_ok_and(|x| crate::classify::file_id(&x) == *id)
 }
 
 pub struct FileInner {

@@ -255,28 +255,21 @@ fn to_kernel(a: &libc::sigaction) -> KernelSigaction {
     }
 }
 
-/// Copies `len` bytes from the program's `src` (EFAULT if not readable).
-fn read_user(src: u64, dst: *mut u8, len: usize) -> Result<(), c_long> {
+/// Copies `len` bytes between this handler's `local` buffer and the
+/// program's address `remote`, in the kernel (`process_vm_readv`/`writev`
+/// on ourselves): `EFAULT` where the program's memory is not there.
+fn copy_user(nr: c_long, local: *const u8, remote: u64, len: usize) -> Result<(), c_long> {
     let local = libc::iovec {
-        iov_base: dst as *mut c_void,
+        iov_base: local as *mut c_void,
         iov_len: len,
     };
     let remote = libc::iovec {
-        iov_base: src as *mut c_void,
+        iov_base: remote as *mut c_void,
         iov_len: len,
     };
     let pid = perform(libc::SYS_getpid, &[0; 6]) as u64;
-    let r = perform(
-        libc::SYS_process_vm_readv,
-        &[
-            pid,
-            &local as *const _ as u64,
-            1,
-            &remote as *const _ as u64,
-            1,
-            0,
-        ],
-    );
+    let (l, r) = (&local as *const _ as u64, &remote as *const _ as u64);
+    let r = perform(nr, &[pid, l, 1, r, 1, 0]);
     if r == len as c_long {
         Ok(())
     } else {
@@ -284,33 +277,14 @@ fn read_user(src: u64, dst: *mut u8, len: usize) -> Result<(), c_long> {
     }
 }
 
+/// Copies `len` bytes from the program's `src` (EFAULT if not readable).
+fn read_user(src: u64, dst: *mut u8, len: usize) -> Result<(), c_long> {
+    copy_user(libc::SYS_process_vm_readv, dst, src, len)
+}
+
 /// Copies `len` bytes to the program's `dst` (EFAULT if not writable).
 fn write_user(dst: u64, src: *const u8, len: usize) -> Result<(), c_long> {
-    let local = libc::iovec {
-        iov_base: src as *mut c_void,
-        iov_len: len,
-    };
-    let remote = libc::iovec {
-        iov_base: dst as *mut c_void,
-        iov_len: len,
-    };
-    let pid = perform(libc::SYS_getpid, &[0; 6]) as u64;
-    let r = perform(
-        libc::SYS_process_vm_writev,
-        &[
-            pid,
-            &local as *const _ as u64,
-            1,
-            &remote as *const _ as u64,
-            1,
-            0,
-        ],
-    );
-    if r == len as c_long {
-        Ok(())
-    } else {
-        Err(-(libc::EFAULT as c_long))
-    }
+    copy_user(libc::SYS_process_vm_writev, src, dst, len)
 }
 
 fn read_mask(src: u64) -> Result<u64, c_long> {

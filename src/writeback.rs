@@ -87,6 +87,10 @@ fn ensure_view(
 const VIEWS_MAX: usize = 16;
 static VIEWED: Lock<Vec<Weak<FileState>>> = Lock::new(Vec::new());
 
+fn is(w: &Weak<FileState>, f: &Arc<FileState>) -> bool {
+    std::ptr::eq(w.as_ptr(), Arc::as_ptr(f))
+}
+
 /// After a sync of `f` (or a mapping of it, or a write): its views and
 /// bases stay; those of the least recently used files beyond [`VIEWS_MAX`]
 /// go (if busy, they stay in the list). Call with no shim lock held but
@@ -94,43 +98,39 @@ static VIEWED: Lock<Vec<Weak<FileState>>> = Lock::new(Vec::new());
 pub fn keep_views_bounded(f: &Arc<FileState>) {
     let victims: Vec<Arc<FileState>> = {
         let mut v = VIEWED.lock();
-        v.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(f)));
+        if v.last().is_some_and(|w| is(w, f)) {
+            return; // the most recent already (every write of one file)
+        }
+        v.retain(|w| w.strong_count() > 0 && !is(w, f));
         v.push(Arc::downgrade(f));
         let excess = v.len().saturating_sub(VIEWS_MAX);
         v.drain(..excess).filter_map(|w| w.upgrade()).collect()
     };
-    for victim in victims {
-        match victim.inner.try_lock() {
-            Some(mut inner) => {
-                unmap_views(&mut inner);
-                drop(inner);
-                victim.shadow.unmap_bases();
-            }
-            None => VIEWED.lock().insert(0, Arc::downgrade(&victim)),
-        }
-    }
+    let_go_of_views(victims);
 }
 
 /// Unmaps the views and bases of every other file this process keeps
-/// them for (those busy keep theirs). Call with no shim lock held but `f`'s
-/// sync lock.
+/// them for. Call with no shim lock held but `f`'s sync lock.
 fn release_other_views(f: &Arc<FileState>) {
-    let others: Vec<Arc<FileState>> = {
-        let mut v = VIEWED.lock();
-        let all = std::mem::take(&mut *v);
-        all.into_iter()
-            .filter(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(f)))
-            .filter_map(|w| w.upgrade())
-            .collect()
-    };
-    for o in others {
-        match o.inner.try_lock() {
+    let others: Vec<Arc<FileState>> = std::mem::take(&mut *VIEWED.lock())
+        .into_iter()
+        .filter(|w| !is(w, f))
+        .filter_map(|w| w.upgrade())
+        .collect();
+    let_go_of_views(others);
+}
+
+/// Unmaps the views and bases of `files`; one whose locks are busy keeps
+/// them and goes back to the list as the least recently used.
+fn let_go_of_views(files: Vec<Arc<FileState>>) {
+    for f in files {
+        match f.inner.try_lock() {
             Some(mut inner) => {
                 unmap_views(&mut inner);
                 drop(inner);
-                o.shadow.unmap_bases();
+                f.shadow.unmap_bases();
             }
-            None => VIEWED.lock().push(Arc::downgrade(&o)),
+            None => VIEWED.lock().insert(0, Arc::downgrade(&f)),
         }
     }
 }
@@ -405,10 +405,7 @@ impl FileState {
         })();
         self.shadow.record_outside_change(bfd);
         // Views of a file this process does not sync are not kept.
-        let kept = VIEWED
-            .lock()
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), self as *const FileState));
+        let kept = VIEWED.lock().iter().any(|w| std::ptr::eq(w.as_ptr(), self));
         if !kept {
             unmap_views(&mut inner);
         }

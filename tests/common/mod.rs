@@ -245,6 +245,21 @@ impl World {
         shim
     }
 
+    /// [`World::probe_both`] on a file `f` of `len` zero bytes made on pmem
+    /// and on an ordinary file system; the two files must end up equal.
+    /// Returns the output and the pmem file.
+    pub fn probe_both_on_zeros(&self, len: usize, script: &str) -> (String, PathBuf) {
+        let pf = self.pmem_file("f", &vec![0u8; len]);
+        let of = self.plain_file("f", &vec![0u8; len]);
+        let out = self.probe_both(&pf, &of, script);
+        assert_eq!(
+            backing(&pf),
+            backing(&of),
+            "pmem file vs ordinary file: {script}"
+        );
+        (out, pf)
+    }
+
     /// Every stats file written so far, parsed into (key, value) maps.
     pub fn stats(&self) -> Vec<Stats> {
         let mut v = Vec::new();
