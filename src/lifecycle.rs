@@ -146,10 +146,12 @@ pub fn atfork_prepare() {
     crate::file::Backing::hold_for_fork();
     crate::shadow::hold_presence_for_fork();
     crate::writeback::hold_views_for_fork();
-    // Last: every other lock's holder may allocate.
-    crate::alloc::hold_for_fork();
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
+    // Last of all: the holder of any other lock may be allocating (the
+    // watcher allocates holding its table: taking the allocator before it
+    // deadlocked a fork against the watcher thread).
+    crate::alloc::hold_for_fork();
     std::mem::forget(reg);
 }
 
