@@ -36,6 +36,8 @@ echo "== the same suites on the full-compare tracker (the correctness oracle), w
 DAXSHIM_TEST_TRACKER=compare DAXSHIM_TEST_WRITEBACK=stores logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
 echo "== the same suites on the mprotect+SIGSEGV fallback tracker"
 DAXSHIM_TEST_TRACKER=mprotect logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
+echo "== the same suites with the regions of every shadow mapping trapped (DAXSHIM_TRAP_MIN=0)"
+DAXSHIM_TEST_TRAP_MIN=0 logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite --test lazy || status=1
 echo "== the same suites with every system call outside the hooks trapped (DAXSHIM_SYSCALLS=trap)"
 DAXSHIM_TEST_SYSCALLS=trap logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
 

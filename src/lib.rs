@@ -155,6 +155,7 @@ extern "C" fn daxshim_init() {
         Ok(b) => b,
         Err(e) => config_error(&format!("DAXSHIM_TRACKER: {e}")),
     };
+    track::uffd::set_trap_min(cfg.trap_min);
     persist::FAIL_BUDGET.store(cfg.fail_syncs, Ordering::Relaxed);
     if let Some(n) = cfg.crash_after_lines {
         persist::CRASH_BUDGET.store(n, Ordering::Relaxed);

@@ -278,6 +278,9 @@ pub fn mmap_impl(
             }
         }
     }
+    if tracked {
+        track::tracker().trap_stores(p as usize, maplen, prot, false);
+    }
     {
         let mut reg = REG.lock();
         crate::registry::add_mapping(
@@ -397,6 +400,9 @@ pub fn mremap_impl(
     let n = p as usize;
     let new_span = sys::page_up(new_len);
     let mut released = Vec::new();
+    // A trapped range moves with its read-only regions: the new range must
+    // be trapped too, whatever its size.
+    let trapped = track::tracker().trapped_prot(o);
     if let Some((file, off, shared, tracked, lazy, prot)) = &src {
         // Hold a reference across the move so the file stays attached.
         file.inner.lock().map_refs += 1;
@@ -441,6 +447,17 @@ pub fn mremap_impl(
                 file.untracked.store(true, Ordering::Relaxed);
                 tracked = false;
             }
+        }
+        match (tracked, trapped) {
+            (true, _) => {
+                let p = trapped.unwrap_or(*prot);
+                track::tracker().trap_stores(n, new_span, p, trapped.is_some());
+            }
+            // Untracked now: no read-only region may stay without a trap.
+            (false, Some(p)) => {
+                let _ = sys::mprotect(n, new_span, p);
+            }
+            (false, None) => {}
         }
         reg.maps.insert(
             n,

@@ -211,9 +211,18 @@ pub fn harvest_file(f: &Arc<FileState>, lo: u64, hi: u64, out: &mut RangeSet) {
 /// A lazy mapping is scanned only over the chunks this process filled or
 /// mapped: elsewhere it has no pages, and scanning would arm (and allocate
 /// page tables for) the whole range.
+///
+/// Only the parts the tracker calls hot are scanned: a large mapping's
+/// regions not stored to since the last harvest are trapped (read-only) and
+/// skipped, so the cost follows what was written, not what was touched.
 pub fn harvest_mapping(m: &Mapping, addr: usize, end: usize, out: &mut RangeSet) {
     let addr = sys::page_down(addr).max(m.start);
     let end = sys::page_up(end).min(m.start + m.len);
+    if addr >= end {
+        return;
+    }
+    let mut hot = Vec::new();
+    track::tracker().take_hot(addr, end - addr, &mut |a, n| hot.push((a, a + n)));
     let mut scan = |a: usize, b: usize| {
         let _ = track::tracker().harvest(a, b - a, &mut |s, n| {
             let fo = m.off + (s - m.start) as u64;
@@ -221,19 +230,23 @@ pub fn harvest_mapping(m: &Mapping, addr: usize, end: usize, out: &mut RangeSet)
         });
     };
     if !m.lazy {
-        scan(addr, end);
+        for (a, b) in hot {
+            scan(a, b);
+        }
         return;
     }
     let chunk = crate::lazy::CHUNK;
     let fo = |va: usize| m.off + (va - m.start) as u64;
     let va = |fo: u64| m.start + (fo - m.off) as usize;
-    let (lo, hi) = (fo(addr), fo(end));
     let bits = m.file.lazy_chunks.lock();
-    bits.runs(lo / chunk, hi.div_ceil(chunk), &mut |c0, c1| {
-        let a = (c0 * chunk).max(lo);
-        let b = (c1 * chunk).min(hi);
-        scan(va(a), va(b));
-    });
+    for (a, b) in hot {
+        let (lo, hi) = (fo(a), fo(b));
+        bits.runs(lo / chunk, hi.div_ceil(chunk), &mut |c0, c1| {
+            let a = (c0 * chunk).max(lo);
+            let b = (c1 * chunk).min(hi);
+            scan(va(a), va(b));
+        });
+    }
 }
 
 /// Harvests the dirty pages of tracked mappings overlapping `[addr,

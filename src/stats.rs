@@ -26,6 +26,9 @@ pub struct Stats {
     pub foreign_writes: AtomicU64,
     /// Lines changed both outside and inside the shim between two syncs.
     pub conflicts: AtomicU64,
+    /// First stores to a write-trapped page (mprotect tracker) or region
+    /// (region traps) since its last harvest.
+    pub store_traps: AtomicU64,
     pub sync_hist: [AtomicU64; HIST_BUCKETS],
 }
 
@@ -49,6 +52,7 @@ impl Stats {
             evicted_bytes: AtomicU64::new(0),
             foreign_writes: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
+            store_traps: AtomicU64::new(0),
             sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
         }
     }
@@ -76,7 +80,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 impl Stats {
     pub fn to_json(&self, tracker: &str, flush: &str) -> String {
-        let fields: [(&str, &AtomicU64); 17] = [
+        let fields: [(&str, &AtomicU64); 18] = [
             ("mappings_shadowed", &self.mappings_shadowed),
             ("mappings_direct", &self.mappings_direct),
             ("pages_dirtied", &self.pages_dirtied),
@@ -94,6 +98,7 @@ impl Stats {
             ("evicted_bytes", &self.evicted_bytes),
             ("foreign_writes", &self.foreign_writes),
             ("conflicts", &self.conflicts),
+            ("store_traps", &self.store_traps),
         ];
         let mut s = String::from("{");
         s.push_str(&format!("\"pid\":{},", crate::sys::getpid()));

@@ -38,7 +38,7 @@ macro_rules! io_hook {
         pub unsafe extern "C" fn $name($fd: c_int $(, $a: $t)*) -> ssize_t {
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let kernel = || unsafe { $kernel };
-            if stringify!($imp) == "read_impl" && crate::track::write_protects_pages() {
+            if stringify!($imp) == "read_impl" && crate::track::traps_stores() {
                 // SAFETY: as below.
                 #[allow(unused_unsafe)]
                 for v in unsafe { $iov } {

@@ -97,7 +97,7 @@ pub unsafe extern "C" fn mremap(
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let real = || unsafe { real::madvise(addr, len, advice) };
-    if advice == MADV_POPULATE_WRITE && track::write_protects_pages() {
+    if advice == MADV_POPULATE_WRITE && track::traps_stores() {
         // Write-protected clean pages would make the kernel refuse (EINVAL)
         // what it grants on the program's own protection: open them, as a
         // store would.
@@ -125,7 +125,7 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: libc::size_t, prot: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments.
     let r = unsafe { real::mprotect(addr, len, prot) };
-    if r == 0 && track::write_protects_pages() {
+    if r == 0 && track::traps_stores() {
         if let Some(_g) = enter() {
             track::tracker().on_program_mprotect(addr as usize, len, prot);
         }

@@ -10,6 +10,7 @@
 //!   (the correctness oracle).
 
 pub mod mprotect;
+pub mod traps;
 pub mod uffd;
 
 use crate::config::TrackerKind;
@@ -60,6 +61,24 @@ pub trait DirtyTracker: Sync {
     fn before_kernel_stores(&self, _addr: usize, _len: usize) {}
     /// The program changed the protection of `[addr, addr+len)`.
     fn on_program_mprotect(&self, _addr: usize, _len: usize, _prot: i32) {}
+    /// A tracked shared mapping the program asked `prot` for: where the
+    /// tracker scans for written pages, traps first stores to its regions
+    /// so that a harvest scans only regions written since the last one
+    /// (the userfaultfd tracker, for mappings of `DAXSHIM_TRAP_MIN` or
+    /// more).
+    /// `force`: whatever its size (a remapped range that was trapped: its
+    /// regions may be read-only).
+    fn trap_stores(&self, _addr: usize, _len: usize, _prot: i32, _force: bool) {}
+    /// The protection recorded for a trapped range holding `addr`.
+    fn trapped_prot(&self, _addr: usize) -> Option<i32> {
+        None
+    }
+    /// The parts of `[addr, addr+len)` that may hold pages written since
+    /// the last harvest (regions reported whole are trapped again before
+    /// they are reported). The caller harvests only these.
+    fn take_hot(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) {
+        out(addr, len)
+    }
     /// Can missing pages of shadow mappings be filled on first access
     /// ([`crate::lazy`])? Needs a userfaultfd that serves the kernel's own
     /// faults too.
@@ -148,14 +167,20 @@ pub fn select(kind: TrackerKind) -> Result<&'static dyn DirtyTracker, String> {
     Ok(tracker())
 }
 
-/// Does the tracker in use make clean pages read-only? Then the kernel's own
-/// stores into them (`read()` into a mapped buffer, `MADV_POPULATE_WRITE`)
-/// need [`DirtyTracker::before_kernel_stores`] first, and the program's
-/// `mprotect` calls [`DirtyTracker::on_program_mprotect`]. One relaxed load:
-/// the read hooks ask on every call.
+/// Does the tracker in use make every clean page read-only (the mprotect
+/// tracker)? Then a remapped range is tracked afresh. One relaxed load.
 #[inline]
 pub fn write_protects_pages() -> bool {
     CHOSEN.load(Ordering::Relaxed) == USE_MPROTECT
+}
+
+/// Can a page of a shadow mapping be read-only to trap stores (the
+/// mprotect tracker, or region traps of the userfaultfd tracker)? Then the
+/// kernel's own stores need [`DirtyTracker::before_kernel_stores`] first and
+/// the program's `mprotect` calls [`DirtyTracker::on_program_mprotect`].
+#[inline]
+pub fn traps_stores() -> bool {
+    write_protects_pages() || uffd::traps_in_use()
 }
 
 /// Falls back to full compare (a forked child that cannot track).

@@ -9,10 +9,11 @@
 //! # Safety
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
 
+use super::traps::Traps;
 use super::Stores;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 const UFFD_USER_MODE_ONLY: i32 = 1;
 const UFFD_API: u64 = 0xAA;
@@ -424,6 +425,56 @@ pub fn owned_fds() -> [i32; 2] {
     ]
 }
 
+/// Region traps of large mappings ([`super::traps`], 2 MiB granules): a
+/// harvest scans only the regions stored to since the last one.
+static REGIONS: Traps = Traps::new(21);
+
+/// `DAXSHIM_TRAP_MIN`: the smallest mapping whose regions are trapped
+/// (`u64::MAX`: none).
+static TRAP_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
+
+static SEGV_INSTALLED: std::sync::Once = std::sync::Once::new();
+/// The handler is installed (a failed install leaves it false).
+static SEGV_OK: AtomicBool = AtomicBool::new(false);
+
+/// At start-up: from which mapping size on regions are trapped.
+pub fn set_trap_min(min: Option<u64>) {
+    TRAP_MIN.store(min.unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+/// Are any regions trapped (read-only until stored to)?
+pub fn traps_in_use() -> bool {
+    REGIONS.in_use()
+}
+
+fn on_segv(info: &libc::siginfo_t) -> bool {
+    REGIONS.on_segv(info)
+}
+
+fn trap_stores(addr: usize, len: usize, prot: i32, force: bool) {
+    if !force && ((len as u64) < TRAP_MIN.load(Ordering::Relaxed) || prot & libc::PROT_WRITE == 0) {
+        return;
+    }
+    let mut handler = Ok(());
+    SEGV_INSTALLED.call_once(|| {
+        handler = crate::sigchain::install_segv_handler(on_segv);
+        SEGV_OK.store(handler.is_ok(), Ordering::Relaxed);
+    });
+    if let Err(e) = handler {
+        warn!("{e}; syncs scan every page touched");
+        TRAP_MIN.store(u64::MAX, Ordering::Relaxed);
+        return;
+    }
+    if !SEGV_OK.load(Ordering::Relaxed) {
+        return;
+    }
+    // Everything counts as written until the first whole harvest protects
+    // it (a remapped range may hold pages written before).
+    if let Err(e) = REGIONS.track(addr, len, prot, false) {
+        debug!("cannot trap the regions of {addr:#x}+{len}: {e}");
+    }
+}
+
 pub struct UffdTracker;
 
 impl super::DirtyTracker for UffdTracker {
@@ -443,7 +494,32 @@ impl super::DirtyTracker for UffdTracker {
         harvest(addr, len, out)
     }
     fn after_fork_child(&self) -> SysResult<()> {
+        // Region traps, their protections and the handler are inherited.
+        // SAFETY: no other thread exists in the child.
+        unsafe { REGIONS.after_fork_child() };
         reinit_in_child()
+    }
+    fn untrack(&self, addr: usize, len: usize) {
+        REGIONS.untrack(addr, len)
+    }
+    fn before_kernel_stores(&self, addr: usize, len: usize) {
+        REGIONS.before_kernel_stores(addr, len)
+    }
+    fn on_program_mprotect(&self, addr: usize, len: usize, prot: i32) {
+        REGIONS.on_mprotect(addr, len, prot)
+    }
+    fn trap_stores(&self, addr: usize, len: usize, prot: i32, force: bool) {
+        trap_stores(addr, len, prot, force)
+    }
+    fn trapped_prot(&self, addr: usize) -> Option<i32> {
+        REGIONS.prot_at(addr)
+    }
+    fn take_hot(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) {
+        if !REGIONS.in_use() {
+            return out(addr, len);
+        }
+        REGIONS.uncovered(addr, len, out);
+        REGIONS.harvest(addr, len, out);
     }
     fn fills_lazily(&self) -> bool {
         lazy_ok()

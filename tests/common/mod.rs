@@ -193,7 +193,9 @@ impl World {
             .env_remove("DAXSHIM_TEST_TRACKER")
             .env_remove("DAXSHIM_TEST_WRITEBACK")
             .env_remove("DAXSHIM_TEST_SYSCALLS")
+            .env_remove("DAXSHIM_TEST_TRAP_MIN")
             .env_remove("DAXSHIM_SYSCALLS")
+            .env_remove("DAXSHIM_TRAP_MIN")
             .env_remove("DAXSHIM_CRASH_ITERS");
         // The whole suite can run on the full-compare oracle.
         if let Ok(t) = std::env::var("DAXSHIM_TEST_TRACKER") {
@@ -202,6 +204,10 @@ impl World {
         // …with every system call outside the hooks trapped…
         if let Ok(t) = std::env::var("DAXSHIM_TEST_SYSCALLS") {
             c.env("DAXSHIM_SYSCALLS", t);
+        }
+        // …with every shadow mapping's regions trapped (DAXSHIM_TRAP_MIN=0)…
+        if let Ok(t) = std::env::var("DAXSHIM_TEST_TRAP_MIN") {
+            c.env("DAXSHIM_TRAP_MIN", t);
         }
         // …and with emulated pmem written back the way real pmem is.
         if let Ok(t) = std::env::var("DAXSHIM_TEST_WRITEBACK") {

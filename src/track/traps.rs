@@ -1,0 +1,449 @@
+//! Write traps: ranges whose clean granules are mapped read-only, so that
+//! the first store to a granule raises SIGSEGV; the shim's handler records
+//! the granule and makes it writable. A harvest takes the granules' bits and
+//! write-protects them again. Two users, one table each:
+//!
+//! - the mprotect tracker ([`super::mprotect`]): granule = page, the bits
+//!   are the dirty pages themselves;
+//! - the userfaultfd tracker's region traps ([`super::uffd`]): granule =
+//!   2 MiB, a set bit says "pages inside may have been written" and only
+//!   those regions are scanned with `PAGEMAP_SCAN`, so a sync's cost
+//!   follows what was written, not what was touched.
+//!
+//! - Survives `vm.max_map_count`: every granule made writable alone splits
+//!   a VMA; when the kernel refuses (`ENOMEM`), the handler makes the whole
+//!   range writable (which merges its VMAs back) and marks it all set: the
+//!   next whole harvest reports it entirely and protects it again.
+//! - Kernel-side stores (`read(2)` into a trapped page) would fail with
+//!   EFAULT on a read-only page: the read hooks open the destination first
+//!   ([`Traps::before_kernel_stores`]).
+//!
+//! Ordering that keeps stores from being lost: the handler makes the
+//! granule writable *before* setting its bit; a harvest takes the bits
+//! *before* it write-protects. A store between the two lands before the
+//! caller copies (or scans) the granule; one after the protect faults and
+//! sets its bit again.
+//!
+//! # Safety
+//! The handler touches only atomics and raw system calls (async-signal-safe).
+//! Bitmaps are allocated and freed outside the handler, under the table's
+//! lock.
+
+use crate::lock::Lock;
+use crate::sys::{self, Errno, SysResult};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+const SLOTS: usize = 1024;
+/// `si_code` of a fault on a mapped page the protection forbids.
+const SEGV_ACCERR: i32 = 2;
+
+/// One trapped range: `[lo, hi)`, bit `i` of `bits` is the granule at
+/// `base + (i << shift)`.
+struct Slot {
+    lo: AtomicUsize,
+    hi: AtomicUsize,
+    base: AtomicUsize,
+    bits: AtomicPtr<AtomicU64>,
+    words: AtomicUsize,
+    /// The whole range may be written (the kernel refused a split, the
+    /// program changed its protection, or it was never protected).
+    all: AtomicBool,
+    /// The protection the program asked for (stores are trapped only where
+    /// it allows them).
+    prot: AtomicI32,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Slot = Slot {
+    lo: AtomicUsize::new(0),
+    hi: AtomicUsize::new(0),
+    base: AtomicUsize::new(0),
+    bits: AtomicPtr::new(std::ptr::null_mut()),
+    words: AtomicUsize::new(0),
+    all: AtomicBool::new(false),
+    prot: AtomicI32::new(0),
+};
+
+/// A table of trapped ranges with one granule size.
+pub struct Traps {
+    table: [Slot; SLOTS],
+    /// Serialises changes to `table` and harvests (never taken by the
+    /// handler).
+    lock: Lock<()>,
+    /// Slots in use (0: the hooks skip the lookup).
+    used: AtomicUsize,
+    /// log2 of the granule size.
+    shift: u32,
+}
+
+impl Traps {
+    pub const fn new(shift: u32) -> Traps {
+        Traps {
+            table: [EMPTY; SLOTS],
+            lock: Lock::new(()),
+            used: AtomicUsize::new(0),
+            shift,
+        }
+    }
+
+    fn granule(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// Is any range trapped?
+    pub fn in_use(&self) -> bool {
+        self.used.load(Ordering::Relaxed) != 0
+    }
+
+    fn find(&self, addr: usize) -> Option<&Slot> {
+        self.table.iter().find(|s| {
+            let lo = s.lo.load(Ordering::Acquire);
+            lo != 0 && lo <= addr && addr < s.hi.load(Ordering::Acquire)
+        })
+    }
+
+    fn set_bit(&self, s: &Slot, addr: usize) {
+        let i = (addr - s.base.load(Ordering::Relaxed)) >> self.shift;
+        let bits = s.bits.load(Ordering::Acquire);
+        if !bits.is_null() && i / 64 < s.words.load(Ordering::Relaxed) {
+            // SAFETY: `bits` holds `words` atomics while the slot is live.
+            unsafe { (*bits.add(i / 64)).fetch_or(1 << (i % 64), Ordering::AcqRel) };
+        } else {
+            s.all.store(true, Ordering::Release);
+        }
+    }
+
+    /// The granule of slot `s` holding `addr`, clamped to the slot.
+    fn granule_of(&self, s: &Slot, addr: usize) -> (usize, usize) {
+        let base = s.base.load(Ordering::Relaxed);
+        let g0 = base + ((addr - base) >> self.shift << self.shift);
+        let lo = s.lo.load(Ordering::Relaxed);
+        let hi = s.hi.load(Ordering::Relaxed);
+        (g0.max(lo), (g0 + self.granule()).min(hi))
+    }
+
+    /// Records a store to `addr` in slot `s` and lets it complete.
+    fn open(&self, s: &Slot, addr: usize) -> bool {
+        let prot = s.prot.load(Ordering::Relaxed);
+        if prot & libc::PROT_WRITE == 0 {
+            return false; // the program's own protection: a real fault
+        }
+        let (a, b) = self.granule_of(s, addr);
+        crate::stats::add(&crate::stats::STATS.store_traps, 1);
+        if a < b && sys::mprotect(a, b - a, prot).is_ok() {
+            self.set_bit(s, addr);
+            return true;
+        }
+        // Too many VMAs (vm.max_map_count): open the whole range, which
+        // merges its pieces, and report it all at the next harvest.
+        let lo = s.lo.load(Ordering::Relaxed);
+        let hi = s.hi.load(Ordering::Relaxed);
+        s.all.store(true, Ordering::Release);
+        sys::mprotect(lo, hi - lo, prot).is_ok()
+    }
+
+    /// The SIGSEGV handler's test: true if the fault was a trapped first
+    /// store (now let through).
+    pub fn on_segv(&self, info: &libc::siginfo_t) -> bool {
+        if info.si_code != SEGV_ACCERR || !self.in_use() {
+            return false;
+        }
+        // SAFETY: SIGSEGV's siginfo carries the faulting address.
+        let addr = unsafe { info.si_addr() } as usize;
+        match self.find(addr) {
+            Some(s) => self.open(s, addr),
+            None => false,
+        }
+    }
+
+    /// Before the kernel stores into `[addr, addr+len)` on the program's
+    /// behalf: trapped granules there are recorded and opened (the kernel
+    /// would get EFAULT from a read-only page instead of a signal).
+    pub fn before_kernel_stores(&self, addr: usize, len: usize) {
+        if !self.in_use() || len == 0 {
+            return;
+        }
+        let end = addr.saturating_add(len);
+        let mut p = sys::page_down(addr);
+        while p < end {
+            match self.find(p) {
+                Some(s) => {
+                    let _ = self.open(s, p);
+                    p = self.granule_of(s, p).1.max(p + sys::PAGE);
+                }
+                None => p += sys::PAGE,
+            }
+        }
+    }
+
+    /// Starts trapping `[addr, addr+len)`. `protect`: write-protect it now
+    /// (nothing in it counts as written); otherwise it all counts as
+    /// written until its first whole harvest protects it.
+    pub fn track(&self, addr: usize, len: usize, prot: i32, protect: bool) -> SysResult<()> {
+        let _g = self.lock.lock();
+        self.remove_locked(addr, len);
+        let Some(slot) = self
+            .table
+            .iter()
+            .find(|s| s.lo.load(Ordering::Relaxed) == 0)
+        else {
+            return Err(Errno(libc::ENOSPC));
+        };
+        let words = (len >> self.shift).div_ceil(64) + 1;
+        let bits: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        slot.words.store(words, Ordering::Relaxed);
+        slot.bits
+            .store(Box::into_raw(bits) as *mut _, Ordering::Release);
+        slot.base.store(addr, Ordering::Relaxed);
+        slot.all.store(!protect, Ordering::Relaxed);
+        slot.prot.store(prot, Ordering::Relaxed);
+        slot.hi.store(addr + len, Ordering::Release);
+        slot.lo.store(addr, Ordering::Release);
+        self.used.fetch_add(1, Ordering::Relaxed);
+        if protect {
+            sys::mprotect(addr, len, prot & !libc::PROT_WRITE)?;
+        }
+        Ok(())
+    }
+
+    /// The protection recorded for the trapped range holding `addr`.
+    pub fn prot_at(&self, addr: usize) -> Option<i32> {
+        self.find(addr).map(|s| s.prot.load(Ordering::Relaxed))
+    }
+
+    /// Stops trapping `[addr, addr+len)` (unmapped or moved).
+    pub fn untrack(&self, addr: usize, len: usize) {
+        let _g = self.lock.lock();
+        self.remove_locked(addr, len);
+    }
+
+    /// Extends the slot ending at `addr` by a tail grown in place (which
+    /// counts as written until a whole harvest protects it).
+    pub fn grow(&self, addr: usize, len: usize) -> SysResult<()> {
+        let _g = self.lock.lock();
+        for s in self.table.iter() {
+            if s.hi.load(Ordering::Relaxed) == addr && s.lo.load(Ordering::Relaxed) != 0 {
+                s.all.store(true, Ordering::Release);
+                s.hi.store(addr + len, Ordering::Release);
+                return Ok(());
+            }
+        }
+        Err(Errno(libc::ENOENT))
+    }
+
+    fn free_bits(&self, s: &Slot) {
+        let bits = s.bits.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        let shared = self
+            .table
+            .iter()
+            .any(|o| o.lo.load(Ordering::Relaxed) != 0 && o.bits.load(Ordering::Relaxed) == bits);
+        if !bits.is_null() && !shared {
+            let words = s.words.load(Ordering::Relaxed);
+            // SAFETY: allocated in `track` as a boxed slice of `words`
+            // atomics; no live slot refers to it any more.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(bits, words)) });
+        }
+    }
+
+    /// Cuts `[addr, end)` out of every slot (splitting one that straddles
+    /// it).
+    fn remove_locked(&self, addr: usize, len: usize) {
+        let end = addr.saturating_add(len);
+        for s in self.table.iter() {
+            let lo = s.lo.load(Ordering::Relaxed);
+            let hi = s.hi.load(Ordering::Relaxed);
+            if lo == 0 || hi <= addr || lo >= end {
+                continue;
+            }
+            if addr <= lo && hi <= end {
+                s.lo.store(0, Ordering::Release);
+                s.hi.store(0, Ordering::Release);
+                self.used.fetch_sub(1, Ordering::Relaxed);
+                self.free_bits(s);
+            } else if addr <= lo {
+                s.lo.store(end, Ordering::Release);
+            } else if hi <= end {
+                s.hi.store(addr, Ordering::Release);
+            } else if let Some(t) = self
+                .table
+                .iter()
+                .find(|t| t.lo.load(Ordering::Relaxed) == 0)
+            {
+                // The tail becomes a slot of its own over the same bitmap.
+                t.bits
+                    .store(s.bits.load(Ordering::Relaxed), Ordering::Release);
+                t.words
+                    .store(s.words.load(Ordering::Relaxed), Ordering::Relaxed);
+                t.base
+                    .store(s.base.load(Ordering::Relaxed), Ordering::Relaxed);
+                t.all
+                    .store(s.all.load(Ordering::Relaxed), Ordering::Relaxed);
+                t.prot
+                    .store(s.prot.load(Ordering::Relaxed), Ordering::Relaxed);
+                t.hi.store(hi, Ordering::Release);
+                t.lo.store(end, Ordering::Release);
+                self.used.fetch_add(1, Ordering::Relaxed);
+                s.hi.store(addr, Ordering::Release);
+            } else {
+                // No slot for the tail: it is not trapped any more. Open it
+                // so that no store to it faults without an owner (its pages
+                // stay tracked by whatever tracks them besides the trap).
+                let _ = sys::mprotect(end, hi - end, s.prot.load(Ordering::Relaxed));
+                s.hi.store(addr, Ordering::Release);
+            }
+        }
+    }
+
+    /// The program changed the protection of `[addr, addr+len)`: stores it
+    /// now allows are not trapped, so slots there count as all written until
+    /// the next whole harvest protects them again.
+    pub fn on_mprotect(&self, addr: usize, len: usize, prot: i32) {
+        let _g = self.lock.lock();
+        let end = addr.saturating_add(len);
+        for s in self.table.iter() {
+            let lo = s.lo.load(Ordering::Relaxed);
+            let hi = s.hi.load(Ordering::Relaxed);
+            if lo != 0 && lo < end && addr < hi {
+                s.prot.store(prot, Ordering::Relaxed);
+                s.all.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Reports (address, length) the parts of `[addr, addr+len)` that may
+    /// have been written since the last harvest, and protects again what
+    /// it reports in whole granules. A granule only partly inside the range
+    /// is reported (its part) but keeps its bit and stays open. Parts of
+    /// the range no slot covers are not reported (see [`Traps::uncovered`]).
+    pub fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) {
+        let _g = self.lock.lock();
+        let end = addr.saturating_add(len);
+        for s in self.table.iter() {
+            let lo = s.lo.load(Ordering::Relaxed);
+            let hi = s.hi.load(Ordering::Relaxed);
+            if lo == 0 || hi <= addr || lo >= end {
+                continue;
+            }
+            let (a, b) = (addr.max(lo), end.min(hi));
+            let ro = s.prot.load(Ordering::Relaxed) & !libc::PROT_WRITE;
+            let whole = a == lo && b == hi;
+            let all = if whole {
+                s.all.swap(false, Ordering::AcqRel)
+            } else {
+                s.all.load(Ordering::Acquire)
+            };
+            // A range that cannot be protected again (too many VMAs) stays
+            // open and counts as all written.
+            let protect = |x: usize, y: usize| {
+                if sys::mprotect(x, y - x, ro).is_err() {
+                    s.all.store(true, Ordering::Release);
+                }
+            };
+            if all {
+                if whole {
+                    // Clear every bit before protecting: all is reported.
+                    self.take_bits(s, a, b, &mut |_, _, _| {});
+                    protect(a, b);
+                }
+                out(a, b - a);
+                continue;
+            }
+            self.take_bits(s, a, b, &mut |x, y, taken| {
+                if taken {
+                    protect(x, y);
+                }
+                out(x, y - x);
+            });
+        }
+    }
+
+    /// The parts of `[addr, addr+len)` no slot covers.
+    pub fn uncovered(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) {
+        let end = addr.saturating_add(len);
+        let mut covered: Vec<(usize, usize)> = {
+            let _g = self.lock.lock();
+            self.table
+                .iter()
+                .map(|s| (s.lo.load(Ordering::Relaxed), s.hi.load(Ordering::Relaxed)))
+                .filter(|&(lo, hi)| lo != 0 && lo < end && hi > addr)
+                .collect()
+        };
+        covered.sort_unstable();
+        let mut at = addr;
+        for (lo, hi) in covered {
+            if lo > at {
+                out(at, lo - at);
+            }
+            at = at.max(hi);
+        }
+        if at < end {
+            out(at, end - at);
+        }
+    }
+
+    /// Clears the bits of the granules of slot `s` wholly inside `[a, b)`
+    /// and calls `f(x, y, true)` for each run of them that was set; a set
+    /// granule only partly inside gives `f(x, y, false)` for its part, its
+    /// bit kept.
+    fn take_bits(&self, s: &Slot, a: usize, b: usize, f: &mut dyn FnMut(usize, usize, bool)) {
+        let base = s.base.load(Ordering::Relaxed);
+        let lo = s.lo.load(Ordering::Relaxed);
+        let hi = s.hi.load(Ordering::Relaxed);
+        let bits = s.bits.load(Ordering::Acquire);
+        let words = s.words.load(Ordering::Relaxed);
+        if bits.is_null() {
+            return;
+        }
+        let g = self.granule();
+        // A granule's extent within the slot.
+        let extent = |i: usize| ((base + i * g).max(lo), (base + (i + 1) * g).min(hi));
+        let first = (a - base) >> self.shift;
+        let last = ((b - 1 - base) >> self.shift).min(words * 64 - 1); // inclusive
+        let mut run: Option<(usize, usize)> = None;
+        for w in first / 64..=last / 64 {
+            // SAFETY: w < words, within the slot's bitmap.
+            let word = unsafe { &*bits.add(w) };
+            let lo_bit = if w == first / 64 { first % 64 } else { 0 };
+            let hi_bit = if w == last / 64 { last % 64 + 1 } else { 64 };
+            let mut mask = if hi_bit == 64 {
+                !0u64
+            } else {
+                (1u64 << hi_bit) - 1
+            };
+            mask &= !((1u64 << lo_bit) - 1);
+            let mut set = word.load(Ordering::Acquire) & mask;
+            while set != 0 {
+                let k = set.trailing_zeros() as usize;
+                set &= set - 1;
+                let i = w * 64 + k;
+                let (x, y) = extent(i);
+                if x >= a && y <= b {
+                    word.fetch_and(!(1u64 << k), Ordering::AcqRel);
+                    match &mut run {
+                        Some((_, e)) if *e == x => *e = y,
+                        _ => {
+                            if let Some((p, q)) = run.take() {
+                                f(p, q, true);
+                            }
+                            run = Some((x, y));
+                        }
+                    }
+                } else {
+                    f(x.max(a), y.min(b), false);
+                }
+            }
+        }
+        if let Some((p, q)) = run {
+            f(p, q, true);
+        }
+    }
+
+    /// In a forked child: no other thread holds the lock.
+    ///
+    /// # Safety
+    /// Only in the child, before any other thread exists.
+    pub unsafe fn after_fork_child(&self) {
+        // SAFETY: per the contract.
+        unsafe { self.lock.force_unlock() };
+    }
+}
