@@ -142,6 +142,7 @@ pub fn atfork_prepare() {
         f.shadow.hold_for_fork();
     }
     crate::lazy::hold_for_fork();
+    track::hold_for_fork();
     crate::shadow::data::hold_data_fds_for_fork();
     crate::file::Backing::hold_for_fork();
     crate::shadow::hold_presence_for_fork();
@@ -165,6 +166,7 @@ fn atfork_release() {
         crate::shadow::release_presence_after_fork();
         crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();
+        track::release_after_fork();
         crate::lazy::release_after_fork();
         for f in REG.data_unchecked().files.iter() {
             f.shadow.release_after_fork();

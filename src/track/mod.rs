@@ -183,6 +183,22 @@ pub fn traps_stores() -> bool {
     write_protects_pages() || uffd::traps_in_use()
 }
 
+/// Fork: the write-trap tables (see `lifecycle`).
+pub fn hold_for_fork() {
+    mprotect::PAGES.hold_for_fork();
+    uffd::REGIONS.hold_for_fork();
+}
+
+/// # Safety
+/// After [`hold_for_fork`], in the parent or the child.
+pub unsafe fn release_after_fork() {
+    // SAFETY: per the contract.
+    unsafe {
+        uffd::REGIONS.release_after_fork();
+        mprotect::PAGES.release_after_fork();
+    }
+}
+
 /// Falls back to full compare (a forked child that cannot track).
 pub fn force_compare() {
     CHOSEN.store(USE_COMPARE, Ordering::Relaxed);

@@ -11,7 +11,7 @@ use super::traps::Traps;
 use crate::sys::SysResult;
 
 /// Granule: one page; a set bit is a written page.
-static PAGES: Traps = Traps::new(12);
+pub(super) static PAGES: Traps = Traps::new(12);
 
 pub fn init() -> Result<(), String> {
     crate::sigchain::install_segv_handler(on_segv)?;
@@ -50,8 +50,6 @@ impl super::DirtyTracker for MprotectTracker {
     }
     fn after_fork_child(&self) -> SysResult<()> {
         // Protections, the handler and the table are inherited as they are.
-        // SAFETY: no other thread exists in the child.
-        unsafe { PAGES.after_fork_child() };
         Ok(())
     }
     fn before_kernel_stores(&self, addr: usize, len: usize) {

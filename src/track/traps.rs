@@ -438,12 +438,17 @@ impl Traps {
         }
     }
 
-    /// In a forked child: no other thread holds the lock.
-    ///
+    /// Fork: the table must not be copied half-changed or held by a thread
+    /// the child does not have (the read and mprotect hooks take the lock
+    /// without `REG`).
+    pub fn hold_for_fork(&self) {
+        std::mem::forget(self.lock.lock());
+    }
+
     /// # Safety
-    /// Only in the child, before any other thread exists.
-    pub unsafe fn after_fork_child(&self) {
-        // SAFETY: per the contract.
+    /// After [`Traps::hold_for_fork`], in the parent or the child.
+    pub unsafe fn release_after_fork(&self) {
+        // SAFETY: hold_for_fork took it and forgot the guard.
         unsafe { self.lock.force_unlock() };
     }
 }

@@ -427,7 +427,7 @@ pub fn owned_fds() -> [i32; 2] {
 
 /// Region traps of large mappings ([`super::traps`], 2 MiB granules): a
 /// harvest scans only the regions stored to since the last one.
-static REGIONS: Traps = Traps::new(21);
+pub(super) static REGIONS: Traps = Traps::new(21);
 
 /// `DAXSHIM_TRAP_MIN`: the smallest mapping whose regions are trapped
 /// (`u64::MAX`: none).
@@ -495,8 +495,6 @@ impl super::DirtyTracker for UffdTracker {
     }
     fn after_fork_child(&self) -> SysResult<()> {
         // Region traps, their protections and the handler are inherited.
-        // SAFETY: no other thread exists in the child.
-        unsafe { REGIONS.after_fork_child() };
         reinit_in_child()
     }
     fn untrack(&self, addr: usize, len: usize) {
