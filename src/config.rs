@@ -56,6 +56,10 @@ pub struct Config {
     /// Populate shadows on first access (userfaultfd) instead of copying
     /// the file when it is first mapped.
     pub lazy: bool,
+    /// `DAXSHIM_LAZY=auto`: shared lazy mappings' faults are served in the
+    /// faulting thread where the kernel allows it; `thread`: by the fault
+    /// thread.
+    pub lazy_in_thread: bool,
     /// Clean shadow pages this process filled lazily are evicted beyond
     /// this many bytes (`DAXSHIM_CACHE_MAX`); `None`: no limit.
     pub cache_max: Option<u64>,
@@ -215,10 +219,11 @@ pub fn parse(
         Some(v) => return Err(err("DAXSHIM_WRITEBACK", v, "auto or stores")),
     };
 
-    let lazy = match get("DAXSHIM_LAZY").as_deref() {
-        None | Some("") | Some("auto") => true,
-        Some("off") => false,
-        Some(v) => return Err(err("DAXSHIM_LAZY", v, "auto or off")),
+    let (lazy, lazy_in_thread) = match get("DAXSHIM_LAZY").as_deref() {
+        None | Some("") | Some("auto") => (true, true),
+        Some("thread") => (true, false),
+        Some("off") => (false, false),
+        Some(v) => return Err(err("DAXSHIM_LAZY", v, "auto, thread or off")),
     };
 
     let cache_max =
@@ -293,6 +298,7 @@ pub fn parse(
         flush,
         writeback_stores,
         lazy,
+        lazy_in_thread,
         cache_max,
         trap_min,
         trap_syscalls,
@@ -482,6 +488,8 @@ mod tests {
         let c = parse_map(&[("DAXSHIM_CACHE_MAX", "512M"), ("DAXSHIM_LAZY", "off")]).unwrap();
         assert_eq!(c.cache_max, Some(512 << 20));
         assert!(!c.lazy);
+        let t = parse_map(&[("DAXSHIM_LAZY", "thread")]).unwrap();
+        assert!(t.lazy && !t.lazy_in_thread);
         let d = parse_map(&[]).unwrap();
         assert!(d.lazy && d.cache_max.is_none() && !d.writeback_stores);
         assert_eq!(d.trap_min, Some(DEFAULT_TRAP_MIN));

@@ -34,7 +34,7 @@ pub struct FileState {
     pub inner: Lock<FileInner>,
     /// Chunks of lazy mappings this process may have pages of (see
     /// [`crate::lazy::ChunkBits`]).
-    pub lazy_chunks: Lock<ChunkBits>,
+    pub lazy_chunks: ChunkBits,
     /// Written back and detached ([`FileState::finish`]).
     pub finished: AtomicBool,
     /// A change made outside the shim was seen (logged once).
@@ -236,7 +236,7 @@ impl LazyFile for FileState {
     fn path(&self) -> &str {
         &self.path
     }
-    fn chunks(&self) -> &Lock<ChunkBits> {
+    fn chunks(&self) -> &ChunkBits {
         &self.lazy_chunks
     }
 }

@@ -80,7 +80,7 @@ pub use hooks::io::{
     truncate64, write, writev,
 };
 pub use hooks::map::{madvise, mmap, mmap64, mprotect, mremap, munmap};
-pub use hooks::signal::{sigaction, signal};
+pub use hooks::signal::{pthread_sigmask, sigaction, signal, sigprocmask};
 pub use hooks::stdio::{fdopen, fileno, fileno_unlocked, fopen, fopen64, freopen, freopen64};
 pub use hooks::sync::{fdatasync, fsync, msync, sync, sync_file_range, syncfs};
 pub use hooks::thread::pthread_create;
@@ -151,6 +151,9 @@ extern "C" fn daxshim_init() {
         );
     }
     let flush = persist::flush::select(cfg.flush, persist::flush::detect());
+    track::uffd::set_sigbus_wanted(
+        cfg.lazy && cfg.lazy_in_thread && lazy::sigbus::install_handler(),
+    );
     let tracker = match track::select(cfg.tracker) {
         Ok(b) => b,
         Err(e) => config_error(&format!("DAXSHIM_TRACKER: {e}")),

@@ -138,7 +138,7 @@ pub fn atfork_prepare() {
     let reg = REG.lock();
     for f in reg.files.iter() {
         std::mem::forget(f.inner.lock());
-        std::mem::forget(f.lazy_chunks.lock());
+        f.lazy_chunks.hold_for_fork();
         f.shadow.hold_for_fork();
     }
     crate::lazy::hold_for_fork();
@@ -156,7 +156,7 @@ pub fn atfork_prepare() {
     std::mem::forget(reg);
 }
 
-fn atfork_release() {
+fn atfork_release(child: bool) {
     // SAFETY: atfork_prepare took exactly these locks and forgot the guards.
     unsafe {
         crate::alloc::release_after_fork();
@@ -167,10 +167,10 @@ fn atfork_release() {
         crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();
         track::release_after_fork();
-        crate::lazy::release_after_fork();
+        crate::lazy::release_after_fork(child);
         for f in REG.data_unchecked().files.iter() {
             f.shadow.release_after_fork();
-            f.lazy_chunks.force_unlock();
+            f.lazy_chunks.release_after_fork();
             f.inner.force_unlock();
         }
         REG.force_unlock();
@@ -179,11 +179,12 @@ fn atfork_release() {
 }
 
 pub fn atfork_parent() {
-    atfork_release();
+    atfork_release(false);
 }
 
 pub fn atfork_child() {
-    atfork_release();
+    crate::sys::forget_pid_after_fork();
+    atfork_release(true);
     // The inherited presence is the parent's; the child's slots get its own.
     crate::shadow::forget_presence_after_fork();
     let files: Vec<Arc<FileState>> = REG.lock().files.clone();
@@ -219,8 +220,17 @@ pub fn atfork_child() {
             } else {
                 Err(Errno(libc::ENOTSUP))
             };
+            if m.fill.is_some() && !track::uffd::sigbus_mode() {
+                m.fill = None; // the fault thread serves it now
+            }
+            let in_thread = m.fill.is_some();
             if r.and_then(|()| {
-                track::tracker().register_lazy(m.start, m.len, Stores::tracked_if(m.tracked))
+                track::tracker().register_lazy(
+                    m.start,
+                    m.len,
+                    Stores::tracked_if(m.tracked),
+                    in_thread,
+                )
             })
             .is_ok()
             {
@@ -229,6 +239,7 @@ pub fn atfork_child() {
             // Nobody would fill its holes: fill them all now and track it
             // the ordinary way.
             m.lazy = false;
+            m.fill = None;
             lazy_failed.push(m.file.clone());
         }
         if m.tracked && tracking {
@@ -241,6 +252,7 @@ pub fn atfork_child() {
             }
         }
     }
+    crate::registry::publish_spans(&reg);
     drop(reg);
     for f in lazy_failed {
         let filled = f.backing().map_err(|e| e.to_string()).and_then(|b| {

@@ -25,6 +25,52 @@ pub fn emit(level: LogLevel, msg: std::fmt::Arguments<'_>) {
     crate::sys::write_all_fd(2, line.as_bytes());
 }
 
+/// An error line written from a signal handler: no allocation, no
+/// formatting machinery, one `write` (`msg` is cut to fit).
+pub fn error_in_handler(msg: &str, errno: i32) {
+    if !enabled(LogLevel::Error) {
+        return;
+    }
+    let mut buf = [0u8; 256];
+    let mut n = 0;
+    let mut put = |b: &[u8]| {
+        let k = b.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&b[..k]);
+        n += k;
+    };
+    let mut digits = [0u8; 12];
+    let num = |mut v: u64, d: &mut [u8; 12]| -> usize {
+        let mut i = d.len();
+        loop {
+            i -= 1;
+            d[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                return i;
+            }
+        }
+    };
+    put(b"daxshim[");
+    let i = num(crate::sys::getpid().max(0) as u64, &mut digits);
+    put(&digits[i..]);
+    put(b"]: error: ");
+    put(msg.as_bytes());
+    put(b": ");
+    match errno {
+        libc::ENOSPC => put(b"No space left on device"),
+        libc::ENOMEM => put(b"Cannot allocate memory"),
+        libc::EIO => put(b"Input/output error"),
+        libc::EFAULT => put(b"Bad address"),
+        _ => {
+            put(b"errno ");
+            let i = num(errno.max(0) as u64, &mut digits);
+            put(&digits[i..]);
+        }
+    }
+    put(b"\n");
+    crate::sys::write_all_fd(2, &buf[..n]);
+}
+
 macro_rules! log_at {
     ($lvl:expr, $($arg:tt)*) => {
         if $crate::log::enabled($lvl) {

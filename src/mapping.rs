@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 pub const MAP_DAX: c_int = 0x0100_0000;
 const MAP_TYPE: c_int = 0x0f;
 
-const MADV_POPULATE_READ: c_int = 22;
+pub const MADV_POPULATE_READ: c_int = 22;
 
 pub const MADV_POPULATE_WRITE: c_int = 23;
 
@@ -230,15 +230,26 @@ pub fn mmap_impl(
         drop(released);
     }
     let mut tracked = false;
+    // A shared lazy mapping's faults are served in the faulting thread
+    // where the userfaultfd runs in SIGBUS mode; it needs views of the
+    // backing and bases for that (else the fault thread serves it).
+    let mut fill = None;
+    if lazy && track::uffd::serves_in_thread(shared) {
+        fill = fill_views(&file, off as u64 + maplen as u64);
+    }
     if lazy {
         match watch_lazy(
             &file,
             p as usize,
             maplen,
             Stores::tracked_if(shared && writable_fd),
+            fill.is_some(),
         ) {
             Ok(true) => tracked = shared && writable_fd,
-            Ok(false) => lazy = false,
+            Ok(false) => {
+                lazy = false;
+                fill = None;
+            }
             Err(e) => {
                 // Unregistered holes would read as zeros: the file's own
                 // mapping is the only other answer now.
@@ -293,18 +304,25 @@ pub fn mmap_impl(
                 shared,
                 tracked,
                 lazy,
+                fill,
                 prot,
             },
         );
     }
     if flags & libc::MAP_POPULATE != 0 {
-        // Lazy: populate through the fault thread.
-        let advice = if lazy {
-            MADV_POPULATE_READ
+        // Lazy: populate through the fault thread, or by touching every
+        // page where faults are served in this thread (the kernel's own
+        // population would fail with EFAULT there).
+        if crate::lazy::sigbus::serves(p as usize) {
+            crate::lazy::sigbus::touch(p as usize, maplen);
         } else {
-            libc::MADV_WILLNEED
-        };
-        let _ = sys::madvise(p as usize, maplen, advice);
+            let advice = if lazy {
+                MADV_POPULATE_READ
+            } else {
+                libc::MADV_WILLNEED
+            };
+            let _ = sys::madvise(p as usize, maplen, advice);
+        }
     }
     add(&STATS.mappings_shadowed, 1);
     debug!(
@@ -315,6 +333,20 @@ pub fn mmap_impl(
     Ok(p)
 }
 
+/// What the SIGBUS handler needs to fill a lazy mapping of `file` up to file
+/// offset `end` (None: the fault thread serves it).
+fn fill_views(
+    file: &std::sync::Arc<crate::file::FileState>,
+    end: u64,
+) -> Option<crate::lazy::sigbus::FillRef> {
+    let f: std::sync::Arc<dyn crate::lazy::LazyFile> = file.clone();
+    file.backing()
+        .and_then(|b| crate::lazy::sigbus::FillView::new(f, b.raw(), end))
+        .map(|v| crate::lazy::sigbus::FillRef::new(std::sync::Arc::new(v)))
+        .map_err(|e| debug!("{}: the fault thread serves this mapping ({e})", file.path))
+        .ok()
+}
+
 /// Registers a lazy shadow mapping with the fault thread's userfaultfd. If
 /// the kernel refuses, fills the shadow's holes instead: `Ok(false)`, an
 /// ordinary shadow mapping now. `Err`: the shadow could not be filled.
@@ -323,8 +355,9 @@ fn watch_lazy(
     addr: usize,
     len: usize,
     stores: Stores,
+    in_thread: bool,
 ) -> Result<bool, Failure> {
-    match track::tracker().register_lazy(addr, len, stores) {
+    match track::tracker().register_lazy(addr, len, stores, in_thread) {
         Ok(()) => Ok(true),
         Err(e) => {
             warn!(
@@ -394,6 +427,7 @@ pub fn mremap_impl(
                 m.tracked,
                 m.lazy,
                 m.prot,
+                m.fill.clone(),
             )
         });
     let p = real()?;
@@ -403,7 +437,7 @@ pub fn mremap_impl(
     // A trapped range moves with its read-only regions: the new range must
     // be trapped too, whatever its size.
     let trapped = track::tracker().trapped_prot(o);
-    if let Some((file, off, shared, tracked, lazy, prot)) = &src {
+    if let Some((file, off, shared, tracked, lazy, prot, src_fill)) = &src {
         // Hold a reference across the move so the file stays attached.
         file.inner.lock().map_refs += 1;
         SHADOW_MAPS.fetch_add(1, Ordering::Relaxed);
@@ -421,13 +455,33 @@ pub fn mremap_impl(
         }
         let mut tracked = *tracked;
         let mut lazy = *lazy;
+        // Served in this thread before: views covering the new range (one
+        // grown in place stays registered where it was, so it keeps the old
+        // views if new ones cannot be had: a fill past them fails).
+        let mut fill = None;
+        if lazy && src_fill.is_some() && track::uffd::sigbus_mode() {
+            fill = fill_views(file, *off + new_span as u64);
+            if fill.is_none() && n == o {
+                fill = src_fill.clone();
+            }
+        }
         if lazy && n != o {
             // A moved range lost its registration (one grown in place keeps
             // it; lazy ranges are never armed ahead).
-            lazy = watch_lazy(file, n, new_span, Stores::tracked_if(tracked)).unwrap_or_else(|e| {
+            lazy = watch_lazy(
+                file,
+                n,
+                new_span,
+                Stores::tracked_if(tracked),
+                fill.is_some(),
+            )
+            .unwrap_or_else(|e| {
                 error!("{}: {e}", file.path);
                 false
             });
+        }
+        if !lazy {
+            fill = None;
         }
         if !lazy && tracked {
             // The mprotect tracker's state for the old range went with it
@@ -469,6 +523,7 @@ pub fn mremap_impl(
                 shared: *shared,
                 tracked,
                 lazy,
+                fill,
                 prot: *prot,
             },
         );

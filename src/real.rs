@@ -76,6 +76,10 @@ real_fns! {
         => { let _ = (sig, act, old); *__errno_location() = ENOSYS; -1 };
     fn signal(sig: c_int, handler: sighandler_t) -> sighandler_t
         => { let _ = (sig, handler); *__errno_location() = ENOSYS; SIG_ERR };
+    fn sigprocmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int
+        => sc(SYS_rt_sigprocmask, how, set, old, 8usize) as c_int;
+    fn pthread_sigmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int
+        => if sc(SYS_rt_sigprocmask, how, set, old, 8usize) < 0 { *__errno_location() } else { 0 };
     fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int => sc(SYS_madvise, addr, len, advice) as c_int;
     fn fsync(fd: c_int) -> c_int => sc(SYS_fsync, fd) as c_int;
     fn fdatasync(fd: c_int) -> c_int => sc(SYS_fdatasync, fd) as c_int;

@@ -28,8 +28,11 @@ pub struct Mapping {
     pub off: u64,
     pub shared: bool,
     pub tracked: bool,
-    /// Missing pages are filled by the fault thread ([`crate::lazy`]).
+    /// Missing pages are filled on first access ([`crate::lazy`]).
     pub lazy: bool,
+    /// Served in the faulting thread ([`crate::lazy::sigbus`]): what the
+    /// SIGBUS handler reads (None: the fault thread serves it).
+    pub fill: Option<crate::lazy::sigbus::FillRef>,
     /// Protection asked for at mmap (to map the backing in its place at exit).
     pub prot: i32,
 }
@@ -62,8 +65,17 @@ const SPAN0: AtomicUsize = AtomicUsize::new(0);
 static SPANS: [AtomicUsize; 2 * SPAN_SLOTS] = [SPAN0; 2 * SPAN_SLOTS];
 
 /// Publishes the registry's mapping ranges (called with `REG` held after
-/// every change to `maps`).
+/// every change to `maps`), and the lazy mappings the SIGBUS handler serves.
 pub fn publish_spans(reg: &Registry) {
+    crate::lazy::sigbus::publish(reg.maps.values().filter_map(|m| {
+        m.fill.as_ref().map(|view| crate::lazy::sigbus::Published {
+            start: m.start,
+            len: m.len,
+            off: m.off,
+            tracked: m.tracked,
+            view,
+        })
+    }));
     SPAN_SEQ.fetch_add(1, Ordering::AcqRel);
     let n = reg.maps.len();
     for (i, m) in reg.maps.values().take(SPAN_SLOTS).enumerate() {
@@ -152,7 +164,7 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Fail
             fd_refs: 0,
             map_refs: 0,
         }),
-        lazy_chunks: Lock::new(Default::default()),
+        lazy_chunks: Default::default(),
         finished: AtomicBool::new(false),
         foreign_seen: AtomicBool::new(false),
     });
@@ -238,7 +250,7 @@ pub fn harvest_mapping(m: &Mapping, addr: usize, end: usize, out: &mut RangeSet)
     let chunk = crate::lazy::CHUNK;
     let fo = |va: usize| m.off + (va - m.start) as u64;
     let va = |fo: u64| m.start + (fo - m.off) as usize;
-    let bits = m.file.lazy_chunks.lock();
+    let bits = &m.file.lazy_chunks;
     for (a, b) in hot {
         let (lo, hi) = (fo(a), fo(b));
         bits.runs(lo / chunk, hi.div_ceil(chunk), &mut |c0, c1| {
@@ -298,6 +310,7 @@ pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<File
                     shared: m.shared,
                     tracked: m.tracked,
                     lazy: m.lazy,
+                    fill: m.fill.clone(),
                     prot: m.prot,
                 },
             );
@@ -314,6 +327,7 @@ pub fn forget_range(reg: &mut Registry, addr: usize, len: usize) -> Vec<Arc<File
                     shared: m.shared,
                     tracked: m.tracked,
                     lazy: m.lazy,
+                    fill: m.fill.clone(),
                     prot: m.prot,
                 },
             );
@@ -374,6 +388,18 @@ impl Host for LazyHost {
                 off: m.off,
                 tracked: m.tracked,
             })
+    }
+
+    fn lazy_files(&self) -> Vec<Arc<dyn LazyFile>> {
+        let reg = REG.lock();
+        let mut out: Vec<Arc<dyn LazyFile>> = Vec::new();
+        for m in reg.maps.values().filter(|m| m.lazy) {
+            let f: Arc<dyn LazyFile> = m.file.clone();
+            if !out.iter().any(|o| Arc::ptr_eq(o, &f)) {
+                out.push(f);
+            }
+        }
+        out
     }
 
     fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<bool> {

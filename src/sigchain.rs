@@ -9,8 +9,9 @@
 //!    queues it to itself again when it leaves the shim, so the kernel
 //!    delivers it then. Outside the shim the trampoline calls the handler. No system call on the hook
 //!    path (blocking signals around every hook cost two).
-//! 2. **SIGSEGV for the mprotect tracker**: its handler stays installed; the
-//!    program's action runs for every fault that is not a tracked store.
+//! 2. **SIGSEGV for write traps, SIGBUS for lazy faults**: the shim's
+//!    handlers stay installed; the program's action runs for every fault
+//!    that is not the shim's (a trapped first store, a lazy page to fill).
 //!
 //! The program sees its own actions through `sigaction`/`signal`
 //! ([`sigaction_impl`], called by the exported hooks).
@@ -251,37 +252,59 @@ fn install_kernel_action(sig: c_int, act: &libc::sigaction) -> Result<(), Errno>
     Ok(())
 }
 
-// ---- SIGSEGV and the mprotect tracker -------------------------------------
+// ---- SIGSEGV (write traps) and SIGBUS (lazy faults in the faulting thread)
 
-/// The tracker's test: true if the fault was a tracked first store.
-static OURS: AtomicUsize = AtomicUsize::new(0);
+/// The shim's tests, per fault signal: true if the fault was the shim's
+/// (a trapped first store; a lazy page now filled).
+static OURS_SEGV: AtomicUsize = AtomicUsize::new(0);
+static OURS_BUS: AtomicUsize = AtomicUsize::new(0);
 
-/// Installs the shim's SIGSEGV handler; what was installed becomes the
-/// program's action.
-pub fn install_segv_handler(ours: fn(&libc::siginfo_t) -> bool) -> Result<(), String> {
+fn ours_slot(sig: c_int) -> Option<&'static AtomicUsize> {
+    match sig {
+        libc::SIGSEGV => Some(&OURS_SEGV),
+        libc::SIGBUS => Some(&OURS_BUS),
+        _ => None,
+    }
+}
+
+/// Installs the shim's handler for a fault signal (SIGSEGV or SIGBUS);
+/// what was installed becomes the program's action.
+pub fn install_fault_handler(sig: c_int, ours: fn(&libc::siginfo_t) -> bool) -> Result<(), String> {
+    let Some(slot) = ours_slot(sig) else {
+        return Err(format!("signal {sig} is not a fault signal"));
+    };
     let mut act = default_action();
-    act.sa_sigaction = segv_trampoline as *const () as usize;
-    act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER | libc::SA_RESTART;
+    act.sa_sigaction = fault_trampoline as *const () as usize;
+    // SIGSEGV may be a stack overflow: the program's alternate stack, if
+    // it has one. A lazy fill (SIGBUS) needs more stack than an alternate
+    // stack is sized for, and the faulting thread's own is fine.
+    let onstack = if sig == libc::SIGSEGV {
+        libc::SA_ONSTACK
+    } else {
+        0
+    };
+    act.sa_flags = libc::SA_SIGINFO | onstack | libc::SA_NODEFER | libc::SA_RESTART;
     let mut old = default_action();
     // SAFETY: valid sigaction structs.
-    let r = unsafe { real::sigaction(libc::SIGSEGV, &act, &mut old) };
+    let r = unsafe { real::sigaction(sig, &act, &mut old) };
     if r != 0 {
         return Err(format!(
-            "cannot install the SIGSEGV handler: {}",
+            "cannot install the handler of signal {sig}: {}",
             Errno(sys::get_errno())
         ));
     }
-    set_program_action(libc::SIGSEGV as usize, &old);
-    OURS.store(ours as *const () as usize, Ordering::Release);
+    set_program_action(sig as usize, &old);
+    slot.store(ours as *const () as usize, Ordering::Release);
     Ok(())
 }
 
-fn tracking_segv() -> bool {
-    OURS.load(Ordering::Acquire) != 0
+/// Does the shim's handler stand in front of this fault signal?
+pub fn owns_fault(sig: c_int) -> bool {
+    ours_slot(sig).is_some_and(|s| s.load(Ordering::Acquire) != 0)
 }
 
-extern "C" fn segv_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let ours = OURS.load(Ordering::Acquire);
+extern "C" fn fault_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    let ours = ours_slot(sig).map_or(0, |s| s.load(Ordering::Acquire));
     if ours != 0 && !info.is_null() {
         // SAFETY: stored from a `fn(&siginfo_t) -> bool` in install.
         let f: fn(&libc::siginfo_t) -> bool = unsafe { std::mem::transmute(ours) };
@@ -294,7 +317,7 @@ extern "C" fn segv_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut 
     if !is_handler(act.sa_sigaction) {
         // Put the default back and return: the instruction faults again
         // and the kernel's default action (core dump) follows, as without
-        // the shim. (A fault's SIGSEGV cannot be ignored.)
+        // the shim. (A fault's signal cannot be ignored.)
         let dfl = default_action();
         // SAFETY: valid sigaction; async-signal-safe.
         unsafe { real::sigaction(sig, &dfl, std::ptr::null_mut()) };
@@ -307,9 +330,7 @@ extern "C" fn segv_trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut 
 
 /// Does the shim stand in front of the program's action for `sig`?
 pub fn interposed(sig: c_int) -> bool {
-    (sig == libc::SIGSEGV && tracking_segv())
-        || (sig == libc::SIGSYS && sigsys_owned())
-        || deferrable(sig)
+    owns_fault(sig) || (sig == libc::SIGSYS && sigsys_owned()) || deferrable(sig)
 }
 
 /// Runs the program's action for a signal the shim's own handler took but
@@ -339,8 +360,7 @@ pub fn sigaction_impl(
     if !act.is_null() {
         // SAFETY: the caller's action.
         let a = unsafe { *act };
-        let shim_owned =
-            (sig == libc::SIGSEGV && tracking_segv()) || (sig == libc::SIGSYS && sigsys_owned());
+        let shim_owned = owns_fault(sig) || (sig == libc::SIGSYS && sigsys_owned());
         if !shim_owned {
             install_kernel_action(sig, &a)?;
         }

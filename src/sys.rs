@@ -492,6 +492,58 @@ pub fn userfaultfd(flags: i32) -> SysResult<OwnedFd> {
     sc!(libc::SYS_userfaultfd, flags).map(|n| unsafe { OwnedFd::from_raw_fd(n as i32) })
 }
 
+static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// This process's id, asked once (and again after fork: the cache holds
+/// the pid it was asked in, checked against nothing but cleared by
+/// [`forget_pid_after_fork`]).
+fn cached_pid() -> i32 {
+    let p = PID.load(std::sync::atomic::Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    let p = getpid();
+    PID.store(p, std::sync::atomic::Ordering::Relaxed);
+    p
+}
+
+/// In a forked child.
+pub fn forget_pid_after_fork() {
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Copies memory of this process from `remote` into `local` through the
+/// kernel: an unreadable source (a file mapping past its file's end) gives
+/// a short count or `EFAULT` instead of a fault. Async-signal-safe.
+pub fn process_vm_readv_self(local: &libc::iovec, remote: &libc::iovec) -> SysResult<usize> {
+    sc!(
+        libc::SYS_process_vm_readv,
+        cached_pid(),
+        local as *const libc::iovec,
+        1usize,
+        remote as *const libc::iovec,
+        1usize,
+        0usize
+    )
+    .map(|n| n as usize)
+}
+
+/// Copies `local` into memory of this process at `remote` through the
+/// kernel (an unwritable target gives `EFAULT`, not a fault).
+/// Async-signal-safe.
+pub fn process_vm_writev_self(local: &libc::iovec, remote: &libc::iovec) -> SysResult<usize> {
+    sc!(
+        libc::SYS_process_vm_writev,
+        cached_pid(),
+        local as *const libc::iovec,
+        1usize,
+        remote as *const libc::iovec,
+        1usize,
+        0usize
+    )
+    .map(|n| n as usize)
+}
+
 /// Page-cache residency of `[addr, addr+len)` (one byte per page).
 pub fn mincore(addr: usize, len: usize, vec: &mut [u8]) -> SysResult<()> {
     debug_assert!(vec.len() >= len.div_ceil(PAGE));
@@ -504,24 +556,73 @@ pub fn fallocate(fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
 
 /// Waits until `fd` is readable (EINTR retried).
 pub fn poll_in(fd: i32) -> SysResult<()> {
-    let mut p = libc::pollfd {
+    poll_in2(fd, -1).map(|_| ())
+}
+
+/// Waits until `a` or `b` (ignored if negative) is readable (EINTR
+/// retried); returns which: `[a ready, b ready]`.
+pub fn poll_in2(a: i32, b: i32) -> SysResult<[bool; 2]> {
+    let mut p = [a, b].map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
-    };
+    });
     loop {
-        match sc!(
-            libc::SYS_ppoll,
-            &mut p as *mut libc::pollfd,
-            1,
-            0usize,
-            0usize,
-            8usize
-        ) {
+        match sc!(libc::SYS_ppoll, p.as_mut_ptr(), 2, 0usize, 0usize, 8usize) {
             Err(Errno(libc::EINTR)) => continue,
-            r => return r.map(|_| ()),
+            Err(e) => return Err(e),
+            Ok(_) => {
+                let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+                if p[0].revents & bad != 0 {
+                    return Err(Errno(libc::EBADF));
+                }
+                return Ok([p[0].revents != 0, p[1].revents & libc::POLLIN != 0]);
+            }
         }
     }
+}
+
+/// Waits while `word` holds `val`, at most `ms` milliseconds (a private
+/// futex; async-signal-safe).
+pub fn futex_wait_ms(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    };
+    let _ = sc!(
+        libc::SYS_futex,
+        word.as_ptr(),
+        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+        val,
+        &ts as *const libc::timespec
+    );
+}
+
+/// Wakes every waiter on `word`.
+pub fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+    let _ = sc!(
+        libc::SYS_futex,
+        word.as_ptr(),
+        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+        i32::MAX
+    );
+}
+
+/// A non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> SysResult<OwnedFd> {
+    // SAFETY: a descriptor the kernel just opened for us alone.
+    sc!(
+        libc::SYS_eventfd2,
+        0,
+        libc::EFD_NONBLOCK | libc::EFD_CLOEXEC
+    )
+    .map(|n| unsafe { OwnedFd::from_raw_fd(n as i32) })
+}
+
+/// Adds 1 to an eventfd (async-signal-safe).
+pub fn eventfd_signal(fd: i32) {
+    let one = 1u64;
+    let _ = sc!(libc::SYS_write, fd, &one as *const u64, 8usize);
 }
 
 pub fn read(fd: i32, buf: &mut [u8]) -> SysResult<usize> {

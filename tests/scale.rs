@@ -115,3 +115,33 @@ print(6, outside([10 * R + 7]))
     let dirtied = w.stat_sum("pages_dirtied");
     assert!(dirtied <= 32, "{dirtied} pages reported dirty");
 }
+
+// A thread that blocks every signal (a common idiom for worker threads)
+// still gets lazy pages filled and regions trapped: the shim keeps SIGBUS
+// and SIGSEGV out of the masks the program sets (a fault's signal that is
+// blocked kills the process).
+#[test]
+fn a_thread_blocking_every_signal_still_fills_and_stores() {
+    let w = World::new("scale-masked").env("DAXSHIM_TRAP_MIN", "32M");
+    let script = r#"
+import signal, threading
+fd = os.open(f, os.O_RDWR)
+n = os.fstat(fd).st_size
+for k in range(0, n, R):
+    os.pwrite(fd, b"data-%08d" % k, k + 64)
+m = mmap.mmap(fd, n)
+m.flush()  # protects every region
+out = []
+def worker():
+    signal.pthread_sigmask(signal.SIG_BLOCK, range(1, signal.NSIG))
+    for k in range(0, n, R):
+        out.append(m[k + 64:k + 77])
+        m[k + 200:k + 208] = b"worker!!"
+    m.flush()
+t = threading.Thread(target=worker); t.start(); t.join()
+print(out[0], out[-1], len(out))
+print(outside([R + 200, n - R + 200]))
+"#;
+    let out = both(&w, 64 << 20, script);
+    assert!(out.contains("776f726b65722121"), "{out}"); // "worker!!"
+}

@@ -38,6 +38,15 @@ macro_rules! io_hook {
         pub unsafe extern "C" fn $name($fd: c_int $(, $a: $t)*) -> ssize_t {
             // SAFETY: forwarded with the caller's own arguments (C ABI contract).
             let kernel = || unsafe { $kernel };
+            if crate::lazy::sigbus::active() {
+                // Pages of lazy mappings the kernel would read or store
+                // into must be filled first (it cannot wait for a fill).
+                // SAFETY: as below.
+                #[allow(unused_unsafe)]
+                for v in unsafe { $iov } {
+                    crate::lazy::sigbus::touch(v.iov_base as usize, v.iov_len);
+                }
+            }
             if stringify!($imp) == "read_impl" && crate::track::traps_stores() {
                 // SAFETY: as below.
                 #[allow(unused_unsafe)]

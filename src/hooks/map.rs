@@ -10,7 +10,7 @@ use libc::{c_int, c_void, off64_t, size_t};
 pub use crate::mapping::MAP_DAX;
 use crate::mapping::{
     drops_ptes, harvest_before_replace, mmap_impl, mremap_impl, munmap_impl, no_shadow_maps,
-    remove_impl, MADV_POPULATE_WRITE,
+    remove_impl, MADV_POPULATE_READ, MADV_POPULATE_WRITE,
 };
 
 fn map_ret(g: &crate::reentry::Entered, r: Result<*mut c_void, Errno>) -> *mut c_void {
@@ -97,6 +97,12 @@ pub unsafe extern "C" fn mremap(
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
     let real = || unsafe { real::madvise(addr, len, advice) };
+    if (advice == MADV_POPULATE_WRITE || advice == MADV_POPULATE_READ)
+        && crate::lazy::sigbus::active()
+    {
+        // The kernel cannot wait for a fill served in the faulting thread.
+        crate::lazy::sigbus::touch(addr as usize, len);
+    }
     if advice == MADV_POPULATE_WRITE && track::traps_stores() {
         // Write-protected clean pages would make the kernel refuse (EINVAL)
         // what it grants on the program's own protection: open them, as a

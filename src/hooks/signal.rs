@@ -51,3 +51,54 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: sighandler_t) -> sighandler
         }
     }
 }
+
+/// The set the kernel gets for a mask the program sets: without the fault
+/// signals the shim serves (SIGBUS for lazy fills in the faulting thread,
+/// SIGSEGV for write traps) — a fault's signal that is blocked kills the
+/// process. `None`: `set` as it is.
+fn without_fault_signals(how: c_int, set: *const libc::sigset_t) -> Option<libc::sigset_t> {
+    if set.is_null() || how == libc::SIG_UNBLOCK || !READY.load(Ordering::Acquire) {
+        return None;
+    }
+    let owned = [libc::SIGBUS, libc::SIGSEGV].map(crate::sigchain::owns_fault);
+    if !owned.contains(&true) {
+        return None;
+    }
+    // SAFETY: the caller's valid set.
+    let mut s = unsafe { *set };
+    for (sig, own) in [libc::SIGBUS, libc::SIGSEGV].into_iter().zip(owned) {
+        if own {
+            // SAFETY: a valid set.
+            unsafe { libc::sigdelset(&mut s, sig) };
+        }
+    }
+    Some(s)
+}
+
+/// # Safety
+/// C ABI, contract of sigprocmask(2).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn sigprocmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    let fixed = without_fault_signals(how, set);
+    let set = fixed.as_ref().map_or(set, |s| s as *const _);
+    // SAFETY: forwarded with the caller's arguments (a copy of its set).
+    unsafe { real::sigprocmask(how, set, old) }
+}
+
+/// # Safety
+/// C ABI, contract of pthread_sigmask(3).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pthread_sigmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    let fixed = without_fault_signals(how, set);
+    let set = fixed.as_ref().map_or(set, |s| s as *const _);
+    // SAFETY: forwarded with the caller's arguments (a copy of its set).
+    unsafe { real::pthread_sigmask(how, set, old) }
+}

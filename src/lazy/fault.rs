@@ -13,7 +13,9 @@ static SERVED_FD: AtomicI32 = AtomicI32::new(-1);
 
 static START: Lock<()> = Lock::new(());
 
-/// Starts the fault thread for the current userfaultfd unless it runs.
+/// Starts the fault thread for the current userfaultfd unless it runs. It
+/// serves the message-mode userfaultfd and evicts when woken
+/// ([`super::evict`]).
 pub fn start() -> Result<(), String> {
     let fd = uffd::fd();
     if SERVED_FD.load(Ordering::Acquire) == fd {
@@ -23,21 +25,38 @@ pub fn start() -> Result<(), String> {
     if SERVED_FD.load(Ordering::Acquire) == fd {
         return Ok(());
     }
+    let wake = sys::eventfd()
+        .map(sys::hold)
+        .map_err(|e| format!("cannot start the fault thread: {e}"))?;
+    let wake_fd = std::os::fd::IntoRawFd::into_raw_fd(wake);
     sys::spawn(
         c"daxshim-fault",
         256 << 10,
-        Box::new(move || fault_thread(fd)),
+        Box::new(move || fault_thread(fd, wake_fd)),
     )
     .map_err(|e| format!("cannot start the fault thread: {e}"))?;
+    let old = super::evict::WAKE_FD.swap(wake_fd, Ordering::AcqRel);
+    close_held(old);
     SERVED_FD.store(fd, Ordering::Release);
     Ok(())
 }
 
-/// In a forked child: the parent's thread does not exist here.
+/// In a forked child: the parent's thread does not exist here (its wake-up
+/// descriptor is the parent's too).
 pub fn forget_thread_after_fork() {
     SERVED_FD.store(-1, Ordering::Release);
+    let old = super::evict::WAKE_FD.swap(-1, Ordering::AcqRel);
+    close_held(old);
     // SAFETY: the only other holder would be a thread of the parent.
     unsafe { START.force_unlock() };
+}
+
+fn close_held(fd: i32) {
+    if fd >= 0 {
+        sys::unhold(fd);
+        // SAFETY: a descriptor this module opened and owns alone.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
 }
 
 /// The first fill of a random access (measured, docs/ARCHITECTURE.md: ~10 µs per 4 KiB fault
@@ -49,13 +68,23 @@ const MIN_WINDOW: u64 = 16 << 10;
 /// the kernel's readahead).
 const MAX_WINDOW: u64 = 32 * CHUNK;
 
-fn fault_thread(fd: i32) {
+fn fault_thread(fd: i32, wake_fd: i32) {
     // Signals are for the program's threads; hooks pass straight through.
     let _signals = sys::SignalBlock::all();
     let _inside = crate::reentry::enter_always();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut seq = Sequence::default();
-    let r = uffd::serve_faults(fd, &mut |f| on_fault(f, &mut seq, &mut buf));
+    let on_wake = &mut || {
+        let mut b = [0u8; 8];
+        let _ = sys::read(wake_fd, &mut b);
+        super::evict::evict_over_limit();
+    };
+    let r = uffd::serve_faults(
+        fd,
+        wake_fd,
+        &mut |f| on_fault(f, &mut seq, &mut buf),
+        on_wake,
+    );
     if let Err(e) = r {
         if SERVED_FD.load(Ordering::Acquire) == fd {
             error!("the fault thread stopped: {e}");
@@ -122,11 +151,10 @@ fn on_fault(fault: uffd::Fault, seq: &mut Sequence, buf: &mut [u8]) {
             return;
         }
     };
-    {
-        let mut bits = file.chunks().lock();
-        for c in chunk0 / CHUNK..c1.div_ceil(CHUNK) {
-            bits.set(c);
-        }
+    let bits = file.chunks();
+    bits.grow(c1.div_ceil(CHUNK));
+    for c in chunk0 / CHUNK..c1.div_ceil(CHUNK) {
+        bits.set(c);
     }
     let va = start + (c0 - off) as usize;
     let n = (c1 - c0) as usize;
@@ -153,10 +181,8 @@ fn on_fault(fault: uffd::Fault, seq: &mut Sequence, buf: &mut [u8]) {
     seq.next_va = va + n;
     seq.window = window;
     if filled > 0 {
-        let mut c = chunk0;
-        while c < c1 {
-            super::evict::account(&file, c / CHUNK, (c + CHUNK).min(c1) - c.max(c0));
-            c += CHUNK;
-        }
+        // This thread is the evictor: evict now rather than wait for itself.
+        super::evict::note_filled(filled, false);
+        super::evict::evict_over_limit();
     }
 }

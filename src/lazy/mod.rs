@@ -25,10 +25,12 @@
 
 pub mod evict;
 pub mod fault;
+pub mod sigbus;
 
 use crate::lock::Lock;
 use crate::shadow::Shadow;
 use crate::sys::SysResult;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use fault::{forget_thread_after_fork, start};
@@ -43,7 +45,7 @@ pub trait LazyFile: Send + Sync {
     fn backing(&self) -> crate::sys::SysResult<crate::fdcache::SharedFd>;
     fn path(&self) -> &str;
     /// The chunks of the file whose pages this process may have mapped.
-    fn chunks(&self) -> &Lock<ChunkBits>;
+    fn chunks(&self) -> &ChunkBits;
 }
 
 /// A lazy mapping that holds a faulting address.
@@ -66,6 +68,8 @@ pub trait Host: Sync {
     /// and only while this process is alone on the shadow, punches the
     /// clean pages out of the data file. True if nothing of it is left.
     fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<bool>;
+    /// The files this process has lazy mappings of.
+    fn lazy_files(&self) -> Vec<Arc<dyn LazyFile>>;
 }
 
 static HOST: OnceLock<&'static dyn Host> = OnceLock::new();
@@ -76,17 +80,21 @@ pub fn init(host: &'static dyn Host, cache_max: Option<u64>) {
     evict::set_limit(cache_max);
 }
 
-/// Fork: the list of filled chunks must not be copied held by a thread the
-/// child does not have.
+/// Fork: the eviction hand and the retired fill views must not be copied
+/// held by a thread the child does not have.
 pub fn hold_for_fork() {
     evict::hold_for_fork();
+    sigbus::hold_for_fork();
 }
 
 /// # Safety
-/// After [`hold_for_fork`], in the parent or the child.
-pub unsafe fn release_after_fork() {
+/// After [`hold_for_fork`], in the parent or (`child`) the child.
+pub unsafe fn release_after_fork(child: bool) {
     // SAFETY: per the contract.
-    unsafe { evict::release_after_fork() };
+    unsafe {
+        sigbus::release_after_fork(child);
+        evict::release_after_fork();
+    }
 }
 
 fn host() -> Option<&'static dyn Host> {
@@ -95,40 +103,120 @@ fn host() -> Option<&'static dyn Host> {
 
 /// One bit per chunk of a file: the chunks whose pages this process may
 /// have mapped. A harvest scans only these, so its cost follows what was
-/// touched, not the size of the mapping.
-#[derive(Default)]
+/// touched, not the size of the mapping. Lock-free to set and clear (the
+/// SIGBUS handler sets bits, [`sigbus`]); growing takes a lock and keeps the
+/// old bitmap until the file is dropped, and a bit set in an old bitmap is
+/// set again in the new one.
 pub struct ChunkBits {
-    words: Vec<u64>,
+    cur: AtomicPtr<Words>,
+    /// A bit beyond the bitmap was set: every chunk counts as set.
+    overflow: AtomicBool,
+    /// Bitmaps replaced by a larger one (boxed: a reader may still hold a
+    /// pointer to one).
+    #[allow(clippy::vec_box)]
+    retired: Lock<Vec<Box<Words>>>,
+}
+
+struct Words(Box<[AtomicU64]>);
+
+impl Default for ChunkBits {
+    fn default() -> ChunkBits {
+        ChunkBits {
+            cur: AtomicPtr::new(std::ptr::null_mut()),
+            overflow: AtomicBool::new(false),
+            retired: Lock::new(Vec::new()),
+        }
+    }
 }
 
 impl ChunkBits {
-    pub fn set(&mut self, i: u64) {
-        let w = (i / 64) as usize;
-        if w >= self.words.len() {
-            self.words.resize(w + 1, 0);
-        }
-        self.words[w] |= 1 << (i % 64);
+    fn words(&self) -> Option<&Words> {
+        let p = self.cur.load(Ordering::Acquire);
+        // SAFETY: published by `grow`, never freed while `self` lives
+        // (replaced ones are retired).
+        (!p.is_null()).then(|| unsafe { &*p })
     }
 
-    pub fn clear(&mut self, i: u64) {
-        if let Some(w) = self.words.get_mut((i / 64) as usize) {
-            *w &= !(1 << (i % 64));
+    /// Makes room for `chunks` bits (not from a signal handler).
+    pub fn grow(&self, chunks: u64) {
+        let need = (chunks as usize).div_ceil(64);
+        let have = |b: &ChunkBits| b.words().map_or(0, |w| w.0.len());
+        if need <= have(self) {
+            return;
+        }
+        let mut retired = self.retired.lock();
+        let old_n = have(self);
+        if need <= old_n {
+            return;
+        }
+        let n = need.max(old_n * 2);
+        let new: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
+        if let Some(old) = self.words() {
+            for (w, o) in new.iter().zip(old.0.iter()) {
+                w.store(o.load(Ordering::Acquire), Ordering::Relaxed);
+            }
+        }
+        let old = self
+            .cur
+            .swap(Box::into_raw(Box::new(Words(new))), Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: allocated by Box::into_raw above (an earlier call).
+            retired.push(unsafe { Box::from_raw(old) });
+        }
+    }
+
+    pub fn set(&self, i: u64) {
+        let w = (i / 64) as usize;
+        loop {
+            let Some(words) = self.words() else {
+                self.overflow.store(true, Ordering::Release);
+                return;
+            };
+            let Some(word) = words.0.get(w) else {
+                self.overflow.store(true, Ordering::Release);
+                return;
+            };
+            word.fetch_or(1 << (i % 64), Ordering::AcqRel);
+            // Grown meanwhile: the copy may have missed it; set it again.
+            if std::ptr::eq(self.cur.load(Ordering::Acquire), words) {
+                return;
+            }
+        }
+    }
+
+    fn word(&self, w: usize) -> u64 {
+        self.words()
+            .and_then(|x| x.0.get(w))
+            .map_or(0, |x| x.load(Ordering::Acquire))
+    }
+
+    pub fn clear(&self, i: u64) {
+        if let Some(word) = self.words().and_then(|x| x.0.get((i / 64) as usize)) {
+            word.fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
         }
     }
 
     pub fn get(&self, i: u64) -> bool {
-        self.words
-            .get((i / 64) as usize)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        self.overflow.load(Ordering::Acquire) || self.word((i / 64) as usize) & (1 << (i % 64)) != 0
+    }
+
+    /// How many bits the bitmap holds.
+    pub fn capacity(&self) -> u64 {
+        self.words().map_or(0, |w| w.0.len() as u64 * 64)
     }
 
     /// Calls `f(first, end)` for each run of set bits within `[lo, hi)`.
     pub fn runs(&self, lo: u64, hi: u64, f: &mut dyn FnMut(u64, u64)) {
-        let hi = hi.min(self.words.len() as u64 * 64);
+        if self.overflow.load(Ordering::Acquire) {
+            if lo < hi {
+                f(lo, hi);
+            }
+            return;
+        }
+        let hi = hi.min(self.words().map_or(0, |w| w.0.len()) as u64 * 64);
         let mut i = lo;
         while i < hi {
-            let w = self.words[(i / 64) as usize];
-            if w >> (i % 64) == 0 {
+            if self.word((i / 64) as usize) >> (i % 64) == 0 {
                 i = (i / 64 + 1) * 64; // rest of this word is clear
                 continue;
             }
@@ -143,6 +231,29 @@ impl ChunkBits {
             f(start, i);
         }
     }
+
+    /// Fork: growth must not be copied half done.
+    pub fn hold_for_fork(&self) {
+        std::mem::forget(self.retired.lock());
+    }
+
+    /// # Safety
+    /// After [`ChunkBits::hold_for_fork`], in the parent or the child.
+    pub unsafe fn release_after_fork(&self) {
+        // SAFETY: hold_for_fork took it and forgot the guard.
+        unsafe { self.retired.force_unlock() };
+    }
+}
+
+impl Drop for ChunkBits {
+    fn drop(&mut self) {
+        let p = *self.cur.get_mut();
+        if !p.is_null() {
+            // SAFETY: allocated by Box::into_raw in `grow`; nobody reads it
+            // any more (the file is being dropped).
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,7 +262,11 @@ mod tests {
 
     #[test]
     fn chunk_runs() {
-        let mut b = ChunkBits::default();
+        let b = ChunkBits::default();
+        b.grow(4);
+        b.set(1);
+        b.grow(300); // keeps what was set
+        assert!(b.get(1));
         for i in [1, 2, 3, 63, 64, 65, 200] {
             b.set(i);
         }
@@ -164,5 +279,10 @@ mod tests {
         assert_eq!(got, vec![(64, 66)]);
         assert!(b.get(200) && !b.get(199) && !b.get(100_000));
         b.clear(100_000); // beyond the end: nothing to do
+        b.set(100_000); // beyond the bitmap: everything counts as set
+        assert!(b.get(5));
+        got.clear();
+        b.runs(10, 20, &mut |a, z| got.push((a, z)));
+        assert_eq!(got, vec![(10, 20)]);
     }
 }

@@ -121,6 +121,30 @@ impl Shadow {
         Some(BasesGuard { _map: m, bases })
     }
 
+    /// A mapping of the bases of the first `size` bytes of data of its own
+    /// (not the one [`Shadow::bases`] shares and unmaps when the process
+    /// holds too many), and the number of bases it holds: for the lazy
+    /// fault handler, which cannot take the lock.
+    pub fn own_bases_map(&self, size: u64) -> Option<(OwnedMap, usize)> {
+        let need = bytes_for(size);
+        {
+            let mut m = self.lines.lock();
+            let fd = self.lines_fd(&mut m).ok()?;
+            let r = grow_to(fd, need, &mut m.known_len);
+            if r.is_err() {
+                m.fd = None;
+                return None;
+            }
+            let map = OwnedMap::shared(
+                fd,
+                sys::page_up(need.max(1) as usize),
+                libc::PROT_READ | libc::PROT_WRITE,
+            );
+            m.fd = None;
+            map.ok().map(|map| (map, (need / 4) as usize))
+        }
+    }
+
     /// Records the bases of `[a, b)` from what the backing holds there.
     pub fn rebase(&self, backing_fd: i32, a: u64, b: u64) -> SysResult<()> {
         // Whole lines; reading stops at the backing's end by itself (no

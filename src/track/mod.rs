@@ -87,7 +87,13 @@ pub trait DirtyTracker: Sync {
     }
     /// Registers a lazily filled mapping (missing and minor faults go to the
     /// fault thread), its stores tracked or not.
-    fn register_lazy(&self, _addr: usize, _len: usize, _stores: Stores) -> SysResult<()> {
+    fn register_lazy(
+        &self,
+        _addr: usize,
+        _len: usize,
+        _stores: Stores,
+        _shared: bool,
+    ) -> SysResult<()> {
         Err(crate::sys::Errno(libc::ENOTSUP))
     }
     /// Is `fd` one of the tracker's own descriptors?

@@ -14,7 +14,7 @@ use crate::sys::SysResult;
 pub(super) static PAGES: Traps = Traps::new(12);
 
 pub fn init() -> Result<(), String> {
-    crate::sigchain::install_segv_handler(on_segv)?;
+    crate::sigchain::install_fault_handler(libc::SIGSEGV, on_segv)?;
     Ok(())
 }
 

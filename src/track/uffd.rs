@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 const UFFD_USER_MODE_ONLY: i32 = 1;
 const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
@@ -25,6 +26,8 @@ const UFFDIO_API: u64 = 0xc018aa3f;
 const UFFDIO_REGISTER: u64 = 0xc020aa00;
 const UFFDIO_WAKE: u64 = 0x8010aa02;
 const UFFDIO_CONTINUE: u64 = 0xc020aa07;
+const UFFDIO_COPY: u64 = 0xc028aa03;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
 const UFFDIO_REGISTER_MODE_MINOR: u64 = 4;
@@ -83,6 +86,15 @@ struct UffdioRange {
 }
 
 #[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
 struct UffdioContinue {
     range: UffdioRange,
     mode: u64,
@@ -103,7 +115,24 @@ struct UffdMsg {
     pad: u32,
 }
 
+/// The main userfaultfd: write-protect tracking of every shadow mapping
+/// and, in SIGBUS mode, the missing and minor faults of shared lazy ones.
 static UFFD: AtomicI32 = AtomicI32::new(-1);
+/// The message-mode userfaultfd the fault thread serves: private lazy
+/// mappings (and every lazy one where SIGBUS mode is not available, in which
+/// case it is `UFFD` itself).
+static UFFD_MSG: AtomicI32 = AtomicI32::new(-1);
+/// Missing and minor faults on `UFFD` raise SIGBUS in the faulting thread,
+/// which fills the page itself (`crate::lazy::sigbus`).
+static SIGBUS_MODE: AtomicBool = AtomicBool::new(false);
+/// A SIGBUS handler is installed to serve them (`crate::lazy::sigbus`).
+static SIGBUS_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// At start-up, before [`init`]: whether to open the main userfaultfd in
+/// SIGBUS mode.
+pub fn set_sigbus_wanted(yes: bool) {
+    SIGBUS_WANTED.store(yes, Ordering::Relaxed);
+}
 static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
 /// The uffd handles faults of the kernel's own accesses (not
 /// `UFFD_USER_MODE_ONLY`) and missing/minor faults on shmem: lazy filling
@@ -123,30 +152,44 @@ fn open_uffd(flags: i32, features: u64) -> SysResult<OwnedFd> {
     Ok(fd)
 }
 
-/// The process's userfaultfd and `/proc/self/pagemap` descriptors.
+/// The process's userfaultfds and `/proc/self/pagemap` descriptor.
 struct Handles {
     uffd: OwnedFd,
+    /// None: `uffd` is in message mode and serves the fault thread too.
+    msg: Option<OwnedFd>,
     pagemap: OwnedFd,
 }
 
 impl Handles {
     /// Makes them the process's own (they live until replaced after fork).
     fn install(self) {
-        UFFD.store(self.uffd.into_raw_fd(), Ordering::Relaxed);
+        let main = self.uffd.into_raw_fd();
+        UFFD.store(main, Ordering::Relaxed);
+        SIGBUS_MODE.store(self.msg.is_some(), Ordering::Relaxed);
+        UFFD_MSG.store(
+            self.msg.map_or(main, |m| m.into_raw_fd()),
+            Ordering::Relaxed,
+        );
         PAGEMAP.store(self.pagemap.into_raw_fd(), Ordering::Relaxed);
     }
 
     /// Takes the installed ones back (to close them).
-    fn uninstall() -> [Option<OwnedFd>; 2] {
-        [
-            UFFD.swap(-1, Ordering::Relaxed),
-            PAGEMAP.swap(-1, Ordering::Relaxed),
-        ]
-        .map(|fd| {
-            sys::unhold(fd);
-            // SAFETY: installed by `install`, now owned by nobody else.
-            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-        })
+    fn uninstall() -> Vec<OwnedFd> {
+        let main = UFFD.swap(-1, Ordering::Relaxed);
+        let mut msg = UFFD_MSG.swap(-1, Ordering::Relaxed);
+        if msg == main {
+            msg = -1;
+        }
+        SIGBUS_MODE.store(false, Ordering::Relaxed);
+        [main, msg, PAGEMAP.swap(-1, Ordering::Relaxed)]
+            .into_iter()
+            .filter(|&fd| fd >= 0)
+            .map(|fd| {
+                sys::unhold(fd);
+                // SAFETY: installed by `install`, now owned by nobody else.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
+            .collect()
     }
 }
 
@@ -155,20 +198,37 @@ fn open_handles() -> SysResult<Handles> {
         | UFFD_FEATURE_MISSING_SHMEM
         | UFFD_FEATURE_MINOR_SHMEM
         | UFFD_FEATURE_THREAD_ID;
-    let fd = match open_uffd(0, lazy_features) {
-        Ok(fd) => {
+    // SIGBUS mode for the main descriptor where the kernel has it (and the
+    // handler can be installed), with a message-mode one beside it.
+    let sigbus = SIGBUS_WANTED
+        .load(Ordering::Relaxed)
+        .then(|| open_uffd(0, lazy_features | UFFD_FEATURE_SIGBUS).ok())
+        .flatten()
+        .and_then(|fd| {
+            let msg = open_uffd(0, lazy_features).ok()?;
+            Some((fd, msg))
+        });
+    let (fd, msg) = match sigbus {
+        Some((fd, msg)) => {
             LAZY_OK.store(true, Ordering::Relaxed);
-            fd
+            (fd, Some(msg))
         }
-        Err(_) => {
-            LAZY_OK.store(false, Ordering::Relaxed);
-            open_uffd(UFFD_USER_MODE_ONLY, UFFD_FEATURE_WP_ASYNC)?
-        }
+        None => match open_uffd(0, lazy_features) {
+            Ok(fd) => {
+                LAZY_OK.store(true, Ordering::Relaxed);
+                (fd, None)
+            }
+            Err(_) => {
+                LAZY_OK.store(false, Ordering::Relaxed);
+                (open_uffd(UFFD_USER_MODE_ONLY, UFFD_FEATURE_WP_ASYNC)?, None)
+            }
+        },
     };
     let pagemap = sys::open(c"/proc/self/pagemap", libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
     // Long-lived: high-numbered and out of the program's reach (`sys::hold`).
     Ok(Handles {
         uffd: sys::hold(fd),
+        msg: msg.map(sys::hold),
         pagemap: sys::hold(pagemap),
     })
 }
@@ -204,7 +264,17 @@ pub fn init() -> SysResult<()> {
     r
 }
 
+/// Do missing and minor faults of shared lazy mappings raise SIGBUS in the
+/// faulting thread (served there by `crate::lazy::sigbus`)?
+pub fn sigbus_mode() -> bool {
+    SIGBUS_MODE.load(Ordering::Relaxed)
+}
+
 fn register(addr: usize, len: usize, mode: u64) -> SysResult<()> {
+    register_with(UFFD.load(Ordering::Relaxed), addr, len, mode)
+}
+
+fn register_with(fd: i32, addr: usize, len: usize, mode: u64) -> SysResult<()> {
     let mut reg = UffdioRegister {
         start: addr as u64,
         len: len as u64,
@@ -212,13 +282,7 @@ fn register(addr: usize, len: usize, mode: u64) -> SysResult<()> {
         ioctls: 0,
     };
     // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register.
-    unsafe {
-        sys::ioctl(
-            UFFD.load(Ordering::Relaxed),
-            UFFDIO_REGISTER,
-            &mut reg as *mut _ as *mut _,
-        )?
-    };
+    unsafe { sys::ioctl(fd, UFFDIO_REGISTER, &mut reg as *mut _ as *mut _)? };
     Ok(())
 }
 
@@ -241,17 +305,83 @@ pub fn lazy_ok() -> bool {
 /// [`Stores::Tracked`]: also write-protect (a shared mapping of a writable
 /// descriptor; the kernel refuses write-protection where the mapping can
 /// never be written, e.g. a read-only descriptor's).
-pub fn register_lazy(addr: usize, len: usize, stores: Stores) -> SysResult<()> {
+///
+/// A shared mapping goes to the main descriptor (in SIGBUS mode its faults
+/// are served in the faulting thread), a private one to the fault thread's:
+/// its pages must come from the data file (`UFFDIO_CONTINUE`), which is
+/// filled under the fill lock.
+pub fn register_lazy(addr: usize, len: usize, stores: Stores, shared: bool) -> SysResult<()> {
     let wp = if stores == Stores::Tracked {
         UFFDIO_REGISTER_MODE_WP
     } else {
         0
     };
-    register(
+    let fd = if shared {
+        UFFD.load(Ordering::Relaxed)
+    } else {
+        UFFD_MSG.load(Ordering::Relaxed)
+    };
+    register_with(
+        fd,
         addr,
         len,
         UFFDIO_REGISTER_MODE_MISSING | wp | UFFDIO_REGISTER_MODE_MINOR,
     )
+}
+
+/// Is a shared lazy mapping's fault served in the faulting thread?
+pub fn serves_in_thread(shared: bool) -> bool {
+    shared && sigbus_mode()
+}
+
+/// `UFFDIO_COPY` on the main descriptor: a new page of the data file at
+/// `dst` holding `len` bytes from `src`, mapped (write-protected with
+/// `wp`). Returns the bytes done, or the error with the bytes done before
+/// it. Async-signal-safe.
+pub fn copy_in(dst: usize, src: usize, len: usize, wp: bool) -> Result<usize, (Errno, usize)> {
+    let mut c = UffdioCopy {
+        dst: dst as u64,
+        src: src as u64,
+        len: len as u64,
+        mode: if wp { UFFDIO_COPY_MODE_WP } else { 0 },
+        copy: 0,
+    };
+    // SAFETY: UFFDIO_COPY takes a struct uffdio_copy; `src` is readable
+    // memory of ours (the kernel checks it).
+    let r = unsafe {
+        sys::ioctl(
+            UFFD.load(Ordering::Relaxed),
+            UFFDIO_COPY,
+            &mut c as *mut _ as *mut _,
+        )
+    };
+    let done = c.copy.max(0) as usize;
+    match r {
+        Ok(_) => Ok(len),
+        Err(e) => Err((e, done)),
+    }
+}
+
+/// `UFFDIO_CONTINUE` on the main descriptor for one page already in the
+/// data file (a minor fault). Async-signal-safe.
+pub fn continue_in(page: usize, wp: bool) -> SysResult<()> {
+    let mut c = UffdioContinue {
+        range: UffdioRange {
+            start: page as u64,
+            len: sys::PAGE as u64,
+        },
+        mode: if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 },
+        mapped: 0,
+    };
+    // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
+    unsafe {
+        sys::ioctl(
+            UFFD.load(Ordering::Relaxed),
+            UFFDIO_CONTINUE,
+            &mut c as *mut _ as *mut _,
+        )
+    }
+    .map(|_| ())
 }
 
 /// How [`map_filled`] maps a page.
@@ -292,7 +422,7 @@ pub fn map_filled(addr: usize, len: usize, how: MapAs) -> bool {
         // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
         let r = unsafe {
             sys::ioctl(
-                UFFD.load(Ordering::Relaxed),
+                UFFD_MSG.load(Ordering::Relaxed),
                 UFFDIO_CONTINUE,
                 &mut c as *mut _ as *mut _,
             )
@@ -318,7 +448,7 @@ pub fn wake(addr: usize, len: usize) {
     // SAFETY: UFFDIO_WAKE takes a struct uffdio_range.
     let _ = unsafe {
         sys::ioctl(
-            UFFD.load(Ordering::Relaxed),
+            UFFD_MSG.load(Ordering::Relaxed),
             UFFDIO_WAKE,
             &mut r as *mut _ as *mut _,
         )
@@ -336,10 +466,19 @@ pub struct Fault {
 
 /// Waits for page-fault events and passes each to `f`. Returns on an error
 /// of the descriptor (closed after fork…).
-pub fn serve_faults(fd: i32, f: &mut dyn FnMut(Fault)) -> SysResult<()> {
+/// `on_wake` runs when `wake_fd` becomes readable.
+pub fn serve_faults(
+    fd: i32,
+    wake_fd: i32,
+    f: &mut dyn FnMut(Fault),
+    on_wake: &mut dyn FnMut(),
+) -> SysResult<()> {
     let mut msgs = [UffdMsg::default(); 16];
     loop {
-        sys::poll_in(fd)?;
+        let [_, woken] = sys::poll_in2(fd, wake_fd)?;
+        if woken {
+            on_wake();
+        }
         // SAFETY: the buffer is plain bytes of the right size.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(
@@ -364,9 +503,9 @@ pub fn serve_faults(fd: i32, f: &mut dyn FnMut(Fault)) -> SysResult<()> {
     }
 }
 
-/// The current userfaultfd (for the fault thread).
+/// The userfaultfd the fault thread serves.
 pub fn fd() -> i32 {
-    UFFD.load(Ordering::Relaxed)
+    UFFD_MSG.load(Ordering::Relaxed)
 }
 
 /// Reports written page ranges in `[addr, addr+len)` and write-protects them.
@@ -418,9 +557,10 @@ pub fn reinit_in_child() -> SysResult<()> {
 }
 
 /// The descriptors the tracker owns (so the fd hooks can protect them).
-pub fn owned_fds() -> [i32; 2] {
+pub fn owned_fds() -> [i32; 3] {
     [
         UFFD.load(Ordering::Relaxed),
+        UFFD_MSG.load(Ordering::Relaxed),
         PAGEMAP.load(Ordering::Relaxed),
     ]
 }
@@ -457,7 +597,7 @@ fn trap_stores(addr: usize, len: usize, prot: i32, force: bool) {
     }
     let mut handler = Ok(());
     SEGV_INSTALLED.call_once(|| {
-        handler = crate::sigchain::install_segv_handler(on_segv);
+        handler = crate::sigchain::install_fault_handler(libc::SIGSEGV, on_segv);
         SEGV_OK.store(handler.is_ok(), Ordering::Relaxed);
     });
     if let Err(e) = handler {
@@ -522,8 +662,14 @@ impl super::DirtyTracker for UffdTracker {
     fn fills_lazily(&self) -> bool {
         lazy_ok()
     }
-    fn register_lazy(&self, addr: usize, len: usize, stores: Stores) -> SysResult<()> {
-        register_lazy(addr, len, stores)
+    fn register_lazy(
+        &self,
+        addr: usize,
+        len: usize,
+        stores: Stores,
+        shared: bool,
+    ) -> SysResult<()> {
+        register_lazy(addr, len, stores, shared)
     }
     fn owns_fd(&self, fd: i32) -> bool {
         owned_fds().contains(&fd)
