@@ -45,12 +45,20 @@ fn sigsys_owned() -> bool {
     SIGSYS_OWNED.load(Ordering::Acquire)
 }
 
-/// While the shim owns `SIGSYS` no mask may block it: a system call trapped
-/// while it is blocked would kill the process.
-fn without_sigsys(mut mask: libc::sigset_t) -> libc::sigset_t {
-    if sigsys_owned() {
-        // SAFETY: a valid set.
-        unsafe { libc::sigdelset(&mut mask, libc::SIGSYS) };
+/// No mask may block a signal the shim raises on purpose: `SIGSYS` while
+/// it owns it (a system call trapped while it is blocked kills the
+/// process), `SIGBUS`/`SIGSEGV` while its fault handlers serve them (a
+/// fault's blocked signal kills too).
+pub fn without_shim_signals(mut mask: libc::sigset_t) -> libc::sigset_t {
+    for (sig, owned) in [
+        (libc::SIGSYS, sigsys_owned()),
+        (libc::SIGBUS, owns_fault(libc::SIGBUS)),
+        (libc::SIGSEGV, owns_fault(libc::SIGSEGV)),
+    ] {
+        if owned {
+            // SAFETY: a valid set.
+            unsafe { libc::sigdelset(&mut mask, sig) };
+        }
     }
     mask
 }
@@ -194,7 +202,7 @@ fn call_program(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void, masked
     // SAFETY: an all-zero sigset is a valid (empty) set.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     if apply_mask {
-        let mut mask = without_sigsys(act.sa_mask);
+        let mut mask = without_shim_signals(act.sa_mask);
         if act.sa_flags & libc::SA_NODEFER == 0 {
             // SAFETY: valid set.
             unsafe { libc::sigaddset(&mut mask, sig) };
@@ -240,7 +248,7 @@ pub fn adopt_installed_handlers() {
 /// Installs in the kernel what stands for the program's action `act`.
 fn install_kernel_action(sig: c_int, act: &libc::sigaction) -> Result<(), Errno> {
     let mut k = *act;
-    k.sa_mask = without_sigsys(k.sa_mask);
+    k.sa_mask = without_shim_signals(k.sa_mask);
     if deferrable(sig) && is_handler(act.sa_sigaction) {
         k.sa_sigaction = defer_trampoline as *const () as usize;
         k.sa_flags = (k.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;

@@ -128,6 +128,18 @@ const SA_RESTORER: u64 = 0x0400_0000;
 const SIGSYS_BIT: u64 = 1 << (libc::SIGSYS - 1);
 const UNBLOCKABLE: u64 = 1 << (libc::SIGKILL - 1) | 1 << (libc::SIGSTOP - 1);
 
+/// The signals no mask may block while dispatch is on: `SIGSYS`, and the
+/// fault signals the shim's handlers serve (see `sigchain`).
+fn shim_bits() -> u64 {
+    let mut bits = SIGSYS_BIT;
+    for sig in [libc::SIGBUS, libc::SIGSEGV] {
+        if sigchain::owns_fault(sig) {
+            bits |= 1 << (sig - 1);
+        }
+    }
+    bits
+}
+
 /// Routes a trapped system call through the shim: `Some(result)` in the
 /// kernel's convention (`-errno` on failure), `None` to perform it as is.
 pub type Router = fn(c_long, &[u64; 6]) -> Option<c_long>;
@@ -317,7 +329,7 @@ fn sigprocmask(a: &[u64; 6], uc: &mut libc::ucontext_t) -> c_long {
             libc::SIG_SETMASK => s,
             _ => return -(libc::EINVAL as c_long),
         };
-        *uc_mask(uc) = new & !(UNBLOCKABLE | SIGSYS_BIT);
+        *uc_mask(uc) = new & !(UNBLOCKABLE | shim_bits());
     }
     if oset != 0 {
         if let Err(e) = write_user(oset, &old as *const u64 as *const u8, 8) {
@@ -345,7 +357,7 @@ fn sigaction(a: &[u64; 6]) -> c_long {
         }
     }
     if !sigchain::interposed(sig) {
-        k.mask &= !SIGSYS_BIT;
+        k.mask &= !shim_bits();
         let kp = if act != 0 { &k as *const _ as u64 } else { 0 };
         return perform(libc::SYS_rt_sigaction, &[a[0], kp, oact, 8, 0, 0]);
     }
@@ -382,7 +394,7 @@ fn with_mask_arg(nr: c_long, a: &[u64; 6], idx: usize) -> c_long {
         return perform(nr, a);
     }
     let m = match read_mask(a[idx]) {
-        Ok(m) => m & !SIGSYS_BIT,
+        Ok(m) => m & !shim_bits(),
         Err(e) => return e,
     };
     let mut b = *a;
@@ -403,7 +415,7 @@ fn pselect6(a: &[u64; 6]) -> c_long {
         return perform(libc::SYS_pselect6, a);
     }
     let m = match read_mask(ms[0]) {
-        Ok(m) => m & !SIGSYS_BIT,
+        Ok(m) => m & !shim_bits(),
         Err(e) => return e,
     };
     let local = [&m as *const u64 as u64, ms[1]];

@@ -2,7 +2,7 @@
 //! ([`crate::sigchain`] keeps them and stands in front of them).
 
 use crate::reentry::READY;
-use crate::sigchain::{default_action, interposed, sigaction_impl};
+use crate::sigchain::{default_action, interposed, sigaction_impl, without_shim_signals};
 use crate::{real, sys};
 use libc::{c_int, sighandler_t};
 use std::sync::atomic::Ordering;
@@ -52,27 +52,15 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: sighandler_t) -> sighandler
     }
 }
 
-/// The set the kernel gets for a mask the program sets: without the fault
-/// signals the shim serves (SIGBUS for lazy fills in the faulting thread,
-/// SIGSEGV for write traps) — a fault's signal that is blocked kills the
-/// process. `None`: `set` as it is.
+/// The set the kernel gets for a mask the program sets: without the
+/// signals the shim raises on purpose ([`without_shim_signals`]). `None`:
+/// `set` as it is.
 fn without_fault_signals(how: c_int, set: *const libc::sigset_t) -> Option<libc::sigset_t> {
     if set.is_null() || how == libc::SIG_UNBLOCK || !READY.load(Ordering::Acquire) {
         return None;
     }
-    let owned = [libc::SIGBUS, libc::SIGSEGV].map(crate::sigchain::owns_fault);
-    if !owned.contains(&true) {
-        return None;
-    }
     // SAFETY: the caller's valid set.
-    let mut s = unsafe { *set };
-    for (sig, own) in [libc::SIGBUS, libc::SIGSEGV].into_iter().zip(owned) {
-        if own {
-            // SAFETY: a valid set.
-            unsafe { libc::sigdelset(&mut s, sig) };
-        }
-    }
-    Some(s)
+    Some(without_shim_signals(unsafe { *set }))
 }
 
 /// # Safety
