@@ -2,7 +2,7 @@
 //! descriptor, and the state of its syncs.
 
 use crate::fdcache::{self, FdCache, SharedFd};
-use crate::lazy::{ChunkBits, LazyFile};
+use crate::lazy::{ChunkBits, FillGate, LazyFile};
 use crate::lock::Lock;
 use crate::ranges::RangeSet;
 use crate::runtime::rt;
@@ -35,6 +35,8 @@ pub struct FileState {
     /// Chunks of lazy mappings this process may have pages of (see
     /// [`crate::lazy::ChunkBits`]).
     pub lazy_chunks: ChunkBits,
+    /// Eviction against in-thread fills ([`crate::lazy::FillGate`]).
+    pub lazy_gate: FillGate,
     /// Written back and detached ([`FileState::finish`]).
     pub finished: AtomicBool,
     /// A change made outside the shim was seen (logged once).
@@ -238,5 +240,8 @@ impl LazyFile for FileState {
     }
     fn chunks(&self) -> &ChunkBits {
         &self.lazy_chunks
+    }
+    fn gate(&self) -> &FillGate {
+        &self.lazy_gate
     }
 }

@@ -165,6 +165,7 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Fail
             map_refs: 0,
         }),
         lazy_chunks: Default::default(),
+        lazy_gate: Default::default(),
         finished: AtomicBool::new(false),
         foreign_seen: AtomicBool::new(false),
     });
@@ -410,6 +411,8 @@ impl Host for LazyHost {
         if !shadow.alone() || shadow.no_evict() {
             return Ok(false);
         }
+        // No thread of ours fills (in its fault handler) until this is done.
+        let _gate = file.gate().close();
         // Zapping a written page table entry would lose the tracker's
         // record of the store: harvest first (into `written`, given to the
         // file's pending set once the fill lock is released: lock order).

@@ -5,7 +5,7 @@
 
 use super::{host, LazyFile, CHUNK};
 use crate::lock::Lock;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// `DAXSHIM_CACHE_MAX` (0: no limit).
@@ -37,7 +37,14 @@ pub(super) fn note_filled(bytes: u64, wait: bool) {
     if max == 0 {
         return;
     }
-    if FILLED_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes <= max {
+    let now = FILLED_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if now <= max {
+        return;
+    }
+    // A pass that evicted nothing (what is filled is dirty or shared) is not
+    // repeated until an eighth of the limit more was filled.
+    let stuck = !LAST_PASS_EVICTED.load(Ordering::Relaxed);
+    if stuck && now < AFTER_PASS.load(Ordering::Relaxed) + max / 8 {
         return;
     }
     let fd = WAKE_FD.load(Ordering::Relaxed);
@@ -46,7 +53,7 @@ pub(super) fn note_filled(bytes: u64, wait: bool) {
     }
     let gen = EVICT_GEN.load(Ordering::Acquire);
     crate::sys::eventfd_signal(fd);
-    if !wait {
+    if !wait || stuck {
         return;
     }
     for _ in 0..20 {
@@ -57,6 +64,10 @@ pub(super) fn note_filled(bytes: u64, wait: bool) {
     }
 }
 
+/// Did the last pass evict anything, and how much was filled after it?
+static LAST_PASS_EVICTED: AtomicBool = AtomicBool::new(true);
+static AFTER_PASS: AtomicU64 = AtomicU64::new(0);
+
 /// The end of an eviction pass: wakes the threads waiting for it.
 fn pass_done() {
     EVICT_GEN.fetch_add(1, Ordering::AcqRel);
@@ -66,7 +77,14 @@ fn pass_done() {
 /// In the fault thread, when woken: evicts clean chunks until at most 7/8
 /// of the limit is filled, or every chunk was looked at once.
 pub(super) fn evict_over_limit() {
+    let before = FILLED_BYTES.load(Ordering::Relaxed);
+    if before <= LIMIT.load(Ordering::Relaxed) {
+        return;
+    }
     sweep();
+    let after = FILLED_BYTES.load(Ordering::Relaxed);
+    LAST_PASS_EVICTED.store(after < before, Ordering::Relaxed);
+    AFTER_PASS.store(after, Ordering::Relaxed);
     pass_done();
 }
 

@@ -30,7 +30,7 @@ pub mod sigbus;
 use crate::lock::Lock;
 use crate::shadow::Shadow;
 use crate::sys::SysResult;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use fault::{forget_thread_after_fork, start};
@@ -46,6 +46,8 @@ pub trait LazyFile: Send + Sync {
     fn path(&self) -> &str;
     /// The chunks of the file whose pages this process may have mapped.
     fn chunks(&self) -> &ChunkBits;
+    /// Keeps this process's in-thread fills out of a chunk being evicted.
+    fn gate(&self) -> &FillGate;
 }
 
 /// A lazy mapping that holds a faulting address.
@@ -99,6 +101,61 @@ pub unsafe fn release_after_fork(child: bool) {
 
 fn host() -> Option<&'static dyn Host> {
     HOST.get().copied()
+}
+
+/// Eviction and this process's fills in the faulting thread exclude each
+/// other (those fills take no fill lock): while a chunk of the file is
+/// evicted — its page table entries zapped, its pages compared with the
+/// backing and punched — no thread may fill and map a page and store to
+/// it. The evictor closes the gate and waits for fills in progress; a fill
+/// that finds it closed waits (in its signal handler) until it opens.
+#[derive(Default)]
+pub struct FillGate {
+    closed: AtomicU32,
+    fills: AtomicU32,
+}
+
+impl FillGate {
+    /// Closes the gate once no fill is in progress (not from a handler).
+    pub fn close(&self) -> GateClosed<'_> {
+        self.closed.store(1, Ordering::SeqCst);
+        while self.fills.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        GateClosed(self)
+    }
+
+    /// A fill may proceed while the returned pass lives (async-signal-safe;
+    /// waits while the gate is closed).
+    pub fn enter(&self) -> FillPass<'_> {
+        loop {
+            self.fills.fetch_add(1, Ordering::SeqCst);
+            if self.closed.load(Ordering::SeqCst) == 0 {
+                return FillPass(self);
+            }
+            self.fills.fetch_sub(1, Ordering::SeqCst);
+            crate::sys::futex_wait_ms(&self.closed, 1, 10);
+        }
+    }
+}
+
+/// The gate stays closed while this lives.
+pub struct GateClosed<'a>(&'a FillGate);
+
+impl Drop for GateClosed<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(0, Ordering::SeqCst);
+        crate::sys::futex_wake_all(&self.0.closed);
+    }
+}
+
+/// A fill in progress.
+pub struct FillPass<'a>(&'a FillGate);
+
+impl Drop for FillPass<'_> {
+    fn drop(&mut self) {
+        self.0.fills.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One bit per chunk of a file: the chunks whose pages this process may

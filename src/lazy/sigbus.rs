@@ -378,6 +378,8 @@ fn fill_range(e: &Entry, page: usize, w0: usize, w1: usize, buf: &mut [u8]) -> R
     let mut cur = w0;
     let mut filled = 0u64;
     let mut failed = None;
+    // Not while this process evicts a chunk of the file.
+    let pass = v.file.gate().enter();
     'window: while cur < w1 {
         let n = (w1 - cur).min(buf.len());
         let Some(got) = read_backing(v, fo(cur), &mut buf[..n]) else {
@@ -405,7 +407,10 @@ fn fill_range(e: &Entry, page: usize, w0: usize, w1: usize, buf: &mut [u8]) -> R
                 }
                 Err((Errno(libc::EAGAIN), _)) if tries < 64 => tries += 1,
                 // The mapping went away or changed: let the access retry.
-                Err((Errno(libc::ENOENT), _)) => return Ok(()),
+                Err((Errno(libc::ENOENT), _)) => {
+                    drop(pass);
+                    return Ok(());
+                }
                 Err((err, _)) => {
                     cur += i;
                     failed = Some(err);
@@ -419,6 +424,8 @@ fn fill_range(e: &Entry, page: usize, w0: usize, w1: usize, buf: &mut [u8]) -> R
     for c in fo(w0) / CHUNK..fo(cur.max(w0 + PAGE).min(w1)).div_ceil(CHUNK) {
         chunks.set(c);
     }
+    // Before waiting for an eviction sweep, which needs the gate.
+    drop(pass);
     if filled > 0 {
         add(&STATS.lazy_filled_bytes, filled);
         super::evict::note_filled(filled, true);
