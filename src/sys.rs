@@ -608,6 +608,11 @@ pub fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
     );
 }
 
+/// Gives the CPU away (async-signal-safe).
+pub fn sched_yield() {
+    let _ = sc!(libc::SYS_sched_yield);
+}
+
 /// A non-blocking, close-on-exec eventfd.
 pub fn eventfd() -> SysResult<OwnedFd> {
     // SAFETY: a descriptor the kernel just opened for us alone.

@@ -40,7 +40,12 @@ pub unsafe extern "C" fn mmap64(
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::mmap64(addr, len, prot, flags & !MAP_DAX, fd, off) },
-        Some(g) => map_ret(&g, mmap_impl(addr, len, prot, flags, fd, off)),
+        Some(g) => {
+            // A lazy range registered (or replaced) here may fault in
+            // another thread before the table shows it.
+            let _changing = crate::lazy::sigbus::Changing::begin();
+            map_ret(&g, mmap_impl(addr, len, prot, flags, fd, off))
+        }
     }
 }
 
@@ -87,7 +92,10 @@ pub unsafe extern "C" fn mremap(
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::mremap(old, old_len, new_len, flags, new_addr) },
-        Some(g) => map_ret(&g, mremap_impl(old, old_len, new_len, flags, new_addr)),
+        Some(g) => {
+            let _changing = crate::lazy::sigbus::Changing::begin();
+            map_ret(&g, mremap_impl(old, old_len, new_len, flags, new_addr))
+        }
     }
 }
 

@@ -259,6 +259,42 @@ impl Drop for InFlight {
     }
 }
 
+/// Mapping changes in progress (`mmap`, `mremap`): a fault in a range being
+/// registered, or replaced with `MAP_FIXED`, may come before the table
+/// shows it; the handler then waits for the change to be published.
+static CHANGING: AtomicUsize = AtomicUsize::new(0);
+
+/// Held across a change of this process's mappings.
+pub struct Changing;
+
+impl Changing {
+    pub fn begin() -> Changing {
+        CHANGING.fetch_add(1, Ordering::SeqCst);
+        Changing
+    }
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        CHANGING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The table's entry for `addr`, waiting for mapping changes in progress
+/// if there is none yet (at most ~1 s).
+fn lookup_settled(addr: usize) -> Option<Entry> {
+    for _ in 0..100_000 {
+        if let Some(e) = lookup(addr) {
+            return Some(e);
+        }
+        if CHANGING.load(Ordering::SeqCst) == 0 {
+            return lookup(addr);
+        }
+        sys::sched_yield();
+    }
+    None
+}
+
 /// `si_code` of a fault the kernel could not resolve (here: userfaultfd in
 /// SIGBUS mode).
 const BUS_ADRERR: i32 = 2;
@@ -272,7 +308,7 @@ fn on_sigbus(info: &libc::siginfo_t) -> bool {
     // SAFETY: SIGBUS's siginfo carries the faulting address.
     let addr = unsafe { info.si_addr() } as usize;
     let _in = InFlight::enter();
-    let Some(e) = lookup(addr) else {
+    let Some(e) = lookup_settled(addr) else {
         return false;
     };
     match fill(&e, sys::page_down(addr)) {

@@ -68,3 +68,27 @@ m.flush()
         "parent and children ran without the shim"
     );
 }
+
+// Lazy fills (served in the faulting thread) racing what a program does
+// around them: a first touch inside its own SIGALRM handler every 300 µs,
+// another thread reading, a third replacing 4 MiB windows of the mapping
+// with MAP_FIXED and reading them (the handler's table and views change
+// under fills), forks whose children read the inherited mapping. Every
+// page read must hold its own index; the backing must be unchanged after.
+#[test]
+fn lazy_fills_race_signal_handlers_forks_and_remaps() {
+    let w = World::new("lazyrace");
+    let mut content = vec![0u8; 64 << 20];
+    for (i, p) in content.chunks_mut(4096).enumerate() {
+        p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        p[8..].fill((i % 251) as u8);
+    }
+    let f = w.pmem_file("f", &content);
+    let out = ok(hostile(&w, true, &["lazyrace", s(&f), "1500"]));
+    assert!(out.contains("ok lazyrace raced"), "{out}");
+    let plain = w.plain_file("f", &content);
+    let out = ok(hostile(&w, false, &["lazyrace", s(&plain), "300"]));
+    assert!(out.contains("ok lazyrace"), "{out}");
+    assert!(backing(&f) == content, "the backing changed");
+    w.assert_shadowed();
+}
