@@ -204,8 +204,14 @@ pub fn mmap_impl(
         | stype
         | libc::MAP_FIXED;
     let maplen = sys::page_up(len);
+    // A lazy range stays inaccessible until it is registered and published:
+    // another thread's access to a hole of an unregistered shadow mapping
+    // would fill it with zeros (MAP_FIXED over a range in use). Such an
+    // access waits in the SIGSEGV handler for this change instead.
+    let hide = lazy && track::uffd::ensure_segv_handler();
+    let map_prot = if hide { libc::PROT_NONE } else { prot };
     // SAFETY: `p` is the range the kernel just gave this call.
-    let q = unsafe { sys::mmap(p, len, prot, sflags, sfd, off) };
+    let q = unsafe { sys::mmap(p, len, map_prot, sflags, sfd, off) };
     if let Err(e) = q {
         let why = Failure::new(e, format!("cannot map its shadow: {e}"));
         if let Err(e) = crate::classify::without_shadow(file.emulated, &file.path, &why, DIRECT) {
@@ -308,6 +314,15 @@ pub fn mmap_impl(
                 prot,
             },
         );
+    }
+    if hide {
+        if let Err(e) = sys::mprotect(p as usize, maplen, prot) {
+            // SAFETY: the range this call mapped, not yet returned.
+            let _ = unsafe { real::munmap(p, len) };
+            let released = crate::registry::forget_range(&mut REG.lock(), p as usize, maplen);
+            drop(released);
+            return Err(e);
+        }
     }
     if flags & libc::MAP_POPULATE != 0 {
         // Lazy: populate through the fault thread, or by touching every

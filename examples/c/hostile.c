@@ -284,13 +284,12 @@ static int fuzz_mode(const char *path, uint64_t seed, int n) {
 /* Lazy fills racing everything else (issue 13): a 64 MiB file whose page p
    starts with p (u64). A SIGALRM handler every 300 us reads a random page
    of the first half (a first touch inside the program's own signal
-   handler); one thread reads random pages of the first half; another keeps
+   handler); one thread reads random pages of the whole file; another keeps
    replacing a 4 MiB window of the second half with a fresh mapping of the
-   same bytes (MAP_FIXED) and reads it (mapping changes racing fills); the
-   main thread forks children that read random pages of the first half of
-   the inherited mapping. Every page read must hold its index. (A range
-   another thread reads while it is replaced is a known gap: README,
-   Limitations.) */
+   same bytes (MAP_FIXED) and reads it (mapping changes racing fills, and
+   the first thread's reads racing the replacement); the main thread forks
+   children that read random pages of the first half of the inherited
+   mapping. Every page read must hold its index. */
 #define LR_LEN (64L << 20)
 static char *lr_map;
 static volatile long lr_bad, lr_handler_reads;
@@ -321,7 +320,7 @@ static void lr_alarm(int sig) {
 static void *lr_reader(void *arg) {
     uint64_t s = (uintptr_t)arg | 1;
     while (!lr_stop)
-        if (!lr_check(lr_next(&s) % LR_HALF)) lr_bad++;
+        if (!lr_check(lr_next(&s) % (LR_LEN / 4096))) lr_bad++;
     return NULL;
 }
 

@@ -259,26 +259,7 @@ impl Drop for InFlight {
     }
 }
 
-/// Mapping changes in progress (`mmap`, `mremap`): a fault in a range being
-/// registered, or replaced with `MAP_FIXED`, may come before the table
-/// shows it; the handler then waits for the change to be published.
-static CHANGING: AtomicUsize = AtomicUsize::new(0);
-
-/// Held across a change of this process's mappings.
-pub struct Changing;
-
-impl Changing {
-    pub fn begin() -> Changing {
-        CHANGING.fetch_add(1, Ordering::SeqCst);
-        Changing
-    }
-}
-
-impl Drop for Changing {
-    fn drop(&mut self) {
-        CHANGING.fetch_sub(1, Ordering::SeqCst);
-    }
-}
+pub use crate::track::uffd::Changing;
 
 /// The table's entry for `addr`, waiting for mapping changes in progress
 /// if there is none yet (at most ~1 s).
@@ -287,7 +268,7 @@ fn lookup_settled(addr: usize) -> Option<Entry> {
         if let Some(e) = lookup(addr) {
             return Some(e);
         }
-        if CHANGING.load(Ordering::SeqCst) == 0 {
+        if !crate::track::uffd::changing() {
             return lookup(addr);
         }
         sys::sched_yield();

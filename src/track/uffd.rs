@@ -13,7 +13,7 @@ use super::traps::Traps;
 use super::Stores;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 const UFFD_USER_MODE_ONLY: i32 = 1;
 const UFFD_API: u64 = 0xAA;
@@ -587,25 +587,95 @@ pub fn traps_in_use() -> bool {
     REGIONS.in_use()
 }
 
+/// Mapping changes in progress (`mmap`, `mremap` hooks): a lazy range is
+/// mapped inaccessible until it is registered and published, and a fault
+/// in it (SIGSEGV there, SIGBUS in a range registered but not yet in the
+/// SIGBUS handler's table) waits for the change instead of failing.
+static CHANGING: AtomicUsize = AtomicUsize::new(0);
+
+/// Held across a change of this process's mappings.
+pub struct Changing;
+
+impl Changing {
+    pub fn begin() -> Changing {
+        CHANGING.fetch_add(1, Ordering::SeqCst);
+        Changing
+    }
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        CHANGE_GEN.fetch_add(1, Ordering::SeqCst);
+        CHANGING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Completed mapping changes (a fault seen after one may be stale).
+static CHANGE_GEN: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The last fault this thread let retry: (address, CHANGE_GEN then).
+    static RETRIED: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, usize::MAX)) };
+}
+
+/// Is a mapping change in progress?
+pub fn changing() -> bool {
+    CHANGING.load(Ordering::SeqCst) != 0
+}
+
+/// `si_code` of a fault on a mapped page the protection forbids.
+const SEGV_ACCERR: i32 = 2;
+
 fn on_segv(info: &libc::siginfo_t) -> bool {
-    REGIONS.on_segv(info)
+    if REGIONS.on_segv(info) {
+        return true;
+    }
+    // A range being mapped (inaccessible until registered): wait for the
+    // change and let the access retry; a real fault comes back here with no
+    // change in progress and goes to the program.
+    if info.si_code != SEGV_ACCERR {
+        return false;
+    }
+    // SAFETY: SIGSEGV's siginfo carries the faulting address.
+    let addr = unsafe { info.si_addr() } as usize;
+    if !changing() {
+        // The change may have completed between the fault and this check:
+        // retry once per address and completed change; a real fault comes
+        // back with nothing changed and goes to the program.
+        let gen = CHANGE_GEN.load(Ordering::SeqCst);
+        return RETRIED.with(|r| {
+            let first = r.get() != (addr, gen);
+            r.set((addr, gen));
+            first
+        });
+    }
+    for _ in 0..100_000 {
+        if !changing() {
+            break;
+        }
+        sys::sched_yield();
+    }
+    true
+}
+
+/// Installs the SIGSEGV handler (region traps, ranges being mapped) once.
+pub fn ensure_segv_handler() -> bool {
+    SEGV_INSTALLED.call_once(|| {
+        let r = crate::sigchain::install_fault_handler(libc::SIGSEGV, on_segv);
+        if let Err(e) = &r {
+            warn!("{e}");
+        }
+        SEGV_OK.store(r.is_ok(), Ordering::Relaxed);
+    });
+    SEGV_OK.load(Ordering::Relaxed)
 }
 
 fn trap_stores(addr: usize, len: usize, prot: i32, force: bool) {
     if !force && ((len as u64) < TRAP_MIN.load(Ordering::Relaxed) || prot & libc::PROT_WRITE == 0) {
         return;
     }
-    let mut handler = Ok(());
-    SEGV_INSTALLED.call_once(|| {
-        handler = crate::sigchain::install_fault_handler(libc::SIGSEGV, on_segv);
-        SEGV_OK.store(handler.is_ok(), Ordering::Relaxed);
-    });
-    if let Err(e) = handler {
-        warn!("{e}; syncs scan every page touched");
+    if !ensure_segv_handler() {
         TRAP_MIN.store(u64::MAX, Ordering::Relaxed);
-        return;
-    }
-    if !SEGV_OK.load(Ordering::Relaxed) {
         return;
     }
     // Everything counts as written until the first whole harvest protects
