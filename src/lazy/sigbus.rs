@@ -261,21 +261,6 @@ impl Drop for InFlight {
 
 pub use crate::track::uffd::Changing;
 
-/// The table's entry for `addr`, waiting for mapping changes in progress
-/// if there is none yet (at most ~1 s).
-fn lookup_settled(addr: usize) -> Option<Entry> {
-    for _ in 0..100_000 {
-        if let Some(e) = lookup(addr) {
-            return Some(e);
-        }
-        if !crate::track::uffd::changing() {
-            return lookup(addr);
-        }
-        sys::sched_yield();
-    }
-    None
-}
-
 /// `si_code` of a fault the kernel could not resolve (here: userfaultfd in
 /// SIGBUS mode).
 const BUS_ADRERR: i32 = 2;
@@ -288,11 +273,32 @@ fn on_sigbus(info: &libc::siginfo_t) -> bool {
     }
     // SAFETY: SIGBUS's siginfo carries the faulting address.
     let addr = unsafe { info.si_addr() } as usize;
-    let _in = InFlight::enter();
-    let Some(e) = lookup_settled(addr) else {
-        return false;
+    let page = sys::page_down(addr);
+    // A range registered but not yet in the table (an `mmap` or `mremap`
+    // hook in progress): wait for the change — not counted as in flight,
+    // since publishing it may wait for handlers to finish — and look again.
+    let mut tries = 0;
+    let (filled, r) = loop {
+        let inflight = InFlight::enter();
+        if let Some(e) = lookup(addr) {
+            let r = fill(&e, page);
+            drop(inflight);
+            break r;
+        }
+        drop(inflight);
+        if (!uffd::changing() && tries > 0) || tries >= 100_000 {
+            return false;
+        }
+        if uffd::changing() {
+            sys::sched_yield();
+        }
+        tries += 1;
     };
-    match fill(&e, sys::page_down(addr)) {
+    if filled > 0 {
+        // Outside the in-flight count: this may wait for an eviction sweep.
+        super::evict::note_filled(filled, true);
+    }
+    match r {
         Ok(()) => true,
         Err(Errno(err)) => {
             // As the kernel does when it cannot read a page in: SIGBUS.
@@ -348,8 +354,9 @@ static POOL_BUSY: [AtomicBool; POOL] = [const { AtomicBool::new(false) }; POOL];
 struct Buf([u8; MAX_WINDOW]);
 static mut POOL_BUFS: [Buf; POOL] = [const { Buf([0; MAX_WINDOW]) }; POOL];
 
-/// Fills the window around `page` of the mapping `e`.
-fn fill(e: &Entry, page: usize) -> Result<(), Errno> {
+/// Fills the window around `page` of the mapping `e`: the bytes filled,
+/// and an error if `page` itself could not be.
+fn fill(e: &Entry, page: usize) -> (u64, Result<(), Errno>) {
     let (next, last) = SEQUENCE.with(|s| s.get());
     // Random access fills MIN_WINDOW (aligned); a fault where the last fill
     // ended doubles the window and starts at the fault (what lies before it
@@ -386,9 +393,15 @@ fn fill(e: &Entry, page: usize) -> Result<(), Errno> {
     r
 }
 
-/// Fills `[w0, w1)` of mapping `e` through `buf`; an error if the page at
-/// `page` could not be filled.
-fn fill_range(e: &Entry, page: usize, w0: usize, w1: usize, buf: &mut [u8]) -> Result<(), Errno> {
+/// Fills `[w0, w1)` of mapping `e` through `buf`: the bytes filled, and an
+/// error if the page at `page` could not be filled.
+fn fill_range(
+    e: &Entry,
+    page: usize,
+    w0: usize,
+    w1: usize,
+    buf: &mut [u8],
+) -> (u64, Result<(), Errno>) {
     // SAFETY: published views live until no handler runs (module doc).
     let v = unsafe { &*e.view };
     let fo = |va: usize| (e.off + (va - e.start)) as u64;
@@ -426,7 +439,8 @@ fn fill_range(e: &Entry, page: usize, w0: usize, w1: usize, buf: &mut [u8]) -> R
                 // The mapping went away or changed: let the access retry.
                 Err((Errno(libc::ENOENT), _)) => {
                     drop(pass);
-                    return Ok(());
+                    add(&STATS.lazy_filled_bytes, filled);
+                    return (filled, Ok(()));
                 }
                 Err((err, _)) => {
                     cur += i;
@@ -441,17 +455,13 @@ fn fill_range(e: &Entry, page: usize, w0: usize, w1: usize, buf: &mut [u8]) -> R
     for c in fo(w0) / CHUNK..fo(cur.max(w0 + PAGE).min(w1)).div_ceil(CHUNK) {
         chunks.set(c);
     }
-    // Before waiting for an eviction sweep, which needs the gate.
     drop(pass);
-    if filled > 0 {
-        add(&STATS.lazy_filled_bytes, filled);
-        super::evict::note_filled(filled, true);
-    }
+    add(&STATS.lazy_filled_bytes, filled);
     match failed {
         // A full shadow file system, or worse: the faulting page gets
         // SIGBUS, as for a page the kernel cannot read in.
-        Some(err) if page >= cur => Err(err),
-        _ => Ok(()),
+        Some(err) if page >= cur => (filled, Err(err)),
+        _ => (filled, Ok(())),
     }
 }
 
