@@ -614,8 +614,10 @@ impl Drop for Changing {
 static CHANGE_GEN: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// The last fault this thread let retry: (address, CHANGE_GEN then).
-    static RETRIED: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, usize::MAX)) };
+    /// The last fault this thread let retry: (address, CHANGE_GEN then,
+    /// faults in a row there).
+    static RETRIED: std::cell::Cell<(usize, usize, usize)> =
+        const { std::cell::Cell::new((0, usize::MAX, 0)) };
 }
 
 /// Is a mapping change in progress?
@@ -627,35 +629,50 @@ pub fn changing() -> bool {
 const SEGV_ACCERR: i32 = 2;
 
 fn on_segv(info: &libc::siginfo_t) -> bool {
-    if REGIONS.on_segv(info) {
-        return true;
-    }
-    // A range being mapped (inaccessible until registered): wait for the
-    // change and let the access retry; a real fault comes back here with no
-    // change in progress and goes to the program.
     if info.si_code != SEGV_ACCERR {
         return false;
     }
     // SAFETY: SIGSEGV's siginfo carries the faulting address.
     let addr = unsafe { info.si_addr() } as usize;
-    if !changing() {
-        // The change may have completed between the fault and this check:
-        // retry once per address and completed change; a real fault comes
-        // back with nothing changed and goes to the program.
-        let gen = CHANGE_GEN.load(Ordering::SeqCst);
-        return RETRIED.with(|r| {
-            let first = r.get() != (addr, gen);
-            r.set((addr, gen));
-            first
-        });
+    // Faults in a row at this address that were let retry: a real fault
+    // goes to the program at the latest after this many, whatever mapping
+    // changes go on meanwhile.
+    let (last, gen0, tries) = RETRIED.with(|r| r.get());
+    let tries = if last == addr { tries + 1 } else { 0 };
+    let let_retry = |gen: usize| {
+        RETRIED.with(|r| r.set((addr, gen, tries)));
+        true
+    };
+    if tries > 10_000 {
+        RETRIED.with(|r| r.set((0, 0, 0)));
+        return false;
     }
-    for _ in 0..100_000 {
-        if !changing() {
-            break;
+    // A mapping change in progress first: the range may be being mapped
+    // (inaccessible until registered), and a region trap of the range it
+    // replaces must not open the new, unregistered mapping. Wait for the
+    // change and let the access retry.
+    if changing() {
+        for _ in 0..100_000 {
+            if !changing() {
+                break;
+            }
+            sys::sched_yield();
         }
-        sys::sched_yield();
+        return let_retry(CHANGE_GEN.load(Ordering::SeqCst));
     }
-    true
+    if REGIONS.on_segv(info) {
+        RETRIED.with(|r| r.set((0, 0, 0)));
+        return true;
+    }
+    // No change now, but one may have completed between the fault and this
+    // check: retry once per completed change; a real fault comes back with
+    // nothing changed and goes to the program.
+    let gen = CHANGE_GEN.load(Ordering::SeqCst);
+    if last == addr && gen0 == gen {
+        RETRIED.with(|r| r.set((0, 0, 0)));
+        return false;
+    }
+    let_retry(gen)
 }
 
 /// Installs the SIGSEGV handler (region traps, ranges being mapped) once.
