@@ -183,7 +183,6 @@ pub fn atfork_parent() {
 }
 
 pub fn atfork_child() {
-    crate::sys::forget_pid_after_fork();
     atfork_release(true);
     // The inherited presence is the parent's; the child's slots get its own.
     crate::shadow::forget_presence_after_fork();

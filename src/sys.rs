@@ -492,49 +492,21 @@ pub fn userfaultfd(flags: i32) -> SysResult<OwnedFd> {
     sc!(libc::SYS_userfaultfd, flags).map(|n| unsafe { OwnedFd::from_raw_fd(n as i32) })
 }
 
-static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-/// This process's id, asked once (and again after fork: the cache holds
-/// the pid it was asked in, checked against nothing but cleared by
-/// [`forget_pid_after_fork`]).
-fn cached_pid() -> i32 {
-    let p = PID.load(std::sync::atomic::Ordering::Relaxed);
-    if p != 0 {
-        return p;
-    }
-    let p = getpid();
-    PID.store(p, std::sync::atomic::Ordering::Relaxed);
-    p
-}
-
-/// In a forked child.
-pub fn forget_pid_after_fork() {
-    PID.store(0, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Copies memory of this process from `remote` into `local` through the
-/// kernel: an unreadable source (a file mapping past its file's end) gives
-/// a short count or `EFAULT` instead of a fault. Async-signal-safe.
-pub fn process_vm_readv_self(local: &libc::iovec, remote: &libc::iovec) -> SysResult<usize> {
+/// `process_vm_readv` (`write`: `process_vm_writev`) on this process, one
+/// iovec each side: the kernel copies, so an inaccessible page (a file
+/// mapping past its file's end, a page that cannot be allocated) gives a
+/// short count or `EFAULT` instead of a fault. Async-signal-safe. The pid is
+/// asked every time: a cached one would name the parent in a child made by
+/// a raw `clone`.
+pub fn process_vm_self(write: bool, local: &libc::iovec, remote: &libc::iovec) -> SysResult<usize> {
+    let nr = if write {
+        libc::SYS_process_vm_writev
+    } else {
+        libc::SYS_process_vm_readv
+    };
     sc!(
-        libc::SYS_process_vm_readv,
-        cached_pid(),
-        local as *const libc::iovec,
-        1usize,
-        remote as *const libc::iovec,
-        1usize,
-        0usize
-    )
-    .map(|n| n as usize)
-}
-
-/// Copies `local` into memory of this process at `remote` through the
-/// kernel (an unwritable target gives `EFAULT`, not a fault).
-/// Async-signal-safe.
-pub fn process_vm_writev_self(local: &libc::iovec, remote: &libc::iovec) -> SysResult<usize> {
-    sc!(
-        libc::SYS_process_vm_writev,
-        cached_pid(),
+        nr,
+        getpid(),
         local as *const libc::iovec,
         1usize,
         remote as *const libc::iovec,

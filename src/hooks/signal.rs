@@ -52,15 +52,20 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: sighandler_t) -> sighandler
     }
 }
 
-/// The set the kernel gets for a mask the program sets: without the
-/// signals the shim raises on purpose ([`without_shim_signals`]). `None`:
-/// `set` as it is.
-fn without_fault_signals(how: c_int, set: *const libc::sigset_t) -> Option<libc::sigset_t> {
+/// Calls `set_mask` with the set the kernel gets for a mask the program
+/// sets: without the signals the shim raises on purpose
+/// ([`without_shim_signals`]).
+fn with_shim_signals_unblocked(
+    how: c_int,
+    set: *const libc::sigset_t,
+    set_mask: impl FnOnce(*const libc::sigset_t) -> c_int,
+) -> c_int {
     if set.is_null() || how == libc::SIG_UNBLOCK || !READY.load(Ordering::Acquire) {
-        return None;
+        return set_mask(set);
     }
     // SAFETY: the caller's valid set.
-    Some(without_shim_signals(unsafe { *set }))
+    let fixed = without_shim_signals(unsafe { *set });
+    set_mask(&fixed)
 }
 
 /// # Safety
@@ -71,10 +76,8 @@ pub unsafe extern "C" fn sigprocmask(
     set: *const libc::sigset_t,
     old: *mut libc::sigset_t,
 ) -> c_int {
-    let fixed = without_fault_signals(how, set);
-    let set = fixed.as_ref().map_or(set, |s| s as *const _);
     // SAFETY: forwarded with the caller's arguments (a copy of its set).
-    unsafe { real::sigprocmask(how, set, old) }
+    with_shim_signals_unblocked(how, set, |set| unsafe { real::sigprocmask(how, set, old) })
 }
 
 /// # Safety
@@ -85,8 +88,8 @@ pub unsafe extern "C" fn pthread_sigmask(
     set: *const libc::sigset_t,
     old: *mut libc::sigset_t,
 ) -> c_int {
-    let fixed = without_fault_signals(how, set);
-    let set = fixed.as_ref().map_or(set, |s| s as *const _);
     // SAFETY: forwarded with the caller's arguments (a copy of its set).
-    unsafe { real::pthread_sigmask(how, set, old) }
+    with_shim_signals_unblocked(how, set, |set| unsafe {
+        real::pthread_sigmask(how, set, old)
+    })
 }

@@ -1,10 +1,12 @@
 //! Lazy shadows: the data file of a lazily filled shadow starts as holes
-//! and is filled from the backing on first access by a fault thread serving
-//! the process's userfaultfd (missing and minor faults on the shmem data),
-//! 16 KiB for a random fault, doubling up to 2 MiB for sequential ones
-//! ([`fault`]). Bookkeeping is per 64 KiB chunk: clean chunks this process
-//! filled are punched out again beyond `DAXSHIM_CACHE_MAX` ([`evict`]).
-//! Filling and residency themselves are [`Shadow`] methods.
+//! and is filled from the backing on first access. A shared mapping's
+//! faults are served in the faulting thread ([`sigbus`]: userfaultfd in
+//! SIGBUS mode, 4 KiB for a random fault, doubling up to 256 KiB for
+//! sequential ones); a private mapping's by the fault thread ([`fault`]:
+//! a message-mode userfaultfd, 16 KiB doubling up to 2 MiB). Bookkeeping is
+//! per 64 KiB chunk: clean chunks this process filled are punched out again
+//! beyond `DAXSHIM_CACHE_MAX` ([`evict`]). Filling and residency themselves
+//! are [`Shadow`] methods.
 //!
 //! This layer sits below the registry: what it needs of it (which lazy
 //! mapping holds a faulting address, how to take a chunk's pages out of
@@ -13,15 +15,17 @@
 //!
 //! Rules that keep it correct (docs/ARCHITECTURE.md, "Lazy filling"):
 //! - a hole in a lazy data file means "the backing's bytes"; a page present
-//!   in it holds the shadow's bytes (filled whole, under the fill lock);
+//!   in it holds the shadow's bytes (inserted whole: `UFFDIO_COPY`, or a
+//!   copy under the fill lock);
 //! - every process that maps a lazy data file handles missing pages, or
 //!   fills every hole before mapping and turns eviction off (`no_evict`);
-//! - the fault thread takes only the registry and the fill lock, and no
-//!   code holding either touches memory of a watched mapping, so a fault
-//!   can always be served;
+//! - the fault thread takes only the registry and the fill lock, the SIGBUS
+//!   handler no lock at all, and no code holding either lock touches memory
+//!   of a watched mapping, so a fault can always be served;
 //! - a chunk is evicted only by the only attached process, after its own
-//!   mappings lost the chunk's page table entries, and only the pages whose
-//!   bytes equal the backing's (so no store, synced or not, is lost).
+//!   mappings lost the chunk's page table entries and with its in-thread
+//!   fills held off ([`FillGate`]), and only the pages whose bytes equal the
+//!   backing's (so no store, synced or not, is lost).
 
 pub mod evict;
 pub mod fault;

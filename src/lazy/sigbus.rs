@@ -318,19 +318,61 @@ pub fn touch(addr: usize, len: usize) {
         return;
     }
     let end = addr.saturating_add(len);
-    let mut p = sys::page_down(addr);
-    while p < end {
-        match lookup(p) {
-            Some(e) => {
-                let stop = e.end.min(end);
-                while p < stop {
-                    // SAFETY: inside a live shadow mapping of this process
-                    // (published); a missing page is filled by the handler.
-                    unsafe { std::ptr::read_volatile(p as *const u8) };
-                    p += PAGE;
-                }
+    // The published ranges overlapping the buffer, in one pass over the
+    // table (a buffer rarely spans more than a few mappings).
+    let mut hits = [(0usize, 0usize); 8];
+    let n = overlapping(sys::page_down(addr), end, &mut hits);
+    if n > hits.len() {
+        // More than fit: page by page.
+        let mut p = sys::page_down(addr);
+        while p < end {
+            if lookup(p).is_some() {
+                touch_pages(p, p + PAGE);
             }
-            None => p += PAGE,
+            p += PAGE;
+        }
+        return;
+    }
+    for &(a, b) in &hits[..n] {
+        touch_pages(a.max(sys::page_down(addr)), b.min(end));
+    }
+}
+
+/// Reads one byte of each page of `[a, b)`, which lies in a published
+/// mapping: a missing page is filled by the handler.
+fn touch_pages(a: usize, b: usize) {
+    let mut p = sys::page_down(a);
+    while p < b {
+        // SAFETY: inside a live shadow mapping of this process (published).
+        unsafe { std::ptr::read_volatile(p as *const u8) };
+        p += PAGE;
+    }
+}
+
+/// Writes the published ranges overlapping `[a, b)` into `out`; returns how
+/// many there are (possibly more than `out` holds).
+fn overlapping(a: usize, b: usize, out: &mut [(usize, usize)]) -> usize {
+    loop {
+        let s1 = SEQ.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let used = USED.load(Ordering::Relaxed).min(SLOTS);
+        let mut n = 0;
+        for s in &TABLE[..used] {
+            let start = s.start.load(Ordering::Relaxed);
+            let end = s.end.load(Ordering::Relaxed);
+            if start < b && end > a {
+                if let Some(o) = out.get_mut(n) {
+                    *o = (start, end);
+                }
+                n += 1;
+            }
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+        if SEQ.load(Ordering::Relaxed) == s1 {
+            return n;
         }
     }
 }
@@ -483,7 +525,7 @@ fn read_backing(v: &FillView, off: u64, buf: &mut [u8]) -> Option<usize> {
         iov_base: (v.backing.addr() + off as usize) as *mut _,
         iov_len: n,
     };
-    Some(sys::process_vm_readv_self(&local, &remote).unwrap_or(0))
+    Some(sys::process_vm_self(false, &local, &remote).unwrap_or(0))
 }
 
 /// Records the line bases of bytes just put into the data file, through the
@@ -514,6 +556,6 @@ fn record(v: &FillView, off: u64, bytes: &[u8]) {
             iov_base: (map.addr() + at * 4) as *mut _,
             iov_len: n * 4,
         };
-        let _ = sys::process_vm_writev_self(&local, &remote);
+        let _ = sys::process_vm_self(true, &local, &remote);
     }
 }

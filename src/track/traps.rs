@@ -95,6 +95,15 @@ impl Traps {
         self.used.load(Ordering::Relaxed) != 0
     }
 
+    /// The live slots overlapping `[addr, end)`, with their bounds.
+    fn overlapping(&self, addr: usize, end: usize) -> impl Iterator<Item = (&Slot, usize, usize)> {
+        self.table.iter().filter_map(move |s| {
+            let lo = s.lo.load(Ordering::Relaxed);
+            let hi = s.hi.load(Ordering::Relaxed);
+            (lo != 0 && lo < end && addr < hi).then_some((s, lo, hi))
+        })
+    }
+
     fn find(&self, addr: usize) -> Option<&Slot> {
         self.table.iter().find(|s| {
             let lo = s.lo.load(Ordering::Acquire);
@@ -249,12 +258,7 @@ impl Traps {
     /// it).
     fn remove_locked(&self, addr: usize, len: usize) {
         let end = addr.saturating_add(len);
-        for s in self.table.iter() {
-            let lo = s.lo.load(Ordering::Relaxed);
-            let hi = s.hi.load(Ordering::Relaxed);
-            if lo == 0 || hi <= addr || lo >= end {
-                continue;
-            }
+        for (s, lo, hi) in self.overlapping(addr, end) {
             if addr <= lo && hi <= end {
                 s.lo.store(0, Ordering::Release);
                 s.hi.store(0, Ordering::Release);
@@ -299,14 +303,9 @@ impl Traps {
     /// the next whole harvest protects them again.
     pub fn on_mprotect(&self, addr: usize, len: usize, prot: i32) {
         let _g = self.lock.lock();
-        let end = addr.saturating_add(len);
-        for s in self.table.iter() {
-            let lo = s.lo.load(Ordering::Relaxed);
-            let hi = s.hi.load(Ordering::Relaxed);
-            if lo != 0 && lo < end && addr < hi {
-                s.prot.store(prot, Ordering::Relaxed);
-                s.all.store(true, Ordering::Release);
-            }
+        for (s, _, _) in self.overlapping(addr, addr.saturating_add(len)) {
+            s.prot.store(prot, Ordering::Relaxed);
+            s.all.store(true, Ordering::Release);
         }
     }
 
@@ -318,12 +317,7 @@ impl Traps {
     pub fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) {
         let _g = self.lock.lock();
         let end = addr.saturating_add(len);
-        for s in self.table.iter() {
-            let lo = s.lo.load(Ordering::Relaxed);
-            let hi = s.hi.load(Ordering::Relaxed);
-            if lo == 0 || hi <= addr || lo >= end {
-                continue;
-            }
+        for (s, lo, hi) in self.overlapping(addr, end) {
             let (a, b) = (addr.max(lo), end.min(hi));
             let ro = s.prot.load(Ordering::Relaxed) & !libc::PROT_WRITE;
             let whole = a == lo && b == hi;
@@ -362,10 +356,8 @@ impl Traps {
         let end = addr.saturating_add(len);
         let mut covered: Vec<(usize, usize)> = {
             let _g = self.lock.lock();
-            self.table
-                .iter()
-                .map(|s| (s.lo.load(Ordering::Relaxed), s.hi.load(Ordering::Relaxed)))
-                .filter(|&(lo, hi)| lo != 0 && lo < end && hi > addr)
+            self.overlapping(addr, end)
+                .map(|(_, lo, hi)| (lo, hi))
                 .collect()
         };
         covered.sort_unstable();

@@ -365,23 +365,24 @@ pub fn copy_in(dst: usize, src: usize, len: usize, wp: bool) -> Result<usize, (E
 /// `UFFDIO_CONTINUE` on the main descriptor for one page already in the
 /// data file (a minor fault). Async-signal-safe.
 pub fn continue_in(page: usize, wp: bool) -> SysResult<()> {
+    let mode = if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 };
+    uffd_continue(UFFD.load(Ordering::Relaxed), page, sys::PAGE, mode).0
+}
+
+/// `UFFDIO_CONTINUE` of `[start, start+len)` on `fd`: the result and the
+/// bytes mapped before an error.
+fn uffd_continue(fd: i32, start: usize, len: usize, mode: u64) -> (SysResult<()>, usize) {
     let mut c = UffdioContinue {
         range: UffdioRange {
-            start: page as u64,
-            len: sys::PAGE as u64,
+            start: start as u64,
+            len: len as u64,
         },
-        mode: if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 },
+        mode,
         mapped: 0,
     };
     // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
-    unsafe {
-        sys::ioctl(
-            UFFD.load(Ordering::Relaxed),
-            UFFDIO_CONTINUE,
-            &mut c as *mut _ as *mut _,
-        )
-    }
-    .map(|_| ())
+    let r = unsafe { sys::ioctl(fd, UFFDIO_CONTINUE, &mut c as *mut _ as *mut _) };
+    (r.map(|_| ()), c.mapped.max(0) as usize)
 }
 
 /// How [`map_filled`] maps a page.
@@ -402,34 +403,20 @@ pub enum MapAs {
 pub fn map_filled(addr: usize, len: usize, how: MapAs) -> bool {
     let end = addr + len;
     let mut cur = addr;
+    // Woken by the caller once the whole window is mapped: a thread that
+    // ran on early could harvest the window's unmapped pages, which count
+    // as written.
+    let mode = UFFDIO_CONTINUE_MODE_DONTWAKE
+        | if how == MapAs::Clean {
+            UFFDIO_CONTINUE_MODE_WP
+        } else {
+            0
+        };
+    let fd = UFFD_MSG.load(Ordering::Relaxed);
     while cur < end {
-        let mut c = UffdioContinue {
-            range: UffdioRange {
-                start: cur as u64,
-                len: (end - cur) as u64,
-            },
-            // Woken by the caller once the whole window is mapped: a thread
-            // that ran on early could harvest the window's unmapped pages,
-            // which count as written.
-            mode: UFFDIO_CONTINUE_MODE_DONTWAKE
-                | if how == MapAs::Clean {
-                    UFFDIO_CONTINUE_MODE_WP
-                } else {
-                    0
-                },
-            mapped: 0,
-        };
-        // SAFETY: UFFDIO_CONTINUE takes a struct uffdio_continue.
-        let r = unsafe {
-            sys::ioctl(
-                UFFD_MSG.load(Ordering::Relaxed),
-                UFFDIO_CONTINUE,
-                &mut c as *mut _ as *mut _,
-            )
-        };
-        let done = if c.mapped > 0 { c.mapped as usize } else { 0 };
+        let (r, done) = uffd_continue(fd, cur, end - cur, mode);
         match r {
-            Ok(_) => return true,
+            Ok(()) => return true,
             // Already mapped (another fault got there first): skip the page.
             Err(Errno(libc::EEXIST)) => cur += done + sys::PAGE,
             Err(Errno(libc::EAGAIN)) => cur += done,
