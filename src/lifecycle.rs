@@ -192,6 +192,11 @@ pub fn atfork_child() {
         if let Err(e) = f.shadow.reslot_after_fork() {
             warn!("{}: {e}", f.path);
         }
+        // The region traps inherited mark stores as the parent's: as ours
+        // now, and what the parent had open is open here too.
+        if let Some(table) = f.shadow.marks_table_if_mapped() {
+            track::uffd::remark_after_fork(table, f.shadow.slot());
+        }
     }
     let tracking = match track::tracker().after_fork_child() {
         Ok(()) => true,

@@ -11,7 +11,7 @@ use crate::registry::{Mapping, REG, SHADOW_MAPS};
 use crate::shadow::Fill;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, Failure, PAGE};
-use crate::track::{self, Stores};
+use crate::track::{self, MarkAt, Protect, Stores};
 use libc::{c_int, c_void, off64_t, size_t};
 use std::sync::atomic::Ordering;
 
@@ -295,8 +295,16 @@ pub fn mmap_impl(
             }
         }
     }
-    if tracked {
-        track::tracker().trap_stores(p as usize, maplen, prot, false);
+    // A fresh lazy range is inaccessible until published below, and then
+    // mapped without PROT_WRITE where its regions are trapped: nothing in
+    // it is written yet.
+    let protect = if hide { Protect::Later } else { Protect::No };
+    let trapped = tracked
+        && track::tracker().trap_stores(p as usize, maplen, prot, false, protect, &|| {
+            marks_at(&file, lazy, off as u64)
+        });
+    if lazy && shared && writable_fd && !trapped {
+        file.shadow.mark_untrapped();
     }
     {
         let mut reg = REG.lock();
@@ -316,7 +324,12 @@ pub fn mmap_impl(
         );
     }
     if hide {
-        if let Err(e) = sys::mprotect(p as usize, maplen, prot) {
+        let shown = if trapped && protect == Protect::Later {
+            prot & !libc::PROT_WRITE
+        } else {
+            prot
+        };
+        if let Err(e) = sys::mprotect(p as usize, maplen, shown) {
             // SAFETY: the range this call mapped, not yet returned.
             let _ = unsafe { real::munmap(p, len) };
             let released = crate::registry::forget_range(&mut REG.lock(), p as usize, maplen);
@@ -350,6 +363,20 @@ pub fn mmap_impl(
 
 /// What the SIGBUS handler needs to fill a lazy mapping of `file` up to file
 /// offset `end` (None: the fault thread serves it).
+/// Where the trapped stores of a lazy mapping at file offset `off` are
+/// marked for other processes (`track::marks`; mapped on first need).
+fn marks_at(file: &crate::file::FileState, lazy: bool, off: u64) -> Option<MarkAt> {
+    if !lazy {
+        return None;
+    }
+    let table = file.shadow.marks_table()?;
+    Some(MarkAt {
+        table,
+        off,
+        slot: file.shadow.slot(),
+    })
+}
+
 fn fill_views(
     file: &std::sync::Arc<crate::file::FileState>,
     end: u64,
@@ -520,7 +547,17 @@ pub fn mremap_impl(
         match (tracked, trapped) {
             (true, _) => {
                 let p = trapped.unwrap_or(*prot);
-                track::tracker().trap_stores(n, new_span, p, trapped.is_some());
+                let now = track::tracker().trap_stores(
+                    n,
+                    new_span,
+                    p,
+                    trapped.is_some(),
+                    Protect::No,
+                    &|| marks_at(file, lazy, *off),
+                );
+                if lazy && *shared && p & libc::PROT_WRITE != 0 && !now {
+                    file.shadow.mark_untrapped();
+                }
             }
             // Untracked now: no read-only region may stay without a trap.
             (false, Some(p)) => {

@@ -403,14 +403,40 @@ impl Host for LazyHost {
         out
     }
 
-    fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<bool> {
+    fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<Option<u64>> {
         // The registry keeps our mappings from changing while we zap them.
-        let reg = REG.lock();
         let shadow = file.shadow();
-        let fill = shadow.fill_lock();
-        if !shadow.alone() || shadow.no_evict() {
-            return Ok(false);
+        let others = !shadow.alone();
+        if shadow.no_evict() || (others && shadow.others_untrapped()) {
+            return Ok(None);
         }
+        let dead = |i| shadow.slot_gone(i);
+        let regions = crate::track::marks::regions_of(c0, c1);
+        let table = if others { shadow.marks_table() } else { None };
+        match table {
+            // A look before the locks: stores of others skip most regions.
+            Some(t)
+                if crate::track::marks::others_open(t, regions.clone(), shadow.slot(), &dead) =>
+            {
+                return Ok(None)
+            }
+            None if others => return Ok(None),
+            _ => {}
+        }
+        let reg = REG.lock();
+        let fill = shadow.fill_lock();
+        // Other processes: only where none may store without a fault that
+        // waits for us (their region traps are closed there), marked as
+        // ours until the pages are compared and punched. Alone, this
+        // process's own pages are all there is (zapped below).
+        let _evicting = match table {
+            Some(t) => match crate::track::marks::Evicting::begin(t, regions, shadow.slot(), &dead)
+            {
+                Some(e) => Some(e),
+                None => return Ok(None),
+            },
+            None => None,
+        };
         // No thread of ours fills (in its fault handler) until this is done.
         let _gate = file.gate().close();
         // Zapping a written page table entry would lose the tracker's
@@ -433,14 +459,27 @@ impl Host for LazyHost {
                 sys::madvise(va, n, libc::MADV_DONTNEED)?;
             }
         }
+        let chunk = crate::lazy::CHUNK;
         let r = file
             .backing()
-            .and_then(|b| shadow.punch_clean(b.raw(), c0, c1));
+            .and_then(|b| shadow.punch_clean(b.raw(), c0, c1, chunk));
+        if let Ok(left) = r {
+            // Bases of the chunks now empty, in runs.
+            let mut empty: Vec<(u64, u64)> = Vec::new();
+            for i in (0..(c1 - c0).div_ceil(chunk)).filter(|i| left & (1 << i) == 0) {
+                let (a, b) = (c0 + i * chunk, (c0 + (i + 1) * chunk).min(c1));
+                match empty.last_mut() {
+                    Some((_, e)) if *e == a => *e = b,
+                    _ => empty.push((a, b)),
+                }
+            }
+            shadow.forget_bases(&empty);
+        }
         drop(fill);
         if let Some(f) = owner.filter(|_| !written.is_empty()) {
             f.inner.lock().pending.extend(&written);
         }
         drop(reg);
-        r
+        r.map(Some)
     }
 }

@@ -580,6 +580,36 @@ pub fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
     );
 }
 
+/// As [`futex_wait_ms`] on a word in memory shared with other processes.
+pub fn futex_wait_shared_ms(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    };
+    let _ = sc!(
+        libc::SYS_futex,
+        word.as_ptr(),
+        libc::FUTEX_WAIT,
+        val,
+        &ts as *const libc::timespec
+    );
+}
+
+/// Wakes every waiter, in any process, on a shared `word`.
+pub fn futex_wake_shared(word: &std::sync::atomic::AtomicU32) {
+    let _ = sc!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+}
+
+/// The calling thread's id (async-signal-safe).
+pub fn gettid() -> i32 {
+    sc!(libc::SYS_gettid).unwrap_or(0) as i32
+}
+
+/// Is there no process `pid` any more (async-signal-safe)?
+pub fn process_gone(pid: i32) -> bool {
+    pid > 0 && sc!(libc::SYS_kill, pid, 0) == Err(Errno(libc::ESRCH))
+}
+
 /// Gives the CPU away (async-signal-safe).
 pub fn sched_yield() {
     let _ = sc!(libc::SYS_sched_yield);

@@ -118,6 +118,17 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 })
                 .collect();
             println!("  processes: {}", ps.join(", "));
+            let untrapped: Vec<i32> = s
+                .procs
+                .iter()
+                .filter(|p| p.alive && p.untrapped)
+                .map(|p| p.pid)
+                .collect();
+            if !untrapped.is_empty() && s.procs.iter().filter(|p| p.alive).count() > 1 {
+                println!(
+                    "  eviction (DAXSHIM_CACHE_MAX): only while alone; {untrapped:?} store without region traps (mapping under DAXSHIM_TRAP_MIN, or another tracker)"
+                );
+            }
         }
         let dead = s.dead_writers();
         if !dead.is_empty() {

@@ -31,6 +31,9 @@ pub struct Proc {
     pub pid: i32,
     pub alive: bool,
     pub writer: bool,
+    /// Maps the file writable without region traps that mark its stores:
+    /// other processes do not evict the shadow while it is attached.
+    pub untrapped: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -182,8 +185,13 @@ impl Meta {
                     return None;
                 }
                 let alive = h.slots[i].alive(&self.dir, 0);
-                let writer = h.slots[i].flags.load(Ordering::Relaxed) & SLOT_WRITER != 0;
-                Some(Proc { pid, alive, writer })
+                let flags = h.slots[i].flags.load(Ordering::Relaxed);
+                Some(Proc {
+                    pid,
+                    alive,
+                    writer: flags & SLOT_WRITER != 0,
+                    untrapped: flags & SLOT_UNTRAPPED != 0,
+                })
             })
             .collect()
     }
@@ -316,5 +324,9 @@ pub fn remove(s: &ShadowInfo) -> std::io::Result<()> {
     let mut lines = s.data.clone().into_os_string();
     lines.push(".lines");
     let _ = std::fs::remove_file(lines);
+    // The region marks (`shadow/regions.rs`).
+    let mut regions = s.data.clone().into_os_string();
+    regions.push(".regions");
+    let _ = std::fs::remove_file(regions);
     std::fs::remove_file(&s.meta)
 }

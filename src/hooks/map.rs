@@ -138,11 +138,12 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: libc::size_t, prot: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments.
-    let r = unsafe { real::mprotect(addr, len, prot) };
-    if r == 0 && track::traps_stores() {
-        if let Some(_g) = enter() {
-            track::tracker().on_program_mprotect(addr as usize, len, prot);
-        }
+    let mut apply = || unsafe { real::mprotect(addr, len, prot) };
+    if !track::traps_stores() {
+        return apply();
     }
-    r
+    match enter() {
+        Some(_g) => track::tracker().on_program_mprotect(addr as usize, len, prot, &mut apply),
+        None => apply(),
+    }
 }

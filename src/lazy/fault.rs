@@ -182,6 +182,7 @@ fn on_fault(fault: uffd::Fault, seq: &mut Sequence, buf: &mut [u8]) {
     seq.window = window;
     if filled > 0 {
         // This thread is the evictor: evict now rather than wait for itself.
+        super::evict::note_shared(file.shadow(), filled);
         super::evict::note_filled(filled, false);
         super::evict::evict_over_limit();
     }

@@ -69,11 +69,14 @@ pub struct Hit {
 pub trait Host: Sync {
     /// The lazy mapping of this process that holds `page`.
     fn lookup(&self, page: usize) -> Option<Hit>;
-    /// Takes `[c0, c1)` of `file` out of this process's lazy mappings
-    /// (harvesting their written pages first) and, with the fill lock held
-    /// and only while this process is alone on the shadow, punches the
-    /// clean pages out of the data file. True if nothing of it is left.
-    fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<bool>;
+    /// Takes `[c0, c1)` (at most 64 chunks) of `file` out of this process's
+    /// lazy mappings (harvesting their written pages first) and, with the
+    /// fill lock held, punches the clean pages out of the data file: where
+    /// no other process may store without a fault that waits for this one
+    /// (`track::marks`), or while this process is alone on the shadow.
+    /// `None`: left alone; else which chunks still hold pages (bit `i`:
+    /// the chunk at `c0 + i * CHUNK`).
+    fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<Option<u64>>;
     /// The files this process has lazy mappings of.
     fn lazy_files(&self) -> Vec<Arc<dyn LazyFile>>;
 }

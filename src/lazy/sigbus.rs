@@ -27,7 +27,7 @@ use crate::persist::base::line_hash;
 use crate::persist::LINE;
 use crate::stats::{add, STATS};
 use crate::sys::{self, Errno, OwnedMap, PAGE};
-use crate::track::uffd;
+use crate::track::{marks, uffd};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -64,6 +64,9 @@ pub struct FillView {
     /// The line bases, from offset 0 (None: unknown, written back as before
     /// bases existed).
     bases: Option<(OwnedMap, usize)>,
+    /// The shadow's region marks (`track::marks`; 0: none), where fills are
+    /// announced to other processes' evictors.
+    marks: usize,
 }
 
 impl FillView {
@@ -79,10 +82,16 @@ impl FillView {
         })?;
         let bases = file.shadow().own_bases_map(end);
         file.chunks().grow(end.div_ceil(CHUNK));
+        // Without marks, other processes must not evict beside this one.
+        let marks = file.shadow().marks_table().unwrap_or_else(|| {
+            file.shadow().mark_untrapped();
+            0
+        });
         Ok(FillView {
             file,
             backing,
             bases,
+            marks,
         })
     }
 }
@@ -435,6 +444,17 @@ fn fill(e: &Entry, page: usize) -> (u64, Result<(), Errno>) {
     r
 }
 
+/// Ends a fill counted in the region marks.
+struct LeaveFill(usize, std::ops::Range<u64>);
+
+impl Drop for LeaveFill {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            marks::leave_fill(self.0, self.1.clone());
+        }
+    }
+}
+
 /// Fills `[w0, w1)` of mapping `e` through `buf`: the bytes filled, and an
 /// error if the page at `page` could not be filled.
 fn fill_range(
@@ -450,7 +470,17 @@ fn fill_range(
     let mut cur = w0;
     let mut filled = 0u64;
     let mut failed = None;
-    // Not while this process evicts a chunk of the file.
+    // Not while this process evicts a chunk of the file, nor while another
+    // process evicts in its regions.
+    let regions = if v.marks != 0 {
+        marks::regions_of(fo(w0), fo(w1))
+    } else {
+        0..0
+    };
+    while v.marks != 0 && !marks::enter_fill(v.marks, regions.clone()) {
+        marks::wait_evictors(v.marks, regions.clone());
+    }
+    let _filling = LeaveFill(v.marks, regions);
     let pass = v.file.gate().enter();
     'window: while cur < w1 {
         let n = (w1 - cur).min(buf.len());
@@ -482,6 +512,7 @@ fn fill_range(
                 Err((Errno(libc::ENOENT), _)) => {
                     drop(pass);
                     add(&STATS.lazy_filled_bytes, filled);
+                    super::evict::note_shared(v.file.shadow(), filled);
                     return (filled, Ok(()));
                 }
                 Err((err, _)) => {
@@ -499,6 +530,7 @@ fn fill_range(
     }
     drop(pass);
     add(&STATS.lazy_filled_bytes, filled);
+    super::evict::note_shared(v.file.shadow(), filled);
     match failed {
         // A full shadow file system, or worse: the faulting page gets
         // SIGBUS, as for a page the kernel cannot read in.

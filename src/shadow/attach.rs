@@ -73,6 +73,8 @@ pub fn attach(
                 key: crate::fdcache::new_key(),
                 probe: crate::lock::Lock::new(OwnedMap::default()),
                 lines: crate::lock::Lock::new(super::lines::LinesMap::default()),
+                marks: crate::lock::Lock::new(OwnedMap::default()),
+                marks_addr: Default::default(),
             });
         }
     }
@@ -110,6 +112,7 @@ fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
     hdr.magic.store(0, Ordering::Release);
     let _ = sys::unlink(&cstr(base)); // data left by an older header
     Shadow::unlink_lines(base);
+    Shadow::unlink_regions(base);
     hdr.version.store(VERSION, Ordering::Relaxed);
     hdr.slot_count.store(SLOTS as u32, Ordering::Relaxed);
     hdr.dev.store(id.dev, Ordering::Relaxed);
@@ -245,6 +248,9 @@ impl Shadow {
     /// remains, the shadow files are removed (the backing holds everything).
     pub fn detach(&self, how: Detach, backing_fd: i32, opt: &AttachOptions) {
         let h = self.header();
+        if let Ok(st) = sys::fstat(backing_fd) {
+            self.clear_own_marks(st.st_size as u64);
+        }
         let lock = AttachLock::take_path(&self.meta_path());
         match how {
             Detach::Synced => slots::free_slot(h, self.slot()),
@@ -269,6 +275,7 @@ impl Shadow {
         if census.live == 0 && !dead_writer {
             let _ = sys::unlink(&cstr(&self.base));
             Shadow::unlink_lines(&self.base);
+            Shadow::unlink_regions(&self.base);
             let _ = sys::unlink(&cstr(&format!("{}.meta", self.base)));
         }
     }

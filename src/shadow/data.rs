@@ -165,6 +165,16 @@ impl Shadow {
         self.open_data().ok()
     }
 
+    /// Bytes of memory the data file and its bases hold (every process's
+    /// fills).
+    pub fn resident_bytes(&self) -> u64 {
+        let data = self
+            .data()
+            .and_then(|d| sys::fstat(d.fd().as_raw_fd()).ok())
+            .map_or(0, |st| st.st_blocks as u64 * 512);
+        data + self.lines_resident_bytes()
+    }
+
     fn open_data(&self) -> Result<SharedFd, Failure> {
         DATA_FDS.get_or_open(self.key, || open_owned(&self.base, Create::No))
     }
@@ -301,43 +311,65 @@ impl Shadow {
     }
 
     /// Punches the pages of `[c0, c1)` whose bytes equal the backing's out
-    /// of the data file. True if none is left. Call with the fill lock held
-    /// and no mapping of this process holding the range's pages.
-    pub fn punch_clean(&self, backing_fd: i32, c0: u64, c1: u64) -> SysResult<bool> {
+    /// of the data file. Returns which `chunk`-sized pieces of the range
+    /// (bit `i`: the one at `c0 + i * chunk`; at most 64) still hold pages.
+    /// Call with the fill lock held and no mapping of this process holding
+    /// the range's pages.
+    pub fn punch_clean(&self, backing_fd: i32, c0: u64, c1: u64, chunk: u64) -> SysResult<u64> {
         let Some(data) = self.data() else {
-            return Ok(true);
+            return Ok(0);
         };
         let data_fd = data.fd().as_raw_fd();
         let size = sys::fstat(data_fd)?.st_size as u64;
         let end = c1.min(size);
         let present = self.present(c0, end);
-        let mut shadow = vec![0u8; PAGE];
-        let mut backing = vec![0u8; PAGE];
-        let mut left = false;
+        // Runs read at once, and clean pages punched in runs that reach
+        // over holes (punched again, harmlessly) up to the next page that
+        // stays: a punch unmaps its range from every process's page
+        // tables, a cost per call (TLB shootdowns).
+        const BLOCK: usize = 256 << 10;
+        let mut shadow = vec![0u8; BLOCK];
+        let mut backing = vec![0u8; BLOCK];
+        let mut left = 0u64;
         let mut evicted = 0u64;
+        let mut run: Option<(u64, u64)> = None;
+        let punch = |(a, b): (u64, u64)| {
+            sys::fallocate(
+                data_fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                a,
+                b - a,
+            )
+        };
         for (a, b) in present.iter() {
             let mut p = a;
             while p < b.min(end) {
-                let n = PAGE.min((end - p) as usize);
+                let n = BLOCK.min((b.min(end) - p) as usize);
                 let s = sys::pread_full(data_fd, &mut shadow[..n], p)?;
                 let k = sys::pread_full(backing_fd, &mut backing[..n], p)?;
                 backing[k..n].fill(0);
-                if s == n && shadow[..n] == backing[..n] {
-                    sys::fallocate(
-                        data_fd,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        p,
-                        PAGE as u64,
-                    )?;
-                    evicted += PAGE as u64;
-                } else {
-                    left = true;
+                for q in (0..n).step_by(PAGE) {
+                    let m = PAGE.min(n - q);
+                    let at = p + q as u64;
+                    if q + m <= s && shadow[q..q + m] == backing[q..q + m] {
+                        let x = run.map_or(at, |(x, _)| x);
+                        run = Some((x, at + PAGE as u64));
+                        evicted += PAGE as u64;
+                    } else {
+                        left |= 1u64 << ((at - c0) / chunk).min(63);
+                        if let Some(r) = run.take() {
+                            punch(r)?;
+                        }
+                    }
                 }
-                p += PAGE as u64;
+                p += n as u64;
             }
         }
+        if let Some(r) = run {
+            punch(r)?;
+        }
         add(&STATS.evicted_bytes, evicted);
-        Ok(!left)
+        Ok(left)
     }
 
     /// Fork: holds the residency probe's and the bases' locks (see

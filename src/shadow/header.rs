@@ -23,6 +23,10 @@ pub const SLOT_WRITER: u32 = 1;
 /// The slot's process detached leaving unsynced stores: the slot counts as
 /// a dead writer's, although the process may live on.
 pub const SLOT_LEFT: u32 = 2;
+/// The slot's process maps the file writable and shared without region
+/// traps that mark its stores (`track::marks`): other processes do not
+/// evict while it is attached.
+pub const SLOT_UNTRAPPED: u32 = 4;
 
 /// A process that attached to a shadow. Its liveness is its presence file
 /// in the shadow directory ([`presence_path`]), which it holds an OFD lock
@@ -128,6 +132,11 @@ pub struct Header {
     /// change may hide behind the same mtime: the next check looks at the
     /// lines whatever the record says.
     pub rec_unsure: AtomicU32,
+    /// The memory the data file and its bases hold, as some process last
+    /// measured it, plus what every process filled since (lazy filling's
+    /// estimate for `DAXSHIM_CACHE_MAX`, seen by all at once). Zero in a
+    /// header made before it existed: measured at the first eviction.
+    pub filled: AtomicU64,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;

@@ -121,6 +121,43 @@ impl Shadow {
         Some(BasesGuard { _map: m, bases })
     }
 
+    /// The data of the ranges (ascending) was evicted whole: their bases
+    /// are punched out of the file (back to "unknown", as for holes never
+    /// filled), where they fill whole pages of it. A fill racing this may
+    /// lose its bases: its lines are then written back at the next sync,
+    /// as before bases.
+    pub fn forget_bases(&self, ranges: &[(u64, u64)]) {
+        let pages: Vec<(usize, usize)> = ranges
+            .iter()
+            .map(|&(c0, c1)| {
+                let a = sys::page_up(bytes_for(c0) as usize);
+                let b = sys::page_down(bytes_for(c1) as usize);
+                (a, b)
+            })
+            .filter(|(a, b)| a < b)
+            .collect();
+        if pages.is_empty() {
+            return;
+        }
+        let mut m = self.lines.lock();
+        if let Ok(fd) = self.lines_fd(&mut m) {
+            for (a, b) in pages {
+                let _ = sys::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    a as u64,
+                    (b - a) as u64,
+                );
+            }
+        }
+        m.fd = None;
+    }
+
+    /// Bytes of memory the bases file holds.
+    pub(super) fn lines_resident_bytes(&self) -> u64 {
+        sys::lstat(&cstr(&self.lines_path())).map_or(0, |st| st.st_blocks as u64 * 512)
+    }
+
     /// A mapping of the bases of the first `size` bytes of data of its own
     /// (not the one [`Shadow::bases`] shares and unmaps when the process
     /// holds too many), and the number of bases it holds: for the lazy

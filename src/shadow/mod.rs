@@ -20,6 +20,7 @@ pub mod data;
 pub mod header;
 pub mod lines;
 pub mod owned;
+mod regions;
 mod slots;
 
 use crate::lock::Lock;
@@ -53,6 +54,10 @@ pub struct Shadow {
     probe: Lock<OwnedMap>,
     /// The line bases (`lines.rs`).
     lines: Lock<lines::LinesMap>,
+    /// The region marks (`regions.rs`): the mapping, and its address once
+    /// made (read without the lock).
+    marks: Lock<OwnedMap>,
+    marks_addr: AtomicUsize,
 }
 
 impl Drop for Shadow {
@@ -125,6 +130,11 @@ impl Shadow {
         unsafe { owned::lock_robust(self.header().fill_lock.get()) }
     }
 
+    /// The shared estimate of the memory the shadow holds ([`Header::filled`]).
+    pub fn filled_estimate(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.header().filled
+    }
+
     /// Holes in the data file mean "the backing's bytes" (lazy filling).
     pub fn is_lazy(&self) -> bool {
         self.header().lazy.load(Ordering::Acquire) != 0
@@ -185,6 +195,33 @@ impl Shadow {
             .load(Ordering::Relaxed)
             & SLOT_WRITER
             != 0
+    }
+
+    /// This process maps the file writable and shared without region traps
+    /// marking its stores ([`crate::track::marks`]): other processes evict
+    /// only while alone.
+    pub fn mark_untrapped(&self) {
+        self.header().slots[self.slot()]
+            .flags
+            .fetch_or(SLOT_UNTRAPPED, Ordering::Relaxed);
+    }
+
+    /// Does another live process map the file with untrapped stores?
+    pub fn others_untrapped(&self) -> bool {
+        let h = self.header();
+        (0..SLOTS).any(|i| {
+            i != self.slot()
+                && h.slots[i].flags.load(Ordering::Relaxed) & SLOT_UNTRAPPED != 0
+                && !self.slot_gone(i)
+        })
+    }
+
+    /// Is slot `i` free, left, or held by a process that no longer exists
+    /// (it stores nowhere)? A cheap answer: a reused pid counts as alive.
+    pub fn slot_gone(&self, i: usize) -> bool {
+        let s = &self.header().slots[i % SLOTS];
+        let pid = s.pid.load(Ordering::Relaxed);
+        pid == 0 || s.flags.load(Ordering::Relaxed) & SLOT_LEFT != 0 || sys::process_gone(pid)
     }
 
     /// Might another process (alive or dead) hold unsynced stores?

@@ -9,9 +9,12 @@
 //! - [`CompareTracker`]: tracks nothing; every sync compares the whole file
 //!   (the correctness oracle).
 
+pub mod marks;
 pub mod mprotect;
 pub mod traps;
 pub mod uffd;
+
+pub use traps::{MarkAt, Protect};
 
 use crate::config::TrackerKind;
 use crate::sys::SysResult;
@@ -59,16 +62,38 @@ pub trait DirtyTracker: Sync {
     /// The kernel is about to store into `[addr, addr+len)` for the program
     /// (only called where [`write_protects_pages`]).
     fn before_kernel_stores(&self, _addr: usize, _len: usize) {}
-    /// The program changed the protection of `[addr, addr+len)`.
-    fn on_program_mprotect(&self, _addr: usize, _len: usize, _prot: i32) {}
+    /// The program changes the protection of `[addr, addr+len)` (`apply`
+    /// does it and gives `mprotect`'s result, which this returns).
+    fn on_program_mprotect(
+        &self,
+        _addr: usize,
+        _len: usize,
+        _prot: i32,
+        apply: &mut dyn FnMut() -> i32,
+    ) -> i32 {
+        apply()
+    }
     /// A tracked shared mapping the program asked `prot` for: where the
     /// tracker scans for written pages, traps first stores to its regions
     /// so that a harvest scans only regions written since the last one
     /// (the userfaultfd tracker, for mappings of `DAXSHIM_TRAP_MIN` or
     /// more).
     /// `force`: whatever its size (a remapped range that was trapped: its
-    /// regions may be read-only).
-    fn trap_stores(&self, _addr: usize, _len: usize, _prot: i32, _force: bool) {}
+    /// regions may be read-only). `protect`: how it starts
+    /// ([`Protect::Later`]: the caller maps it without `PROT_WRITE`).
+    /// `marks`: where its stores are marked for other processes (a lazy
+    /// shared shadow). True if its regions are trapped.
+    fn trap_stores(
+        &self,
+        _addr: usize,
+        _len: usize,
+        _prot: i32,
+        _force: bool,
+        _protect: Protect,
+        _marks: &dyn Fn() -> Option<MarkAt>,
+    ) -> bool {
+        false
+    }
     /// The protection recorded for a trapped range holding `addr`.
     fn trapped_prot(&self, _addr: usize) -> Option<i32> {
         None

@@ -7,7 +7,7 @@
 //! interposed while write traps are in use (see `sigchain`), faults that are
 //! not ours go to the program's action.
 
-use super::traps::Traps;
+use super::traps::{Protect, Traps};
 use crate::sys::SysResult;
 
 /// Granule: one page; a set bit is a written page.
@@ -32,10 +32,16 @@ impl super::DirtyTracker for MprotectTracker {
         true
     }
     fn track(&self, addr: usize, len: usize) -> SysResult<()> {
-        PAGES.track(addr, len, libc::PROT_READ | libc::PROT_WRITE, true)
+        PAGES.track(
+            addr,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            Protect::Now,
+            None,
+        )
     }
     fn track_with_prot(&self, addr: usize, len: usize, prot: i32) -> SysResult<()> {
-        PAGES.track(addr, len, prot, true)
+        PAGES.track(addr, len, prot, Protect::Now, None)
     }
     fn untrack(&self, addr: usize, len: usize) {
         PAGES.untrack(addr, len)
@@ -55,7 +61,13 @@ impl super::DirtyTracker for MprotectTracker {
     fn before_kernel_stores(&self, addr: usize, len: usize) {
         PAGES.before_kernel_stores(addr, len)
     }
-    fn on_program_mprotect(&self, addr: usize, len: usize, prot: i32) {
-        PAGES.on_mprotect(addr, len, prot)
+    fn on_program_mprotect(
+        &self,
+        addr: usize,
+        len: usize,
+        prot: i32,
+        apply: &mut dyn FnMut() -> i32,
+    ) -> i32 {
+        PAGES.on_mprotect(addr, len, prot, apply)
     }
 }

@@ -24,13 +24,24 @@
 //! caller copies (or scans) the granule; one after the protect faults and
 //! sets its bit again.
 //!
+//! A slot of a lazily filled shared shadow also carries where its regions
+//! are marked for other processes ([`super::marks`], [`MarkAt`]): whatever
+//! opens a granule to stores marks its regions first (and waits while
+//! another process evicts there); a harvest that protected a granule again
+//! clears the marks of the regions no open granule of this process covers.
+//! The two exclude each other through the table's `marking` word (the
+//! harvest's side runs with signals blocked, so a handler never waits for
+//! its own thread).
+//!
 //! # Safety
 //! The handler touches only atomics and raw system calls (async-signal-safe).
 //! Bitmaps are allocated and freed outside the handler, under the table's
 //! lock.
 
+use super::marks;
 use crate::lock::Lock;
 use crate::sys::{self, Errno, SysResult};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 const SLOTS: usize = 1024;
@@ -51,6 +62,34 @@ struct Slot {
     /// The protection the program asked for (stores are trapped only where
     /// it allows them).
     prot: AtomicI32,
+    /// [`MarkAt`]: the marks table (0: none), the file offset of `base`,
+    /// this process's slot in the shadow.
+    marks: AtomicUsize,
+    mark_off: AtomicU64,
+    mark_slot: AtomicUsize,
+}
+
+/// Where a trapped range's stores are marked for other processes: the
+/// shadow's marks table ([`super::marks`]), the file offset the range
+/// starts at, and this process's slot in the shadow.
+#[derive(Clone, Copy, Debug)]
+pub struct MarkAt {
+    pub table: usize,
+    pub off: u64,
+    pub slot: usize,
+}
+
+/// How a newly trapped range starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Protect {
+    /// Write-protected now: nothing in it counts as written.
+    Now,
+    /// The caller maps it without `PROT_WRITE` itself (it is inaccessible
+    /// until then): nothing counts as written.
+    Later,
+    /// Left as it is: everything counts as written until the first whole
+    /// harvest protects it.
+    No,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -62,6 +101,9 @@ const EMPTY: Slot = Slot {
     words: AtomicUsize::new(0),
     all: AtomicBool::new(false),
     prot: AtomicI32::new(0),
+    marks: AtomicUsize::new(0),
+    mark_off: AtomicU64::new(0),
+    mark_slot: AtomicUsize::new(0),
 };
 
 /// A table of trapped ranges with one granule size.
@@ -74,6 +116,21 @@ pub struct Traps {
     used: AtomicUsize,
     /// log2 of the granule size.
     shift: u32,
+    /// The thread changing marks (0: none): handlers opening granules and
+    /// harvests clearing marks exclude each other.
+    marking: AtomicI32,
+}
+
+/// Holds the table's `marking` word (none if a handler runs on top of its
+/// own thread's hold: it goes on, the outer frame is a handler too).
+struct Marking<'a>(Option<&'a AtomicI32>);
+
+impl Drop for Marking<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.0 {
+            w.store(0, Ordering::Release);
+        }
+    }
 }
 
 impl Traps {
@@ -83,6 +140,107 @@ impl Traps {
             lock: Lock::new(()),
             used: AtomicUsize::new(0),
             shift,
+            marking: AtomicI32::new(0),
+        }
+    }
+
+    /// Takes the `marking` word (spinning: holders do a few atomics and at
+    /// most an `mprotect`).
+    fn marking(&self) -> Marking<'_> {
+        let me = sys::gettid();
+        loop {
+            match self
+                .marking
+                .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return Marking(Some(&self.marking)),
+                Err(t) if t == me => return Marking(None),
+                Err(_) => std::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// The marks table, regions and slot of `[a, b)` of slot `s`.
+    fn regions_of(&self, s: &Slot, a: usize, b: usize) -> Option<(usize, Range<u64>, usize)> {
+        let table = s.marks.load(Ordering::Acquire);
+        if table == 0 || a >= b {
+            return None;
+        }
+        let base = s.base.load(Ordering::Relaxed);
+        let off = s.mark_off.load(Ordering::Relaxed);
+        let fo = |x: usize| off + (x - base) as u64;
+        let slot = s.mark_slot.load(Ordering::Relaxed);
+        Some((table, marks::regions_of(fo(a), fo(b)), slot))
+    }
+
+    /// Marks `[a, b)` of slot `s` open for other processes. `Err`: another
+    /// process evicts there; the caller lets go of `marking` and waits with
+    /// [`marks::wait_evictors`] before it tries again.
+    fn mark_open(&self, s: &Slot, a: usize, b: usize) -> Result<(), (usize, Range<u64>)> {
+        match self.regions_of(s, a, b) {
+            Some((t, rs, slot)) if !marks::set_open(t, rs.clone(), slot) => Err((t, rs)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks `[a, b)` of slot `s` open, waiting for evictors of other
+    /// processes (not from a handler holding `marking`).
+    fn mark_open_waiting(&self, s: &Slot, a: usize, b: usize) {
+        while let Err((t, rs)) = self.mark_open(s, a, b) {
+            marks::wait_evictors(t, rs);
+        }
+    }
+
+    /// Is region `r` of marks table `table` open to stores anywhere in
+    /// this process (a set bit or an all-open slot over it)?
+    fn region_open(&self, table: usize, r: u64) -> bool {
+        let (r0, r1) = (r << marks::REGION_SHIFT, (r + 1) << marks::REGION_SHIFT);
+        self.table.iter().any(|s| {
+            let lo = s.lo.load(Ordering::Relaxed);
+            if lo == 0 || s.marks.load(Ordering::Relaxed) != table {
+                return false;
+            }
+            let hi = s.hi.load(Ordering::Relaxed);
+            let base = s.base.load(Ordering::Relaxed);
+            let off = s.mark_off.load(Ordering::Relaxed);
+            let (fa, fb) = (off + (lo - base) as u64, off + (hi - base) as u64);
+            if fb <= r0 || r1 <= fa {
+                return false;
+            }
+            if s.all.load(Ordering::Acquire) {
+                return true;
+            }
+            let va = |f: u64| base + (f - off) as usize;
+            let (a, b) = (va(fa.max(r0)), va(fb.min(r1)));
+            let bits = s.bits.load(Ordering::Acquire);
+            let words = s.words.load(Ordering::Relaxed);
+            let first = (a - base) >> self.shift;
+            let last = (b - 1 - base) >> self.shift;
+            (first..=last).any(|i| {
+                // SAFETY: `bits` holds `words` atomics while the slot is
+                // live (the caller holds the table's lock).
+                i / 64 >= words
+                    || bits.is_null()
+                    || unsafe { (*bits.add(i / 64)).load(Ordering::Acquire) } & (1 << (i % 64)) != 0
+            })
+        })
+    }
+
+    /// Clears this process's marks on the regions of `closed` (pieces of
+    /// slots just protected or untrapped) that no open granule of this
+    /// process covers any more. Call with the table's lock held.
+    fn unmark_closed(&self, closed: &[(usize, Range<u64>, usize)]) {
+        if closed.is_empty() {
+            return;
+        }
+        let _signals = sys::SignalBlock::all();
+        let _m = self.marking();
+        for (t, rs, slot) in closed {
+            for r in rs.clone() {
+                if !self.region_open(*t, r) {
+                    marks::clear_open(*t, r, *slot);
+                }
+            }
         }
     }
 
@@ -139,16 +297,29 @@ impl Traps {
         }
         let (a, b) = self.granule_of(s, addr);
         crate::stats::add(&crate::stats::STATS.store_traps, 1);
-        if a < b && sys::mprotect(a, b - a, prot).is_ok() {
-            self.set_bit(s, addr);
-            return true;
+        loop {
+            let held = self.marking();
+            if let Err((t, rs)) = self.mark_open(s, a, b) {
+                drop(held);
+                marks::wait_evictors(t, rs);
+                continue;
+            }
+            if a < b && sys::mprotect(a, b - a, prot).is_ok() {
+                self.set_bit(s, addr);
+                return true;
+            }
+            // Too many VMAs (vm.max_map_count): open the whole range, which
+            // merges its pieces, and report it all at the next harvest.
+            let lo = s.lo.load(Ordering::Relaxed);
+            let hi = s.hi.load(Ordering::Relaxed);
+            if let Err((t, rs)) = self.mark_open(s, lo, hi) {
+                drop(held);
+                marks::wait_evictors(t, rs);
+                continue;
+            }
+            s.all.store(true, Ordering::Release);
+            return sys::mprotect(lo, hi - lo, prot).is_ok();
         }
-        // Too many VMAs (vm.max_map_count): open the whole range, which
-        // merges its pieces, and report it all at the next harvest.
-        let lo = s.lo.load(Ordering::Relaxed);
-        let hi = s.hi.load(Ordering::Relaxed);
-        s.all.store(true, Ordering::Release);
-        sys::mprotect(lo, hi - lo, prot).is_ok()
     }
 
     /// The SIGSEGV handler's test: true if the fault was a trapped first
@@ -185,10 +356,16 @@ impl Traps {
         }
     }
 
-    /// Starts trapping `[addr, addr+len)`. `protect`: write-protect it now
-    /// (nothing in it counts as written); otherwise it all counts as
-    /// written until its first whole harvest protects it.
-    pub fn track(&self, addr: usize, len: usize, prot: i32, protect: bool) -> SysResult<()> {
+    /// Starts trapping `[addr, addr+len)`, marking its stores in `marks`
+    /// (if any) for other processes.
+    pub fn track(
+        &self,
+        addr: usize,
+        len: usize,
+        prot: i32,
+        protect: Protect,
+        marks: Option<MarkAt>,
+    ) -> SysResult<()> {
         let _g = self.lock.lock();
         self.remove_locked(addr, len);
         let Some(slot) = self
@@ -204,15 +381,79 @@ impl Traps {
         slot.bits
             .store(Box::into_raw(bits) as *mut _, Ordering::Release);
         slot.base.store(addr, Ordering::Relaxed);
-        slot.all.store(!protect, Ordering::Relaxed);
+        slot.all.store(protect == Protect::No, Ordering::Relaxed);
         slot.prot.store(prot, Ordering::Relaxed);
+        let m = marks.unwrap_or(MarkAt {
+            table: 0,
+            off: 0,
+            slot: 0,
+        });
+        slot.mark_off.store(m.off, Ordering::Relaxed);
+        slot.mark_slot.store(m.slot, Ordering::Relaxed);
+        slot.marks.store(m.table, Ordering::Release);
         slot.hi.store(addr + len, Ordering::Release);
         slot.lo.store(addr, Ordering::Release);
         self.used.fetch_add(1, Ordering::Relaxed);
-        if protect {
-            sys::mprotect(addr, len, prot & !libc::PROT_WRITE)?;
+        match protect {
+            Protect::Now => sys::mprotect(addr, len, prot & !libc::PROT_WRITE)?,
+            Protect::Later => {}
+            Protect::No if prot & libc::PROT_WRITE != 0 => {
+                self.mark_open_waiting(slot, addr, addr + len)
+            }
+            Protect::No => {}
         }
         Ok(())
+    }
+
+    /// In a forked child, now in `slot` of the shadow whose marks table is
+    /// `table`: its trapped ranges there are marked as its own, those open
+    /// to stores (inherited from the parent) marked open for it.
+    pub fn remark_after_fork(&self, table: usize, slot: usize) {
+        let _g = self.lock.lock();
+        for s in self.table.iter() {
+            if s.lo.load(Ordering::Relaxed) == 0 || s.marks.load(Ordering::Relaxed) != table {
+                continue;
+            }
+            s.mark_slot.store(slot, Ordering::Relaxed);
+            let lo = s.lo.load(Ordering::Relaxed);
+            let hi = s.hi.load(Ordering::Relaxed);
+            if s.all.load(Ordering::Acquire) {
+                if s.prot.load(Ordering::Relaxed) & libc::PROT_WRITE != 0 {
+                    self.mark_open_waiting(s, lo, hi);
+                }
+                continue;
+            }
+            let mut open = Vec::new();
+            self.each_set(s, &mut |x, y| open.push((x, y)));
+            for (x, y) in open {
+                self.mark_open_waiting(s, x, y);
+            }
+        }
+    }
+
+    /// Calls `f` with the extent of every granule of slot `s` whose bit is
+    /// set.
+    fn each_set(&self, s: &Slot, f: &mut dyn FnMut(usize, usize)) {
+        let bits = s.bits.load(Ordering::Acquire);
+        if bits.is_null() {
+            return;
+        }
+        let base = s.base.load(Ordering::Relaxed);
+        let lo = s.lo.load(Ordering::Relaxed);
+        let hi = s.hi.load(Ordering::Relaxed);
+        for w in 0..s.words.load(Ordering::Relaxed) {
+            // SAFETY: w < words, within the slot's bitmap.
+            let mut set = unsafe { (*bits.add(w)).load(Ordering::Acquire) };
+            while set != 0 {
+                let i = w * 64 + set.trailing_zeros() as usize;
+                set &= set - 1;
+                let g0 = base + (i << self.shift);
+                let (x, y) = (g0.max(lo), (g0 + self.granule()).min(hi));
+                if x < y {
+                    f(x, y);
+                }
+            }
+        }
     }
 
     /// The protection recorded for the trapped range holding `addr`.
@@ -223,7 +464,15 @@ impl Traps {
     /// Stops trapping `[addr, addr+len)` (unmapped or moved).
     pub fn untrack(&self, addr: usize, len: usize) {
         let _g = self.lock.lock();
+        let end = addr.saturating_add(len);
+        let gone: Vec<_> = self
+            .overlapping(addr, end)
+            .filter_map(|(s, lo, hi)| self.regions_of(s, addr.max(lo), end.min(hi)))
+            .collect();
         self.remove_locked(addr, len);
+        // No store through this range any more: what it stored, if not
+        // written back yet, differs from the backing and is never punched.
+        self.unmark_closed(&gone);
     }
 
     /// Extends the slot ending at `addr` by a tail grown in place (which
@@ -234,6 +483,9 @@ impl Traps {
             if s.hi.load(Ordering::Relaxed) == addr && s.lo.load(Ordering::Relaxed) != 0 {
                 s.all.store(true, Ordering::Release);
                 s.hi.store(addr + len, Ordering::Release);
+                if s.prot.load(Ordering::Relaxed) & libc::PROT_WRITE != 0 {
+                    self.mark_open_waiting(s, addr, addr + len);
+                }
                 return Ok(());
             }
         }
@@ -291,22 +543,50 @@ impl Traps {
             } else {
                 // No slot for the tail: it is not trapped any more. Open it
                 // so that no store to it faults without an owner (its pages
-                // stay tracked by whatever tracks them besides the trap).
-                let _ = sys::mprotect(end, hi - end, s.prot.load(Ordering::Relaxed));
+                // stay tracked by whatever tracks them besides the trap);
+                // its regions stay marked open for good.
+                let prot = s.prot.load(Ordering::Relaxed);
+                if prot & libc::PROT_WRITE != 0 {
+                    self.mark_open_waiting(s, end, hi);
+                }
+                let _ = sys::mprotect(end, hi - end, prot);
                 s.hi.store(addr, Ordering::Release);
             }
         }
     }
 
-    /// The program changed the protection of `[addr, addr+len)`: stores it
-    /// now allows are not trapped, so slots there count as all written until
-    /// the next whole harvest protects them again.
-    pub fn on_mprotect(&self, addr: usize, len: usize, prot: i32) {
+    /// The program changes the protection of `[addr, addr+len)` to `prot`
+    /// (`apply` does it: the `mprotect` result). Stores it allows are not
+    /// trapped, so slots there count as all written until the next whole
+    /// harvest protects them again, and are marked open first. Under the
+    /// table's lock throughout, so that no harvest protects and unmarks
+    /// them in between.
+    pub fn on_mprotect(
+        &self,
+        addr: usize,
+        len: usize,
+        prot: i32,
+        apply: &mut dyn FnMut() -> i32,
+    ) -> i32 {
         let _g = self.lock.lock();
-        for (s, _, _) in self.overlapping(addr, addr.saturating_add(len)) {
-            s.prot.store(prot, Ordering::Relaxed);
-            s.all.store(true, Ordering::Release);
+        let end = addr.saturating_add(len);
+        if prot & libc::PROT_WRITE != 0 {
+            let parts: Vec<_> = self
+                .overlapping(addr, end)
+                .map(|(s, lo, hi)| (s, addr.max(lo), end.min(hi)))
+                .collect();
+            for (s, a, b) in parts {
+                self.mark_open_waiting(s, a, b);
+            }
         }
+        let r = apply();
+        if r == 0 {
+            for (s, _, _) in self.overlapping(addr, end) {
+                s.prot.store(prot, Ordering::Relaxed);
+                s.all.store(true, Ordering::Release);
+            }
+        }
+        r
     }
 
     /// Reports (address, length) the parts of `[addr, addr+len)` that may
@@ -317,6 +597,7 @@ impl Traps {
     pub fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) {
         let _g = self.lock.lock();
         let end = addr.saturating_add(len);
+        let mut closed = Vec::new();
         for (s, lo, hi) in self.overlapping(addr, end) {
             let (a, b) = (addr.max(lo), end.min(hi));
             let ro = s.prot.load(Ordering::Relaxed) & !libc::PROT_WRITE;
@@ -328,9 +609,11 @@ impl Traps {
             };
             // A range that cannot be protected again (too many VMAs) stays
             // open and counts as all written.
-            let protect = |x: usize, y: usize| {
+            let mut protect = |x: usize, y: usize| {
                 if sys::mprotect(x, y - x, ro).is_err() {
                     s.all.store(true, Ordering::Release);
+                } else if let Some(c) = self.regions_of(s, x, y) {
+                    closed.push(c);
                 }
             };
             if all {
@@ -349,6 +632,7 @@ impl Traps {
                 out(x, y - x);
             });
         }
+        self.unmark_closed(&closed);
     }
 
     /// The parts of `[addr, addr+len)` no slot covers.

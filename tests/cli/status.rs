@@ -103,3 +103,92 @@ fn status_drop_sync_and_gc_manage_what_crashed_processes_left() {
     // drop --force of a clean file with no shadow says so.
     assert!(ok(daxshim(&w, &exe, &["drop", "--force", s(&f)])).contains("no shadow"));
 }
+
+/// Python: maps FILE writable; with `half` reads the first half of its
+/// pages, says how much shadow (data and bases) the directory holds, waits
+/// for a line, reads the second half and says it again; without, stores a
+/// word, says "ready" and waits for a line before it syncs and exits.
+const EVICT_SCRIPT: &str = r#"
+import os, mmap, sys
+P = 4096
+def held():
+    d = os.environ["DAXSHIM_SHADOW_DIR"]
+    total = 0
+    for n in os.listdir(d):
+        if n.endswith((".meta", ".regions")) or n.startswith("live-"): continue
+        total += os.stat(os.path.join(d, n)).st_blocks * 512
+    return total
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 0)
+half = len(m) // P // 2
+if sys.argv[2] == "half":
+    s = sum(m[i*P] for i in range(1, half))
+    print("half", held(), flush=True)
+    sys.stdin.readline()
+    s += sum(m[i*P] for i in range(half, 2 * half))
+    print("done", held(), flush=True)
+else:
+    m[0:4] = b"kid!"
+    print("ready", flush=True)
+    sys.stdin.readline()
+    m.flush()
+"#;
+
+/// DAXSHIM_CACHE_MAX with a process attached whose stores are not trapped
+/// (its mapping is under DAXSHIM_TRAP_MIN): `status` says eviction keeps to
+/// a process alone, and the other process does not evict while it is
+/// attached; once it is gone, it does.
+#[test]
+fn status_says_when_an_untrapped_process_keeps_eviction_to_a_process_alone() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let w = World::new("clievict")
+        .env("DAXSHIM_CACHE_MAX", "4M")
+        .env("DAXSHIM_TRAP_MIN", "0");
+    let exe = install(&w);
+    let f = w.pmem_file("f", &vec![7u8; 64 << 20]);
+    let start = |arg: &str, env: &[(&str, &str)]| {
+        let mut c = w.shim_cmd(python());
+        c.args(["-c", EVICT_SCRIPT, s(&f), arg])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        (child, out)
+    };
+    let line = |r: &mut BufReader<std::process::ChildStdout>| {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    };
+    let (mut kid, mut kid_out) = start("kid", &[("DAXSHIM_TRAP_MIN", "off")]);
+    assert_eq!(line(&mut kid_out), "ready");
+    let (mut reader, mut reader_out) = start("half", &[]);
+    let half = line(&mut reader_out);
+    let status = ok(daxshim(&w, &exe, &["status"]));
+    kid.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    assert!(kid.wait().unwrap().success());
+    reader.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    let done = line(&mut reader_out);
+    assert!(reader.wait().unwrap().success());
+    assert!(
+        status.contains(&format!(
+            "eviction (DAXSHIM_CACHE_MAX): only while alone; [{}]",
+            kid.id()
+        )),
+        "{status}"
+    );
+    assert_eq!(&backing(&f)[..4], b"kid!");
+    let held = |l: &str| -> u64 { l.split_whitespace().nth(1).unwrap().parse().unwrap() };
+    // Where the shim fills lazily (a userfaultfd that serves the kernel's
+    // own faults), and so evicts.
+    if w.stat_sum("lazy_faults") > 0 {
+        // 32 MiB read beside the untrapped process: nothing evicted.
+        assert!(held(&half) > 28 << 20, "{half}");
+        // Alone, the next 32 MiB went through the 4 MiB cache.
+        assert!(held(&done) < 16 << 20, "{done}");
+    }
+}
