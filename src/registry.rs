@@ -406,36 +406,32 @@ impl Host for LazyHost {
     fn evict(&self, file: &Arc<dyn LazyFile>, c0: u64, c1: u64) -> SysResult<Option<u64>> {
         // The registry keeps our mappings from changing while we zap them.
         let shadow = file.shadow();
-        let others = !shadow.alone();
-        if shadow.no_evict() || (others && shadow.others_untrapped()) {
+        if shadow.no_evict() || (!shadow.alone() && shadow.others_untrapped()) {
             return Ok(None);
         }
+        // Every process's possible stores are excluded through the region
+        // marks (track::marks), this process's own through the zap below.
+        let Some(table) = shadow.marks_table() else {
+            return Ok(None);
+        };
         let dead = |i| shadow.slot_gone(i);
         let regions = crate::track::marks::regions_of(c0, c1);
-        let table = if others { shadow.marks_table() } else { None };
-        match table {
-            // A look before the locks: stores of others skip most regions.
-            Some(t)
-                if crate::track::marks::others_open(t, regions.clone(), shadow.slot(), &dead) =>
-            {
-                return Ok(None)
-            }
-            None if others => return Ok(None),
-            _ => {}
+        // A look before the locks: others' stores skip most regions.
+        if crate::track::marks::others_open(table, regions.clone(), shadow.slot(), &dead) {
+            return Ok(None);
         }
         let reg = REG.lock();
         let fill = shadow.fill_lock();
-        // Other processes: only where none may store without a fault that
-        // waits for us (their region traps are closed there), marked as
-        // ours until the pages are compared and punched. Alone, this
-        // process's own pages are all there is (zapped below).
-        let _evicting = match table {
-            Some(t) => match crate::track::marks::Evicting::begin(t, regions, shadow.slot(), &dead)
-            {
-                Some(e) => Some(e),
-                None => return Ok(None),
-            },
-            None => None,
+        // Counted before the flags are looked at again: a process that
+        // starts storing without traps meanwhile waits for us.
+        let _counted = shadow.evicting();
+        if shadow.no_evict() || shadow.others_untrapped() {
+            return Ok(None);
+        }
+        let Some(_evicting) =
+            crate::track::marks::Evicting::begin(table, regions, shadow.slot(), &dead)
+        else {
+            return Ok(None);
         };
         // No thread of ours fills (in its fault handler) until this is done.
         let _gate = file.gate().close();

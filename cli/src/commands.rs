@@ -45,6 +45,9 @@ struct ShadowJson<'a> {
     resident: u64,
     processes: &'a [Proc],
     may_hold_unsynced: bool,
+    /// Lazily filled, but a process mapped it without lazy filling: no
+    /// eviction.
+    no_evict: bool,
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {
@@ -65,6 +68,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     resident: s.resident,
                     processes: &s.procs,
                     may_hold_unsynced: s.may_hold_unsynced(),
+                    no_evict: s.no_evict,
                 })
                 .collect(),
             orphans: orphans
@@ -124,7 +128,11 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 .filter(|p| p.alive && p.untrapped)
                 .map(|p| p.pid)
                 .collect();
-            if !untrapped.is_empty() && s.procs.iter().filter(|p| p.alive).count() > 1 {
+            if s.no_evict {
+                println!(
+                    "  eviction (DAXSHIM_CACHE_MAX): off — a process mapped it without lazy filling (its holes were filled)"
+                );
+            } else if !untrapped.is_empty() && s.procs.iter().filter(|p| p.alive).count() > 1 {
                 println!(
                     "  eviction (DAXSHIM_CACHE_MAX): only while alone; {untrapped:?} store without region traps (mapping under DAXSHIM_TRAP_MIN, or another tracker)"
                 );

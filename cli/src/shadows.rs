@@ -49,6 +49,9 @@ pub struct ShadowInfo {
     pub procs: Vec<Proc>,
     /// The backing path still names the file this shadow belongs to.
     pub backing_present: bool,
+    /// Filled lazily, and a process mapped it without handling missing
+    /// pages: nothing may be evicted from it.
+    pub no_evict: bool,
 }
 
 impl ShadowInfo {
@@ -267,6 +270,7 @@ pub fn info(dir: &Path, key: &str) -> std::io::Result<ShadowInfo> {
         resident,
         procs: m.procs(),
         backing_present,
+        no_evict: h.lazy.load(Ordering::Relaxed) != 0 && h.no_evict.load(Ordering::Relaxed) != 0,
     })
 }
 

@@ -137,6 +137,9 @@ pub struct Header {
     /// estimate for `DAXSHIM_CACHE_MAX`, seen by all at once). Zero in a
     /// header made before it existed: measured at the first eviction.
     pub filled: AtomicU64,
+    /// Evictions in progress (any process): a process about to store
+    /// without region traps waits for none to run (`Shadow::mark_untrapped`).
+    pub evictors: AtomicU32,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;

@@ -38,6 +38,17 @@ pub use slots::{
     remove_presence,
 };
 
+/// An eviction in progress ([`Shadow::evicting`]).
+pub struct EvictorCount<'a>(&'a Shadow);
+
+impl Drop for EvictorCount<'_> {
+    fn drop(&mut self) {
+        let h = self.0.header();
+        h.evictors.fetch_sub(1, Ordering::SeqCst);
+        sys::futex_wake_shared(&h.evictors);
+    }
+}
+
 /// This process's attachment to one shadow.
 pub struct Shadow {
     pub base: String,
@@ -200,10 +211,31 @@ impl Shadow {
     /// This process maps the file writable and shared without region traps
     /// marking its stores ([`crate::track::marks`]): other processes evict
     /// only while alone.
+    ///
+    /// Dekker with [`Shadow::evicting`]: the flag is set, then evictions in
+    /// progress are waited for; an evictor counts itself, then looks at
+    /// the flags. Call before the mapping can be stored to.
     pub fn mark_untrapped(&self) {
-        self.header().slots[self.slot()]
+        let h = self.header();
+        h.slots[self.slot()]
             .flags
-            .fetch_or(SLOT_UNTRAPPED, Ordering::Relaxed);
+            .fetch_or(SLOT_UNTRAPPED, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        loop {
+            let n = h.evictors.load(Ordering::SeqCst);
+            if n == 0 {
+                break;
+            }
+            sys::futex_wait_shared_ms(&h.evictors, n, 10);
+        }
+    }
+
+    /// Counts an eviction of this process as in progress while the guard
+    /// lives (see [`Shadow::mark_untrapped`]); look at the flags after.
+    pub fn evicting(&self) -> EvictorCount<'_> {
+        self.header().evictors.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        EvictorCount(self)
     }
 
     /// Does another live process map the file with untrapped stores?

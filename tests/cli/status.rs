@@ -106,8 +106,9 @@ fn status_drop_sync_and_gc_manage_what_crashed_processes_left() {
 
 /// Python: maps FILE writable; with `half` reads the first half of its
 /// pages, says how much shadow (data and bases) the directory holds, waits
-/// for a line, reads the second half and says it again; without, stores a
-/// word, says "ready" and waits for a line before it syncs and exits.
+/// for a line, reads the second half, says it again and waits for a line;
+/// with `eager` reads a byte and exits; else stores a word, says "ready"
+/// and waits for a line before it syncs and exits.
 const EVICT_SCRIPT: &str = r#"
 import os, mmap, sys
 P = 4096
@@ -127,6 +128,9 @@ if sys.argv[2] == "half":
     sys.stdin.readline()
     s += sum(m[i*P] for i in range(half, 2 * half))
     print("done", held(), flush=True)
+    sys.stdin.readline()
+elif sys.argv[2] == "eager":
+    print("eager", m[P], flush=True)
 else:
     m[0:4] = b"kid!"
     print("ready", flush=True)
@@ -137,9 +141,10 @@ else:
 /// DAXSHIM_CACHE_MAX with a process attached whose stores are not trapped
 /// (its mapping is under DAXSHIM_TRAP_MIN): `status` says eviction keeps to
 /// a process alone, and the other process does not evict while it is
-/// attached; once it is gone, it does.
+/// attached; once it is gone, it does. A process without lazy filling
+/// then maps the file: `status` says eviction is off.
 #[test]
-fn status_says_when_an_untrapped_process_keeps_eviction_to_a_process_alone() {
+fn status_says_when_eviction_keeps_to_a_process_alone_or_is_off() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
     let w = World::new("clievict")
@@ -173,6 +178,12 @@ fn status_says_when_an_untrapped_process_keeps_eviction_to_a_process_alone() {
     assert!(kid.wait().unwrap().success());
     reader.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
     let done = line(&mut reader_out);
+    // A process without lazy filling fills the holes: no eviction at all.
+    let (mut eager, mut eager_out) = start("eager", &[("DAXSHIM_LAZY", "off")]);
+    assert_eq!(line(&mut eager_out), "eager 7");
+    assert!(eager.wait().unwrap().success());
+    let status_eager = ok(daxshim(&w, &exe, &["status"]));
+    reader.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
     assert!(reader.wait().unwrap().success());
     assert!(
         status.contains(&format!(
@@ -190,5 +201,9 @@ fn status_says_when_an_untrapped_process_keeps_eviction_to_a_process_alone() {
         assert!(held(&half) > 28 << 20, "{half}");
         // Alone, the next 32 MiB went through the 4 MiB cache.
         assert!(held(&done) < 16 << 20, "{done}");
+        assert!(
+            status_eager.contains("eviction (DAXSHIM_CACHE_MAX): off"),
+            "{status_eager}"
+        );
     }
 }
