@@ -287,7 +287,7 @@ impl Shadow {
         let meta_path = self.meta_path();
         let attach = AttachLock::take_path(&meta_path)?;
         let h = self.header();
-        let parent_flags = h.slots[self.slot()].flags.load(Ordering::Relaxed);
+        let parent_flags = h.slots[self.slot()].flags.load(Ordering::Relaxed) & !SLOT_EVICTING;
         let slot = slots::take_slot(h, parent_flags, &meta_path)?;
         drop(attach);
         self.slot.store(slot, Ordering::Relaxed);

@@ -27,6 +27,10 @@ pub const SLOT_LEFT: u32 = 2;
 /// traps that mark its stores (`track::marks`): other processes do not
 /// evict while it is attached.
 pub const SLOT_UNTRAPPED: u32 = 4;
+/// The slot's process is evicting pages of the data file: a process about
+/// to store without region traps waits until none does (one that died
+/// evicting does not count).
+pub const SLOT_EVICTING: u32 = 8;
 
 /// A process that attached to a shadow. Its liveness is its presence file
 /// in the shadow directory ([`presence_path`]), which it holds an OFD lock
@@ -137,9 +141,6 @@ pub struct Header {
     /// estimate for `DAXSHIM_CACHE_MAX`, seen by all at once). Zero in a
     /// header made before it existed: measured at the first eviction.
     pub filled: AtomicU64,
-    /// Evictions in progress (any process): a process about to store
-    /// without region traps waits for none to run (`Shadow::mark_untrapped`).
-    pub evictors: AtomicU32,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;

@@ -39,13 +39,14 @@ pub use slots::{
 };
 
 /// An eviction in progress ([`Shadow::evicting`]).
-pub struct EvictorCount<'a>(&'a Shadow);
+pub struct Evicting<'a>(&'a Shadow);
 
-impl Drop for EvictorCount<'_> {
+impl Drop for Evicting<'_> {
     fn drop(&mut self) {
-        let h = self.0.header();
-        h.evictors.fetch_sub(1, Ordering::SeqCst);
-        sys::futex_wake_shared(&h.evictors);
+        let s = self.0;
+        s.header().slots[s.slot()]
+            .flags
+            .fetch_and(!SLOT_EVICTING, Ordering::SeqCst);
     }
 }
 
@@ -221,21 +222,25 @@ impl Shadow {
             .flags
             .fetch_or(SLOT_UNTRAPPED, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        loop {
-            let n = h.evictors.load(Ordering::SeqCst);
-            if n == 0 {
-                break;
-            }
-            sys::futex_wait_shared_ms(&h.evictors, n, 10);
+        let evicting = |i: usize| {
+            i != self.slot()
+                && h.slots[i].flags.load(Ordering::SeqCst) & SLOT_EVICTING != 0
+                && !self.slot_gone(i)
+        };
+        // An eviction holds its region for a few milliseconds at most.
+        while (0..SLOTS).any(evicting) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
-    /// Counts an eviction of this process as in progress while the guard
+    /// Marks an eviction of this process as in progress while the guard
     /// lives (see [`Shadow::mark_untrapped`]); look at the flags after.
-    pub fn evicting(&self) -> EvictorCount<'_> {
-        self.header().evictors.fetch_add(1, Ordering::SeqCst);
+    pub fn evicting(&self) -> Evicting<'_> {
+        self.header().slots[self.slot()]
+            .flags
+            .fetch_or(SLOT_EVICTING, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        EvictorCount(self)
+        Evicting(self)
     }
 
     /// Does another live process map the file with untrapped stores?
