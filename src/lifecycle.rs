@@ -166,7 +166,7 @@ fn atfork_release(child: bool) {
         crate::shadow::release_presence_after_fork();
         crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();
-        track::release_after_fork();
+        track::release_after_fork(child);
         crate::lazy::release_after_fork(child);
         for f in REG.data_unchecked().files.iter() {
             f.shadow.release_after_fork();

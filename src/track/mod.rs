@@ -221,12 +221,12 @@ pub fn hold_for_fork() {
 }
 
 /// # Safety
-/// After [`hold_for_fork`], in the parent or the child.
-pub unsafe fn release_after_fork() {
+/// After [`hold_for_fork`], in the parent or (`child`) the child.
+pub unsafe fn release_after_fork(child: bool) {
     // SAFETY: per the contract.
     unsafe {
-        uffd::REGIONS.release_after_fork();
-        mprotect::PAGES.release_after_fork();
+        uffd::REGIONS.release_after_fork(child);
+        mprotect::PAGES.release_after_fork(child);
     }
 }
 

@@ -722,8 +722,14 @@ impl Traps {
     }
 
     /// # Safety
-    /// After [`Traps::hold_for_fork`], in the parent or the child.
-    pub unsafe fn release_after_fork(&self) {
+    /// After [`Traps::hold_for_fork`], in the parent or (`child`) the child.
+    pub unsafe fn release_after_fork(&self, child: bool) {
+        if child {
+            // A handler of another thread of the parent may have held the
+            // `marking` word (it takes no lock fork waits for): that thread
+            // does not exist here, and its work does not go on here.
+            self.marking.store(0, Ordering::Release);
+        }
         // SAFETY: hold_for_fork took it and forgot the guard.
         unsafe { self.lock.force_unlock() };
     }
