@@ -554,9 +554,9 @@ pub fn poll_in2(a: i32, b: i32) -> SysResult<[bool; 2]> {
     }
 }
 
-/// Waits while `word` holds `val`, at most `ms` milliseconds (a private
-/// futex; async-signal-safe).
-pub fn futex_wait_ms(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
+/// Waits while `word` holds `val`, at most `ms` milliseconds (`op`:
+/// `FUTEX_WAIT`, private or not; async-signal-safe).
+fn futex_wait_op(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64, op: i32) {
     let ts = libc::timespec {
         tv_sec: (ms / 1000) as i64,
         tv_nsec: ((ms % 1000) * 1_000_000) as i64,
@@ -564,10 +564,16 @@ pub fn futex_wait_ms(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
     let _ = sc!(
         libc::SYS_futex,
         word.as_ptr(),
-        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+        op,
         val,
         &ts as *const libc::timespec
     );
+}
+
+/// Waits while `word` holds `val`, at most `ms` milliseconds (a private
+/// futex; async-signal-safe).
+pub fn futex_wait_ms(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
+    futex_wait_op(word, val, ms, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG)
 }
 
 /// Wakes every waiter on `word`.
@@ -582,17 +588,7 @@ pub fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
 
 /// As [`futex_wait_ms`] on a word in memory shared with other processes.
 pub fn futex_wait_shared_ms(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
-    let ts = libc::timespec {
-        tv_sec: (ms / 1000) as i64,
-        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
-    };
-    let _ = sc!(
-        libc::SYS_futex,
-        word.as_ptr(),
-        libc::FUTEX_WAIT,
-        val,
-        &ts as *const libc::timespec
-    );
+    futex_wait_op(word, val, ms, libc::FUTEX_WAIT)
 }
 
 /// Wakes every waiter, in any process, on a shared `word`.

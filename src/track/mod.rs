@@ -14,7 +14,7 @@ pub mod mprotect;
 pub mod traps;
 pub mod uffd;
 
-pub use traps::{MarkAt, Protect};
+pub use traps::{Apply, MarkAt, Protect};
 
 use crate::config::TrackerKind;
 use crate::sys::SysResult;
@@ -64,13 +64,7 @@ pub trait DirtyTracker: Sync {
     fn before_kernel_stores(&self, _addr: usize, _len: usize) {}
     /// The program changes the protection of `[addr, addr+len)` (`apply`
     /// does it and gives `mprotect`'s result, which this returns).
-    fn on_program_mprotect(
-        &self,
-        _addr: usize,
-        _len: usize,
-        _prot: i32,
-        apply: &mut dyn FnMut() -> i32,
-    ) -> i32 {
+    fn on_program_mprotect(&self, _addr: usize, _len: usize, _prot: i32, apply: Apply) -> i32 {
         apply()
     }
     /// A tracked shared mapping the program asked `prot` for: where the

@@ -7,7 +7,7 @@
 //! interposed while write traps are in use (see `sigchain`), faults that are
 //! not ours go to the program's action.
 
-use super::traps::{Protect, Traps};
+use super::traps::{Apply, Protect, Traps};
 use crate::sys::SysResult;
 
 /// Granule: one page; a set bit is a written page.
@@ -61,13 +61,7 @@ impl super::DirtyTracker for MprotectTracker {
     fn before_kernel_stores(&self, addr: usize, len: usize) {
         PAGES.before_kernel_stores(addr, len)
     }
-    fn on_program_mprotect(
-        &self,
-        addr: usize,
-        len: usize,
-        prot: i32,
-        apply: &mut dyn FnMut() -> i32,
-    ) -> i32 {
+    fn on_program_mprotect(&self, addr: usize, len: usize, prot: i32, apply: Apply) -> i32 {
         PAGES.on_mprotect(addr, len, prot, apply)
     }
 }

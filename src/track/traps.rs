@@ -79,6 +79,9 @@ pub struct MarkAt {
     pub slot: usize,
 }
 
+/// Applies the program's `mprotect` (its result).
+pub type Apply<'a> = &'a mut dyn FnMut() -> i32;
+
 /// How a newly trapped range starts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Protect {
@@ -561,13 +564,7 @@ impl Traps {
     /// harvest protects them again, and are marked open first. Under the
     /// table's lock throughout, so that no harvest protects and unmarks
     /// them in between.
-    pub fn on_mprotect(
-        &self,
-        addr: usize,
-        len: usize,
-        prot: i32,
-        apply: &mut dyn FnMut() -> i32,
-    ) -> i32 {
+    pub fn on_mprotect(&self, addr: usize, len: usize, prot: i32, apply: Apply) -> i32 {
         let _g = self.lock.lock();
         let end = addr.saturating_add(len);
         if prot & libc::PROT_WRITE != 0 {

@@ -9,7 +9,7 @@
 //! # Safety
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
 
-use super::traps::{MarkAt, Protect, Traps};
+use super::traps::{Apply, MarkAt, Protect, Traps};
 use super::Stores;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -674,30 +674,6 @@ pub fn ensure_segv_handler() -> bool {
     SEGV_OK.load(Ordering::Relaxed)
 }
 
-fn trap_stores(
-    addr: usize,
-    len: usize,
-    prot: i32,
-    force: bool,
-    protect: Protect,
-    marks: &dyn Fn() -> Option<MarkAt>,
-) -> bool {
-    if !force && ((len as u64) < TRAP_MIN.load(Ordering::Relaxed) || prot & libc::PROT_WRITE == 0) {
-        return false;
-    }
-    if !ensure_segv_handler() {
-        TRAP_MIN.store(u64::MAX, Ordering::Relaxed);
-        return false;
-    }
-    match REGIONS.track(addr, len, prot, protect, marks()) {
-        Ok(()) => true,
-        Err(e) => {
-            debug!("cannot trap the regions of {addr:#x}+{len}: {e}");
-            false
-        }
-    }
-}
-
 /// In a forked child, now in `slot` of the shadow with marks table `table`.
 pub fn remark_after_fork(table: usize, slot: usize) {
     REGIONS.remark_after_fork(table, slot)
@@ -731,13 +707,7 @@ impl super::DirtyTracker for UffdTracker {
     fn before_kernel_stores(&self, addr: usize, len: usize) {
         REGIONS.before_kernel_stores(addr, len)
     }
-    fn on_program_mprotect(
-        &self,
-        addr: usize,
-        len: usize,
-        prot: i32,
-        apply: &mut dyn FnMut() -> i32,
-    ) -> i32 {
+    fn on_program_mprotect(&self, addr: usize, len: usize, prot: i32, apply: Apply) -> i32 {
         REGIONS.on_mprotect(addr, len, prot, apply)
     }
     fn trap_stores(
@@ -749,7 +719,21 @@ impl super::DirtyTracker for UffdTracker {
         protect: Protect,
         marks: &dyn Fn() -> Option<MarkAt>,
     ) -> bool {
-        trap_stores(addr, len, prot, force, protect, marks)
+        let small = (len as u64) < TRAP_MIN.load(Ordering::Relaxed);
+        if !force && (small || prot & libc::PROT_WRITE == 0) {
+            return false;
+        }
+        if !ensure_segv_handler() {
+            TRAP_MIN.store(u64::MAX, Ordering::Relaxed);
+            return false;
+        }
+        match REGIONS.track(addr, len, prot, protect, marks()) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("cannot trap the regions of {addr:#x}+{len}: {e}");
+                false
+            }
+        }
     }
     fn trapped_prot(&self, addr: usize) -> Option<i32> {
         REGIONS.prot_at(addr)
