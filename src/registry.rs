@@ -442,6 +442,7 @@ impl Host for LazyHost {
         // fault that waits for this thread.
         let mut written = RangeSet::new();
         let mut owner = None;
+        let mut zapped = Ok(());
         for m in reg.maps.values().filter(|m| m.lazy && same_file(m, file)) {
             owner = Some(m.file.clone());
             let a = c0.max(m.off);
@@ -452,13 +453,19 @@ impl Host for LazyHost {
                 if m.tracked {
                     harvest_mapping(m, va, va + n, &mut written);
                 }
-                sys::madvise(va, n, libc::MADV_DONTNEED)?;
+                // Not zapped: not punched (what was harvested still goes
+                // to the pending set below).
+                zapped = sys::madvise(va, n, libc::MADV_DONTNEED);
+                if zapped.is_err() {
+                    break;
+                }
             }
         }
         let chunk = crate::lazy::CHUNK;
-        let r = file
-            .backing()
-            .and_then(|b| shadow.punch_clean(b.raw(), c0, c1, chunk));
+        let r = zapped.and_then(|()| {
+            file.backing()
+                .and_then(|b| shadow.punch_clean(b.raw(), c0, c1, chunk))
+        });
         if let Ok(left) = r {
             // Bases of the chunks now empty, in runs.
             let mut empty: Vec<(u64, u64)> = Vec::new();

@@ -1,11 +1,13 @@
 //! `DAXSHIM_CACHE_MAX`: the memory the shadows of this process's lazily
-//! mapped files hold (every attached process's fills: the data files'
-//! allocated blocks); beyond the limit the fault thread evicts clean chunks,
-//! sweeping the files' chunk bits with a clock hand. Fills are counted from
-//! a signal handler, which can only add to an estimate and wake the thread;
-//! the thread measures (`fstat`) whenever it wakes, and it is woken at least
-//! every 1/32 of the limit this process fills, so that other processes'
-//! fills are seen too.
+//! mapped files hold (data files and line bases, every attached process's
+//! fills). From 7/8 of the limit on, the fault thread evicts clean pages
+//! down to 3/4, sweeping with a clock hand the 2 MiB regions that hold
+//! chunks this process filled (`Host::evict`: every process's pages there,
+//! where no other process may store without a fault). Fills are counted
+//! from a signal handler, which can only add to estimates — this process's
+//! and the header's shared one — and wake the thread; the thread measures
+//! (`fstat`) when it wakes, every 16 regions of a sweep, and at least every
+//! 1/32 of the limit this process fills.
 
 use super::{host, LazyFile, CHUNK};
 use crate::lock::Lock;
