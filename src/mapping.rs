@@ -361,8 +361,6 @@ pub fn mmap_impl(
     Ok(p)
 }
 
-/// What the SIGBUS handler needs to fill a lazy mapping of `file` up to file
-/// offset `end` (None: the fault thread serves it).
 /// Where the trapped stores of a lazy mapping at file offset `off` are
 /// marked for other processes (`track::marks`; mapped on first need).
 fn marks_at(file: &crate::file::FileState, lazy: bool, off: u64) -> Option<MarkAt> {
@@ -377,6 +375,8 @@ fn marks_at(file: &crate::file::FileState, lazy: bool, off: u64) -> Option<MarkA
     })
 }
 
+/// What the SIGBUS handler needs to fill a lazy mapping of `file` up to file
+/// offset `end` (None: the fault thread serves it).
 fn fill_views(
     file: &std::sync::Arc<crate::file::FileState>,
     end: u64,

@@ -372,11 +372,12 @@ impl Shadow {
         Ok(left)
     }
 
-    /// Fork: holds the residency probe's and the bases' locks (see
-    /// `lifecycle`).
+    /// Fork: holds the residency probe's, the bases' and the region marks'
+    /// locks (see `lifecycle`).
     pub fn hold_for_fork(&self) {
         std::mem::forget(self.probe.lock());
         std::mem::forget(self.lines.lock());
+        std::mem::forget(self.marks.lock());
     }
 
     /// # Safety
@@ -384,6 +385,7 @@ impl Shadow {
     pub unsafe fn release_after_fork(&self) {
         // SAFETY: hold_for_fork took them and forgot the guards.
         unsafe {
+            self.marks.force_unlock();
             self.lines.force_unlock();
             self.probe.force_unlock();
         }
