@@ -439,7 +439,8 @@ impl Host for LazyHost {
         // record of the store: harvest first (into `written`, given to the
         // file's pending set once the fill lock is released: lock order).
         // From the zap on, no thread of ours can touch the chunk without a
-        // fault that waits for this thread.
+        // fault that waits for this thread; a store between the harvest and
+        // the zap is caught by the comparison below.
         let mut written = RangeSet::new();
         let mut owner = None;
         let mut zapped = Ok(());
@@ -469,8 +470,17 @@ impl Host for LazyHost {
         if let Ok(left) = r {
             // Bases of the chunks now empty, in runs.
             let mut empty: Vec<(u64, u64)> = Vec::new();
-            for i in (0..(c1 - c0).div_ceil(chunk)).filter(|i| left & (1 << i) == 0) {
+            for i in 0..(c1 - c0).div_ceil(chunk) {
                 let (a, b) = (c0 + i * chunk, (c0 + (i + 1) * chunk).min(c1));
+                if left & (1 << i) != 0 {
+                    // Pages that differ from the backing may hold a store
+                    // of ours made between the harvest and the zap, whose
+                    // record the zap dropped: the next sync compares them.
+                    if owner.is_some() {
+                        written.insert(a, b);
+                    }
+                    continue;
+                }
                 match empty.last_mut() {
                     Some((_, e)) if *e == a => *e = b,
                     _ => empty.push((a, b)),
