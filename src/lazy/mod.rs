@@ -4,8 +4,9 @@
 //! SIGBUS mode, 4 KiB for a random fault, doubling up to 256 KiB for
 //! sequential ones); a private mapping's by the fault thread ([`fault`]:
 //! a message-mode userfaultfd, 16 KiB doubling up to 2 MiB). Bookkeeping is
-//! per 64 KiB chunk: clean chunks this process filled are punched out again
-//! beyond `DAXSHIM_CACHE_MAX` ([`evict`]). Filling and residency themselves
+//! per 64 KiB chunk: beyond `DAXSHIM_CACHE_MAX` the clean pages of the
+//! 2 MiB regions holding chunks this process filled are punched out again
+//! ([`evict`]). Filling and residency themselves
 //! are [`Shadow`] methods.
 //!
 //! This layer sits below the registry: what it needs of it (which lazy
@@ -22,10 +23,12 @@
 //! - the fault thread takes only the registry and the fill lock, the SIGBUS
 //!   handler no lock at all, and no code holding either lock touches memory
 //!   of a watched mapping, so a fault can always be served;
-//! - a chunk is evicted only by the only attached process, after its own
-//!   mappings lost the chunk's page table entries and with its in-thread
-//!   fills held off ([`FillGate`]), and only the pages whose bytes equal the
-//!   backing's (so no store, synced or not, is lost).
+//! - pages are evicted only where no other process may store without a
+//!   fault that waits for the evictor and no fill runs (`track::marks`), or
+//!   no other process with untrapped stores is attached; after this
+//!   process's own mappings lost their page table entries there and with
+//!   its in-thread fills held off ([`FillGate`]); and only the pages whose
+//!   bytes equal the backing's (so no store, synced or not, is lost).
 
 pub mod evict;
 pub mod fault;

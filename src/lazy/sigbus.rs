@@ -226,15 +226,27 @@ struct Entry {
     tracked: bool,
 }
 
-fn lookup(addr: usize) -> Option<Entry> {
+/// Runs `read` over the published slots until it saw a table no publish
+/// changed meanwhile (a sequence lock: the handler takes no lock).
+fn read_table<T>(mut read: impl FnMut(&[Slot]) -> T) -> T {
     loop {
         let s1 = SEQ.load(Ordering::Acquire);
         if s1 & 1 == 1 {
             std::hint::spin_loop();
             continue;
         }
-        let n = USED.load(Ordering::Relaxed).min(SLOTS);
-        let hit = TABLE[..n].iter().find_map(|s| {
+        let used = USED.load(Ordering::Relaxed).min(SLOTS);
+        let r = read(&TABLE[..used]);
+        std::sync::atomic::fence(Ordering::Acquire);
+        if SEQ.load(Ordering::Relaxed) == s1 {
+            return r;
+        }
+    }
+}
+
+fn lookup(addr: usize) -> Option<Entry> {
+    read_table(|slots| {
+        slots.iter().find_map(|s| {
             let start = s.start.load(Ordering::Relaxed);
             let end = s.end.load(Ordering::Relaxed);
             (start <= addr && addr < end).then(|| Entry {
@@ -244,12 +256,8 @@ fn lookup(addr: usize) -> Option<Entry> {
                 view: s.view.load(Ordering::Relaxed) as *const FillView,
                 tracked: s.tracked.load(Ordering::Relaxed),
             })
-        });
-        std::sync::atomic::fence(Ordering::Acquire);
-        if SEQ.load(Ordering::Relaxed) == s1 {
-            return hit;
-        }
-    }
+        })
+    })
 }
 
 /// Counts this thread as a handler while it lives.
@@ -361,15 +369,9 @@ fn touch_pages(a: usize, b: usize) {
 /// Writes the published ranges overlapping `[a, b)` into `out`; returns how
 /// many there are (possibly more than `out` holds).
 fn overlapping(a: usize, b: usize, out: &mut [(usize, usize)]) -> usize {
-    loop {
-        let s1 = SEQ.load(Ordering::Acquire);
-        if s1 & 1 == 1 {
-            std::hint::spin_loop();
-            continue;
-        }
-        let used = USED.load(Ordering::Relaxed).min(SLOTS);
+    read_table(|slots| {
         let mut n = 0;
-        for s in &TABLE[..used] {
+        for s in slots {
             let start = s.start.load(Ordering::Relaxed);
             let end = s.end.load(Ordering::Relaxed);
             if start < b && end > a {
@@ -379,11 +381,8 @@ fn overlapping(a: usize, b: usize, out: &mut [(usize, usize)]) -> usize {
                 n += 1;
             }
         }
-        std::sync::atomic::fence(Ordering::Acquire);
-        if SEQ.load(Ordering::Relaxed) == s1 {
-            return n;
-        }
-    }
+        n
+    })
 }
 
 /// The smallest and largest fill (a run of faults at consecutive windows

@@ -123,9 +123,9 @@ impl Shadow {
 
     /// The data of the ranges (ascending) was evicted whole: their bases
     /// are punched out of the file (back to "unknown", as for holes never
-    /// filled), where they fill whole pages of it. A fill racing this may
-    /// lose its bases: its lines are then written back at the next sync,
-    /// as before bases.
+    /// filled), where they fill whole pages of it. Fills in a fault handler
+    /// are kept out of the region meanwhile (`track::marks`); others take
+    /// the fill lock the caller holds.
     pub fn forget_bases(&self, ranges: &[(u64, u64)]) {
         let pages: Vec<(usize, usize)> = ranges
             .iter()

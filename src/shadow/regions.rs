@@ -2,8 +2,8 @@
 //! out by [`crate::track::marks`]): which attached processes may store into
 //! each 2 MiB region without a fault, and which process evicts there. A
 //! sparse file of [`TABLE_BYTES`], mapped whole on first use by a process
-//! that traps the regions of a lazy mapping (or evicts), removed with the
-//! shadow.
+//! that fills a lazy mapping in its fault handler, traps a lazy mapping's
+//! regions or evicts; removed with the shadow.
 
 use super::owned::{cstr, open_owned, Create};
 use super::Shadow;
@@ -18,8 +18,8 @@ impl Shadow {
     }
 
     /// The address of this shadow's marks table, mapped on first use (None
-    /// if it cannot be: then nothing is trapped with marks, and eviction
-    /// keeps to the single-process rule).
+    /// if it cannot be: then this process's lazy mappings count as
+    /// untrapped and it does not evict).
     pub fn marks_table(&self) -> Option<usize> {
         let a = self.marks_addr.load(Ordering::Acquire);
         if a != 0 {

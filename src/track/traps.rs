@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize
 
 const SLOTS: usize = 1024;
 /// `si_code` of a fault on a mapped page the protection forbids.
-const SEGV_ACCERR: i32 = 2;
+pub(super) const SEGV_ACCERR: i32 = 2;
 
 /// One trapped range: `[lo, hi)`, bit `i` of `bits` is the granule at
 /// `base + (i << shift)`.
@@ -301,7 +301,9 @@ impl Traps {
         let (a, b) = self.granule_of(s, addr);
         crate::stats::add(&crate::stats::STATS.store_traps, 1);
         loop {
-            let held = self.marking();
+            // Only slots whose stores are marked race a harvest's unmarking
+            // (the mprotect tracker's page traps never take the word).
+            let held = (s.marks.load(Ordering::Acquire) != 0).then(|| self.marking());
             if let Err((t, rs)) = self.mark_open(s, a, b) {
                 drop(held);
                 marks::wait_evictors(t, rs);

@@ -9,7 +9,7 @@
 //! # Safety
 //! ioctl arguments are `#[repr(C)]` structs laid out as the kernel's.
 
-use super::traps::{Apply, MarkAt, Protect, Traps};
+use super::traps::{Apply, MarkAt, Protect, Traps, SEGV_ACCERR};
 use super::Stores;
 use crate::sys::{self, Errno, SysResult};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -611,9 +611,6 @@ thread_local! {
 pub fn changing() -> bool {
     CHANGING.load(Ordering::SeqCst) != 0
 }
-
-/// `si_code` of a fault on a mapped page the protection forbids.
-const SEGV_ACCERR: i32 = 2;
 
 fn on_segv(info: &libc::siginfo_t) -> bool {
     if info.si_code != SEGV_ACCERR {
