@@ -1,6 +1,5 @@
 //! Is this descriptor a pmem file, and is this caller DAX-aware?
 
-use crate::config::DaxOptIn;
 use crate::runtime::rt;
 use crate::shadow::FileId;
 use crate::stats::{add, STATS};
@@ -14,11 +13,14 @@ const STATX_ATTR_DAX: u64 = 0x0020_0000;
 /// Is `path` (a canonical absolute path) under a `DAXSHIM_DAX` directory,
 /// or is the whole process DAX-aware?
 pub fn process_opted_in(path: &str) -> bool {
-    match &rt().cfg.dax {
-        DaxOptIn::Off => false,
-        DaxOptIn::All => true,
-        DaxOptIn::Dirs(dirs) => dirs.iter().any(|d| Path::new(path).starts_with(d)),
-    }
+    rt().cfg.dax.covers(path)
+}
+
+/// Does `DAXSHIM_ATOMIC` cover the pmem file at `path` (canonical)? The
+/// atomic log's own lanes never are.
+pub fn atomic_wanted(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    rt().cfg.atomic.covers(path) && crate::persist::redo::data_name_of_lane(name).is_none()
 }
 
 pub fn fd_path(fd: i32) -> Option<String> {
@@ -102,6 +104,12 @@ pub fn without_shadow(
     instead: &str,
 ) -> Result<(), Errno> {
     static LOGGED: AtomicBool = AtomicBool::new(false);
+    if atomic_wanted(path) {
+        // Without its shadow the file would get neither failure-atomic
+        // syncs nor writes kept out of it until the sync.
+        error!("{path}: {why}; the call fails rather than give up failure-atomic sync (DAXSHIM_ATOMIC)");
+        return Err(why.errno);
+    }
     if emulated {
         if !LOGGED.swap(true, Ordering::Relaxed) {
             warn!("{path}: {why}; {instead} (emulated pmem: the page cache under it keeps the semantics; further cases are logged at debug)");

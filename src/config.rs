@@ -12,14 +12,26 @@ pub enum LogLevel {
     Debug = 3,
 }
 
+/// A process-wide opt-in by directory (`DAXSHIM_DAX`, `DAXSHIM_ATOMIC`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DaxOptIn {
-    /// No process-wide opt-in: only per-mapping flags give direct mappings.
+pub enum OptIn {
+    /// Off (for `DAXSHIM_DAX`: only per-mapping flags give direct mappings).
     Off,
-    /// `DAXSHIM_DAX=1`: every pmem mapping of this process is direct.
+    /// `=1`: every pmem file of this process.
     All,
-    /// `DAXSHIM_DAX=DIR[:DIR…]`: pmem files under these directories are direct.
+    /// `=DIR[:DIR…]`: pmem files under these directories.
     Dirs(Vec<PathBuf>),
+}
+
+impl OptIn {
+    /// Does the opt-in cover the file at `path` (canonical)?
+    pub fn covers(&self, path: &str) -> bool {
+        match self {
+            OptIn::Off => false,
+            OptIn::All => true,
+            OptIn::Dirs(dirs) => dirs.iter().any(|d| Path::new(path).starts_with(d)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +56,9 @@ pub enum FlushChoice {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub pmem_dirs: Vec<PathBuf>,
-    pub dax: DaxOptIn,
+    pub dax: OptIn,
+    /// `DAXSHIM_ATOMIC`: failure-atomic sync for these files.
+    pub atomic: OptIn,
     pub shadow_dir: PathBuf,
     pub log: LogLevel,
     pub stats: Option<String>,
@@ -101,6 +115,7 @@ impl std::fmt::Display for ConfigError {
 pub const KNOWN_VARS: &[&str] = &[
     "DAXSHIM_PMEM",
     "DAXSHIM_DAX",
+    "DAXSHIM_ATOMIC",
     "DAXSHIM_SHADOW_DIR",
     "DAXSHIM_LOG",
     "DAXSHIM_STATS",
@@ -152,12 +167,25 @@ pub fn parse(
     };
 
     let dax = match get("DAXSHIM_DAX").as_deref() {
-        None | Some("") | Some("0") => DaxOptIn::Off,
-        Some("1") => DaxOptIn::All,
-        Some(v) if v.starts_with('/') => DaxOptIn::Dirs(dir_list("DAXSHIM_DAX", v)?),
+        None | Some("") | Some("0") => OptIn::Off,
+        Some("1") => OptIn::All,
+        Some(v) if v.starts_with('/') => OptIn::Dirs(dir_list("DAXSHIM_DAX", v)?),
         Some(v) => {
             return Err(err(
                 "DAXSHIM_DAX",
+                v,
+                "1, 0 or absolute paths of existing directories separated by ':'",
+            ))
+        }
+    };
+
+    let atomic = match get("DAXSHIM_ATOMIC").as_deref() {
+        None | Some("") | Some("0") => OptIn::Off,
+        Some("1") => OptIn::All,
+        Some(v) if v.starts_with('/') => OptIn::Dirs(dir_list("DAXSHIM_ATOMIC", v)?),
+        Some(v) => {
+            return Err(err(
+                "DAXSHIM_ATOMIC",
                 v,
                 "1, 0 or absolute paths of existing directories separated by ':'",
             ))
@@ -291,6 +319,7 @@ pub fn parse(
     Ok(Config {
         pmem_dirs,
         dax,
+        atomic,
         shadow_dir,
         log,
         stats,
@@ -370,7 +399,7 @@ mod tests {
     fn defaults() {
         let c = parse_map(&[]).unwrap();
         assert!(c.pmem_dirs.is_empty());
-        assert_eq!(c.dax, DaxOptIn::Off);
+        assert_eq!(c.dax, OptIn::Off);
         assert_eq!(c.shadow_dir, PathBuf::from("/dev/shm/daxshim-1000"));
         assert_eq!(c.log, LogLevel::Warn);
         assert_eq!(c.tracker, TrackerKind::Auto);
@@ -412,23 +441,37 @@ mod tests {
 
     #[test]
     fn dax_values() {
-        assert_eq!(
-            parse_map(&[("DAXSHIM_DAX", "1")]).unwrap().dax,
-            DaxOptIn::All
-        );
-        assert_eq!(
-            parse_map(&[("DAXSHIM_DAX", "0")]).unwrap().dax,
-            DaxOptIn::Off
-        );
+        assert_eq!(parse_map(&[("DAXSHIM_DAX", "1")]).unwrap().dax, OptIn::All);
+        assert_eq!(parse_map(&[("DAXSHIM_DAX", "0")]).unwrap().dax, OptIn::Off);
         assert_eq!(
             parse_map(&[("DAXSHIM_DAX", "/exists/x")]).unwrap().dax,
-            DaxOptIn::Dirs(vec![PathBuf::from("/real/exists/x")])
+            OptIn::Dirs(vec![PathBuf::from("/real/exists/x")])
         );
         for bad in ["yes", "2", "/missing", "true"] {
             assert_eq!(
                 parse_map(&[("DAXSHIM_DAX", bad)]).unwrap_err().var,
                 "DAXSHIM_DAX"
             );
+        }
+    }
+
+    #[test]
+    fn atomic_values() {
+        let atomic = |v: &str| parse_map(&[("DAXSHIM_ATOMIC", v)]).map(|c| c.atomic);
+        assert_eq!(atomic("1").unwrap(), OptIn::All);
+        assert_eq!(atomic("0").unwrap(), OptIn::Off);
+        assert_eq!(atomic("").unwrap(), OptIn::Off);
+        assert_eq!(parse_map(&[]).unwrap().atomic, OptIn::Off);
+        let dirs = atomic("/exists/x").unwrap();
+        assert_eq!(dirs, OptIn::Dirs(vec![PathBuf::from("/real/exists/x")]));
+        assert!(dirs.covers("/real/exists/x/db"));
+        assert!(!dirs.covers("/real/exists/xy/db"));
+        assert!(OptIn::All.covers("/any"));
+        assert!(!OptIn::Off.covers("/any"));
+        for bad in ["yes", "2", "/missing", "on", "relative/dir"] {
+            let e = atomic(bad).unwrap_err();
+            assert_eq!(e.var, "DAXSHIM_ATOMIC");
+            assert!(e.to_string().contains("DAXSHIM_ATOMIC"));
         }
     }
 

@@ -8,6 +8,8 @@
 //! (docs/ARCHITECTURE.md, "File I/O").
 
 use crate::file::FileState;
+
+pub mod atomic;
 use crate::sys::{self, Errno};
 use crate::writeback::Durability;
 use libc::{c_int, iovec, off64_t};
@@ -267,6 +269,9 @@ pub fn write_impl(
     let Some(f) = crate::fdtable::lookup_fd(fd) else {
         return check(kernel());
     };
+    if f.shadow.is_atomic() {
+        return crate::fileio::atomic::write(&f, fd, iov, at);
+    }
     let _io = f.shadow.io_lock();
     let n = check(kernel())?;
     // Under the io lock the data cannot appear between the write and this
@@ -295,8 +300,17 @@ pub fn write_impl(
     Ok(n)
 }
 
-pub fn ftruncate_impl(f: Arc<FileState>, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+pub fn ftruncate_impl(
+    f: Arc<FileState>,
+    len: i64,
+    kernel: impl FnOnce() -> c_int,
+) -> Result<i32, Errno> {
     let _io = f.shadow.io_lock();
+    if f.shadow.is_atomic() && len >= 0 {
+        // What the shrink takes of the synced bytes is saved first.
+        atomic::before_shrink(&f, len as u64)?;
+        f.shadow.mark_writer();
+    }
     let r = check(kernel())?;
     if let Err(e) = f.follow_backing_size() {
         error!("{}: cannot resize the shadow: {e}", f.path);
@@ -305,8 +319,12 @@ pub fn ftruncate_impl(f: Arc<FileState>, kernel: impl FnOnce() -> c_int) -> Resu
     Ok(r)
 }
 
-/// truncate(2) by path: if the file has a shadow, it follows the new size.
-pub fn truncate_impl(path: &CStr, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+/// truncate(2) by path: if the file has a shadow, it follows the new size
+/// (an atomic file's is truncated through a descriptor, as `ftruncate`).
+pub fn truncate_impl(path: &CStr, len: i64, kernel: impl FnOnce() -> c_int) -> Result<i32, Errno> {
+    if let Some(r) = atomic::truncate_path(path, len) {
+        return r;
+    }
     let r = check(kernel())?;
     if let Ok(owned) = sys::open(path, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);

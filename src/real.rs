@@ -109,8 +109,6 @@ real_fns! {
         => sc(SYS_fallocate, fd, mode, off, len) as c_int;
     fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t) -> c_int
         => if sc(SYS_fallocate, fd, 0, off, len) == 0 { 0 } else { *__errno_location() };
-    fn creat64(path: *const c_char, mode: mode_t) -> c_int
-        => sc(SYS_openat, AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode) as c_int;
     fn __open64_2(path: *const c_char, flags: c_int) -> c_int
         => sc(SYS_openat, AT_FDCWD, path, flags, 0) as c_int;
     fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int

@@ -116,6 +116,7 @@ pub fn attach_options(emulated: bool, path: &str) -> AttachOptions {
         flush: rt().flush,
         writeback_stores: rt().cfg.writeback_stores,
         path: path.to_string(),
+        atomic: crate::classify::atomic_wanted(path),
     }
 }
 

@@ -29,6 +29,11 @@ pub struct Stats {
     /// First stores to a write-trapped page (mprotect tracker) or region
     /// (region traps) since its last harvest.
     pub store_traps: AtomicU64,
+    /// Failure-atomic syncs committed, and the bytes their redo records took.
+    pub atomic_syncs: AtomicU64,
+    pub bytes_logged: AtomicU64,
+    /// Interrupted failure-atomic syncs finished or undone at an attach.
+    pub atomic_recoveries: AtomicU64,
     pub sync_hist: [AtomicU64; HIST_BUCKETS],
 }
 
@@ -53,6 +58,9 @@ impl Stats {
             foreign_writes: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             store_traps: AtomicU64::new(0),
+            atomic_syncs: AtomicU64::new(0),
+            bytes_logged: AtomicU64::new(0),
+            atomic_recoveries: AtomicU64::new(0),
             sync_hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
         }
     }
@@ -80,7 +88,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 impl Stats {
     pub fn to_json(&self, tracker: &str, flush: &str) -> String {
-        let fields: [(&str, &AtomicU64); 18] = [
+        let fields: [(&str, &AtomicU64); 21] = [
             ("mappings_shadowed", &self.mappings_shadowed),
             ("mappings_direct", &self.mappings_direct),
             ("pages_dirtied", &self.pages_dirtied),
@@ -99,6 +107,9 @@ impl Stats {
             ("foreign_writes", &self.foreign_writes),
             ("conflicts", &self.conflicts),
             ("store_traps", &self.store_traps),
+            ("atomic_syncs", &self.atomic_syncs),
+            ("bytes_logged", &self.bytes_logged),
+            ("atomic_recoveries", &self.atomic_recoveries),
         ];
         let mut s = String::from("{");
         s.push_str(&format!("\"pid\":{},", crate::sys::getpid()));

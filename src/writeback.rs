@@ -4,6 +4,7 @@
 
 use crate::file::{FileInner, FileState};
 use crate::lock::Lock;
+use crate::persist::redo;
 use crate::persist::{self};
 use crate::ranges::RangeSet;
 use crate::registry::{harvest_file, REG};
@@ -156,6 +157,14 @@ impl FileState {
         }
         let t0 = std::time::Instant::now();
         let _s = self.sync_lock.lock();
+        // Failure-atomic: whatever range was named, the unit is everything
+        // since the last sync, and it is durable when the sync returns.
+        let atomic = self.shadow.is_atomic();
+        let (range, how) = if atomic {
+            (None, Durability::Complete)
+        } else {
+            (range, how)
+        };
         let whole = range.is_none();
         let range = range.unwrap_or(0..u64::MAX);
         let scope = if !track::tracker().is_exact()
@@ -183,7 +192,11 @@ impl FileState {
         }
         let mut r = r.map_err(|e| {
             error!("{}: writeback failed: {e}", self.path);
-            Errno(libc::EIO)
+            // A log that found no room says so, as the kernel would.
+            match e.0 {
+                libc::ENOSPC | libc::EDQUOT if atomic => e,
+                _ => Errno(libc::EIO),
+            }
         });
         // Data pages are durable now (flushed, or msynced on emulated pmem);
         // a size change is metadata, which only the kernel can persist.
@@ -215,6 +228,9 @@ impl FileState {
     ) -> SysResult<()> {
         let (lo, hi) = (range.start, range.end);
         let full = scope == Scope::WholeFile;
+        if self.shadow.is_atomic() {
+            return self.write_back_atomic(dirty, full);
+        }
         let Some(data) = self.shadow.data() else {
             return Ok(()); // no copy, nothing to write back
         };
@@ -323,6 +339,157 @@ impl FileState {
                 Errno(libc::EIO)
             });
         }
+        Ok(())
+    }
+}
+
+/// Failure-atomic sync (docs/ARCHITECTURE.md, "Failure-atomic sync").
+impl FileState {
+    /// The atomic log's lanes, beside the file.
+    pub fn log_lanes(&self) -> SysResult<[String; 2]> {
+        redo::lane_paths(&self.backing.path()).ok_or(Errno(libc::EINVAL))
+    }
+
+    /// Writes back `dirty` and this process's pending ranges (or every page
+    /// the shadow holds) as one unit: the changed spans and the size are
+    /// committed to the log, durably, before a byte of the file changes;
+    /// then applied; the file is durable when this returns. A failure before
+    /// the commit leaves the file as of the last sync and the changes in
+    /// the shadow (pending again) for the next try; after it, the log holds
+    /// the unit and the next sync (or recovery) applies it.
+    fn write_back_atomic(&self, mut dirty: RangeSet, full: bool) -> SysResult<()> {
+        let mut inner = self.inner.lock();
+        dirty.extend(&inner.pending);
+        inner.pending = RangeSet::new();
+        let io = self.shadow.io_lock();
+        let data = self.shadow.data();
+        let fill = data
+            .as_ref()
+            .filter(|_| self.shadow.is_lazy())
+            .map(|_| self.shadow.fill_lock());
+        if let Some(d) = &data {
+            if full {
+                let mut all = shadow::data_segments(d.fd().as_raw_fd(), 0, u64::MAX);
+                all.extend(&dirty);
+                dirty = all;
+            }
+            if fill.is_some() {
+                dirty = self.shadow.present_in(&dirty);
+            }
+        }
+        let r = self.commit_and_apply(
+            &mut inner,
+            data.as_ref().map(|d| d.fd().as_raw_fd()),
+            &dirty,
+        );
+        drop(fill);
+        drop(io);
+        if r.is_err() && !full {
+            inner.pending.extend(&dirty);
+        }
+        r
+    }
+
+    fn commit_and_apply(
+        &self,
+        inner: &mut FileInner,
+        data_fd: Option<i32>,
+        dirty: &RangeSet,
+    ) -> SysResult<()> {
+        if persist::inject_failure() {
+            return Err(Errno(libc::EIO));
+        }
+        let lanes = self.log_lanes()?;
+        let backing = self.backing()?;
+        let bfd = backing.raw();
+        let mut p = self.shadow.log_period();
+        if p.applied < p.gen {
+            // A sync committed and not applied (its process died in the
+            // middle, or the apply failed): it goes first.
+            redo::replay(p.gen, &lanes, bfd)?;
+            p.applied = p.gen;
+            self.shadow.set_log_period(&p);
+        }
+        let backing_size = sys::fstat(bfd)?.st_size as u64;
+        let mut unit = redo::Unit::new(p.gen + 1, backing_size);
+        let mut counts = persist::LineCounts::default();
+        if let Some(data_fd) = data_fd.filter(|_| !dirty.is_empty()) {
+            let size = (sys::fstat(data_fd)?.st_size as u64).min(backing_size);
+            if size > 0 {
+                let sv = ensure_view(
+                    &mut inner.shadow_view,
+                    data_fd,
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    ViewKind::Plain,
+                )?;
+                let bases = self.shadow.bases(size);
+                let bv = ensure_view(
+                    &mut inner.backing_view,
+                    bfd,
+                    size as usize,
+                    libc::PROT_READ,
+                    ViewKind::Plain,
+                )?;
+                add(
+                    &STATS.pages_dirtied,
+                    dirty.clip(0, size).len().div_ceil(PAGE as u64),
+                );
+                counts = persist::collect_changes(
+                    sv,
+                    bv,
+                    size,
+                    dirty,
+                    &persist::Writeback {
+                        flush: rt().flush,
+                        msync_touched: false,
+                        via_fd: None,
+                        bases: bases.as_ref().map(|g| &g.bases),
+                    },
+                    &mut unit,
+                )?;
+                drop(bases);
+                self.report_outside_changes(&counts);
+            }
+        }
+        if unit.is_empty() && !p.size_changed(backing_size) {
+            return Ok(());
+        }
+        // 1. The unit is durable in the log (a crash from here on replays it).
+        let budget_in = persist::CRASH_BUDGET.load(Ordering::Relaxed);
+        let mut budget = (budget_in != u64::MAX).then_some(budget_in);
+        let mode = sys::fstat(bfd).map_or(0o600, |st| st.st_mode & 0o666);
+        redo::commit(&unit, &lanes, mode, &mut budget)?;
+        p.gen = unit.gen();
+        self.shadow.set_log_period(&p);
+        add(&STATS.atomic_syncs, 1);
+        add(&STATS.bytes_logged, unit.len() as u64);
+        // 2. Applied in place, durably (a crash in the middle replays it).
+        for (off, bytes) in unit.parts() {
+            if budget.is_some() {
+                for (k, line) in bytes.chunks(persist::LINE).enumerate() {
+                    persist::spend_line(&mut budget);
+                    sys::pwrite_all(bfd, line, off + (k * persist::LINE) as u64)?;
+                }
+            } else {
+                sys::pwrite_all(bfd, bytes, off)?;
+            }
+            self.shadow.rebase(bfd, off, off + bytes.len() as u64)?;
+        }
+        if let Some(b) = budget {
+            persist::CRASH_BUDGET.store(b, Ordering::Relaxed);
+        }
+        sys::fdatasync(bfd)?;
+        add(&STATS.lines_written, counts.written);
+        self.shadow.set_log_period(&shadow::atomic::Period {
+            gen: unit.gen(),
+            applied: unit.gen(),
+            size: backing_size,
+            low: backing_size,
+            undo_at: redo::undo_start(unit.len()),
+        });
+        self.size_dirty.store(false, Ordering::Relaxed);
+        self.shadow.record_backing(bfd);
         Ok(())
     }
 }

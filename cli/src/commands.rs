@@ -172,9 +172,21 @@ pub struct SyncArgs {
     files: Vec<PathBuf>,
 }
 
+/// What the helper did to one file.
+struct Attached {
+    reconciles: u64,
+    lines_written: u64,
+    /// Interrupted failure-atomic syncs finished or undone.
+    recoveries: u64,
+}
+
 /// Attaches to `path` through the library in a helper process (so the
 /// protocol is the library's own) and reports what it wrote back.
 fn sync_one(lib: &Path, path: &str, emulated: bool) -> Result<(u64, u64), String> {
+    attach_one(lib, path, emulated).map(|a| (a.reconciles, a.lines_written))
+}
+
+fn attach_one(lib: &Path, path: &str, emulated: bool) -> Result<Attached, String> {
     let tmp = std::env::temp_dir().join(format!("daxshim-sync-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -195,7 +207,162 @@ fn sync_one(lib: &Path, path: &str, emulated: bool) -> Result<(u64, u64), String
     let stats = std::fs::read_to_string(&tmp).map_err(|e| format!("helper wrote no stats: {e}"))?;
     let _ = std::fs::remove_file(&tmp);
     let v = crate::statsview::parse(&stats).ok_or("helper wrote no DAXSHIM_STATS object")?;
-    Ok((v.num("reconciles"), v.num("lines_written")))
+    Ok(Attached {
+        reconciles: v.num("reconciles"),
+        lines_written: v.num("lines_written"),
+        recoveries: v.num("atomic_recoveries"),
+    })
+}
+
+/// The failure-atomic log's lanes of `file` (`.<name>.daxshim-log0|1`
+/// beside it) that exist.
+fn lanes_of(file: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
+        return Vec::new();
+    };
+    (0..2)
+        .map(|k| dir.join(format!(".{}.daxshim-log{k}", name.to_string_lossy())))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// The data file a lane belongs to (`.<name>.daxshim-log0|1` → `<name>`).
+fn data_of_lane(lane: &Path) -> Option<PathBuf> {
+    let n = lane.file_name()?.to_str()?;
+    let rest = n.strip_prefix('.')?;
+    let rest = rest.strip_suffix('0').or_else(|| rest.strip_suffix('1'))?;
+    let name = rest
+        .strip_suffix(".daxshim-log")
+        .filter(|n| !n.is_empty())?;
+    Some(lane.with_file_name(name))
+}
+
+/// Files with atomic-log lanes under `dir` (recursively, not following
+/// symbolic links).
+fn atomic_files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        let p = e.path();
+        if t.is_dir() {
+            atomic_files_under(&p, out);
+        } else if let Some(d) = data_of_lane(&p) {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    }
+}
+
+/// `daxshim recover [DIR...]`
+#[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "daxshim recover [DIR...]",
+    before_help = "Finishes or undoes failure-atomic syncs (DAXSHIM_ATOMIC) that a crash or a
+power loss interrupted: every file under DIR (recursively) with an atomic
+log beside it (.NAME.daxshim-log0/1) is brought back to its last committed
+sync, as the first process under the shim that opens it would. Run it at
+boot, before programs without the shim read such files. Without DIR: the
+directories of $DAXSHIM_PMEM. Files that live processes use are left to
+them; logs whose file is gone are removed."
+)]
+pub struct RecoverArgs {
+    /// Directories to search (default: those of $DAXSHIM_PMEM)
+    #[arg(value_name = "DIR", value_parser = crate::existing_dir)]
+    dirs: Vec<String>,
+}
+
+pub fn recover(args: RecoverArgs) -> ExitCode {
+    let lib = match library::find() {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let mut dirs: Vec<PathBuf> = args.dirs.iter().map(PathBuf::from).collect();
+    if dirs.is_empty() {
+        let pmem = std::env::var("DAXSHIM_PMEM").unwrap_or_default();
+        dirs = pmem
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .collect();
+    }
+    if dirs.is_empty() {
+        return fail("name the directories to search (or set DAXSHIM_PMEM)");
+    }
+    let mut files = Vec::new();
+    for d in &dirs {
+        atomic_files_under(d, &mut files);
+    }
+    if files.is_empty() {
+        println!(
+            "no failure-atomic logs under {}",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let (list, _) = shadows::list(&shadows::shadow_dir());
+    let mut failed = false;
+    for f in files {
+        let shown = f.display();
+        if !f.exists() {
+            for l in lanes_of(&f) {
+                let _ = std::fs::remove_file(l);
+            }
+            println!("{shown}: the file is gone; its log was removed");
+            continue;
+        }
+        let live = shadows::file_id(&f)
+            .ok()
+            .and_then(|id| list.iter().find(|s| s.key == id.key()).map(|s| s.live()))
+            .unwrap_or_default();
+        if !live.is_empty() {
+            println!("{shown}: in use by {live:?}; left to them");
+            continue;
+        }
+        let emulated = !is_dax(&f);
+        match attach_one(&lib, &f.to_string_lossy(), emulated) {
+            Ok(a) if a.recoveries > 0 => {
+                println!("{shown}: brought back to its last committed sync")
+            }
+            Ok(_) => println!("{shown}: nothing to recover (its last process detached cleanly)"),
+            Err(e) => {
+                println!("{shown}: recovery failed: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Is `f` on a real DAX file system (statx says so)? Else it is treated as
+/// emulated pmem for the helper.
+fn is_dax(f: &Path) -> bool {
+    const STATX_ATTR_DAX: u64 = 0x0020_0000;
+    let Ok(c) = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statx is a valid value to be overwritten; a C
+    // string and a valid output pointer.
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            0,
+            libc::STATX_BASIC_STATS,
+            &mut stx,
+        ) == 0
+            && stx.stx_attributes & STATX_ATTR_DAX != 0
+    }
 }
 
 /// The first argument that makes `daxshim` the helper of `sync`.
@@ -233,6 +400,18 @@ pub fn sync(args: SyncArgs) -> ExitCode {
             };
             match list.iter().find(|s| s.key == id.key()) {
                 Some(s) => v.push(s.clone()),
+                None if !lanes_of(a).is_empty() => {
+                    // A failure-atomic log: the helper's attach recovers.
+                    let path = std::fs::canonicalize(a).unwrap_or_else(|_| a.clone());
+                    match attach_one(&lib, &path.to_string_lossy(), !is_dax(&path)) {
+                        Ok(r) if r.recoveries > 0 => println!(
+                            "{}: brought back to its last committed atomic sync",
+                            a.display()
+                        ),
+                        Ok(_) => println!("{}: no shadow, nothing to write back", a.display()),
+                        Err(e) => return fail(&format!("{}: recovery failed: {e}", a.display())),
+                    }
+                }
                 None => println!("{}: no shadow, nothing to write back", a.display()),
             }
         }

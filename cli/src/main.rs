@@ -62,6 +62,8 @@ enum Cmd {
     Status(commands::StatusArgs),
     #[command(about = "write back shadows whose writers are gone", help_template = HELP)]
     Sync(commands::SyncArgs),
+    #[command(about = "finish or undo interrupted failure-atomic syncs (DAXSHIM_ATOMIC)", help_template = HELP)]
+    Recover(commands::RecoverArgs),
     #[command(about = "remove the shadows of given files", help_template = HELP)]
     Drop(commands::DropArgs),
     #[command(about = "remove unused clean shadows and those of deleted files", help_template = HELP)]
@@ -77,7 +79,7 @@ enum Cmd {
 /// `daxshim run`
 #[derive(clap::Args, Debug)]
 #[command(
-    override_usage = "daxshim run [--pmem DIR]... [--dax | --dax-dir DIR...] [--stats FILE] [--log LEVEL] -- CMD [ARGS...]",
+    override_usage = "daxshim run [--pmem DIR]... [--dax | --dax-dir DIR...] [--atomic | --atomic-dir DIR...] [--stats FILE] [--log LEVEL] -- CMD [ARGS...]",
     before_help = "Runs CMD with libdaxshim.so prepended to LD_PRELOAD (what was there stays).",
     after_help = "The library is looked up in $DAXSHIM_LIB, next to this executable, and in
 ../lib/ and ../lib/daxshim/ relative to it; else the copy built into this
@@ -97,6 +99,13 @@ struct RunArgs {
     /// Files under DIR are mapped directly; repeatable
     #[arg(long, value_name = "DIR", value_parser = existing_dir)]
     dax_dir: Vec<String>,
+    /// Failure-atomic sync for every pmem file: each sync commits everything
+    /// since the previous one as one unit
+    #[arg(long, conflicts_with = "atomic_dir")]
+    atomic: bool,
+    /// Failure-atomic sync for pmem files under DIR; repeatable
+    #[arg(long, value_name = "DIR", value_parser = existing_dir)]
+    atomic_dir: Vec<String>,
     /// Write the shim's counters as JSON at exit (%p = pid)
     #[arg(long, value_name = "FILE")]
     stats: Option<OsString>,
@@ -195,6 +204,11 @@ fn run(args: RunArgs) -> ExitCode {
     } else if !args.dax_dir.is_empty() {
         c.env("DAXSHIM_DAX", args.dax_dir.join(":"));
     }
+    if args.atomic {
+        c.env("DAXSHIM_ATOMIC", "1");
+    } else if !args.atomic_dir.is_empty() {
+        c.env("DAXSHIM_ATOMIC", args.atomic_dir.join(":"));
+    }
     if let Some(s) = args.stats {
         c.env("DAXSHIM_STATS", s);
     }
@@ -251,6 +265,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Status(a) => commands::status(a),
         Cmd::Sync(a) => commands::sync(a),
+        Cmd::Recover(a) => commands::recover(a),
         Cmd::Drop(a) => commands::drop(a),
         Cmd::Gc(a) => commands::gc(a),
         Cmd::Stats(a) => statsview::stats(a),

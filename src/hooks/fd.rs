@@ -26,12 +26,41 @@ fn opened(fd: c_int, flags: c_int) -> c_int {
     fd
 }
 
+/// Opens with `open(flags)` and registers the descriptor. `O_TRUNC` where
+/// a failure-atomic file may be met: the kernel would truncate before the
+/// shim could save what the truncation takes of the synced file, so the
+/// file is opened without it and truncated through the `ftruncate` hook
+/// (a file that is not pmem is truncated by the kernel all the same).
+fn open_hooked(flags: c_int, open: impl Fn(c_int) -> c_int) -> c_int {
+    let truncating = flags & libc::O_TRUNC != 0
+        && flags & libc::O_ACCMODE != libc::O_RDONLY
+        && crate::reentry::READY.load(std::sync::atomic::Ordering::Acquire)
+        && crate::fileio::atomic::in_play();
+    if !truncating {
+        return opened(open(flags), flags);
+    }
+    let flags = flags & !libc::O_TRUNC;
+    let fd = opened(open(flags), flags);
+    let regular =
+        fd >= 0 && crate::sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+    // SAFETY: our own hook, on the descriptor this open just returned.
+    if regular && unsafe { super::io::ftruncate64(fd, 0) } != 0 {
+        let e = crate::sys::get_errno();
+        // SAFETY: the descriptor this open just returned, not yet the
+        // program's.
+        unsafe { real::close(fd) };
+        crate::sys::set_errno(e);
+        return -1;
+    }
+    fd
+}
+
 /// # Safety
 /// C ABI: `path` is a valid C string; `mode` is read only with O_CREAT/O_TMPFILE.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::open64(path, flags, mode) }, flags)
+    open_hooked(flags, |fl| unsafe { real::open64(path, fl, mode) })
 }
 
 /// # Safety
@@ -39,7 +68,7 @@ pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::open64(path, flags, mode) }, flags)
+    open_hooked(flags, |fl| unsafe { real::open64(path, fl, mode) })
 }
 
 /// # Safety
@@ -52,7 +81,7 @@ pub unsafe extern "C" fn openat(
     mode: mode_t,
 ) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
+    open_hooked(flags, |fl| unsafe { real::openat64(dirfd, path, fl, mode) })
 }
 
 /// # Safety
@@ -65,7 +94,7 @@ pub unsafe extern "C" fn openat64(
     mode: mode_t,
 ) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::openat64(dirfd, path, flags, mode) }, flags)
+    open_hooked(flags, |fl| unsafe { real::openat64(dirfd, path, fl, mode) })
 }
 
 /// # Safety
@@ -74,7 +103,7 @@ pub unsafe extern "C" fn openat64(
 pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::creat64(path, mode) }, flags)
+    open_hooked(flags, |fl| unsafe { real::open64(path, fl, mode) })
 }
 
 /// # Safety
@@ -83,7 +112,7 @@ pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::creat64(path, mode) }, flags)
+    open_hooked(flags, |fl| unsafe { real::open64(path, fl, mode) })
 }
 
 /// Fortified `open` (`_FORTIFY_SOURCE`).
@@ -93,7 +122,7 @@ pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::__open64_2(path, flags) }, flags)
+    open_hooked(flags, |fl| unsafe { real::__open64_2(path, fl) })
 }
 
 /// # Safety
@@ -101,7 +130,7 @@ pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::__open64_2(path, flags) }, flags)
+    open_hooked(flags, |fl| unsafe { real::__open64_2(path, fl) })
 }
 
 /// # Safety
@@ -109,7 +138,7 @@ pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::__openat64_2(dirfd, path, flags) }, flags)
+    open_hooked(flags, |fl| unsafe { real::__openat64_2(dirfd, path, fl) })
 }
 
 /// # Safety
@@ -117,7 +146,7 @@ pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-    opened(unsafe { real::__openat64_2(dirfd, path, flags) }, flags)
+    open_hooked(flags, |fl| unsafe { real::__openat64_2(dirfd, path, fl) })
 }
 
 /// # Safety

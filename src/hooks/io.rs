@@ -160,7 +160,7 @@ pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
         None => kernel(),
         Some(g) => match crate::fdtable::lookup_fd(fd) {
             None => g.ret(check(kernel())),
-            Some(f) => g.ret(ftruncate_impl(f, kernel)),
+            Some(f) => g.ret(ftruncate_impl(f, len, kernel)),
         },
     }
 }
@@ -177,14 +177,21 @@ pub unsafe extern "C" fn ftruncate(fd: c_int, len: off64_t) -> c_int {
 /// C ABI.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn truncate64(path: *const c_char, len: off64_t) -> c_int {
+    if path.is_null() {
+        // SAFETY: forwarded with the caller's own arguments (the kernel
+        // answers EFAULT).
+        return unsafe { real::truncate64(path, len) };
+    }
     match enter() {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::truncate64(path, len) },
-        // SAFETY: forwarded with the caller's own arguments; the kernel
-        // accepted `path` as a C string when it succeeded.
-        Some(g) => g.ret(truncate_impl(unsafe { CStr::from_ptr(path) }, || unsafe {
-            real::truncate64(path, len)
-        })),
+        // SAFETY: forwarded with the caller's own arguments; `path` is a
+        // C string (C ABI contract), not null.
+        Some(g) => g.ret(truncate_impl(
+            unsafe { CStr::from_ptr(path) },
+            len,
+            || unsafe { real::truncate64(path, len) },
+        )),
     }
 }
 

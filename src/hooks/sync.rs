@@ -46,14 +46,16 @@ fn msync_impl(addr: *mut c_void, len: size_t, flags: c_int) -> Result<i32, Errno
     } else {
         Durability::ByCaller
     };
-    let mut failed = false;
+    let mut failed = None;
     for (f, range) in targets {
-        failed |= f.sync(Some(range), how).is_err();
+        if let Err(e) = f.sync(Some(range), how) {
+            failed = Some(e);
+        }
     }
-    if failed {
-        return Err(Errno(libc::EIO));
+    match failed {
+        Some(e) => Err(e),
+        None => r,
     }
-    r
 }
 
 /// # Safety
@@ -87,7 +89,9 @@ fn file_sync(
     let r = check(kernel());
     g.ret(match (ours, r) {
         (_, Err(e)) => Err(e),
-        (Err(_), Ok(_)) => Err(Errno(libc::EIO)),
+        // EIO, or a failure-atomic sync's log that found no room (ENOSPC,
+        // EDQUOT): the shim's sync says which.
+        (Err(e), Ok(_)) => Err(e),
         (Ok(()), Ok(v)) => Ok(v),
     })
 }

@@ -4,6 +4,7 @@
 pub mod base;
 pub mod diff;
 pub mod flush;
+pub mod redo;
 
 pub use diff::{sync_lines, LineCounts, LINE};
 pub use flush::{FlushKind, Flusher};
@@ -27,6 +28,16 @@ pub fn inject_failure() -> bool {
         .is_ok()
 }
 
+/// Fault injection: one more line may be written, or the process dies now.
+pub fn spend_line(budget: &mut Option<u64>) {
+    if let Some(left) = budget {
+        if *left == 0 {
+            crash_now();
+        }
+        *left -= 1;
+    }
+}
+
 fn crash_now() {
     // Fault injection: die in the middle of a writeback, as a power cut would.
     // SAFETY: kill has no memory-safety preconditions.
@@ -39,16 +50,24 @@ fn crash_now() {
 /// which would take the file system's write fault (~4 µs a page on ext4).
 /// Bytes between changed lines are equal on both sides, so the file's
 /// contents are exactly what line-by-line copies would give.
-struct SpanWriter {
-    fd: i32,
+struct SpanWriter<'u> {
+    to: Sink<'u>,
     shadow: usize,
     span: Option<(u64, u64)>,
 }
 
-impl SpanWriter {
-    fn new(fd: i32, shadow: usize) -> SpanWriter {
+/// Where a [`SpanWriter`]'s spans go.
+enum Sink<'u> {
+    /// `pwrite` to the backing.
+    Fd(i32),
+    /// Into a redo record (failure-atomic sync: applied after its commit).
+    Log(&'u mut redo::Unit),
+}
+
+impl<'u> SpanWriter<'u> {
+    fn new(to: Sink<'u>, shadow: usize) -> SpanWriter<'u> {
         SpanWriter {
-            fd,
+            to,
             shadow,
             span: None,
         }
@@ -105,12 +124,7 @@ impl SpanWriter {
     }
 
     fn take(&mut self, a: u64, b: u64, budget: &mut Option<u64>) -> SysResult<()> {
-        if let Some(left) = budget {
-            if *left == 0 {
-                crash_now();
-            }
-            *left -= 1;
-        }
+        spend_line(budget);
         self.span = Some((a, b));
         self.finish()
     }
@@ -124,7 +138,10 @@ impl SpanWriter {
                     (b - a) as usize,
                 )
             };
-            sys::pwrite_all(self.fd, bytes, a)?;
+            match &mut self.to {
+                Sink::Fd(fd) => sys::pwrite_all(*fd, bytes, a)?,
+                Sink::Log(u) => u.add(a, bytes),
+            }
         }
         Ok(())
     }
@@ -230,13 +247,42 @@ pub fn write_back(
     ranges: &RangeSet,
     how: &Writeback,
 ) -> SysResult<LineCounts> {
-    let (msync_touched, via_fd) = (how.msync_touched, how.via_fd);
+    write_back_into(shadow, backing, size, ranges, how, None)
+}
+
+/// Failure-atomic sync: like [`write_back`], but the changed spans go into
+/// `log` instead of the backing (which the caller writes after the commit;
+/// only lines changed outside the shim are taken into the shadow here).
+pub fn collect_changes(
+    shadow: usize,
+    backing: usize,
+    size: u64,
+    ranges: &RangeSet,
+    how: &Writeback,
+    log: &mut redo::Unit,
+) -> SysResult<LineCounts> {
+    write_back_into(shadow, backing, size, ranges, how, Some(log))
+}
+
+fn write_back_into(
+    shadow: usize,
+    backing: usize,
+    size: u64,
+    ranges: &RangeSet,
+    how: &Writeback,
+    log: Option<&mut redo::Unit>,
+) -> SysResult<LineCounts> {
+    let collecting = log.is_some();
+    let (msync_touched, via_fd) = (how.msync_touched && !collecting, how.via_fd);
     let mut flusher = Flusher::new(how.flush);
     let budget_in = CRASH_BUDGET.load(Ordering::Relaxed);
-    let mut budget = (budget_in != u64::MAX).then_some(budget_in);
+    let mut budget = (budget_in != u64::MAX && !collecting).then_some(budget_in);
     let mut total = LineCounts::default();
     let mut touched = RangeSet::new();
-    let mut writer = via_fd.map(|fd| SpanWriter::new(fd, shadow));
+    let mut writer = match log {
+        Some(u) => Some(SpanWriter::new(Sink::Log(u), shadow)),
+        None => via_fd.map(|fd| SpanWriter::new(Sink::Fd(fd), shadow)),
+    };
     let mut pending_bases = Vec::new();
     for (a, b) in ranges.iter() {
         let b = b.min(size);
@@ -287,7 +333,9 @@ pub fn write_back(
     if let Some(w) = &mut writer {
         w.finish()?;
     }
-    if let Some(bases) = how.bases {
+    // (Collected lines are not in the backing yet: their bases are renewed
+    // after the apply.)
+    if let Some(bases) = how.bases.filter(|_| !collecting) {
         for (page, end, mask) in pending_bases {
             // SAFETY: within [0, size), which the backing view covers.
             unsafe { renew_bases(backing, page, end, mask, bases) };
@@ -299,7 +347,9 @@ pub fn write_back(
     flusher.fence();
     total.pages_written = touched.len() / PAGE as u64;
     add(&STATS.lines_compared, total.compared);
-    add(&STATS.lines_written, total.written);
+    if !collecting {
+        add(&STATS.lines_written, total.written);
+    }
     add(&STATS.bytes_flushed, flusher.lines * LINE as u64);
     add(&STATS.bytes_streamed, flusher.streamed * LINE as u64);
     add(&STATS.foreign_writes, total.foreign);

@@ -102,6 +102,9 @@ fn attach_locked(
     // fits (static assert) and is only ever used through shared references.
     let hdr = unsafe { &*(map.addr() as *const Header) };
     prepare(base, hdr, id, backing_fd, opt)?;
+    if hdr.atomic.load(Ordering::Acquire) != 0 {
+        super::atomic::SEEN.store(true, Ordering::Relaxed);
+    }
     let slot = slots::take_slot(hdr, 0, &meta_path)?;
     hdr.emulated.store(opt.emulated as u32, Ordering::Relaxed);
     hdr.set_path(&opt.path);
@@ -127,6 +130,16 @@ fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
     hdr.lazy.store(0, Ordering::Relaxed);
     hdr.no_evict.store(0, Ordering::Relaxed);
     hdr.rec_unsure.store(0, Ordering::Relaxed);
+    hdr.atomic.store(0, Ordering::Relaxed);
+    for w in [
+        &hdr.log_gen,
+        &hdr.log_applied,
+        &hdr.log_size,
+        &hdr.log_low,
+        &hdr.log_undo_at,
+    ] {
+        w.store(0, Ordering::Relaxed);
+    }
     record(hdr, backing_fd);
     hdr.magic.store(MAGIC, Ordering::Release);
 }
@@ -175,25 +188,38 @@ fn prepare(
             );
         }
         init_header(base, hdr, id, backing_fd);
-        return Ok(());
+        return recover_log(base, hdr, backing_fd, opt);
     }
     let census = slots::census(hdr, slots::dir_of(base), DeadReaders::Free);
     if census.live > 0 {
+        if opt.atomic && hdr.atomic.load(Ordering::Acquire) == 0 {
+            // SAFETY: the header is mapped for the rest of this function.
+            let _io = unsafe { super::owned::lock_robust(hdr.io_lock.get()) };
+            super::atomic::start_attached(hdr, &opt.path, backing_fd)
+                .map_err(|e| err("cannot start the atomic log of", &opt.path, e))?;
+        }
         return Ok(());
     }
     if hdr.data_valid.load(Ordering::Acquire) == 0 {
         // No copy exists: nothing can be stale or unsynced.
         slots::clear_slots(hdr);
+        recover_log(base, hdr, backing_fd, opt)?;
         record(hdr, backing_fd);
         return Ok(());
     }
+    let atomic = opt.atomic || hdr.atomic.load(Ordering::Acquire) != 0;
     // SAFETY: the header is mapped for the rest of this function (the
     // caller's `map`), which outlives the guard.
     let io = unsafe { super::owned::lock_robust(hdr.io_lock.get()) };
     let now = BackingState::of(backing_fd);
     let changed = !now.as_ref().is_ok_and(|b| b.is_recorded_in(hdr));
     let now_size = now.map(|b| b.size).unwrap_or(u64::MAX);
-    let result = if changed && !io.owner_died() {
+    let result = if atomic && (census.dead_writer || io.owner_died()) {
+        // Failure-atomic: what a process that died stored since its last
+        // sync is dropped (the log takes the file back to that sync).
+        drop_copy(base, hdr);
+        Ok(())
+    } else if changed && !io.owner_died() {
         if census.dead_writer {
             keep_aside(
                 base,
@@ -226,12 +252,51 @@ fn prepare(
     } else {
         Ok(())
     };
-    if result.is_ok() {
+    let result = result.and_then(|()| {
         slots::clear_slots(hdr);
+        recover_log(base, hdr, backing_fd, opt)?;
         record(hdr, backing_fd);
-    }
+        Ok(())
+    });
     drop(io);
     result
+}
+
+/// Removes the data file and its bases: the backing is served again.
+fn drop_copy(base: &str, hdr: &Header) {
+    let _ = sys::unlink(&cstr(base));
+    Shadow::unlink_lines(base);
+    Shadow::unlink_regions(base);
+    hdr.data_valid.store(0, Ordering::Release);
+    hdr.lazy.store(0, Ordering::Relaxed);
+    hdr.no_evict.store(0, Ordering::Relaxed);
+}
+
+/// Nobody attached: the atomic log (if the file has one) takes the file
+/// back to its last committed sync, and a new period starts if this
+/// process asks for atomic mode. A process that asks for it and cannot have
+/// it fails to attach (it must not get other semantics silently).
+fn recover_log(
+    base: &str,
+    hdr: &Header,
+    backing_fd: i32,
+    opt: &AttachOptions,
+) -> Result<(), Failure> {
+    match super::atomic::recover_unattached(hdr, &opt.path, backing_fd, opt.atomic) {
+        Ok(_) => Ok(()),
+        Err(e) if opt.atomic => Err(err(
+            "cannot recover or start the atomic log of",
+            &opt.path,
+            e,
+        )),
+        Err(e) => {
+            warn!(
+                "{}: cannot recover its atomic log ({e}); run `daxshim recover` with write access ({base})",
+                opt.path
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Whether this process left anything unsynced when it detaches.
@@ -261,7 +326,10 @@ impl Shadow {
         };
         let census = slots::census(h, slots::dir_of(&self.base), DeadReaders::Keep);
         let mut dead_writer = census.dead_writer;
-        if census.live == 0 && dead_writer {
+        let atomic = self.is_atomic();
+        // Failure-atomic: unsynced stores are not written back here; the
+        // next attacher drops them and recovers the log.
+        if census.live == 0 && dead_writer && !atomic {
             let _io = self.io_lock();
             let reconciled = match self.data() {
                 Some(d) => reconcile(&self.base, d.fd().as_raw_fd(), backing_fd, opt).is_ok(),
@@ -273,6 +341,9 @@ impl Shadow {
             }
         }
         if census.live == 0 && !dead_writer {
+            if atomic {
+                super::atomic::close(h, &opt.path);
+            }
             let _ = sys::unlink(&cstr(&self.base));
             Shadow::unlink_lines(&self.base);
             Shadow::unlink_regions(&self.base);

@@ -196,13 +196,18 @@ impl Shadow {
     /// fault thread. [`Fill::Eager`]: the copy is complete before it
     /// returns, holes of a lazy data file included.
     pub fn ensure_data(&self, backing_fd: i32, fill: Fill) -> Result<SharedFd, Failure> {
-        let h = self.header();
         if let Some(d) = self.data() {
             if fill == Fill::Lazy || self.no_evict() || !self.is_lazy() {
                 return Ok(d);
             }
         }
         let _io = self.io_lock();
+        self.ensure_data_locked(backing_fd, fill)
+    }
+
+    /// [`Shadow::ensure_data`] for a caller that holds the io lock.
+    pub fn ensure_data_locked(&self, backing_fd: i32, fill: Fill) -> Result<SharedFd, Failure> {
+        let h = self.header();
         if h.data_valid.load(Ordering::Acquire) != 0 {
             let d = self.open_data()?;
             if fill == Fill::Eager && self.is_lazy() && !self.no_evict() {

@@ -11,7 +11,7 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 pub const SLOTS: usize = 128;
 pub const META_SIZE: usize = 8192;
 
@@ -141,6 +141,21 @@ pub struct Header {
     /// estimate for `DAXSHIM_CACHE_MAX`, seen by all at once). Zero in a
     /// header made before it existed: measured at the first eviction.
     pub filled: AtomicU64,
+    /// 1: failure-atomic sync (`DAXSHIM_ATOMIC`, `persist::redo`): every
+    /// process's writes go to the shadow only and every sync commits
+    /// through the log. Set by an attacher whose configuration asks for it;
+    /// followed by every other process while the shadow lives.
+    pub atomic: AtomicU32,
+    /// The atomic log's period (under the io lock): the generation of the
+    /// last committed sync, the last one fully applied, the file's size as
+    /// of that sync, the lowest size the file had since (bytes below the
+    /// synced size a shrink took were saved in undo records), and where the
+    /// next undo record goes in the lane.
+    pub log_gen: AtomicU64,
+    pub log_applied: AtomicU64,
+    pub log_size: AtomicU64,
+    pub log_low: AtomicU64,
+    pub log_undo_at: AtomicU64,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;

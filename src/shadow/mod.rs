@@ -15,6 +15,7 @@
 //! This layer knows nothing of the registry or the configuration: what it
 //! needs comes in [`AttachOptions`].
 
+pub mod atomic;
 pub mod attach;
 pub mod data;
 pub mod header;
@@ -85,8 +86,11 @@ pub struct AttachOptions {
     /// `DAXSHIM_WRITEBACK=stores`: emulated pmem written back by stores and
     /// flushes through a mapping (as real pmem), not by `pwrite`.
     pub writeback_stores: bool,
-    /// The backing file's path, recorded in the header for the CLI.
+    /// The backing file's path, recorded in the header for the CLI (and
+    /// where the atomic log's lanes are).
     pub path: String,
+    /// `DAXSHIM_ATOMIC` covers this file: failure-atomic sync.
+    pub atomic: bool,
 }
 
 /// The backing file's size and modification time: what the header records

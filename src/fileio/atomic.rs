@@ -1,0 +1,213 @@
+//! Failure-atomic files (`DAXSHIM_ATOMIC`, docs/ARCHITECTURE.md
+//! "Failure-atomic sync"): a write goes to the shadow only, so that it
+//! belongs to the next sync's unit; the size lives in the backing, where
+//! every program looks for it, and what a shrink takes of the synced file
+//! is saved in the log first.
+
+use super::{iov_parts, At};
+use crate::file::FileState;
+use crate::persist::redo;
+use crate::shadow::{atomic::Period, Fill};
+use crate::sys::{self, Errno, PAGE};
+use crate::writeback::Durability;
+use libc::{c_int, iovec};
+use std::ffi::CStr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The kernel's cap on one transfer (`MAX_RW_COUNT`).
+const MAX_RW_COUNT: usize = 0x7fff_f000;
+
+/// The most bytes one undo record holds (a bigger shrink writes several).
+const UNDO_RECORD_MAX: u64 = 64 << 20;
+
+/// Might an `O_TRUNC` open meet a failure-atomic file? Then it truncates
+/// after the open, through the `ftruncate` hook.
+pub fn in_play() -> bool {
+    crate::shadow::atomic::SEEN.load(Ordering::Relaxed)
+        || crate::reentry::READY.load(Ordering::Acquire)
+            && crate::runtime::rt().cfg.atomic != crate::config::OptIn::Off
+}
+
+/// The caller's bytes, copied by the kernel: a bad buffer is `EFAULT` (or
+/// a short count), not a fault in the shim.
+fn gather(iov: &[iovec]) -> Result<Vec<u8>, Errno> {
+    let n = iov
+        .iter()
+        .fold(0usize, |a, v| a.saturating_add(v.iov_len))
+        .min(MAX_RW_COUNT);
+    let mut out = vec![0u8; n];
+    for (pos, p, len) in iov_parts(iov, n) {
+        let local = iovec {
+            iov_base: out[pos..].as_mut_ptr() as *mut libc::c_void,
+            iov_len: len,
+        };
+        let remote = iovec {
+            iov_base: p as *mut libc::c_void,
+            iov_len: len,
+        };
+        let got = match sys::process_vm_self(false, &local, &remote) {
+            Ok(k) => k,
+            Err(_) if pos > 0 => 0,
+            Err(e) => return Err(e),
+        };
+        if got < len {
+            out.truncate(pos + got);
+            if out.is_empty() {
+                return Err(Errno(libc::EFAULT));
+            }
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// `write`/`pwrite` family on a failure-atomic file: the bytes go to the
+/// shadow only (the backing grows first if they reach past its end, so
+/// that every reader sees the size); the range is this process's to sync.
+pub fn write(f: &Arc<FileState>, fd: c_int, iov: &[iovec], at: At) -> Result<isize, Errno> {
+    let fl = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int;
+    if fl & libc::O_ACCMODE == libc::O_RDONLY || fl & libc::O_PATH != 0 {
+        return Err(Errno(libc::EBADF));
+    }
+    if matches!(at, At::Offset(o) if o > i64::MAX as u64) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let bytes = gather(iov)?;
+    let n = bytes.len() as u64;
+    {
+        let mut inner = f.inner.lock();
+        let _io = f.shadow.io_lock();
+        let backing = f.backing()?;
+        let bfd = backing.raw();
+        let size = sys::fstat(bfd)?.st_size as u64;
+        let off = match at {
+            _ if fl & libc::O_APPEND != 0 => size,
+            At::Offset(o) => o,
+            At::Position => sys::lseek(fd, 0, libc::SEEK_CUR)? as u64,
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        let end = off
+            .checked_add(n)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or(Errno(libc::EFBIG))?;
+        if end > size {
+            sys::ftruncate(bfd, end)?;
+        }
+        store(f, bfd, &bytes, off, end.max(size))?;
+        // Whole pages, as a harvest gives them (a sync compares whole lines).
+        inner
+            .pending
+            .insert(off - off % PAGE as u64, sys::page_up(end as usize) as u64);
+        f.shadow.mark_writer();
+        f.shadow.record_backing(bfd);
+        if matches!(at, At::Position) {
+            sys::lseek(fd, end as i64, libc::SEEK_SET)?;
+        }
+    }
+    if fl & libc::O_DSYNC != 0 {
+        // O_SYNC/O_DSYNC: durable on return, i.e. a sync (one unit with
+        // everything before it).
+        f.sync(None, Durability::Complete)?;
+    }
+    crate::writeback::keep_views_bounded(f);
+    Ok(n as isize)
+}
+
+/// Puts `bytes` at `off` into the shadow (made if none exists yet; `size`:
+/// the file's size now). Pages of a lazy data file the bytes cover only in
+/// part take the backing's bytes first, under the same fill lock (an
+/// evictor could punch a page filled earlier).
+fn store(f: &FileState, bfd: i32, bytes: &[u8], off: u64, size: u64) -> Result<(), Errno> {
+    let data = f
+        .shadow
+        .ensure_data_locked(bfd, Fill::Lazy)
+        .map_err(|e| e.errno)?;
+    let dfd = data.fd().as_raw_fd();
+    let end = off + bytes.len() as u64;
+    let lazy = f.shadow.is_lazy();
+    let _fill = lazy.then(|| f.shadow.fill_lock());
+    f.shadow.set_data_size(size)?;
+    if lazy {
+        let first = off - off % PAGE as u64;
+        let last = (end - 1) - (end - 1) % PAGE as u64;
+        let edges = if last == first {
+            vec![first]
+        } else {
+            vec![first, last]
+        };
+        for page in edges {
+            let whole = page >= off && page + PAGE as u64 <= end;
+            if whole || !f.shadow.present(page, page + PAGE as u64).is_empty() {
+                continue;
+            }
+            let mut buf = vec![0u8; PAGE];
+            sys::pread_full(bfd, &mut buf, page)?;
+            sys::pwrite_all(dfd, &buf, page)?;
+            f.shadow.rebase(bfd, page, (page + PAGE as u64).min(size))?;
+        }
+    }
+    sys::pwrite_all(dfd, bytes, off)?;
+    Ok(())
+}
+
+/// A committed sync that was not applied (its process died in the middle,
+/// or its apply failed) is applied first. Call with the io lock held.
+pub fn settle_log(f: &FileState, lanes: &[String; 2], bfd: i32) -> Result<Period, Errno> {
+    let mut p = f.shadow.log_period();
+    if p.applied < p.gen {
+        redo::replay(p.gen, lanes, bfd)?;
+        p.applied = p.gen;
+        f.shadow.set_log_period(&p);
+    }
+    Ok(p)
+}
+
+/// Before the backing shrinks to `len`: the synced bytes the shrink takes
+/// (those below the lowest size the file had since the last sync; the
+/// backing still holds them, since writes go to the shadow) are saved in
+/// undo records, durably. Call with the io lock held.
+pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
+    let lanes = f.log_lanes()?;
+    let backing = f.backing()?;
+    let bfd = backing.raw();
+    let mut p = settle_log(f, &lanes, bfd)?;
+    let to = p.low.min(sys::fstat(bfd)?.st_size as u64);
+    let mut from = len;
+    while from < to {
+        let k = (to - from).min(UNDO_RECORD_MAX);
+        let mut buf = vec![0u8; k as usize];
+        let got = sys::pread_full(bfd, &mut buf, from)?;
+        let mut u = redo::Unit::new(p.gen, p.size);
+        u.add(from, &buf[..got]);
+        p.undo_at = redo::save_undo(&u, &lanes, p.undo_at)?;
+        from += k;
+    }
+    if len < p.low {
+        p.low = len;
+        f.shadow.set_log_period(&p);
+    }
+    Ok(())
+}
+
+/// `truncate(path, len)` of a failure-atomic file: through a descriptor
+/// and the `ftruncate` path (None: not such a file, the kernel's call does
+/// it).
+pub fn truncate_path(path: &CStr, len: i64) -> Option<Result<i32, Errno>> {
+    if len < 0 || !in_play() || !crate::classify::path_may_be_pmem(path) {
+        return None;
+    }
+    let owned = sys::open(path, libc::O_WRONLY | libc::O_CLOEXEC, 0).ok()?;
+    let fd = owned.as_raw_fd();
+    crate::classify::classify(fd)?;
+    let _ = crate::fdtable::on_open(fd, 0);
+    let r = crate::fdtable::lookup_fd(fd)
+        .filter(|f| f.shadow.is_atomic())
+        // SAFETY: our own descriptor, a non-negative length.
+        .map(|f| super::ftruncate_impl(f, len, || unsafe { crate::real::ftruncate64(fd, len) }));
+    crate::fdtable::on_close(fd);
+    r
+}

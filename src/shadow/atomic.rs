@@ -1,0 +1,155 @@
+//! The shadow's side of failure-atomic sync (`DAXSHIM_ATOMIC`,
+//! docs/ARCHITECTURE.md "Failure-atomic sync"): where the log's period
+//! stands (in the header, shared by every attached process, changed under
+//! the io lock), starting a period, recovery when nobody is attached, the
+//! closing record at the last detach. The log's format is
+//! [`crate::persist::redo`].
+
+use super::header::Header;
+use super::Shadow;
+use crate::persist::redo::{self, Recovery, Unit};
+use crate::sys::{self, SysResult};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// This process attached a failure-atomic file (`open` with `O_TRUNC`
+/// must then truncate through the shim).
+pub static SEEN: AtomicBool = AtomicBool::new(false);
+
+/// Where the log stands (a copy of the header's fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Period {
+    /// The last committed sync.
+    pub gen: u64,
+    /// The last sync fully applied to the backing.
+    pub applied: u64,
+    /// The file's size as of `gen`.
+    pub size: u64,
+    /// The lowest size the file had since (bytes below `size` a shrink took
+    /// are in undo records).
+    pub low: u64,
+    /// Where the next undo record goes in lane `gen % 2`.
+    pub undo_at: u64,
+}
+
+impl Period {
+    /// Has anything changed since the last sync besides the lines a sync
+    /// compares (a size change)?
+    pub fn size_changed(&self, now: u64) -> bool {
+        now != self.size || self.low < self.size
+    }
+}
+
+pub(super) fn period_of(h: &Header) -> Period {
+    Period {
+        gen: h.log_gen.load(Ordering::Acquire),
+        applied: h.log_applied.load(Ordering::Acquire),
+        size: h.log_size.load(Ordering::Acquire),
+        low: h.log_low.load(Ordering::Acquire),
+        undo_at: h.log_undo_at.load(Ordering::Acquire),
+    }
+}
+
+fn set_period(h: &Header, p: &Period) {
+    h.log_size.store(p.size, Ordering::Release);
+    h.log_low.store(p.low, Ordering::Release);
+    h.log_undo_at.store(p.undo_at, Ordering::Release);
+    h.log_applied.store(p.applied, Ordering::Release);
+    h.log_gen.store(p.gen, Ordering::Release);
+}
+
+/// The mode lanes are created with: the data file's permission bits.
+fn lane_mode(backing_fd: i32) -> u32 {
+    sys::fstat(backing_fd).map_or(0o600, |st| st.st_mode & 0o666)
+}
+
+/// A new period at generation `gen`: an empty redo record that says the
+/// file's size now (what a crash before the next sync goes back to),
+/// durable before the header says the file is atomic.
+fn start_period(h: &Header, lanes: &[String; 2], gen: u64, backing_fd: i32) -> SysResult<()> {
+    let size = sys::fstat(backing_fd)?.st_size as u64;
+    let base = Unit::new(gen, size);
+    redo::commit(&base, lanes, lane_mode(backing_fd), &mut None)?;
+    set_period(
+        h,
+        &Period {
+            gen,
+            applied: gen,
+            size,
+            low: size,
+            undo_at: redo::undo_start(base.len()),
+        },
+    );
+    h.atomic.store(1, Ordering::Release);
+    SEEN.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Under the attach lock, nobody attached (`path`: the backing's): the file
+/// is brought back to its last committed sync if a log says so; then, if
+/// `atomic`, a new period starts, else the log goes (the file leaves atomic
+/// mode). Returns what recovery did.
+pub(super) fn recover_unattached(
+    h: &Header,
+    path: &str,
+    backing_fd: i32,
+    atomic: bool,
+) -> SysResult<Recovery> {
+    h.atomic.store(0, Ordering::Release);
+    let Some(lanes) = redo::lane_paths(path) else {
+        return Ok(Recovery::NoLog);
+    };
+    let r = redo::recover(&lanes, backing_fd)?;
+    if let Recovery::Recovered { gen, undone, .. } = r {
+        crate::stats::add(&crate::stats::STATS.atomic_recoveries, 1);
+        info!("{path}: recovered to its last atomic sync (#{gen}; {undone} undo record(s))");
+    }
+    let last = match r {
+        Recovery::NoLog => 0,
+        Recovery::Closed { gen } | Recovery::Recovered { gen, .. } => gen,
+    };
+    if atomic {
+        start_period(h, &lanes, last + 1, backing_fd)?;
+    } else if last != 0 {
+        redo::remove(&lanes);
+    }
+    Ok(r)
+}
+
+/// Under the attach lock, other processes attached without atomic mode:
+/// it starts now, at the generation after any the lanes hold (nothing is
+/// replayed under live processes).
+pub(super) fn start_attached(h: &Header, path: &str, backing_fd: i32) -> SysResult<()> {
+    let lanes = redo::lane_paths(path).ok_or(sys::Errno(libc::EINVAL))?;
+    let last = redo::newest(&lanes)?.map_or(0, |(r, _)| r.gen);
+    start_period(h, &lanes, last + 1, backing_fd)
+}
+
+/// At the last detach with everything synced: the log needs no replay.
+pub(super) fn close(h: &Header, path: &str) {
+    let p = period_of(h);
+    if p.applied != p.gen || p.gen == 0 {
+        return; // a committed sync not applied: the next attacher replays it
+    }
+    if let Some(lanes) = redo::lane_paths(path) {
+        if let Err(e) = redo::close(p.gen, &lanes, p.undo_at) {
+            debug!("{path}: cannot close the atomic log: {e}");
+        }
+    }
+}
+
+impl Shadow {
+    /// Is the file in failure-atomic mode? One load.
+    pub fn is_atomic(&self) -> bool {
+        self.header().atomic.load(Ordering::Acquire) != 0
+    }
+
+    /// Where the log stands. Call with the io lock held.
+    pub fn log_period(&self) -> Period {
+        period_of(self.header())
+    }
+
+    /// Records a change of the period. Call with the io lock held.
+    pub fn set_log_period(&self, p: &Period) {
+        set_period(self.header(), p)
+    }
+}
