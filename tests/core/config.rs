@@ -13,6 +13,8 @@ fn invalid_env_values_exit_125_before_main() {
         ("DAXSHIM_PMEM", "relative/dir"),
         ("DAXSHIM_PMEM", "/nonexistent-daxshim-dir"),
         ("DAXSHIM_DAX", "yes"),
+        ("DAXSHIM_ATOMIC", "yes"),
+        ("DAXSHIM_ATOMIC", "relative/dir"),
         ("DAXSHIM_TRACKER", "magic"),
         ("DAXSHIM_FLUSH", "wbinvd"),
         ("DAXSHIM_SHADOW_DIR", "shm"),

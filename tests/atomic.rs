@@ -1,0 +1,455 @@
+//! Failure-atomic sync (`DAXSHIM_ATOMIC`, issue 14): every sync commits
+//! everything since the previous one as one unit. Each test changes files
+//! under the shim, kills or crashes it (inside the writeback too), drops
+//! every shadow (power loss) and checks the file, read without the shim
+//! after a recovery, byte for byte against the image of the last
+//! acknowledged sync or of the one in progress — never a mix.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Iterations of the crash tests: DAXSHIM_CRASH_ITERS for a long run.
+fn crash_iters(default: u64) -> u64 {
+    std::env::var("DAXSHIM_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+fn atomic_world(tag: &str) -> World {
+    World::new(tag).env("DAXSHIM_ATOMIC", "1")
+}
+
+fn lanes(f: &Path) -> Vec<PathBuf> {
+    let name = f.file_name().unwrap().to_string_lossy().into_owned();
+    (0..2)
+        .map(|k| f.with_file_name(format!(".{name}.daxshim-log{k}")))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// Opens `f` under the shim (atomic or not), which recovers it when no
+/// process is attached.
+fn recover_by_opening(w: &World, f: &Path) {
+    ok(w.probe(&format!("open {} rw", s(f))));
+}
+
+/// Writes go to the shadow only until the sync; the writer and other
+/// processes under the shim see them at once, a reader without the shim
+/// only after the sync; a kill drops what was not synced.
+#[test]
+fn writes_reach_the_file_at_the_sync_and_a_kill_drops_the_rest() {
+    let w = atomic_world("atomwr");
+    let f = w.pmem_file("f", &b"0123456789".repeat(1000));
+    let (a, b, c, d) = (
+        w.root.join("a"),
+        w.root.join("b"),
+        w.root.join("c"),
+        w.root.join("d"),
+    );
+    let mut child = w
+        .probe_cmd(&format!(
+            "open {f} rw
+             pwrite 0 AAAA , pwrite 9998 END , pread 0 4
+             touch {a} , waitfor {b}
+             fsync
+             touch {c} , waitfor {d}
+             pwrite 0 BBBB , pwrite 20000 GROWN
+             kill",
+            f = s(&f),
+            a = s(&a),
+            b = s(&b),
+            c = s(&c),
+            d = s(&d)
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&a);
+    let before = backing(&f);
+    assert_eq!(
+        &before[..4],
+        b"0123",
+        "a write reached the file before the sync"
+    );
+    assert_eq!(before.len(), 10_001, "the size is the backing's at once");
+    // Another process under the shim sees the unsynced bytes.
+    let seen = ok(w.probe(&format!("open {} ro , pread 0 4 , pread 9998 3", s(&f))));
+    assert_eq!(seen, "pread: AAAA\npread: END\n");
+    std::fs::write(&b, "").unwrap();
+    wait_for(&c);
+    let synced = backing(&f);
+    assert_eq!(&synced[..4], b"AAAA");
+    assert_eq!(&synced[9998..], b"END");
+    std::fs::write(&d, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "pread: AAAA\n");
+    // Killed alone: its unsynced writes are dropped, the size given back.
+    assert_eq!(
+        backing(&f).len(),
+        20_005,
+        "(the growth is in the backing until recovery)"
+    );
+    let after = ok(w.probe(&format!("open {} ro , pread 0 4", s(&f))));
+    assert_eq!(after, "pread: AAAA\n");
+    assert_eq!(backing(&f), synced);
+    assert!(w.stat_sum("atomic_syncs") >= 1);
+    assert!(w.stat_sum("atomic_recoveries") >= 1);
+}
+
+/// Stores of one process are committed by another's sync (the shared
+/// shadow, as the page cache), and stay when the storing process dies
+/// while others are attached.
+#[test]
+fn another_process_sync_commits_stores_of_a_dead_one() {
+    let w = atomic_world("atomshare");
+    let f = w.pmem_file("f", &vec![b'.'; 64 * 1024]);
+    let (a, b) = (w.root.join("a"), w.root.join("b"));
+    // A holds the file open throughout.
+    let mut holder = w
+        .probe_cmd(&format!(
+            "open {} ro , touch {} , waitfor {}",
+            s(&f),
+            s(&a),
+            s(&b)
+        ))
+        .spawn()
+        .unwrap();
+    wait_for(&a);
+    killed(w.probe(&format!(
+        "open {} rw , map 65536 , store 100 MAPPED , pwrite 5000 WRITTEN , kill",
+        s(&f)
+    )));
+    assert_eq!(&backing(&f)[100..106], b"......");
+    ok(w.probe(&format!("open {} rw , fdatasync", s(&f))));
+    let now = backing(&f);
+    assert_eq!(&now[100..106], b"MAPPED");
+    assert_eq!(&now[5000..5007], b"WRITTEN");
+    std::fs::write(&b, "").unwrap();
+    assert!(holder.wait().unwrap().success());
+    w.drop_shadows();
+    recover_by_opening(&w, &f);
+    assert_eq!(backing(&f), now);
+}
+
+/// A crash after size changes gives the synced size and bytes back:
+/// growth by a write, ftruncate both ways, O_TRUNC at open.
+#[test]
+fn size_changes_since_the_sync_are_undone_by_a_crash() {
+    let w = atomic_world("atomsize");
+    let content: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let f = w.pmem_file("f", &content);
+    for (i, script) in [
+        "ftruncate 1000 , pwrite 60000 X , kill",
+        "ftruncate 100 , ftruncate 40000 , ftruncate 10 , kill",
+        "pwrite 49990 abcdefghijklmnopqrstuvwxyz , ftruncate 20 , kill",
+        "close , open {f} trunc , pwrite 0 new , kill",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let script = script.replace("{f}", s(&f));
+        killed(w.probe(&format!("open {} rw , {script}", s(&f))));
+        if i % 2 == 0 {
+            w.drop_shadows(); // power loss too
+        }
+        recover_by_opening(&w, &f);
+        assert_eq!(backing(&f), content, "{script}");
+    }
+    // And synced, they stay.
+    ok(w.probe(&format!("open {} rw , ftruncate 777 , fsync", s(&f))));
+    w.drop_shadows();
+    recover_by_opening(&w, &f);
+    assert_eq!(backing(&f), content[..777]);
+}
+
+/// The images `atomic_writer` wrote before each sync, and the last sync it
+/// started (from its output).
+fn images(dir: &Path) -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    while let Ok(b) = std::fs::read(dir.join(format!("image-{}", v.len()))) {
+        v.push(b);
+    }
+    v
+}
+
+/// Runs `atomic_writer` on `f` (killed after `kill_after` if given; env
+/// extra), then power loss (every shadow dropped) unless `keep_shadows`,
+/// then recovery by a process under the shim, and checks the file against
+/// the images. Returns (syncs acknowledged, died by the injected crash).
+fn writer_cycle(
+    w: &World,
+    f: &Path,
+    seed: u64,
+    env: &[(&str, String)],
+    kill_after: Option<Duration>,
+    keep_shadows: bool,
+) -> (usize, bool) {
+    let imgs = w.root.join(format!("img-{seed}"));
+    let _ = std::fs::remove_dir_all(&imgs);
+    std::fs::create_dir_all(&imgs).unwrap();
+    // The file as this run finds it (the writer writes the same image-0,
+    // unless it is killed before).
+    std::fs::write(imgs.join("image-0"), std::fs::read(f).unwrap_or_default()).unwrap();
+    let mut c = w.shim_cmd(c_example("atomic_writer"));
+    c.args([s(f), s(&imgs), &seed.to_string(), "6"]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let start = Instant::now();
+    let mut died_alone = false;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            died_alone = true;
+            break;
+        }
+        if kill_after.is_some_and(|d| start.elapsed() >= d) {
+            let _ = child.kill();
+            break;
+        }
+        assert!(start.elapsed() < TIMEOUT, "atomic_writer hangs");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let status = child.wait().unwrap();
+    let lines = lines.join().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        status.success() || status.code().is_none(),
+        "atomic_writer failed: {status:?} {err}"
+    );
+    let acked = lines.iter().filter(|l| l.starts_with("synced")).count();
+    let started = lines.iter().filter(|l| l.starts_with("sync ")).count();
+    if !keep_shadows {
+        w.drop_shadows();
+    }
+    recover_by_opening(w, f);
+    let imgs_v = images(&imgs);
+    let now = backing(f);
+    // The last acknowledged sync, or the one in progress.
+    let ok_images = [acked, started];
+    assert!(
+        ok_images
+            .iter()
+            .any(|&k| imgs_v.get(k).is_some_and(|i| *i == now)),
+        "seed {seed}: after {acked} acknowledged sync(s) ({started} started) the file ({} bytes) \
+         is neither image {acked} nor {started} (sizes {:?}); env {env:?}",
+        now.len(),
+        imgs_v.iter().map(|i| i.len()).collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&imgs);
+    (acked, died_alone && !status.success())
+}
+
+/// The crash injected inside the writeback, at line offsets swept across
+/// whole syncs (the log being written, then applied), then power loss and
+/// recovery: the file is always the image of the last acknowledged sync
+/// or of the one in progress.
+#[test]
+fn a_crash_at_any_line_of_the_writeback_leaves_one_image_or_the_next() {
+    let w = atomic_world("atomsweep");
+    let f = w.pmem.join("f");
+    let iters = crash_iters(120);
+    let mut rng = Rng(0xa70_41c);
+    let mut crashed = 0;
+    let mut acked_total = 0;
+    for i in 0..iters {
+        // Small budgets land in the first syncs' logs, larger ones in later
+        // syncs and in the applies: every line offset of the run is met.
+        let budget = if i < iters / 2 {
+            i * 7
+        } else {
+            rng.below(12_000)
+        };
+        let (acked, died) = writer_cycle(
+            &w,
+            &f,
+            i,
+            &[("DAXSHIM_DEBUG_CRASH_AFTER_LINES", budget.to_string())],
+            None,
+            i % 4 == 3,
+        );
+        crashed += died as u64;
+        acked_total += acked;
+    }
+    assert!(
+        crashed >= iters / 2,
+        "only {crashed} of {iters} runs died inside a writeback"
+    );
+    assert!(acked_total > 0, "no sync was ever acknowledged");
+}
+
+/// Killed at random instants, with and without power loss.
+#[test]
+fn a_kill_at_any_instant_leaves_one_image_or_the_next() {
+    let w = atomic_world("atomkill");
+    let f = w.pmem.join("f");
+    let iters = crash_iters(60);
+    let mut rng = Rng(0x4b1_11);
+    let mut acked_total = 0;
+    for i in 0..iters {
+        let delay = Duration::from_millis(2 + rng.below(60));
+        let (acked, _) = writer_cycle(&w, &f, 1000 + i, &[], Some(delay), i % 2 == 1);
+        acked_total += acked;
+    }
+    assert!(acked_total > 0, "no sync was ever acknowledged");
+}
+
+/// No room for the log: the sync fails with ENOSPC, the file keeps its
+/// synced bytes, the data stays for the next try, which succeeds once there
+/// is room.
+#[test]
+fn no_room_for_the_log_fails_the_sync_and_keeps_the_data() {
+    let w = atomic_world("atomspace");
+    // A small file system of its own for the pmem directory.
+    let small = w.root.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = w
+        .cmd("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", s(&small)])
+        .status()
+        .is_ok_and(|st| st.success());
+    assert!(mounted, "this test mounts a 2 MiB tmpfs (root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let f = small.join("f");
+    std::fs::write(&f, vec![b'.'; 256 * 1024]).unwrap();
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![0u8; 1700 * 1024]).unwrap();
+    let mut c = w.shim_cmd(probe());
+    c.env("DAXSHIM_PMEM", &small);
+    let big = "Z".repeat(100 * 1024);
+    c.args(script_args(&format!(
+        "open {f} rw
+         pwrite 0 {big}
+         try_fsync self
+         pread 0 4
+         touch {go} , waitfor {freed}
+         try_fsync self",
+        f = s(&f),
+        go = s(&w.root.join("go")),
+        freed = s(&w.root.join("freed"))
+    )));
+    c.stdout(Stdio::piped());
+    let child = c.spawn().unwrap();
+    wait_for(&w.root.join("go"));
+    assert_eq!(
+        &backing(&f)[..4],
+        b"....",
+        "a failed sync applied something"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::write(w.root.join("freed"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!(
+            "ret=-1 errno={}\npread: ZZZZ\nret=0",
+            libc_enospc()
+        )),
+        "{text}"
+    );
+    assert_eq!(&backing(&f)[..100 * 1024], big.as_bytes());
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
+/// Recovery without atomic mode: a process under the shim that does not
+/// ask for it still recovers a crashed atomic file, and the file leaves
+/// atomic mode (its log goes).
+#[test]
+fn a_process_without_atomic_mode_recovers_and_the_log_goes() {
+    let w = atomic_world("atomplain");
+    let f = w.pmem_file("f", &vec![b'x'; 10_000]);
+    killed(w.probe(&format!(
+        "open {} rw , pwrite 0 YYYY , fsync , pwrite 0 ZZZZ , ftruncate 5 , kill",
+        s(&f)
+    )));
+    w.drop_shadows();
+    assert_eq!(backing(&f).len(), 5);
+    assert!(!lanes(&f).is_empty());
+    let plain = World::new("atomplain2");
+    let mut c = plain.shim_cmd(probe());
+    c.env("DAXSHIM_PMEM", &w.pmem)
+        .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .args(script_args(&format!("open {} rw , pread 0 6", s(&f))));
+    assert_eq!(ok(run(c)), "pread: YYYYxx\n");
+    assert_eq!(backing(&f).len(), 10_000);
+    assert!(lanes(&f).is_empty(), "the log stayed: {:?}", lanes(&f));
+}
+
+/// `daxshim recover DIR` recovers every crashed atomic file under DIR, and
+/// removes the log of a file that is gone; `daxshim run --atomic` turns
+/// the mode on.
+#[test]
+fn daxshim_recover_and_run_atomic() {
+    let w = World::new("atomcli");
+    let exe = target_dir().join("daxshim");
+    let f = w.pmem_file("f", &vec![b'a'; 9000]);
+    let g = w.pmem_file("g", &vec![b'b'; 9000]);
+    for p in [&f, &g] {
+        let mut c = w.cmd(&exe);
+        c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+            .env("DAXSHIM_LIB", lib())
+            .args(["run", "--pmem", s(&w.pmem), "--atomic", "--", s(&probe())])
+            .args(script_args(&format!(
+                "open {} rw , pwrite 1 SYNCED , fsync , pwrite 1 LOST , ftruncate 3 , kill",
+                s(p)
+            )));
+        killed(run(c));
+    }
+    std::fs::remove_file(&g).unwrap();
+    w.drop_shadows();
+    assert_eq!(backing(&f).len(), 3);
+    let mut c = w.cmd(&exe);
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("DAXSHIM_LIB", lib())
+        .args(["recover", s(&w.pmem)]);
+    let out = ok(run(c));
+    assert!(out.contains("brought back"), "{out}");
+    assert!(out.contains("gone"), "{out}");
+    let now = backing(&f);
+    assert_eq!(now.len(), 9000);
+    assert_eq!(&now[..8], b"aSYNCEDa");
+    assert!(lanes(&g).is_empty());
+    // Nothing left to do the second time.
+    let mut c = w.cmd(&exe);
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("DAXSHIM_LIB", lib())
+        .args(["recover", s(&w.pmem)]);
+    let out = ok(run(c));
+    assert!(!out.contains("brought back"), "{out}");
+}
