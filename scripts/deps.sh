@@ -6,6 +6,7 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v tdbtool >/dev/null 2>&1 || need+=(tdb-tools)
+command -v kchashmgr >/dev/null 2>&1 || need+=(kyotocabinet-utils)
 # Another allocator, to test the shim under a malloc that maps memory itself.
 [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || need+=(libjemalloc2)
 if [ ${#need[@]} -gt 0 ]; then
