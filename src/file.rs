@@ -94,11 +94,6 @@ impl Backing {
         }
     }
 
-    /// Where the file is, as far as this process knows.
-    pub fn path(&self) -> String {
-        self.path.lock().clone()
-    }
-
     /// This process renamed the file to `path`.
     pub fn set_path(&self, path: String) {
         *self.path.lock() = path;

@@ -365,11 +365,17 @@ fn refresh_from_backing(f: &FileState, data_fd: i32, from: u64, to: u64) -> Resu
 
 pub fn fallocate_impl(
     f: Arc<FileState>,
+    fd: c_int,
     mode: c_int,
     off: off64_t,
     len: off64_t,
     kernel: impl FnOnce() -> c_int,
 ) -> Result<i32, Errno> {
+    if f.shadow.is_atomic() {
+        if let Some(r) = atomic::fallocate(&f, fd, mode, off, len) {
+            return r;
+        }
+    }
     let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
     if shifts {
         // Data moves: write back this process's stores first so they move too.
@@ -432,6 +438,12 @@ fn after_kernel_wrote(fd: c_int, off: Option<u64>, n: isize) {
         error!("{}: cannot update the shadow after a kernel copy ({e}); the file is no longer shadowed", f.path);
         f.poison();
     }
+}
+
+/// The attached failure-atomic file behind `out`, if it is one (a kernel
+/// copy into it is done by [`atomic::copy_into`]).
+pub fn atomic_destination(out: c_int) -> Option<Arc<FileState>> {
+    crate::fdtable::lookup_fd(out).filter(|f| f.shadow.is_atomic())
 }
 
 /// Runs a kernel copy from `inp` to `out` with the shadows kept coherent.

@@ -192,6 +192,20 @@ pub fn atfork_child() {
         if let Err(e) = f.shadow.reslot_after_fork() {
             warn!("{}: {e}", f.path);
         }
+        if f.shadow.is_atomic() {
+            // The parent's writes are the parent's to sync: a child that
+            // closes the file (before an exec) must not commit them, nor
+            // count as a writer unless it can store through a mapping.
+            f.inner.lock().pending = RangeSet::new();
+            let stores = REG
+                .lock()
+                .maps
+                .values()
+                .any(|m| Arc::ptr_eq(&m.file, f) && m.shared && m.prot & libc::PROT_WRITE != 0);
+            if !stores {
+                f.shadow.clear_writer();
+            }
+        }
         // The region traps inherited mark stores as the parent's: as ours
         // now, and what the parent had open is open here too.
         if let Some(table) = f.shadow.marks_table_if_mapped() {

@@ -345,9 +345,9 @@ impl FileState {
 
 /// Failure-atomic sync (docs/ARCHITECTURE.md, "Failure-atomic sync").
 impl FileState {
-    /// The atomic log's lanes, beside the file.
+    /// The atomic log's lanes, beside the file. Call with the io lock held.
     pub fn log_lanes(&self) -> SysResult<[String; 2]> {
-        redo::lane_paths(&self.backing.path()).ok_or(Errno(libc::EINVAL))
+        self.shadow.log_lanes().ok_or(Errno(libc::EINVAL))
     }
 
     /// Writes back `dirty` and this process's pending ranges (or every page

@@ -698,3 +698,73 @@ fn kyoto_cabinet_without_transactions_survives_crashes_inside_the_writeback() {
         );
     }
 }
+
+/// Kernel copies into an atomic file (`copy_file_range`, `sendfile`) wait
+/// for the sync like writes; a rename under the shim moves the log with
+/// the file; punching a hole is a write of zeros into the unit.
+#[test]
+fn kernel_copies_punching_and_rename_belong_to_the_unit() {
+    let w = atomic_world("atomcopy");
+    let src = w.plain_file(
+        "src",
+        &(0..4096u32)
+            .map(|i| b'A' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let dst = w.pmem_file("dst", &vec![b'.'; 8192]);
+    let moved = w.pmem.join("moved");
+    let script = r#"
+import os, subprocess, sys
+src, dst, moved = sys.argv[1:4]
+env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+def outside(p):
+    return subprocess.run(["cat", p], env=env, capture_output=True).stdout
+s = os.open(src, os.O_RDONLY)
+d = os.open(dst, os.O_RDWR)
+assert os.copy_file_range(s, d, 100, 0, 0) == 100
+os.lseek(d, 200, 0)
+assert os.sendfile(d, s, 100, 50) == 50
+assert os.pread(d, 4, 0) == b"ABCD" and os.pread(d, 4, 200) == b"WXYZ"
+print("before sync", outside(dst)[:4], outside(dst)[200:204])
+os.fsync(d)
+print("after sync", outside(dst)[:4], outside(dst)[200:204])
+os.rename(dst, moved)
+assert os.copy_file_range(s, d, 10, 1000, 4000) == 10
+os.fdatasync(d)
+assert os.copy_file_range(s, d, 10, 2000, 5000) == 10
+print("renamed", outside(moved)[4000:4004], outside(moved)[5000:5004], flush=True)
+os.kill(os.getpid(), 9)
+"#;
+    let mut c = w.shim_cmd(python());
+    c.args(["-c", script, s(&src), s(&dst), s(&moved)]);
+    let out = killed(run(c));
+    assert_eq!(
+        out,
+        "before sync b'....' b'....'\nafter sync b'ABCD' b'WXYZ'\nrenamed b'MNOP' b'....'\n"
+    );
+    assert!(
+        lanes(&dst).is_empty(),
+        "the log stayed behind: {:?}",
+        lanes(&dst)
+    );
+    assert_eq!(lanes(&moved).len(), 2);
+    w.drop_shadows();
+    recover_by_opening(&w, &moved);
+    let now = backing(&moved);
+    assert_eq!(&now[4000..4004], b"MNOP");
+    assert_eq!(
+        &now[5000..5004],
+        b"....",
+        "an unsynced copy survived the crash"
+    );
+    // Punching: zeros, in the unit.
+    killed(w.probe(&format!("open {} rw , punch 0 4096 , kill", s(&moved))));
+    recover_by_opening(&w, &moved);
+    assert_eq!(&backing(&moved)[..4], b"ABCD");
+    ok(w.probe(&format!(
+        "open {} rw , punch 0 4096 , pread 0 4 , fsync",
+        s(&moved)
+    )));
+    assert_eq!(&backing(&moved)[..4096], &[0u8; 4096][..]);
+    assert_eq!(backing(&moved).len(), 8192);
+}

@@ -5,7 +5,7 @@
 //! is saved in the log first.
 
 use super::{iov_parts, At};
-use crate::file::FileState;
+use crate::file::{FileInner, FileState};
 use crate::persist::redo;
 use crate::shadow::{atomic::Period, Fill};
 use crate::sys::{self, Errno, PAGE};
@@ -90,20 +90,7 @@ pub fn write(f: &Arc<FileState>, fd: c_int, iov: &[iovec], at: At) -> Result<isi
         if n == 0 {
             return Ok(0);
         }
-        let end = off
-            .checked_add(n)
-            .filter(|&e| e <= i64::MAX as u64)
-            .ok_or(Errno(libc::EFBIG))?;
-        if end > size {
-            sys::ftruncate(bfd, end)?;
-        }
-        store(f, bfd, &bytes, off, end.max(size))?;
-        // Whole pages, as a harvest gives them (a sync compares whole lines).
-        inner
-            .pending
-            .insert(off - off % PAGE as u64, sys::page_up(end as usize) as u64);
-        f.shadow.mark_writer();
-        f.shadow.record_backing(bfd);
+        let end = put(f, &mut inner, bfd, &bytes, off, size)?;
         if matches!(at, At::Position) {
             sys::lseek(fd, end as i64, libc::SEEK_SET)?;
         }
@@ -115,6 +102,36 @@ pub fn write(f: &Arc<FileState>, fd: c_int, iov: &[iovec], at: At) -> Result<isi
     }
     crate::writeback::keep_views_bounded(f);
     Ok(n as isize)
+}
+
+/// Puts `bytes` at `off` into the unit (`size`: the file's size now): the
+/// backing grows first if they reach past its end (every reader sees the
+/// size at once; recovery gives the synced size back), the bytes go to the
+/// shadow, their pages to this process's pending set. Returns where they
+/// end. Call with `inner` and the io lock held.
+fn put(
+    f: &FileState,
+    inner: &mut FileInner,
+    bfd: i32,
+    bytes: &[u8],
+    off: u64,
+    size: u64,
+) -> Result<u64, Errno> {
+    let end = off
+        .checked_add(bytes.len() as u64)
+        .filter(|&e| e <= i64::MAX as u64)
+        .ok_or(Errno(libc::EFBIG))?;
+    if end > size {
+        sys::ftruncate(bfd, end)?;
+    }
+    store(f, bfd, bytes, off, end.max(size))?;
+    // Whole pages, as a harvest gives them (a sync compares whole lines).
+    inner
+        .pending
+        .insert(off - off % PAGE as u64, sys::page_up(end as usize) as u64);
+    f.shadow.mark_writer();
+    f.shadow.record_backing(bfd);
+    Ok(end)
 }
 
 /// Puts `bytes` at `off` into the shadow (made if none exists yet; `size`:
@@ -210,4 +227,107 @@ pub fn truncate_path(path: &CStr, len: i64) -> Option<Result<i32, Errno>> {
         .map(|f| super::ftruncate_impl(f, len, || unsafe { crate::real::ftruncate64(fd, len) }));
     crate::fdtable::on_close(fd);
     r
+}
+
+/// `fallocate` on a failure-atomic file: zeroing and punching write zeros
+/// into the unit (the blocks are not given back); shifting data is not
+/// supported (`EOPNOTSUPP`, as on a file system without it). None: plain
+/// allocation, which the kernel does (a size it grows is the backing's).
+pub fn fallocate(
+    f: &FileState,
+    fd: c_int,
+    mode: c_int,
+    off: i64,
+    len: i64,
+) -> Option<Result<i32, Errno>> {
+    if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+        return Some(Err(Errno(libc::EOPNOTSUPP)));
+    }
+    if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) == 0 {
+        return None;
+    }
+    Some((|| {
+        if off < 0 || len <= 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let fl = sys::fcntl(fd, libc::F_GETFL, 0)? as c_int;
+        if fl & libc::O_ACCMODE == libc::O_RDONLY {
+            return Err(Errno(libc::EBADF));
+        }
+        let keep_size = mode & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0;
+        let (off, len) = (off as u64, len as u64);
+        let mut inner = f.inner.lock();
+        let _io = f.shadow.io_lock();
+        let backing = f.backing()?;
+        let bfd = backing.raw();
+        let size = sys::fstat(bfd)?.st_size as u64;
+        let mut end = off.checked_add(len).ok_or(Errno(libc::EFBIG))?;
+        if keep_size {
+            end = end.min(size);
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = off;
+        while at < end {
+            let k = (end - at).min(zeros.len() as u64) as usize;
+            let now = sys::fstat(bfd)?.st_size as u64;
+            put(f, &mut inner, bfd, &zeros[..k], at, now)?;
+            at += k as u64;
+        }
+        Ok(0)
+    })())
+}
+
+/// A kernel copy (`copy_file_range`, `sendfile`, `splice`) into a
+/// failure-atomic file: done here, as a read of the source (through the
+/// shim, coherent) and a write into the unit, so the copied bytes wait for
+/// the sync like any write. `off_in`/`off_out`: the call's offsets (None:
+/// the descriptor's position), advanced as the kernel would. At most
+/// 8 MiB a call (a short count, as the kernel may give).
+pub fn copy_into(
+    f: &Arc<FileState>,
+    inp: c_int,
+    out: c_int,
+    off_in: Option<&mut i64>,
+    off_out: Option<&mut i64>,
+    n: usize,
+) -> Result<isize, Errno> {
+    let mut buf = vec![0u8; n.min(8 << 20)];
+    let iov = [iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }];
+    let got = match &off_in {
+        Some(o) if **o < 0 => return Err(Errno(libc::EINVAL)),
+        Some(o) => {
+            let at = **o;
+            // SAFETY: our own buffer.
+            super::read_impl(inp, &iov, At::Offset(at as u64), || unsafe {
+                crate::real::pread64(inp, iov[0].iov_base, iov[0].iov_len, at)
+            })?
+        }
+        // SAFETY: our own buffer.
+        None => super::read_impl(inp, &iov, At::Position, || unsafe {
+            crate::real::read(inp, iov[0].iov_base, iov[0].iov_len)
+        })?,
+    };
+    if let Some(o) = off_in {
+        *o += got as i64;
+    }
+    if got <= 0 {
+        return Ok(got);
+    }
+    let part = [iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: got as usize,
+    }];
+    let at = match &off_out {
+        Some(o) if **o < 0 => return Err(Errno(libc::EINVAL)),
+        Some(o) => At::Offset(**o as u64),
+        None => At::Position,
+    };
+    let put = write(f, out, &part, at)?;
+    if let Some(o) = off_out {
+        *o += put as i64;
+    }
+    Ok(put)
 }

@@ -216,7 +216,7 @@ pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: 
         None => kernel(),
         Some(g) => match crate::fdtable::lookup_fd(fd) {
             None => g.ret(check(kernel())),
-            Some(f) => g.ret(fallocate_impl(f, mode, off, len, kernel)),
+            Some(f) => g.ret(fallocate_impl(f, fd, mode, off, len, kernel)),
         },
     }
 }
@@ -282,8 +282,21 @@ pub unsafe extern "C" fn sendfile64(
     }
     match enter() {
         None => kernel(),
-        // sendfile writes `out` at its file position.
-        Some(g) => g.ret(kernel_copy(inp, out, None, kernel)),
+        Some(g) => match crate::fileio::atomic_destination(out) {
+            Some(f) => {
+                // SAFETY: the caller's pointer, valid per the C contract
+                // when non-null.
+                let mut o = (!off.is_null()).then(|| unsafe { *off });
+                let r = crate::fileio::atomic::copy_into(&f, inp, out, o.as_mut(), None, n);
+                if let Some(v) = o.filter(|_| r.is_ok()) {
+                    // SAFETY: as above.
+                    unsafe { *off = v };
+                }
+                g.ret(r)
+            }
+            // sendfile writes `out` at its file position.
+            None => g.ret(kernel_copy(inp, out, None, kernel)),
+        },
     }
 }
 
@@ -315,6 +328,39 @@ macro_rules! copy_hook {
             match enter() {
                 None => kernel(),
                 Some(g) => {
+                    if let Some(f) = crate::fileio::atomic_destination(out) {
+                        if stringify!($name) == "copy_file_range" && flags != 0 {
+                            return g.ret(Err(crate::sys::Errno(libc::EINVAL)));
+                        }
+                        // SAFETY: the caller's pointers, valid per the C
+                        // contract when non-null.
+                        let (mut i, mut o) = unsafe {
+                            (
+                                (!off_in.is_null()).then(|| *off_in),
+                                (!off_out.is_null()).then(|| *off_out),
+                            )
+                        };
+                        let r = crate::fileio::atomic::copy_into(
+                            &f,
+                            inp,
+                            out,
+                            i.as_mut(),
+                            o.as_mut(),
+                            n,
+                        );
+                        if r.is_ok() {
+                            // SAFETY: as above.
+                            unsafe {
+                                if let Some(v) = i {
+                                    *off_in = v;
+                                }
+                                if let Some(v) = o {
+                                    *off_out = v;
+                                }
+                            }
+                        }
+                        return g.ret(r);
+                    }
                     // SAFETY: the caller's pointer, valid per the C
                     // contract when non-null.
                     let out_start = (!off_out.is_null()).then(|| unsafe { *off_out } as u64);

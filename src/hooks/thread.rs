@@ -49,3 +49,18 @@ pub unsafe extern "C" fn pthread_create(
     }
     r
 }
+
+/// `vfork` is a `fork`: a `vfork` child shares the parent's memory until it
+/// execs, and the hooks it calls meanwhile (Python's subprocess child closes
+/// descriptors and `dup2`s pipes before `execve`) would change the parent's
+/// descriptor table and files as if the parent had made those calls. POSIX
+/// lets `vfork` be `fork`; `posix_spawn` and `system` keep their own clone
+/// (their child calls no hook).
+///
+/// # Safety
+/// C ABI, contract of vfork(2) (which `fork` fulfils).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn vfork() -> libc::pid_t {
+    // SAFETY: fork has no preconditions beyond vfork's.
+    unsafe { libc::fork() }
+}

@@ -62,10 +62,20 @@ fn lane_mode(backing_fd: i32) -> u32 {
     sys::fstat(backing_fd).map_or(0o600, |st| st.st_mode & 0o666)
 }
 
+fn cstring(p: &str) -> SysResult<std::ffi::CString> {
+    std::ffi::CString::new(p).map_err(|_| sys::Errno(libc::EINVAL))
+}
+
 /// A new period at generation `gen`: an empty redo record that says the
 /// file's size now (what a crash before the next sync goes back to),
 /// durable before the header says the file is atomic.
-fn start_period(h: &Header, lanes: &[String; 2], gen: u64, backing_fd: i32) -> SysResult<()> {
+fn start_period(
+    h: &Header,
+    path: &str,
+    lanes: &[String; 2],
+    gen: u64,
+    backing_fd: i32,
+) -> SysResult<()> {
     let size = sys::fstat(backing_fd)?.st_size as u64;
     let base = Unit::new(gen, size);
     redo::commit(&base, lanes, lane_mode(backing_fd), &mut None)?;
@@ -79,6 +89,7 @@ fn start_period(h: &Header, lanes: &[String; 2], gen: u64, backing_fd: i32) -> S
             undo_at: redo::undo_start(base.len()),
         },
     );
+    h.set_log_path(path);
     h.atomic.store(1, Ordering::Release);
     SEEN.store(true, Ordering::Relaxed);
     Ok(())
@@ -108,7 +119,7 @@ pub(super) fn recover_unattached(
         Recovery::Closed { gen } | Recovery::Recovered { gen, .. } => gen,
     };
     if atomic {
-        start_period(h, &lanes, last + 1, backing_fd)?;
+        start_period(h, path, &lanes, last + 1, backing_fd)?;
     } else if last != 0 {
         redo::remove(&lanes);
     }
@@ -121,16 +132,17 @@ pub(super) fn recover_unattached(
 pub(super) fn start_attached(h: &Header, path: &str, backing_fd: i32) -> SysResult<()> {
     let lanes = redo::lane_paths(path).ok_or(sys::Errno(libc::EINVAL))?;
     let last = redo::newest(&lanes)?.map_or(0, |(r, _)| r.gen);
-    start_period(h, &lanes, last + 1, backing_fd)
+    start_period(h, path, &lanes, last + 1, backing_fd)
 }
 
 /// At the last detach with everything synced: the log needs no replay.
-pub(super) fn close(h: &Header, path: &str) {
+pub(super) fn close(h: &Header) {
     let p = period_of(h);
+    let path = h.log_path();
     if p.applied != p.gen || p.gen == 0 {
         return; // a committed sync not applied: the next attacher replays it
     }
-    if let Some(lanes) = redo::lane_paths(path) {
+    if let Some(lanes) = redo::lane_paths(&path) {
         if let Err(e) = redo::close(p.gen, &lanes, p.undo_at) {
             debug!("{path}: cannot close the atomic log: {e}");
         }
@@ -151,5 +163,33 @@ impl Shadow {
     /// Records a change of the period. Call with the io lock held.
     pub fn set_log_period(&self, p: &Period) {
         set_period(self.header(), p)
+    }
+
+    /// The log's lanes. Call with the io lock held.
+    pub fn log_lanes(&self) -> Option<[String; 2]> {
+        redo::lane_paths(&self.header().log_path())
+    }
+
+    /// The file was renamed to `new` (by this process): its lanes follow,
+    /// the newest first (a crash in between leaves the newest record
+    /// beside the file). Call with the io lock held.
+    pub fn move_log(&self, new: &str) -> SysResult<()> {
+        let h = self.header();
+        let old = h.log_path();
+        if old == new {
+            return Ok(());
+        }
+        let (Some(from), Some(to)) = (redo::lane_paths(&old), redo::lane_paths(new)) else {
+            return Ok(());
+        };
+        let newest = (period_of(h).gen % 2) as usize;
+        for k in [newest, 1 - newest] {
+            match sys::rename(&cstring(&from[k])?, &cstring(&to[k])?) {
+                Ok(()) | Err(sys::Errno(libc::ENOENT)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        h.set_log_path(new);
+        Ok(())
     }
 }

@@ -342,7 +342,7 @@ impl Shadow {
         }
         if census.live == 0 && !dead_writer {
             if atomic {
-                super::atomic::close(h, &opt.path);
+                super::atomic::close(h);
             }
             let _ = sys::unlink(&cstr(&self.base));
             Shadow::unlink_lines(&self.base);

@@ -156,6 +156,10 @@ pub struct Header {
     pub log_size: AtomicU64,
     pub log_low: AtomicU64,
     pub log_undo_at: AtomicU64,
+    /// Where the file was when its log's lanes were made there (they sit
+    /// beside it; a rename under the shim moves both). Under the io lock.
+    pub log_path_len: AtomicU32,
+    pub log_path: UnsafeCell<[u8; PATH_MAX_STORED]>,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;
@@ -182,25 +186,47 @@ impl FileId {
     }
 }
 
+/// Stores `p` (truncated to what fits) in a path field of the header.
+/// Writers of one field are serialised by a lock (see each field).
+fn store_path(len: &AtomicU32, buf: &UnsafeCell<[u8; PATH_MAX_STORED]>, p: &str) {
+    let b = p.as_bytes();
+    let n = b.len().min(PATH_MAX_STORED);
+    // SAFETY: writers are serialised by the field's lock; readers tolerate
+    // a torn path (display) or hold the same lock (the log's).
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), buf.get() as *mut u8, n) };
+    len.store(n as u32, Ordering::Release);
+}
+
+fn load_path(len: &AtomicU32, buf: &UnsafeCell<[u8; PATH_MAX_STORED]>) -> String {
+    let n = (len.load(Ordering::Acquire) as usize).min(PATH_MAX_STORED);
+    let mut out = vec![0u8; n];
+    // SAFETY: in bounds; a concurrent writer can only tear the bytes.
+    unsafe { std::ptr::copy_nonoverlapping(buf.get() as *const u8, out.as_mut_ptr(), n) };
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl Header {
     /// Stores the backing path (truncated to what fits). Call with the
     /// attach lock held (the only writers hold it).
     pub fn set_path(&self, p: &str) {
-        let b = p.as_bytes();
-        let n = b.len().min(PATH_MAX_STORED);
-        // SAFETY: writers are serialised by the attach lock; readers (the
-        // CLI) tolerate a torn path, which is for display only.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.path.get() as *mut u8, n) };
-        self.path_len.store(n as u32, Ordering::Release);
+        store_path(&self.path_len, &self.path, p)
     }
 
     #[allow(dead_code)] // read by the CLI, which shares this module
     pub fn path(&self) -> String {
-        let n = (self.path_len.load(Ordering::Acquire) as usize).min(PATH_MAX_STORED);
-        let mut out = vec![0u8; n];
-        // SAFETY: in bounds; a concurrent writer can only tear the bytes.
-        unsafe { std::ptr::copy_nonoverlapping(self.path.get() as *const u8, out.as_mut_ptr(), n) };
-        String::from_utf8_lossy(&out).into_owned()
+        load_path(&self.path_len, &self.path)
+    }
+
+    /// Where the atomic log's lanes are (beside this path). Call with the
+    /// io lock held.
+    #[allow(dead_code)] // not by the CLI
+    pub fn set_log_path(&self, p: &str) {
+        store_path(&self.log_path_len, &self.log_path, p)
+    }
+
+    #[allow(dead_code)] // not by the CLI
+    pub fn log_path(&self) -> String {
+        load_path(&self.log_path_len, &self.log_path)
     }
 
     /// Does the header describe the file `id` in this layout version?

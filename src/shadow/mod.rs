@@ -205,6 +205,14 @@ impl Shadow {
             .fetch_or(SLOT_WRITER, Ordering::Relaxed);
     }
 
+    /// This process holds no unsynced stores of its own (a forked child
+    /// of a failure-atomic file's writer).
+    pub fn clear_writer(&self) {
+        self.header().slots[self.slot()]
+            .flags
+            .fetch_and(!SLOT_WRITER, Ordering::Relaxed);
+    }
+
     pub fn is_writer(&self) -> bool {
         self.header().slots[self.slot()]
             .flags
