@@ -279,7 +279,7 @@ fn a_crash_at_any_line_of_the_writeback_leaves_one_image_or_the_next() {
     let w = atomic_world("atomsweep");
     let f = w.pmem.join("f");
     let iters = crash_iters(120);
-    let mut rng = Rng(0xa70_41c);
+    let mut rng = Rng(0x0a70_41c0);
     let mut crashed = 0;
     let mut acked_total = 0;
     for i in 0..iters {
@@ -314,7 +314,7 @@ fn a_kill_at_any_instant_leaves_one_image_or_the_next() {
     let w = atomic_world("atomkill");
     let f = w.pmem.join("f");
     let iters = crash_iters(60);
-    let mut rng = Rng(0x4b1_11);
+    let mut rng = Rng(0x4b111);
     let mut acked_total = 0;
     for i in 0..iters {
         let delay = Duration::from_millis(2 + rng.below(60));
@@ -561,7 +561,7 @@ fn power_loss_then_check(w: &World, db: &Path, acked: u64, what: &str) {
 fn sqlite_without_journal_survives_kills_and_power_loss() {
     let w = atomic_world("atomsql");
     let iters = crash_iters(10);
-    let mut rng = Rng(0x5eed_0ff);
+    let mut rng = Rng(0x05ee_d0ff);
     // The harness's SQLite writes pages through a shared mapping; the
     // stock one with pwrite.
     for (name, db) in [
@@ -602,7 +602,7 @@ fn sqlite_without_journal_survives_a_crash_inside_the_writeback() {
     let w = atomic_world("atomsqltorn");
     let db = w.pmem.join("db");
     let iters = crash_iters(10);
-    let mut rng = Rng(0xdead_0ff);
+    let mut rng = Rng(0x0dea_d0ff);
     let mut died_inside = 0;
     for i in 0..iters {
         let n = 1 + rng.below(4000);
@@ -642,7 +642,7 @@ fn kyoto_cabinet_without_transactions_survives_crashes_inside_the_writeback() {
         run(c)
     };
     ok(mgr(&["create", s(&db)], None));
-    let mut rng = Rng(0x6b_c0);
+    let mut rng = Rng(0x6bc0);
     let (mut acked, mut crashed) = (Vec::new(), Vec::new());
     for i in 1..=crash_iters(24) {
         let key = format!("key{i:04}");
