@@ -64,7 +64,7 @@ fn writes_reach_the_file_at_the_sync_and_a_kill_drops_the_rest() {
         w.root.join("c"),
         w.root.join("d"),
     );
-    let mut child = w
+    let child = w
         .probe_cmd(&format!(
             "open {f} rw
              pwrite 0 AAAA , pwrite 9998 END , pread 0 4
