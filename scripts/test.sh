@@ -3,7 +3,7 @@
 # (scripts/check-layers.py), installs what the tests need, builds the
 # library, the CLI and the SQLite harness, then runs:
 #   1. unit and integration tests (userfaultfd tracker where the kernel has it);
-#   2. the core, robustness, programs and SQLite suites again on the
+#   2. the core, robustness, programs, SQLite and failure-atomic suites again on the
 #      full-compare tracker (the oracle), with emulated pmem written back by
 #      stores and cache flushes through the mapping, as real pmem is;
 #      and once more on the mprotect+SIGSEGV fallback tracker, and once
@@ -33,13 +33,13 @@ cargo build --release --workspace || exit 1
 
 logged cargo test --release --no-fail-fast --workspace || status=1
 echo "== the same suites on the full-compare tracker (the correctness oracle), writeback by stores"
-DAXSHIM_TEST_TRACKER=compare DAXSHIM_TEST_WRITEBACK=stores logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
+DAXSHIM_TEST_TRACKER=compare DAXSHIM_TEST_WRITEBACK=stores logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite --test atomic || status=1
 echo "== the same suites on the mprotect+SIGSEGV fallback tracker"
-DAXSHIM_TEST_TRACKER=mprotect logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
+DAXSHIM_TEST_TRACKER=mprotect logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite --test atomic || status=1
 echo "== the same suites with the regions of every shadow mapping trapped (DAXSHIM_TRAP_MIN=0)"
-DAXSHIM_TEST_TRAP_MIN=0 logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite --test lazy || status=1
+DAXSHIM_TEST_TRAP_MIN=0 logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite --test lazy --test atomic || status=1
 echo "== the same suites with every system call outside the hooks trapped (DAXSHIM_SYSCALLS=trap)"
-DAXSHIM_TEST_SYSCALLS=trap logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite || status=1
+DAXSHIM_TEST_SYSCALLS=trap logged cargo test --release --no-fail-fast --test core --test robust --test programs --test sqlite --test atomic || status=1
 
 if [ "${DAXSHIM_TEST_DAX:-auto}" != 0 ]; then
   echo "== the integration suite on a real -o dax file system (QEMU guest)"
