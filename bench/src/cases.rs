@@ -25,6 +25,60 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
             println!("after-sync {:.1}", secs(t) * 1e9 / (len / PAGE) as f64);
             m.msync();
         }
+        "atomic-sync" => {
+            // The cost of a sync with N dirty pages, stored through a
+            // mapping (one line each, msync) or written (4 KiB pwrite each,
+            // fdatasync); under DAXSHIM_ATOMIC also the size of the last
+            // sync's redo record (read from the log beside the file).
+            let len = 64 << 20;
+            let f = dir.join("atomic-sync");
+            make_file(&f, len);
+            let m = map(&f, len);
+            m.touch_pages(1);
+            m.msync();
+            let buf = vec![0x33u8; PAGE];
+            for dirty in [1usize, 16, 256] {
+                let mut v = Vec::new();
+                for r in 0..7 {
+                    for k in 0..dirty {
+                        let page = (k * 7919 + r * 31) % (len / PAGE);
+                        // SAFETY: within the mapping.
+                        unsafe {
+                            std::ptr::write_volatile(
+                                m.p.add(page * PAGE + 64 * (r % 64)),
+                                r as u8 + 2,
+                            )
+                        };
+                    }
+                    let t = Instant::now();
+                    m.msync();
+                    v.push(secs(t) * 1e6);
+                }
+                println!("map-{dirty} {:.1}", median(v));
+                println!("map-{dirty}-logged {}", last_record_bytes(&f));
+                let mut v = Vec::new();
+                for r in 0..7 {
+                    for k in 0..dirty {
+                        let page = (k * 104_729 + r * 17) % (len / PAGE);
+                        // SAFETY: our descriptor and buffer.
+                        let n = unsafe {
+                            libc::pwrite(m.fd, buf.as_ptr() as *const _, PAGE, (page * PAGE) as i64)
+                        };
+                        if n != PAGE as isize {
+                            die("pwrite");
+                        }
+                    }
+                    let t = Instant::now();
+                    // SAFETY: our descriptor.
+                    if unsafe { libc::fdatasync(m.fd) } != 0 {
+                        die("fdatasync");
+                    }
+                    v.push(secs(t) * 1e6);
+                }
+                println!("pwrite-{dirty} {:.1}", median(v));
+                println!("pwrite-{dirty}-logged {}", last_record_bytes(&f));
+            }
+        }
         "bandwidth" => {
             // Steady-state store bandwidth into the mapping (pages already
             // written once) against plain anonymous memory.
@@ -231,4 +285,30 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
         }
         _ => die(&format!("unknown case {case}")),
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The bytes of the newest redo record beside `f` (failure-atomic sync:
+/// header word 1 is the generation, word 4 the body length), or NaN.
+fn last_record_bytes(f: &Path) -> f64 {
+    let name = f.file_name().unwrap().to_string_lossy();
+    let mut best: Option<(u64, u64)> = None;
+    for k in 0..2 {
+        let lane = f.with_file_name(format!(".{name}.daxshim-log{k}"));
+        let Ok(b) = std::fs::read(&lane) else {
+            continue;
+        };
+        if b.len() < 64 || &b[..8] != b"DXREDO02" {
+            continue;
+        }
+        let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        if best.is_none_or(|(g, _)| word(1) > g) {
+            best = Some((word(1), 64 + word(4)));
+        }
+    }
+    best.map_or(f64::NAN, |(_, n)| n as f64)
 }

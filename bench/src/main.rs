@@ -233,6 +233,13 @@ fn all_tables(ctx: &Ctx) {
         ],
     );
     table(
+        "a sync, normal and failure-atomic (DAXSHIM_ATOMIC): one 64-byte store (map) or 4 KiB pwrite per dirty page",
+        "µs, median of 7; -logged: bytes of the redo record",
+        "atomic-sync",
+        ctx,
+        &["page-cache", "shim-uffd", "shim-atomic"],
+    );
+    table(
         "a write the hooks do not see (raw pwrite64), until the mapping shows it",
         "µs",
         "outside-write",

@@ -86,6 +86,10 @@ fn spawn(case: &str, args: &[String], ctx: &Ctx, cfg: &str) -> Run {
             "shim-trap" => {
                 c.env("DAXSHIM_SYSCALLS", "trap");
             }
+            // Failure-atomic sync: each sync through the redo log.
+            "shim-atomic" => {
+                c.env("DAXSHIM_ATOMIC", "1");
+            }
             _ => {}
         }
     }
