@@ -40,11 +40,13 @@ static void die(const char *what) {
     exit(2);
 }
 
+/* Written aside and renamed: a kill while saving leaves the old image. */
 static void save(const char *dir, int k) {
-    char p[4096];
+    char p[4096], tmp[4200];
     snprintf(p, sizeof p, "%s/image-%d", dir, k);
-    FILE *f = fopen(p, "w");
-    if (!f || fwrite(model, 1, size, f) != size || fclose(f)) die("image");
+    snprintf(tmp, sizeof tmp, "%s.tmp", p);
+    FILE *f = fopen(tmp, "w");
+    if (!f || fwrite(model, 1, size, f) != size || fclose(f) || rename(tmp, p)) die("image");
 }
 
 static void random_bytes(unsigned char *b, size_t n) {
