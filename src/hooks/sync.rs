@@ -80,12 +80,18 @@ fn file_sync(
     fd: c_int,
     range: Option<std::ops::Range<u64>>,
     how: Durability,
+    data_only: bool,
     kernel: impl FnOnce() -> c_int,
 ) -> c_int {
-    let ours = match crate::fdtable::lookup_fd(fd) {
-        Some(f) => f.sync(range, how),
-        None => Ok(()),
+    let (ours, atomic) = match crate::fdtable::lookup_fd(fd) {
+        Some(f) => (f.sync(range, how), f.shadow.is_atomic()),
+        None => (Ok(()), false),
     };
+    if atomic && data_only && ours.is_ok() {
+        // A failure-atomic sync made the file's data and size durable
+        // (fdatasync) already: the kernel's call would only repeat it.
+        return g.ret(Ok(0));
+    }
     let r = check(kernel());
     g.ret(match (ours, r) {
         (_, Err(e)) => Err(e),
@@ -108,7 +114,7 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fsync(fd) },
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
+        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, false, || unsafe {
             real::fsync(fd)
         }),
     }
@@ -126,7 +132,7 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fdatasync(fd) },
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
+        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, true, || unsafe {
             real::fdatasync(fd)
         }),
     }
@@ -164,7 +170,7 @@ pub unsafe extern "C" fn sync_file_range(
             } else {
                 Durability::ByCaller
             };
-            file_sync(&g, fd, Some(lo..hi), how, kernel)
+            file_sync(&g, fd, Some(lo..hi), how, true, kernel)
         }
     }
 }
