@@ -435,6 +435,15 @@ fn daxshim_recover_and_run_atomic() {
         killed(run(c));
     }
     std::fs::remove_file(&g).unwrap();
+    // The shadow the killed process left says what will become of it.
+    let mut c = w.cmd(&exe);
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow).args(["status"]);
+    let st = ok(run(c));
+    assert!(
+        st.contains("failure-atomic (DAXSHIM_ATOMIC): last committed sync #"),
+        "{st}"
+    );
+    assert!(st.contains("dropped by the next process"), "{st}");
     w.drop_shadows();
     assert_eq!(backing(&f).len(), 3);
     let mut c = w.cmd(&exe);

@@ -48,6 +48,8 @@ struct ShadowJson<'a> {
     /// Lazily filled, but a process mapped it without lazy filling: no
     /// eviction.
     no_evict: bool,
+    /// Failure-atomic: the last committed sync (null: normal mode).
+    atomic_gen: Option<u64>,
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {
@@ -69,6 +71,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     processes: &s.procs,
                     may_hold_unsynced: s.may_hold_unsynced(),
                     no_evict: s.no_evict,
+                    atomic_gen: s.atomic_gen,
                 })
                 .collect(),
             orphans: orphans
@@ -138,8 +141,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 );
             }
         }
+        if let Some(g) = s.atomic_gen {
+            println!("  failure-atomic (DAXSHIM_ATOMIC): last committed sync #{g}");
+        }
         let dead = s.dead_writers();
-        if !dead.is_empty() {
+        if !dead.is_empty() && s.atomic_gen.is_some() {
+            println!("  unsynced stores of dead processes {dead:?}: dropped by the next process that attaches alone (failure-atomic), or committed by a sync of a live one");
+        } else if !dead.is_empty() {
             println!("  NOT WRITTEN BACK: stores of dead processes {dead:?} are only in the shadow; run `daxshim sync {}`", s.backing);
         } else if s.may_hold_unsynced() {
             println!(

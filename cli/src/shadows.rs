@@ -52,6 +52,8 @@ pub struct ShadowInfo {
     /// Filled lazily, and a process mapped it without handling missing
     /// pages: nothing may be evicted from it.
     pub no_evict: bool,
+    /// Failure-atomic (`DAXSHIM_ATOMIC`): the last committed sync.
+    pub atomic_gen: Option<u64>,
 }
 
 impl ShadowInfo {
@@ -271,6 +273,8 @@ pub fn info(dir: &Path, key: &str) -> std::io::Result<ShadowInfo> {
         procs: m.procs(),
         backing_present,
         no_evict: h.lazy.load(Ordering::Relaxed) != 0 && h.no_evict.load(Ordering::Relaxed) != 0,
+        atomic_gen: (h.atomic.load(Ordering::Acquire) != 0)
+            .then(|| h.log_gen.load(Ordering::Acquire)),
     })
 }
 
