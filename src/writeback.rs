@@ -402,16 +402,10 @@ impl FileState {
         let lanes = self.log_lanes()?;
         let backing = self.backing()?;
         let bfd = backing.raw();
-        let mut p = self.shadow.log_period();
-        if p.applied < p.gen {
-            // A sync committed and not applied (its process died in the
-            // middle, or the apply failed): it goes first.
-            redo::replay(p.gen, &lanes, bfd)?;
-            p.applied = p.gen;
-            self.shadow.set_log_period(&p);
-        }
+        // A sync committed and not applied goes first.
+        let mut p = self.shadow.settle_log(&lanes, bfd)?;
         let backing_size = sys::fstat(bfd)?.st_size as u64;
-        let mut unit = redo::Unit::new(p.gen + 1, backing_size);
+        let mut unit = redo::Unit::new(p.gen + 1, backing_size, self.shadow.log_owner());
         let mut counts = persist::LineCounts::default();
         if let Some(data_fd) = data_fd.filter(|_| !dirty.is_empty()) {
             let size = (sys::fstat(data_fd)?.st_size as u64).min(backing_size);

@@ -777,3 +777,25 @@ os.kill(os.getpid(), 9)
     assert_eq!(&backing(&moved)[..4096], &[0u8; 4096][..]);
     assert_eq!(backing(&moved).len(), 8192);
 }
+
+/// The log of a file that was deleted and replaced under the same name is
+/// not the new file's: opening the new one replays nothing into it.
+#[test]
+fn a_replaced_file_is_not_recovered_from_the_old_ones_log() {
+    let w = atomic_world("atomreplace");
+    let f = w.pmem_file("f", &vec![b'o'; 20_000]);
+    killed(w.probe(&format!(
+        "open {} rw , pwrite 0 OLDSYNCED , fsync , pwrite 0 X , ftruncate 5 , kill",
+        s(&f)
+    )));
+    w.drop_shadows();
+    assert_eq!(lanes(&f).len(), 2);
+    std::fs::remove_file(&f).unwrap();
+    let fresh = vec![b'n'; 3000];
+    std::fs::write(&f, &fresh).unwrap();
+    assert_eq!(
+        ok(w.probe(&format!("open {} rw , pread 0 4", s(&f)))),
+        "pread: nnnn\n"
+    );
+    assert_eq!(backing(&f), fresh);
+}

@@ -7,7 +7,7 @@
 use super::{iov_parts, At};
 use crate::file::{FileInner, FileState};
 use crate::persist::redo;
-use crate::shadow::{atomic::Period, Fill};
+use crate::shadow::Fill;
 use crate::sys::{self, Errno, PAGE};
 use crate::writeback::Durability;
 use libc::{c_int, iovec};
@@ -171,18 +171,6 @@ fn store(f: &FileState, bfd: i32, bytes: &[u8], off: u64, size: u64) -> Result<(
     Ok(())
 }
 
-/// A committed sync that was not applied (its process died in the middle,
-/// or its apply failed) is applied first. Call with the io lock held.
-pub fn settle_log(f: &FileState, lanes: &[String; 2], bfd: i32) -> Result<Period, Errno> {
-    let mut p = f.shadow.log_period();
-    if p.applied < p.gen {
-        redo::replay(p.gen, lanes, bfd)?;
-        p.applied = p.gen;
-        f.shadow.set_log_period(&p);
-    }
-    Ok(p)
-}
-
 /// Before the backing shrinks to `len`: the synced bytes the shrink takes
 /// (those below the lowest size the file had since the last sync; the
 /// backing still holds them, since writes go to the shadow) are saved in
@@ -191,14 +179,14 @@ pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
     let lanes = f.log_lanes()?;
     let backing = f.backing()?;
     let bfd = backing.raw();
-    let mut p = settle_log(f, &lanes, bfd)?;
+    let mut p = f.shadow.settle_log(&lanes, bfd)?;
     let to = p.low.min(sys::fstat(bfd)?.st_size as u64);
     let mut from = len;
     while from < to {
         let k = (to - from).min(UNDO_RECORD_MAX);
         let mut buf = vec![0u8; k as usize];
         let got = sys::pread_full(bfd, &mut buf, from)?;
-        let mut u = redo::Unit::new(p.gen, p.size);
+        let mut u = redo::Unit::new(p.gen, p.size, f.shadow.log_owner());
         u.add(from, &buf[..got]);
         p.undo_at = redo::save_undo(&u, &lanes, p.undo_at)?;
         from += k;

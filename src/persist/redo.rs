@@ -20,15 +20,17 @@
 //!
 //! ```text
 //! header (64 bytes): magic (kind), generation, size, entries, body length,
-//!                    body checksum, header checksum, 0
+//!                    body checksum, header checksum, owner
 //! body:              per entry: offset (u64), length (u64), the bytes,
 //!                    zero-padded to 8
 //! ```
 //!
 //! A redo record's size is the file's size after the sync; an undo record's
-//! the size to give back (the synced one). The header's checksum covers its
-//! other words and the body's checksum the body, so a record torn anywhere
-//! fails one of them. A *closed* record (after the undo records) says the
+//! the size to give back (the synced one). The owner names the file (its
+//! device, inode and birth time): records left by a file that was deleted
+//! and replaced under the same name are not the new file's. The header's
+//! checksum covers its other words and the body's checksum the body, so a
+//! record torn anywhere fails one of them. A *closed* record (after the undo records) says the
 //! last process detached with everything synced: nothing to replay.
 
 use crate::sys::{self, Errno, SysResult};
@@ -96,17 +98,36 @@ fn next_record(at: u64, len: usize) -> u64 {
 pub struct Unit {
     gen: u64,
     size: u64,
+    owner: u64,
     entries: u64,
     body: Vec<u8>,
 }
 
+/// The owner word of a file's records: its identity (device, inode, birth
+/// time).
+pub fn owner_of(dev: u64, ino: u64, birth_sec: i64, birth_nsec: u64) -> u64 {
+    let mut b = Vec::with_capacity(32);
+    for w in [dev, ino, birth_sec as u64, birth_nsec] {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    checksum(&b)
+}
+
+/// The header's checksum: its words but the checksum's own.
+fn header_sum(h: &[u8]) -> u64 {
+    let mut b = h[..48].to_vec();
+    b.extend_from_slice(&h[56..64]);
+    checksum(&b)
+}
+
 impl Unit {
-    /// A record of generation `gen`; `size`: the file's size after the sync
-    /// (redo) or to give back (undo).
-    pub fn new(gen: u64, size: u64) -> Unit {
+    /// A record of generation `gen` of the file `owner` ([`owner_of`]);
+    /// `size`: the file's size after the sync (redo) or to give back (undo).
+    pub fn new(gen: u64, size: u64, owner: u64) -> Unit {
         Unit {
             gen,
             size,
+            owner,
             entries: 0,
             body: Vec::new(),
         }
@@ -153,9 +174,10 @@ impl Unit {
         for w in words {
             out.extend_from_slice(&w.to_le_bytes());
         }
-        let sum = checksum(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&self.owner.to_le_bytes());
+        let sum = header_sum(&out);
+        out[48..56].copy_from_slice(&sum.to_le_bytes());
         out.extend_from_slice(&self.body);
         out
     }
@@ -174,6 +196,7 @@ pub struct Record {
     pub magic: u64,
     pub gen: u64,
     pub size: u64,
+    pub owner: u64,
     /// (offset, bytes) in the order they were added.
     pub entries: Vec<(u64, Vec<u8>)>,
     /// Bytes the record takes in its lane.
@@ -189,7 +212,7 @@ fn header_body_len(h: &[u8]) -> Option<usize> {
     if h.len() < HEADER || ![REDO, UNDO, CLOSED].contains(&word(h, 0)) {
         return None;
     }
-    if word(h, 6) != checksum(&h[..48]) {
+    if word(h, 6) != header_sum(h) {
         return None;
     }
     usize::try_from(word(h, 4)).ok()
@@ -210,6 +233,7 @@ fn decode(bytes: &[u8]) -> Option<Record> {
         magic: word(bytes, 0),
         gen: word(bytes, 1),
         size: word(bytes, 2),
+        owner: word(bytes, 7),
         entries,
         len: HEADER + body_len,
     })
@@ -294,9 +318,13 @@ pub fn undo_start(redo_len: usize) -> u64 {
 
 /// At the last detach, everything synced: generation `gen` needs no replay
 /// (a crash before this is durable only replays it once more).
-pub fn close(gen: u64, lanes: &[String; 2], at: u64) -> SysResult<()> {
+pub fn close(gen: u64, owner: u64, lanes: &[String; 2], at: u64) -> SysResult<()> {
     let lane = open_lane(&lanes[(gen % 2) as usize], None)?;
-    sys::pwrite_all(lane.as_raw_fd(), &Unit::new(gen, 0).encode(CLOSED), at)
+    sys::pwrite_all(
+        lane.as_raw_fd(),
+        &Unit::new(gen, 0, owner).encode(CLOSED),
+        at,
+    )
 }
 
 /// Writes `entries` to the file behind `data_fd` and gives it `size`.
@@ -314,9 +342,9 @@ pub fn apply<'a>(
     Ok(())
 }
 
-/// The newest redo record of the lanes (None: no lane holds one), with the
-/// lane it is in.
-pub fn newest(lanes: &[String; 2]) -> SysResult<Option<(Record, OwnedFd)>> {
+/// The newest redo record of `owner` in the lanes (None: no lane holds
+/// one), with the lane it is in.
+pub fn newest(lanes: &[String; 2], owner: u64) -> SysResult<Option<(Record, OwnedFd)>> {
     let mut best: Option<(Record, OwnedFd)> = None;
     for path in lanes {
         let fd = match open_lane(path, None) {
@@ -325,7 +353,10 @@ pub fn newest(lanes: &[String; 2]) -> SysResult<Option<(Record, OwnedFd)>> {
             Err(e) => return Err(e),
         };
         if let Some(r) = read_record(fd.as_raw_fd(), 0)? {
-            if r.magic == REDO && best.as_ref().is_none_or(|(b, _)| r.gen > b.gen) {
+            if r.magic == REDO
+                && r.owner == owner
+                && best.as_ref().is_none_or(|(b, _)| r.gen > b.gen)
+            {
                 best = Some((r, fd));
             }
         }
@@ -347,16 +378,17 @@ pub enum Recovery {
 }
 
 /// After a crash (or when no process is attached): brings the file behind
-/// `data_fd` to the state of its last committed sync, durably.
-pub fn recover(lanes: &[String; 2], data_fd: i32) -> SysResult<Recovery> {
-    let Some((redo, lane)) = newest(lanes)? else {
+/// `data_fd` (whose records carry `owner`) to the state of its last
+/// committed sync, durably.
+pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recovery> {
+    let Some((redo, lane)) = newest(lanes, owner)? else {
         return Ok(Recovery::NoLog);
     };
     // The records that follow the redo record in its lane.
     let mut undos = Vec::new();
     let mut at = undo_start(redo.len);
     while let Some(r) = read_record(lane.as_raw_fd(), at)? {
-        if r.gen != redo.gen || r.magic == REDO {
+        if r.gen != redo.gen || r.owner != owner || r.magic == REDO {
             break;
         }
         at = next_record(at, r.len);
@@ -381,14 +413,14 @@ pub fn recover(lanes: &[String; 2], data_fd: i32) -> SysResult<Recovery> {
 
 /// Replays the redo record of `gen` if the lanes hold it (a committer that
 /// died or failed after its commit). Ok(false): no such record.
-pub fn replay(gen: u64, lanes: &[String; 2], data_fd: i32) -> SysResult<bool> {
+pub fn replay(gen: u64, owner: u64, lanes: &[String; 2], data_fd: i32) -> SysResult<bool> {
     let lane = match open_lane(&lanes[(gen % 2) as usize], None) {
         Ok(fd) => fd,
         Err(Errno(libc::ENOENT)) => return Ok(false),
         Err(e) => return Err(e),
     };
     match read_record(lane.as_raw_fd(), 0)? {
-        Some(r) if r.magic == REDO && r.gen == gen => {
+        Some(r) if r.magic == REDO && r.gen == gen && r.owner == owner => {
             let parts = r.entries.iter().map(|(o, b)| (*o, b.as_slice()));
             apply(parts, r.size, data_fd)?;
             sys::fdatasync(data_fd)?;
@@ -411,8 +443,10 @@ pub fn remove(lanes: &[String; 2]) {
 mod tests {
     use super::*;
 
+    const OWNER: u64 = 0x0123_4567_89ab_cdef;
+
     fn unit(gen: u64) -> Unit {
-        let mut u = Unit::new(gen, 2 << 20);
+        let mut u = Unit::new(gen, 2 << 20, OWNER);
         u.add(4096, b"hello");
         u.add(0, &[0xabu8; 64]);
         u.add(1 << 20, b"");
@@ -452,15 +486,12 @@ mod tests {
             assert!(decode(&bytes[..cut]).is_none(), "torn at {cut}");
         }
         for i in 0..bytes.len() {
-            if (56..64).contains(&i) {
-                continue; // the header's spare word
-            }
             let mut b = bytes.clone();
             b[i] ^= 0x10;
             assert!(decode(&b).is_none(), "byte {i} flipped");
         }
         // A new header over an older, longer body: the body's checksum.
-        let mut older = Unit::new(6, 10);
+        let mut older = Unit::new(6, 10, OWNER);
         older.add(0, &[9u8; 300]);
         let mut mixed = older.encode(REDO);
         mixed[..HEADER].copy_from_slice(&unit(7).encode(REDO)[..HEADER]);
@@ -524,7 +555,7 @@ mod tests {
     fn a_committed_record_is_replayed_and_a_torn_one_dropped() {
         let before = vec![0x5au8; 8192];
         // The base: sync 1 left the file as it is.
-        let base = Unit::new(1, before.len() as u64);
+        let base = Unit::new(1, before.len() as u64, OWNER);
         let u = unit(2);
         let want = expected(&before, &u);
         // Crash right after the commit: recovery finishes the sync.
@@ -532,7 +563,7 @@ mod tests {
         commit(&base, &f.lanes, 0o600, &mut None).unwrap();
         commit(&u, &f.lanes, 0o600, &mut None).unwrap();
         assert_eq!(f.content(), before);
-        let r = recover(&f.lanes, f.fd()).unwrap();
+        let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(
             r,
             Recovery::Recovered {
@@ -543,14 +574,14 @@ mod tests {
         );
         assert_eq!(f.content(), want);
         // Again: the same state (idempotent).
-        recover(&f.lanes, f.fd()).unwrap();
+        recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(f.content(), want);
         // Crash in the middle of the apply: replaying is harmless.
         let f = files("halfway", &before);
         commit(&base, &f.lanes, 0o600, &mut None).unwrap();
         commit(&u, &f.lanes, 0o600, &mut None).unwrap();
         sys::pwrite_all(f.fd(), b"hel", 4096).unwrap();
-        recover(&f.lanes, f.fd()).unwrap();
+        recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(f.content(), want);
         // A record torn while it was written: the previous sync's stands,
         // and the size the file had then is given back.
@@ -561,7 +592,7 @@ mod tests {
             sys::ftruncate(f.fd(), 3 << 20).unwrap(); // grown since
             let lane = open_lane(&f.lanes[0], Some(0o600)).unwrap();
             sys::pwrite_all(lane.as_raw_fd(), &bytes[..cut], 0).unwrap();
-            let r = recover(&f.lanes, f.fd()).unwrap();
+            let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
             assert_eq!(
                 r,
                 Recovery::Recovered {
@@ -575,27 +606,27 @@ mod tests {
         }
         // No lanes at all.
         let f = files("none", &before);
-        assert_eq!(recover(&f.lanes, f.fd()).unwrap(), Recovery::NoLog);
+        assert_eq!(recover(&f.lanes, f.fd(), OWNER).unwrap(), Recovery::NoLog);
     }
 
     #[test]
     fn bytes_a_shrink_took_away_come_back_and_a_closed_log_is_left_alone() {
         let before: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
         let f = files("undo", &before);
-        let base = Unit::new(4, before.len() as u64);
+        let base = Unit::new(4, before.len() as u64, OWNER);
         commit(&base, &f.lanes, 0o600, &mut None).unwrap();
         // Shrink to 15000, then to 5000: each saves what it takes of the
         // synced bytes.
         let mut at = undo_start(base.len());
         for (from, to) in [(15_000u64, 20_000u64), (5_000, 15_000)] {
-            let mut u = Unit::new(4, before.len() as u64);
+            let mut u = Unit::new(4, before.len() as u64, OWNER);
             u.add(from, &before[from as usize..to as usize]);
             at = save_undo(&u, &f.lanes, at).unwrap();
             sys::ftruncate(f.fd(), from).unwrap();
         }
         sys::ftruncate(f.fd(), 30_000).unwrap();
         sys::pwrite_all(f.fd(), b"junk", 6_000).unwrap();
-        let r = recover(&f.lanes, f.fd()).unwrap();
+        let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(
             r,
             Recovery::Recovered {
@@ -606,18 +637,24 @@ mod tests {
         );
         assert_eq!(f.content(), before);
         // Closed: nothing replayed, nothing undone.
-        close(4, &f.lanes, at).unwrap();
+        close(4, OWNER, &f.lanes, at).unwrap();
         sys::pwrite_all(f.fd(), b"outside", 0).unwrap();
         assert_eq!(
-            recover(&f.lanes, f.fd()).unwrap(),
+            recover(&f.lanes, f.fd(), OWNER).unwrap(),
             Recovery::Closed { gen: 4 }
         );
         assert_eq!(&f.content()[..7], b"outside");
         // replay() finds only the generation asked for.
-        assert!(!replay(5, &f.lanes, f.fd()).unwrap());
-        assert!(replay(4, &f.lanes, f.fd()).unwrap());
+        assert!(!replay(5, OWNER, &f.lanes, f.fd()).unwrap());
+        assert!(!replay(4, OWNER + 1, &f.lanes, f.fd()).unwrap());
+        assert!(replay(4, OWNER, &f.lanes, f.fd()).unwrap());
+        // Another file's records (deleted and replaced): not this one's.
+        assert_eq!(
+            recover(&f.lanes, f.fd(), OWNER + 1).unwrap(),
+            Recovery::NoLog
+        );
         remove(&f.lanes);
-        assert_eq!(recover(&f.lanes, f.fd()).unwrap(), Recovery::NoLog);
+        assert_eq!(recover(&f.lanes, f.fd(), OWNER).unwrap(), Recovery::NoLog);
     }
 
     #[test]

@@ -57,6 +57,16 @@ fn set_period(h: &Header, p: &Period) {
     h.log_gen.store(p.gen, Ordering::Release);
 }
 
+/// The owner word of this file's records (its identity, from the header).
+fn owner(h: &Header) -> u64 {
+    redo::owner_of(
+        h.dev.load(Ordering::Relaxed),
+        h.ino.load(Ordering::Relaxed),
+        h.gen_sec.load(Ordering::Relaxed),
+        h.gen_nsec.load(Ordering::Relaxed),
+    )
+}
+
 /// The mode lanes are created with: the data file's permission bits.
 fn lane_mode(backing_fd: i32) -> u32 {
     sys::fstat(backing_fd).map_or(0o600, |st| st.st_mode & 0o666)
@@ -77,7 +87,7 @@ fn start_period(
     backing_fd: i32,
 ) -> SysResult<()> {
     let size = sys::fstat(backing_fd)?.st_size as u64;
-    let base = Unit::new(gen, size);
+    let base = Unit::new(gen, size, owner(h));
     redo::commit(&base, lanes, lane_mode(backing_fd), &mut None)?;
     set_period(
         h,
@@ -109,7 +119,7 @@ pub(super) fn recover_unattached(
     let Some(lanes) = redo::lane_paths(path) else {
         return Ok(Recovery::NoLog);
     };
-    let r = redo::recover(&lanes, backing_fd)?;
+    let r = redo::recover(&lanes, backing_fd, owner(h))?;
     if let Recovery::Recovered { gen, undone, .. } = r {
         crate::stats::add(&crate::stats::STATS.atomic_recoveries, 1);
         info!("{path}: recovered to its last atomic sync (#{gen}; {undone} undo record(s))");
@@ -131,7 +141,7 @@ pub(super) fn recover_unattached(
 /// replayed under live processes).
 pub(super) fn start_attached(h: &Header, path: &str, backing_fd: i32) -> SysResult<()> {
     let lanes = redo::lane_paths(path).ok_or(sys::Errno(libc::EINVAL))?;
-    let last = redo::newest(&lanes)?.map_or(0, |(r, _)| r.gen);
+    let last = redo::newest(&lanes, owner(h))?.map_or(0, |(r, _)| r.gen);
     start_period(h, path, &lanes, last + 1, backing_fd)
 }
 
@@ -143,7 +153,7 @@ pub(super) fn close(h: &Header) {
         return; // a committed sync not applied: the next attacher replays it
     }
     if let Some(lanes) = redo::lane_paths(&path) {
-        if let Err(e) = redo::close(p.gen, &lanes, p.undo_at) {
+        if let Err(e) = redo::close(p.gen, owner(h), &lanes, p.undo_at) {
             debug!("{path}: cannot close the atomic log: {e}");
         }
     }
@@ -163,6 +173,24 @@ impl Shadow {
     /// Records a change of the period. Call with the io lock held.
     pub fn set_log_period(&self, p: &Period) {
         set_period(self.header(), p)
+    }
+
+    /// The owner word of this file's records.
+    pub fn log_owner(&self) -> u64 {
+        owner(self.header())
+    }
+
+    /// Where the log stands, after applying a committed sync that was not
+    /// (its process died in the middle, or its apply failed). Call with the
+    /// io lock held.
+    pub fn settle_log(&self, lanes: &[String; 2], backing_fd: i32) -> SysResult<Period> {
+        let mut p = self.log_period();
+        if p.applied < p.gen {
+            redo::replay(p.gen, self.log_owner(), lanes, backing_fd)?;
+            p.applied = p.gen;
+            self.set_log_period(&p);
+        }
+        Ok(p)
     }
 
     /// The log's lanes. Call with the io lock held.
