@@ -449,6 +449,16 @@ impl FileState {
         if unit.is_empty() && !p.size_changed(backing_size) {
             return Ok(());
         }
+        unit.set_low(p.low);
+        // The lane about to be written holds the record of the sync two
+        // before: its apply must be durable first (recovery replays the
+        // newest record and the one before it). One fdatasync of the file
+        // every other sync.
+        if p.durable + 2 < unit.gen() {
+            sys::fdatasync(bfd)?;
+            p.durable = p.applied;
+            self.shadow.set_log_period(&p);
+        }
         // 1. The unit is durable in the log (a crash from here on replays it).
         let budget_in = persist::CRASH_BUDGET.load(Ordering::Relaxed);
         let mut budget = (budget_in != u64::MAX).then_some(budget_in);
@@ -458,7 +468,8 @@ impl FileState {
         self.shadow.set_log_period(&p);
         add(&STATS.atomic_syncs, 1);
         add(&STATS.bytes_logged, unit.len() as u64);
-        // 2. Applied in place, durably (a crash in the middle replays it).
+        // 2. Applied in place (a crash in the middle replays it); made
+        // durable before its lane is written again.
         for (off, bytes) in unit.parts() {
             if budget.is_some() {
                 for (k, line) in bytes.chunks(persist::LINE).enumerate() {
@@ -473,7 +484,6 @@ impl FileState {
         if let Some(b) = budget {
             persist::CRASH_BUDGET.store(b, Ordering::Relaxed);
         }
-        sys::fdatasync(bfd)?;
         add(&STATS.lines_written, counts.written);
         self.shadow.set_log_period(&shadow::atomic::Period {
             gen: unit.gen(),
@@ -481,6 +491,7 @@ impl FileState {
             size: backing_size,
             low: backing_size,
             undo_at: redo::undo_start(unit.len()),
+            durable: p.durable,
         });
         self.size_dirty.store(false, Ordering::Relaxed);
         self.shadow.record_backing(bfd);

@@ -181,21 +181,51 @@ pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
     let bfd = backing.raw();
     let mut p = f.shadow.settle_log(&lanes, bfd)?;
     let to = p.low.min(sys::fstat(bfd)?.st_size as u64);
-    let mut from = len;
-    while from < to {
-        let k = (to - from).min(UNDO_RECORD_MAX);
-        let mut buf = vec![0u8; k as usize];
+    // From the top down, so that recovery, which gives them back in the
+    // reverse order, cuts at the lowest first. Zero pages are not saved:
+    // the cut and the growth back to the synced size make them.
+    let mut top = to;
+    while top > len {
+        let from = top.saturating_sub(UNDO_RECORD_MAX).max(len);
+        let mut buf = vec![0u8; (top - from) as usize];
         let got = sys::pread_full(bfd, &mut buf, from)?;
+        buf.truncate(got);
         let mut u = redo::Unit::new(p.gen, p.size, f.shadow.log_owner());
-        u.add(from, &buf[..got]);
-        p.undo_at = redo::save_undo(&u, &lanes, p.undo_at)?;
-        from += k;
+        u.set_low(from);
+        for (a, b) in nonzero_pages(&buf, from) {
+            u.add(a, &buf[(a - from) as usize..(b - from) as usize]);
+        }
+        if !u.is_empty() {
+            p.undo_at = redo::save_undo(&u, &lanes, p.undo_at)?;
+        }
+        top = from;
     }
     if len < p.low {
         p.low = len;
         f.shadow.set_log_period(&p);
     }
     Ok(())
+}
+
+/// The runs of pages of `buf` (at file offset `at`) that hold a nonzero
+/// byte, as file offset ranges.
+fn nonzero_pages(buf: &[u8], at: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0usize;
+    while off < buf.len() {
+        // Pages of the file (the first may start inside one).
+        let end = ((at as usize + off) / PAGE + 1) * PAGE - at as usize;
+        let end = end.min(buf.len());
+        if buf[off..end].iter().any(|&b| b != 0) {
+            let (a, b) = (at + off as u64, at + end as u64);
+            match runs.last_mut() {
+                Some((_, e)) if *e == a => *e = b,
+                _ => runs.push((a, b)),
+            }
+        }
+        off = end;
+    }
+    runs
 }
 
 /// `truncate(path, len)` of a failure-atomic file: through a descriptor
@@ -318,4 +348,22 @@ pub fn copy_into(
         *o += put as i64;
     }
     Ok(put)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nonzero_pages_are_found_in_runs() {
+        let mut b = vec![0u8; 5 * 4096];
+        b[10] = 1;
+        b[4096 + 5] = 1;
+        b[3 * 4096] = 7;
+        assert_eq!(super::nonzero_pages(&b, 0), vec![(0, 8192), (12288, 16384)]);
+        // At an offset inside a page: the first piece ends at the page's end.
+        assert_eq!(
+            super::nonzero_pages(&b[100..], 100),
+            vec![(4096, 8192), (12288, 16384)]
+        );
+        assert!(super::nonzero_pages(&[0u8; 9000], 4000).is_empty());
+    }
 }

@@ -80,16 +80,17 @@ fn file_sync(
     fd: c_int,
     range: Option<std::ops::Range<u64>>,
     how: Durability,
-    data_only: bool,
     kernel: impl FnOnce() -> c_int,
 ) -> c_int {
     let (ours, atomic) = match crate::fdtable::lookup_fd(fd) {
         Some(f) => (f.sync(range, how), f.shadow.is_atomic()),
         None => (Ok(()), false),
     };
-    if atomic && data_only && ours.is_ok() {
-        // A failure-atomic sync made the file's data and size durable
-        // (fdatasync) already: the kernel's call would only repeat it.
+    if atomic && ours.is_ok() {
+        // A failure-atomic sync is durable in its log already (and the
+        // file is made durable before the log needs it): the kernel's call
+        // would flush what the log already holds (the rest of the inode's
+        // metadata, such as its times, is not kept durable by fsync then).
         return g.ret(Ok(0));
     }
     let r = check(kernel());
@@ -114,7 +115,7 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fsync(fd) },
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, false, || unsafe {
+        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
             real::fsync(fd)
         }),
     }
@@ -132,7 +133,7 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
         None => unsafe { real::fdatasync(fd) },
         // SAFETY: forwarded with the caller's own arguments (C ABI contract).
-        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, true, || unsafe {
+        Some(g) => file_sync(&g, fd, None, Durability::ByCaller, || unsafe {
             real::fdatasync(fd)
         }),
     }
@@ -170,7 +171,7 @@ pub unsafe extern "C" fn sync_file_range(
             } else {
                 Durability::ByCaller
             };
-            file_sync(&g, fd, Some(lo..hi), how, true, kernel)
+            file_sync(&g, fd, Some(lo..hi), how, kernel)
         }
     }
 }

@@ -19,14 +19,17 @@
 //! Record layout (little-endian), each record 4 KiB-aligned in its lane:
 //!
 //! ```text
-//! header (64 bytes): magic (kind), generation, size, entries, body length,
-//!                    body checksum, header checksum, owner
+//! header (80 bytes): magic (kind), generation, size, entries, body length,
+//!                    body checksum, header checksum, owner, low, 0
 //! body:              per entry: offset (u64), length (u64), the bytes,
 //!                    zero-padded to 8
 //! ```
 //!
-//! A redo record's size is the file's size after the sync; an undo record's
-//! the size to give back (the synced one). The owner names the file (its
+//! A redo record's size is the file's size after the sync, its low the
+//! lowest size the file had since the sync before (the bytes from there on
+//! are zeros but for the record's spans); an undo record's size is the
+//! size to give back (the synced one), its low where the shrink cut (the
+//! zero pages it took are not saved: cutting and growing makes them). The owner names the file (its
 //! device, inode and birth time): records left by a file that was deleted
 //! and replaced under the same name are not the new file's. The header's
 //! checksum covers its other words and the body's checksum the body, so a
@@ -37,10 +40,10 @@ use crate::sys::{self, Errno, SysResult};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-const REDO: u64 = u64::from_le_bytes(*b"DXREDO02");
-const UNDO: u64 = u64::from_le_bytes(*b"DXUNDO02");
-const CLOSED: u64 = u64::from_le_bytes(*b"DXCLOS02");
-const HEADER: usize = 64;
+const REDO: u64 = u64::from_le_bytes(*b"DXREDO03");
+const UNDO: u64 = u64::from_le_bytes(*b"DXUNDO03");
+const CLOSED: u64 = u64::from_le_bytes(*b"DXCLOS03");
+const HEADER: usize = 80;
 
 /// Where the lanes of a data file live: `<dir>/.<name>.daxshim-log0|1`.
 pub const LANE_SUFFIX: &str = ".daxshim-log";
@@ -98,6 +101,7 @@ fn next_record(at: u64, len: usize) -> u64 {
 pub struct Unit {
     gen: u64,
     size: u64,
+    low: u64,
     owner: u64,
     entries: u64,
     body: Vec<u8>,
@@ -116,7 +120,7 @@ pub fn owner_of(dev: u64, ino: u64, birth_sec: i64, birth_nsec: u64) -> u64 {
 /// The header's checksum: its words but the checksum's own.
 fn header_sum(h: &[u8]) -> u64 {
     let mut b = h[..48].to_vec();
-    b.extend_from_slice(&h[56..64]);
+    b.extend_from_slice(&h[56..HEADER]);
     checksum(&b)
 }
 
@@ -127,6 +131,7 @@ impl Unit {
         Unit {
             gen,
             size,
+            low: size,
             owner,
             entries: 0,
             body: Vec::new(),
@@ -145,6 +150,12 @@ impl Unit {
 
     pub fn gen(&self) -> u64 {
         self.gen
+    }
+
+    /// The lowest size the file had since the previous sync (redo), or
+    /// where a shrink cut (undo).
+    pub fn set_low(&mut self, low: u64) {
+        self.low = low.min(self.size);
     }
 
     #[cfg(test)]
@@ -176,6 +187,8 @@ impl Unit {
         }
         out.extend_from_slice(&0u64.to_le_bytes());
         out.extend_from_slice(&self.owner.to_le_bytes());
+        out.extend_from_slice(&self.low.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
         let sum = header_sum(&out);
         out[48..56].copy_from_slice(&sum.to_le_bytes());
         out.extend_from_slice(&self.body);
@@ -197,6 +210,7 @@ pub struct Record {
     pub gen: u64,
     pub size: u64,
     pub owner: u64,
+    pub low: u64,
     /// (offset, bytes) in the order they were added.
     pub entries: Vec<(u64, Vec<u8>)>,
     /// Bytes the record takes in its lane.
@@ -234,6 +248,7 @@ fn decode(bytes: &[u8]) -> Option<Record> {
         gen: word(bytes, 1),
         size: word(bytes, 2),
         owner: word(bytes, 7),
+        low: word(bytes, 8),
         entries,
         len: HEADER + body_len,
     })
@@ -327,25 +342,38 @@ pub fn close(gen: u64, owner: u64, lanes: &[String; 2], at: u64) -> SysResult<()
     )
 }
 
-/// Writes `entries` to the file behind `data_fd` and gives it `size`.
-pub fn apply<'a>(
+impl Record {
+    fn parts(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.entries.iter().map(|(o, b)| (*o, b.as_slice()))
+    }
+}
+
+/// Writes a record's effect into the file behind `data_fd`: cut to its low
+/// (the bytes beyond are zeros but for its spans), the spans, then the
+/// size (a redo record's; an undo record leaves it to the redo record).
+fn apply<'a>(
     entries: impl Iterator<Item = (u64, &'a [u8])>,
-    size: u64,
+    low: u64,
+    size: Option<u64>,
     data_fd: i32,
 ) -> SysResult<()> {
+    if sys::fstat(data_fd)?.st_size as u64 > low {
+        sys::ftruncate(data_fd, low)?;
+    }
     for (off, bytes) in entries {
         sys::pwrite_all(data_fd, bytes, off)?;
     }
-    if sys::fstat(data_fd)?.st_size as u64 != size {
-        sys::ftruncate(data_fd, size)?;
+    if let Some(size) = size {
+        if sys::fstat(data_fd)?.st_size as u64 != size {
+            sys::ftruncate(data_fd, size)?;
+        }
     }
     Ok(())
 }
 
-/// The newest redo record of `owner` in the lanes (None: no lane holds
-/// one), with the lane it is in.
-pub fn newest(lanes: &[String; 2], owner: u64) -> SysResult<Option<(Record, OwnedFd)>> {
-    let mut best: Option<(Record, OwnedFd)> = None;
+/// Every redo record of `owner` the lanes hold, oldest first.
+fn redo_records(lanes: &[String; 2], owner: u64) -> SysResult<Vec<(Record, OwnedFd)>> {
+    let mut found = Vec::new();
     for path in lanes {
         let fd = match open_lane(path, None) {
             Ok(fd) => fd,
@@ -353,15 +381,19 @@ pub fn newest(lanes: &[String; 2], owner: u64) -> SysResult<Option<(Record, Owne
             Err(e) => return Err(e),
         };
         if let Some(r) = read_record(fd.as_raw_fd(), 0)? {
-            if r.magic == REDO
-                && r.owner == owner
-                && best.as_ref().is_none_or(|(b, _)| r.gen > b.gen)
-            {
-                best = Some((r, fd));
+            if r.magic == REDO && r.owner == owner {
+                found.push((r, fd));
             }
         }
     }
-    Ok(best)
+    found.sort_by_key(|(r, _)| r.gen);
+    Ok(found)
+}
+
+/// The newest redo record of `owner` in the lanes (None: no lane holds
+/// one), with the lane it is in.
+pub fn newest(lanes: &[String; 2], owner: u64) -> SysResult<Option<(Record, OwnedFd)>> {
+    Ok(redo_records(lanes, owner)?.pop())
 }
 
 /// What recovery found.
@@ -372,19 +404,23 @@ pub enum Recovery {
     /// The last process detached with everything synced (`gen`): the file
     /// is as that sync left it, or as changed outside the shim since.
     Closed { gen: u64 },
-    /// The file was brought back to sync `gen` (its record replayed, bytes
-    /// a shrink took away given back, the size set): `undone` undo records.
+    /// The file was brought back to sync `gen` (its record, and the one
+    /// before it if the lanes hold it, replayed; bytes a shrink took away
+    /// given back; the size set): `undone` undo records.
     Recovered { gen: u64, size: u64, undone: usize },
 }
 
 /// After a crash (or when no process is attached): brings the file behind
 /// `data_fd` (whose records carry `owner`) to the state of its last
-/// committed sync, durably.
+/// committed sync, durably. A sync's apply is made durable only before the
+/// lane of its record is written again, two syncs later, so the record
+/// before the newest is replayed first when the lanes hold both.
 pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recovery> {
-    let Some((redo, lane)) = newest(lanes, owner)? else {
+    let mut records = redo_records(lanes, owner)?;
+    let Some((redo, lane)) = records.pop() else {
         return Ok(Recovery::NoLog);
     };
-    // The records that follow the redo record in its lane.
+    // The records that follow the newest redo record in its lane.
     let mut undos = Vec::new();
     let mut at = undo_start(redo.len);
     while let Some(r) = read_record(lane.as_raw_fd(), at)? {
@@ -397,11 +433,17 @@ pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recov
         }
         undos.push(r);
     }
-    let parts = redo.entries.iter().map(|(o, b)| (*o, b.as_slice()));
-    apply(parts, redo.size, data_fd)?;
-    for u in &undos {
-        let parts = u.entries.iter().map(|(o, b)| (*o, b.as_slice()));
-        apply(parts, redo.size, data_fd)?;
+    if let Some((prev, _)) = records.pop().filter(|(p, _)| p.gen + 1 == redo.gen) {
+        apply(prev.parts(), prev.low, Some(prev.size), data_fd)?;
+    }
+    apply(redo.parts(), redo.low, Some(redo.size), data_fd)?;
+    // The lowest cut first: each record holds the nonzero pages of the
+    // synced bytes between its cut and the one before it.
+    for u in undos.iter().rev() {
+        apply(u.parts(), u.low, None, data_fd)?;
+    }
+    if sys::fstat(data_fd)?.st_size as u64 != redo.size {
+        sys::ftruncate(data_fd, redo.size)?;
     }
     sys::fdatasync(data_fd)?;
     Ok(Recovery::Recovered {
@@ -412,7 +454,7 @@ pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recov
 }
 
 /// Replays the redo record of `gen` if the lanes hold it (a committer that
-/// died or failed after its commit). Ok(false): no such record.
+/// died or failed after its commit), durably. Ok(false): no such record.
 pub fn replay(gen: u64, owner: u64, lanes: &[String; 2], data_fd: i32) -> SysResult<bool> {
     let lane = match open_lane(&lanes[(gen % 2) as usize], None) {
         Ok(fd) => fd,
@@ -421,8 +463,7 @@ pub fn replay(gen: u64, owner: u64, lanes: &[String; 2], data_fd: i32) -> SysRes
     };
     match read_record(lane.as_raw_fd(), 0)? {
         Some(r) if r.magic == REDO && r.gen == gen && r.owner == owner => {
-            let parts = r.entries.iter().map(|(o, b)| (*o, b.as_slice()));
-            apply(parts, r.size, data_fd)?;
+            apply(r.parts(), r.low, Some(r.size), data_fd)?;
             sys::fdatasync(data_fd)?;
             Ok(true)
         }
@@ -655,6 +696,54 @@ mod tests {
         );
         remove(&f.lanes);
         assert_eq!(recover(&f.lanes, f.fd(), OWNER).unwrap(), Recovery::NoLog);
+    }
+
+    #[test]
+    fn an_apply_lost_with_the_page_cache_is_replayed_from_the_record_before() {
+        // Syncs 2 and 3 committed and applied, but only sync 1's state is
+        // durable in the file (the applies were made durable lazily): the
+        // newest record and the one before it rebuild sync 3.
+        let s1 = vec![b'1'; 9000];
+        let f = files("chain", &s1);
+        commit(&Unit::new(1, 9000, OWNER), &f.lanes, 0o600, &mut None).unwrap();
+        let mut u2 = Unit::new(2, 12_000, OWNER);
+        u2.add(0, b"two");
+        u2.add(9500, b"grown");
+        let mut u3 = Unit::new(3, 12_000, OWNER);
+        u3.add(100, b"three");
+        for u in [&u2, &u3] {
+            commit(u, &f.lanes, 0o600, &mut None).unwrap();
+        }
+        // The file lost both applies but for a torn piece of the last.
+        sys::pwrite_all(f.fd(), b"thr", 100).unwrap();
+        let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
+        assert_eq!(
+            r,
+            Recovery::Recovered {
+                gen: 3,
+                size: 12_000,
+                undone: 0
+            }
+        );
+        let mut want = s1.clone();
+        want.resize(12_000, 0);
+        want[..3].copy_from_slice(b"two");
+        want[9500..9505].copy_from_slice(b"grown");
+        want[100..105].copy_from_slice(b"three");
+        assert_eq!(f.content(), want);
+        // A record's low: the bytes beyond it are zeros but its spans.
+        let g = files("low", &s1);
+        commit(&Unit::new(1, 9000, OWNER), &g.lanes, 0o600, &mut None).unwrap();
+        let mut u = Unit::new(2, 9000, OWNER);
+        u.set_low(4000);
+        u.add(5000, b"kept");
+        commit(&u, &g.lanes, 0o600, &mut None).unwrap();
+        recover(&g.lanes, g.fd(), OWNER).unwrap();
+        let c = g.content();
+        assert_eq!(c.len(), 9000);
+        assert_eq!(&c[..4000], &s1[..4000]);
+        assert!(c[4000..5000].iter().all(|&b| b == 0));
+        assert_eq!(&c[5000..5004], b"kept");
     }
 
     #[test]

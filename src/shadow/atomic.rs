@@ -29,6 +29,8 @@ pub struct Period {
     pub low: u64,
     /// Where the next undo record goes in lane `gen % 2`.
     pub undo_at: u64,
+    /// The last sync whose apply is known durable.
+    pub durable: u64,
 }
 
 impl Period {
@@ -46,6 +48,7 @@ pub(super) fn period_of(h: &Header) -> Period {
         size: h.log_size.load(Ordering::Acquire),
         low: h.log_low.load(Ordering::Acquire),
         undo_at: h.log_undo_at.load(Ordering::Acquire),
+        durable: h.log_durable.load(Ordering::Acquire),
     }
 }
 
@@ -53,6 +56,7 @@ fn set_period(h: &Header, p: &Period) {
     h.log_size.store(p.size, Ordering::Release);
     h.log_low.store(p.low, Ordering::Release);
     h.log_undo_at.store(p.undo_at, Ordering::Release);
+    h.log_durable.store(p.durable, Ordering::Release);
     h.log_applied.store(p.applied, Ordering::Release);
     h.log_gen.store(p.gen, Ordering::Release);
 }
@@ -97,6 +101,7 @@ fn start_period(
             size,
             low: size,
             undo_at: redo::undo_start(base.len()),
+            durable: gen,
         },
     );
     h.set_log_path(path);
@@ -145,12 +150,16 @@ pub(super) fn start_attached(h: &Header, path: &str, backing_fd: i32) -> SysResu
     start_period(h, path, &lanes, last + 1, backing_fd)
 }
 
-/// At the last detach with everything synced: the log needs no replay.
-pub(super) fn close(h: &Header) {
+/// At the last detach with everything synced: the log needs no replay once
+/// the file is durable.
+pub(super) fn close(h: &Header, backing_fd: i32) {
     let p = period_of(h);
     let path = h.log_path();
     if p.applied != p.gen || p.gen == 0 {
         return; // a committed sync not applied: the next attacher replays it
+    }
+    if p.durable < p.applied && sys::fdatasync(backing_fd).is_err() {
+        return; // the next attacher replays what may not be durable
     }
     if let Some(lanes) = redo::lane_paths(&path) {
         if let Err(e) = redo::close(p.gen, owner(h), &lanes, p.undo_at) {
@@ -188,6 +197,7 @@ impl Shadow {
         if p.applied < p.gen {
             redo::replay(p.gen, self.log_owner(), lanes, backing_fd)?;
             p.applied = p.gen;
+            p.durable = p.gen;
             self.set_log_period(&p);
         }
         Ok(p)

@@ -137,6 +137,7 @@ fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
         &hdr.log_size,
         &hdr.log_low,
         &hdr.log_undo_at,
+        &hdr.log_durable,
     ] {
         w.store(0, Ordering::Relaxed);
     }
@@ -342,7 +343,7 @@ impl Shadow {
         }
         if census.live == 0 && !dead_writer {
             if atomic {
-                super::atomic::close(h);
+                super::atomic::close(h, backing_fd);
             }
             let _ = sys::unlink(&cstr(&self.base));
             Shadow::unlink_lines(&self.base);

@@ -156,6 +156,9 @@ pub struct Header {
     pub log_size: AtomicU64,
     pub log_low: AtomicU64,
     pub log_undo_at: AtomicU64,
+    /// The last sync whose apply is known durable (a sync's apply is made
+    /// durable before the lane of its record is written again).
+    pub log_durable: AtomicU64,
     /// Where the file was when its log's lanes were made there (they sit
     /// beside it; a rename under the shim moves both). Under the io lock.
     pub log_path_len: AtomicU32,
