@@ -145,7 +145,10 @@ pub fn mmap_impl(
         .map_err(|e| Failure::new(e, format!("cannot reopen {}: {e}", file.path)))
         .and_then(|b| file.shadow.ensure_data(b.raw(), fill))
     {
-        Ok(d) => d,
+        Ok(d) => {
+            file.shadow.note_mapped();
+            d
+        }
         Err(e) => {
             crate::classify::without_shadow(file.emulated, &file.path, &e, DIRECT)?;
             add(&STATS.mappings_direct, 1);

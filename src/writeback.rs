@@ -484,6 +484,9 @@ impl FileState {
         if let Some(b) = budget {
             persist::CRASH_BUDGET.store(b, Ordering::Relaxed);
         }
+        if let Some(dfd) = data_fd {
+            self.shadow.punch_synced(dfd, dirty);
+        }
         add(&STATS.lines_written, counts.written);
         self.shadow.set_log_period(&shadow::atomic::Period {
             gen: unit.gen(),

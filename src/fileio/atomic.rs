@@ -184,16 +184,21 @@ pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
     // From the top down, so that recovery, which gives them back in the
     // reverse order, cuts at the lowest first. Zero pages are not saved:
     // the cut and the growth back to the synced size make them.
+    // Holes of the backing (a sparse tail grown by ftruncate) are zeros
+    // too, found without reading them.
+    let data = crate::shadow::data_segments(bfd, len, to);
     let mut top = to;
     while top > len {
         let from = top.saturating_sub(UNDO_RECORD_MAX).max(len);
-        let mut buf = vec![0u8; (top - from) as usize];
-        let got = sys::pread_full(bfd, &mut buf, from)?;
-        buf.truncate(got);
         let mut u = redo::Unit::new(p.gen, p.size, f.shadow.log_owner());
         u.set_low(from);
-        for (a, b) in nonzero_pages(&buf, from) {
-            u.add(a, &buf[(a - from) as usize..(b - from) as usize]);
+        for (a, b) in data.clip(from, top).iter() {
+            let mut buf = vec![0u8; (b - a) as usize];
+            let got = sys::pread_full(bfd, &mut buf, a)?;
+            buf.truncate(got);
+            for (x, y) in nonzero_pages(&buf, a) {
+                u.add(x, &buf[(x - a) as usize..(y - a) as usize]);
+            }
         }
         if !u.is_empty() {
             p.undo_at = redo::save_undo(&u, &lanes, p.undo_at)?;

@@ -184,6 +184,30 @@ impl Shadow {
         set_period(self.header(), p)
     }
 
+    /// A process is about to map the data file.
+    pub fn note_mapped(&self) {
+        self.header().ever_mapped.store(1, Ordering::Release);
+    }
+
+    /// After a failure-atomic sync: the pages of `ranges` equal the backing
+    /// now; with no mapping of the data ever made and holes meaning the
+    /// backing's bytes, they go (reads then have nothing to patch, and the
+    /// shadow holds only unsynced writes). Call with the io and fill locks
+    /// held.
+    pub fn punch_synced(&self, data_fd: i32, ranges: &crate::ranges::RangeSet) {
+        let h = self.header();
+        if !self.is_lazy() || self.no_evict() || h.ever_mapped.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        for (a, b) in ranges.iter() {
+            let (a, b) = (sys::page_up(a as usize) as u64, b - b % sys::PAGE as u64);
+            if a < b {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let _ = sys::fallocate(data_fd, mode, a, b - a);
+            }
+        }
+    }
+
     /// The owner word of this file's records.
     pub fn log_owner(&self) -> u64 {
         owner(self.header())

@@ -131,6 +131,7 @@ fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
     hdr.no_evict.store(0, Ordering::Relaxed);
     hdr.rec_unsure.store(0, Ordering::Relaxed);
     hdr.atomic.store(0, Ordering::Relaxed);
+    hdr.ever_mapped.store(0, Ordering::Relaxed);
     for w in [
         &hdr.log_gen,
         &hdr.log_applied,
@@ -265,6 +266,7 @@ fn prepare(
 
 /// Removes the data file and its bases: the backing is served again.
 fn drop_copy(base: &str, hdr: &Header) {
+    hdr.ever_mapped.store(0, Ordering::Relaxed);
     let _ = sys::unlink(&cstr(base));
     Shadow::unlink_lines(base);
     Shadow::unlink_regions(base);

@@ -156,6 +156,10 @@ pub struct Header {
     pub log_size: AtomicU64,
     pub log_low: AtomicU64,
     pub log_undo_at: AtomicU64,
+    /// 1 once any process mapped the data file (set before the mapping
+    /// exists): a failure-atomic sync then no longer punches the pages it
+    /// wrote back out of a lazy data file.
+    pub ever_mapped: AtomicU32,
     /// The last sync whose apply is known durable (a sync's apply is made
     /// durable before the lane of its record is written again).
     pub log_durable: AtomicU64,
