@@ -76,8 +76,13 @@ fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: 
     let line = crate::persist::LINE as u64;
     let end = off + n as u64;
     let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
+    let lazy = f.shadow.is_lazy();
+    if lazy && sys::fstat(data_fd).is_ok_and(|st| st.st_blocks == 0) {
+        // Holes only (a failure-atomic file's synced pages are punched):
+        // the kernel's bytes are the shadow's.
+        return;
+    }
     {
-        let lazy = f.shadow.is_lazy();
         let _fill = lazy.then(|| f.shadow.fill_lock());
         let held = if lazy {
             f.shadow.present(off, end)
