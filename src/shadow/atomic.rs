@@ -90,6 +90,10 @@ fn start_period(
     gen: u64,
     backing_fd: i32,
 ) -> SysResult<()> {
+    // The state the period starts from is durable before records build on
+    // it (writes of processes not in atomic mode may still be in the page
+    // cache).
+    sys::fdatasync(backing_fd)?;
     let size = sys::fstat(backing_fd)?.st_size as u64;
     let base = Unit::new(gen, size, owner(h));
     redo::commit(&base, lanes, lane_mode(backing_fd), &mut None)?;
