@@ -37,8 +37,10 @@ pub struct FileState {
     pub lazy_chunks: ChunkBits,
     /// Eviction against in-thread fills ([`crate::lazy::FillGate`]).
     pub lazy_gate: FillGate,
-    /// Written back and detached ([`FileState::finish`]).
-    pub finished: AtomicBool,
+    /// Being written back and detached by this thread, or done (-1), or
+    /// not yet (0) (`FileState::finish`): another thread's exit waits for
+    /// it.
+    pub finishing: std::sync::atomic::AtomicI32,
     /// A change made outside the shim was seen (logged once).
     pub foreign_seen: AtomicBool,
 }

@@ -12,14 +12,37 @@ use crate::writeback::{unmap_views, Durability, Scope};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// `FileState::finishing` once the file is written back and detached.
+const FINISHED: i32 = -1;
+
+/// Files being finished right now, by any thread. A thread dropping the
+/// last reference finishes the file in `Drop`, where no weak reference can
+/// reach it any more: exit waits for those ([`shutdown`]).
+static FINISHING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl FileState {
     /// Writes back what is pending and detaches from the shadow, once. The
     /// header and descriptors stay until the FileState is dropped: at exit
     /// the fault thread may still hold a reference and touch them.
     fn finish(&self) {
-        if self.finished.swap(true, Ordering::AcqRel) {
+        let me = sys::gettid();
+        if let Err(t) = self
+            .finishing
+            .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // Done (-1), or this thread's own; or another thread (dropping
+            // the last reference: the fault thread, a view leaving the
+            // graveyard) is writing it back, and the process must not exit
+            // under it (exit_group would cut a failure-atomic commit short,
+            // and its stores would be lost).
+            let mut t = t;
+            while t != FINISHED && t != me {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                t = self.finishing.load(Ordering::Acquire);
+            }
             return;
         }
+        FINISHING.fetch_add(1, Ordering::AcqRel);
         let synced = {
             let full = (!track::tracker().is_exact() || self.untracked.load(Ordering::Relaxed))
                 && self.shadow.is_writer();
@@ -47,6 +70,8 @@ impl FileState {
             &attach_options(self.emulated, &self.path),
         );
         debug!("detached {}", self.path);
+        self.finishing.store(FINISHED, Ordering::Release);
+        FINISHING.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -86,6 +111,22 @@ pub fn shutdown() {
         f.finish();
     }
     drop(files);
+    // Files no longer registered but still alive (a view in the SIGBUS
+    // handler's graveyard holds the last reference until the next table is
+    // published): their stores were never written back. A failure-atomic
+    // file's were lost so (the next attacher dropped them as a dead
+    // writer's).
+    let alive: Vec<Arc<FileState>> = ATTACHED.lock().iter().filter_map(|w| w.upgrade()).collect();
+    for f in &alive {
+        f.finish();
+    }
+    drop(alive);
+    // And those another thread is finishing in `Drop` (bounded: a thread
+    // stuck there must not keep the process from exiting).
+    let t0 = std::time::Instant::now();
+    while FINISHING.load(Ordering::Acquire) > 0 && t0.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // Nothing is attached any more: this process's presence file goes (a
     // file the fault thread still holds for a moment is detached already).
     crate::shadow::remove_presence();
@@ -147,6 +188,7 @@ pub fn atfork_prepare() {
     crate::file::Backing::hold_for_fork();
     crate::shadow::hold_presence_for_fork();
     crate::writeback::hold_views_for_fork();
+    std::mem::forget(ATTACHED.lock());
     crate::stdio::hold_for_fork();
     crate::watcher::hold_for_fork();
     // Last of all: the holder of any other lock may be allocating (the
@@ -162,6 +204,7 @@ fn atfork_release(child: bool) {
         crate::alloc::release_after_fork();
         crate::watcher::release_after_fork();
         crate::stdio::release_after_fork();
+        ATTACHED.force_unlock();
         crate::writeback::release_views_after_fork();
         crate::shadow::release_presence_after_fork();
         crate::file::Backing::release_after_fork();

@@ -49,6 +49,12 @@ pub static REG: Lock<Registry> = Lock::new(Registry {
     maps: BTreeMap::new(),
 });
 pub static ATTACHING: Lock<()> = Lock::new(());
+
+/// Every file this process attached, weakly: one that left the registry
+/// but is still referenced (a lazy mapping's view in the SIGBUS handler's
+/// graveyard, the fault thread) is finished at exit all the same
+/// (`lifecycle::shutdown`). A leaf lock.
+pub static ATTACHED: Lock<Vec<std::sync::Weak<FileState>>> = Lock::new(Vec::new());
 /// Number of shadow mappings: 0 lets mapping hooks skip the registry.
 pub static SHADOW_MAPS: AtomicUsize = AtomicUsize::new(0);
 
@@ -167,10 +173,15 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Fail
         }),
         lazy_chunks: Default::default(),
         lazy_gate: Default::default(),
-        finished: AtomicBool::new(false),
+        finishing: Default::default(),
         foreign_seen: AtomicBool::new(false),
     });
     REG.lock().files.push(f.clone());
+    {
+        let mut all = ATTACHED.lock();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&f));
+    }
     // Changes made outside the shim since the shadow last saw the file.
     f.catch_up();
     if f.shadow.data().is_some() {

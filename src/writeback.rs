@@ -377,6 +377,13 @@ impl FileState {
                 dirty = self.shadow.present_in(&dirty);
             }
         }
+        debug!(
+            "{}: atomic sync of {} dirty byte(s) in {} range(s){}",
+            self.path,
+            dirty.len(),
+            dirty.iter().count(),
+            if data.is_none() { ", no data file" } else { "" }
+        );
         let r = self.commit_and_apply(
             &mut inner,
             data.as_ref().map(|d| d.fd().as_raw_fd()),

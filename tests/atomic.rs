@@ -200,6 +200,7 @@ fn writer_cycle(
     seed: u64,
     env: &[(&str, String)],
     kill_after: Option<Duration>,
+    after_first_sync: bool,
     keep_shadows: bool,
 ) -> (usize, bool) {
     let imgs = w.root.join(format!("img-{seed}"));
@@ -216,24 +217,40 @@ fn writer_cycle(
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let out = child.stdout.take().unwrap();
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a2 = acks.clone();
     let lines = std::thread::spawn(move || {
         BufReader::new(out)
             .lines()
             .map_while(Result::ok)
+            .inspect(|l| {
+                if l.starts_with("synced") {
+                    a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
             .collect::<Vec<String>>()
     });
-    let start = Instant::now();
+    let begun = Instant::now();
+    // With `after_first_sync`, the delay runs from the first acknowledged
+    // sync: a slow start (the emulated DAX guest) must not make every kill
+    // land before anything was synced.
+    let mut start = None;
     let mut died_alone = false;
     loop {
         if child.try_wait().unwrap().is_some() {
             died_alone = true;
             break;
         }
-        if kill_after.is_some_and(|d| start.elapsed() >= d) {
+        if start.is_none()
+            && (!after_first_sync || acks.load(std::sync::atomic::Ordering::SeqCst) > 0)
+        {
+            start = Some(Instant::now());
+        }
+        if start.is_some_and(|s| kill_after.is_some_and(|d| s.elapsed() >= d)) {
             let _ = child.kill();
             break;
         }
-        assert!(start.elapsed() < TIMEOUT, "atomic_writer hangs");
+        assert!(begun.elapsed() < TIMEOUT, "atomic_writer hangs");
         std::thread::sleep(Duration::from_millis(1));
     }
     let status = child.wait().unwrap();
@@ -252,9 +269,12 @@ fn writer_cycle(
     if !keep_shadows {
         w.drop_shadows();
     }
-    recover_by_opening(w, f);
+    if f.exists() {
+        recover_by_opening(w, f);
+    }
     let imgs_v = images(&imgs);
-    let now = backing(f);
+    // (Killed before it made the file: the image found, empty.)
+    let now = std::fs::read(f).unwrap_or_default();
     // The last acknowledged sync, or the one in progress.
     let ok_images = [acked, started];
     assert!(
@@ -296,6 +316,7 @@ fn a_crash_at_any_line_of_the_writeback_leaves_one_image_or_the_next() {
             i,
             &[("DAXSHIM_DEBUG_CRASH_AFTER_LINES", budget.to_string())],
             None,
+            false,
             i % 4 == 3,
         );
         crashed += died as u64;
@@ -318,7 +339,7 @@ fn a_kill_at_any_instant_leaves_one_image_or_the_next() {
     let mut acked_total = 0;
     for i in 0..iters {
         let delay = Duration::from_millis(2 + rng.below(60));
-        let (acked, _) = writer_cycle(&w, &f, 1000 + i, &[], Some(delay), i % 2 == 1);
+        let (acked, _) = writer_cycle(&w, &f, 1000 + i, &[], Some(delay), i % 3 == 2, i % 2 == 1);
         acked_total += acked;
     }
     assert!(acked_total > 0, "no sync was ever acknowledged");
@@ -642,9 +663,13 @@ fn sqlite_without_journal_survives_a_crash_inside_the_writeback() {
 fn kyoto_cabinet_without_transactions_survives_crashes_inside_the_writeback() {
     let w = atomic_world("atomkc");
     let db = w.pmem.join("k.kch");
+    let stats = w.root.join("kc-stats.json");
     let mgr = |args: &[&str], env: Option<u64>| {
+        let _ = std::fs::remove_file(&stats);
         let mut c = w.shim_cmd("kchashmgr");
-        c.args(args);
+        c.args(args)
+            .env("DAXSHIM_STATS", &stats)
+            .env("DAXSHIM_LOG", "debug");
         if let Some(n) = env {
             c.env("DAXSHIM_DEBUG_CRASH_AFTER_LINES", n.to_string());
         }
@@ -653,11 +678,23 @@ fn kyoto_cabinet_without_transactions_survives_crashes_inside_the_writeback() {
     ok(mgr(&["create", s(&db)], None));
     let mut rng = Rng(0x6bc0);
     let (mut acked, mut crashed) = (Vec::new(), Vec::new());
+    let mut log = String::new();
     for i in 1..=crash_iters(24) {
         let key = format!("key{i:04}");
         let value = format!("value-{i}-{}", "x".repeat((i * 37 % 500) as usize));
         let budget = (i % 3 == 0).then(|| rng.below(24));
         let o = mgr(&["set", s(&db), &key, &value], budget);
+        let counts = std::fs::read_to_string(&stats).unwrap_or_else(|_| "no stats".into());
+        let counts = counts
+            .split(",\"sync_hist")
+            .next()
+            .unwrap_or("")
+            .to_string();
+        log += &format!(
+            "{key} budget {budget:?} {:?} [{counts}]: {}\n",
+            o.status,
+            stderr(&o)
+        );
         if o.status.success() {
             acked.push((key, value));
             continue;
@@ -694,7 +731,7 @@ fn kyoto_cabinet_without_transactions_survives_crashes_inside_the_writeback() {
     for (k, v) in &acked {
         assert!(
             records.contains(&(k.clone(), v.clone())),
-            "acknowledged {k} lost"
+            "acknowledged {k} lost\n{log}"
         );
     }
     for (k, v) in &records {
