@@ -302,12 +302,12 @@ fn last_record_bytes(f: &Path) -> f64 {
         let Ok(b) = std::fs::read(&lane) else {
             continue;
         };
-        if b.len() < 64 || &b[..8] != b"DXREDO02" {
+        if b.len() < 80 || &b[..8] != b"DXREDO03" {
             continue;
         }
         let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
         if best.is_none_or(|(g, _)| word(1) > g) {
-            best = Some((word(1), 64 + word(4)));
+            best = Some((word(1), 80 + word(4)));
         }
     }
     best.map_or(f64::NAN, |(_, n)| n as f64)
