@@ -836,3 +836,26 @@ fn a_replaced_file_is_not_recovered_from_the_old_ones_log() {
     );
     assert_eq!(backing(&f), fresh);
 }
+
+/// `syncfs` and `sync` commit a unit too; `daxshim sync FILE` recovers a
+/// crashed atomic file that has no shadow left.
+#[test]
+fn syncfs_sync_and_daxshim_sync_file() {
+    let w = atomic_world("atomsyncfs");
+    let f = w.pmem_file("f", &vec![b'-'; 8192]);
+    killed(w.probe(&format!(
+        "open {} rw , pwrite 0 FS , syncfs , pwrite 2 S , sync , pwrite 4 LOST , ftruncate 1 , kill",
+        s(&f)
+    )));
+    assert_eq!(&backing(&f)[..1], b"F");
+    w.drop_shadows();
+    let mut c = w.cmd(target_dir().join("daxshim"));
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("DAXSHIM_LIB", lib())
+        .args(["sync", s(&f)]);
+    let out = ok(run(c));
+    assert!(out.contains("brought back"), "{out}");
+    let now = backing(&f);
+    assert_eq!(now.len(), 8192);
+    assert_eq!(&now[..6], b"FSS---");
+}
