@@ -77,11 +77,17 @@ fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: 
     let end = off + n as u64;
     let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
     let lazy = f.shadow.is_lazy();
-    if lazy && sys::fstat(data_fd).is_ok_and(|st| st.st_blocks == 0) {
+    // (A size read before the fill lock: a stale one only clips or meets a
+    // short read below.)
+    let Ok(st) = sys::fstat(data_fd) else {
+        return;
+    };
+    if lazy && st.st_blocks == 0 {
         // Holes only (a failure-atomic file's synced pages are punched):
         // the kernel's bytes are the shadow's.
         return;
     }
+    let size = st.st_size as u64;
     {
         let _fill = lazy.then(|| f.shadow.fill_lock());
         let held = if lazy {
@@ -90,9 +96,6 @@ fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: 
             let mut all = crate::ranges::RangeSet::new();
             all.insert(off, end);
             all
-        };
-        let Ok(size) = sys::fstat(data_fd).map(|st| st.st_size as u64) else {
-            return;
         };
         let bases = f.shadow.bases(size);
         for (a, b) in held.iter() {

@@ -278,26 +278,8 @@ impl FileState {
             if size == 0 {
                 return Ok(());
             }
-            // Writable: lines changed outside the shim are taken into it.
-            let sv = ensure_view(
-                &mut inner.shadow_view,
-                data_fd,
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                ViewKind::Plain,
-            )?;
+            let (sv, bv) = self.views(&mut inner, data_fd, bfd, size)?;
             let bases = self.shadow.bases(size);
-            let bv = ensure_view(
-                &mut inner.backing_view,
-                bfd,
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                if self.emulated {
-                    ViewKind::Plain
-                } else {
-                    ViewKind::Sync
-                },
-            )?;
             if !full {
                 add(
                     &STATS.pages_dirtied,
@@ -340,6 +322,36 @@ impl FileState {
             });
         }
         Ok(())
+    }
+}
+
+impl FileState {
+    /// The writeback's views of the shadow and the backing, `len` bytes of
+    /// each from offset 0 (kept in `inner`, mapped again when too small).
+    /// Both writable: lines changed outside the shim are taken into the
+    /// shadow, and real DAX is written back through the backing's.
+    fn views(
+        &self,
+        inner: &mut FileInner,
+        data_fd: i32,
+        backing_fd: i32,
+        len: u64,
+    ) -> SysResult<(usize, usize)> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let sv = ensure_view(
+            &mut inner.shadow_view,
+            data_fd,
+            len as usize,
+            rw,
+            ViewKind::Plain,
+        )?;
+        let kind = if self.emulated {
+            ViewKind::Plain
+        } else {
+            ViewKind::Sync
+        };
+        let bv = ensure_view(&mut inner.backing_view, backing_fd, len as usize, rw, kind)?;
+        Ok((sv, bv))
     }
 }
 
@@ -417,21 +429,8 @@ impl FileState {
         if let Some(data_fd) = data_fd.filter(|_| !dirty.is_empty()) {
             let size = (sys::fstat(data_fd)?.st_size as u64).min(backing_size);
             if size > 0 {
-                let sv = ensure_view(
-                    &mut inner.shadow_view,
-                    data_fd,
-                    size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    ViewKind::Plain,
-                )?;
+                let (sv, bv) = self.views(inner, data_fd, bfd, size)?;
                 let bases = self.shadow.bases(size);
-                let bv = ensure_view(
-                    &mut inner.backing_view,
-                    bfd,
-                    size as usize,
-                    libc::PROT_READ,
-                    ViewKind::Plain,
-                )?;
                 add(
                     &STATS.pages_dirtied,
                     dirty.clip(0, size).len().div_ceil(PAGE as u64),
@@ -544,26 +543,7 @@ impl FileState {
             if b.size == 0 {
                 return Ok(0);
             }
-            let len = b.size as usize;
-            let sv = ensure_view(
-                &mut inner.shadow_view,
-                data_fd,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                ViewKind::Plain,
-            )?;
-            let kind = if self.emulated {
-                ViewKind::Plain
-            } else {
-                ViewKind::Sync
-            };
-            let bv = ensure_view(
-                &mut inner.backing_view,
-                bfd,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                kind,
-            )?;
+            let (sv, bv) = self.views(&mut inner, data_fd, bfd, b.size)?;
             // Only pages the data file holds (a hole is the backing's).
             let mut all = RangeSet::new();
             all.insert(0, b.size);

@@ -12,24 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// Iterations of the crash tests: DAXSHIM_CRASH_ITERS for a long run.
-fn crash_iters(default: u64) -> u64 {
-    std::env::var("DAXSHIM_CRASH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 fn atomic_world(tag: &str) -> World {
     // (DAXSHIM_TEST_ATOMIC=0: the same tests without atomic mode, to see
     // them fail.)

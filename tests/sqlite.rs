@@ -33,24 +33,6 @@ fn harness_shim(w: &World, args: &[&str]) -> std::process::Output {
     run(c)
 }
 
-/// Iterations of each crash test: DAXSHIM_CRASH_ITERS for a long run.
-fn crash_iters(default: u64) -> u64 {
-    std::env::var("DAXSHIM_CRASH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 #[test]
 fn mmap_readwrite_workload_matches_the_page_cache() {
     for journal in ["wal", "delete"] {

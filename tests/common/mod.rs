@@ -508,3 +508,23 @@ pub fn python() -> PathBuf {
     })
     .clone()
 }
+
+/// Iterations of a crash test: `DAXSHIM_CRASH_ITERS` for a long run.
+pub fn crash_iters(default: u64) -> u64 {
+    std::env::var("DAXSHIM_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A seeded xorshift generator: the same choices on every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
