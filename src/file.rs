@@ -213,6 +213,18 @@ impl FileState {
         Ok(())
     }
 
+    /// How many of `len` bytes mapped from file offset `off` lie inside the
+    /// file (in whole pages), by the shadow's size; all of them while the
+    /// shadow has no data file.
+    pub fn mapped_inside(&self, off: u64, len: usize) -> usize {
+        match self.shadow.data_size() {
+            Some(size) => (sys::page_up(size as usize) as u64)
+                .saturating_sub(off)
+                .min(len as u64) as usize,
+            None => len,
+        }
+    }
+
     /// Emulated pmem is written back with pwrite(2) into the backing (its
     /// "media" is the kernel's page cache, which flush instructions do not
     /// make durable, and stores into its mapping take a file system write

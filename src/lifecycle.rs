@@ -304,7 +304,8 @@ pub fn atfork_child() {
             lazy_failed.push(m.file.clone());
         }
         if m.tracked && tracking {
-            if let Err(e) = track::tracker().track(m.start, m.len) {
+            let within = m.file.mapped_inside(m.off, m.len);
+            if let Err(e) = track::tracker().track(m.start, m.len, within) {
                 warn!(
                     "cannot track a mapping of {} in the child: {e}",
                     m.file.path

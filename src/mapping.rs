@@ -285,7 +285,8 @@ pub fn mmap_impl(
             file.shadow.mark_writer();
             // A lazy mapping is tracked by its registration above.
             if !lazy && track::tracker().is_exact() {
-                match track::tracker().track_with_prot(p as usize, maplen, prot) {
+                let within = file.mapped_inside(off as u64, maplen);
+                match track::tracker().track_with_prot(p as usize, maplen, within, prot) {
                     Ok(()) => tracked = true,
                     Err(e) => {
                         warn!(
@@ -531,10 +532,12 @@ pub fn mremap_impl(
         if !lazy && tracked {
             // The mprotect tracker's state for the old range went with it
             // (forget_range): it tracks the whole new range afresh.
+            let within = file.mapped_inside(*off, new_span);
             let r = if n != o || track::write_protects_pages() {
-                track::tracker().track_with_prot(n, new_span, *prot)
+                track::tracker().track_with_prot(n, new_span, within, *prot)
             } else if new_span > old_span {
-                track::tracker().arm(o + old_span, new_span - old_span)
+                let tail = new_span - old_span;
+                track::tracker().arm(o + old_span, tail, within.saturating_sub(old_span))
             } else {
                 Ok(())
             };

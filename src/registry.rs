@@ -217,7 +217,15 @@ pub fn release_ref(reg: &mut Registry, f: Arc<FileState>, kind: RefKind) -> Opti
 
 /// Harvests the tracker's dirty pages of `f`'s mappings within file range
 /// `[lo, hi)` into `out` (file offsets).
+///
+/// Nothing beyond the end of the file can have been stored since it was
+/// cut (a truncation discards it), and a scan there would arm pages that
+/// every later truncation walks: the harvest stops at the end.
 pub fn harvest_file(f: &Arc<FileState>, lo: u64, hi: u64, out: &mut RangeSet) {
+    let hi = f
+        .shadow
+        .data_size()
+        .map_or(hi, |size| hi.min(sys::page_up(size as usize) as u64));
     let reg = REG.lock();
     for m in reg.maps.values() {
         if !m.tracked || !Arc::ptr_eq(&m.file, f) {

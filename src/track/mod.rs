@@ -43,16 +43,22 @@ pub trait DirtyTracker: Sync {
     /// Whether harvests are exact. `false`: syncs must compare everything.
     fn is_exact(&self) -> bool;
     /// Starts tracking a fresh shadow mapping: nothing in it counts as
-    /// written yet.
-    fn track(&self, addr: usize, len: usize) -> SysResult<()>;
+    /// written yet. Its first `within` bytes lie inside the file (see
+    /// [`DirtyTracker::arm`]).
+    fn track(&self, addr: usize, len: usize, within: usize) -> SysResult<()>;
     /// `track` for a mapping the program asked `prot` for.
-    fn track_with_prot(&self, addr: usize, len: usize, _prot: i32) -> SysResult<()> {
-        self.track(addr, len)
+    fn track_with_prot(&self, addr: usize, len: usize, within: usize, _prot: i32) -> SysResult<()> {
+        self.track(addr, len, within)
     }
     /// The range is gone (unmapped, moved or replaced).
     fn untrack(&self, _addr: usize, _len: usize) {}
-    /// Arms part of an already tracked range (a tail grown in place).
-    fn arm(&self, addr: usize, len: usize) -> SysResult<()>;
+    /// Arms part of an already tracked range (a tail grown in place), of
+    /// which the first `within` bytes lie inside the file. A tracker that
+    /// reports a page it never armed as written may leave the rest unarmed:
+    /// nothing can be stored beyond the end of the file, and the
+    /// userfaultfd tracker arms a page by giving it a page table entry,
+    /// which every later truncation of the file walks.
+    fn arm(&self, addr: usize, len: usize, within: usize) -> SysResult<()>;
     /// Reports every page range written since the last harvest (address,
     /// length) and re-arms it.
     fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()>;
@@ -130,10 +136,10 @@ impl DirtyTracker for CompareTracker {
     fn is_exact(&self) -> bool {
         false
     }
-    fn track(&self, _: usize, _: usize) -> SysResult<()> {
+    fn track(&self, _: usize, _: usize, _: usize) -> SysResult<()> {
         Ok(())
     }
-    fn arm(&self, _: usize, _: usize) -> SysResult<()> {
+    fn arm(&self, _: usize, _: usize, _: usize) -> SysResult<()> {
         Ok(())
     }
     fn harvest(&self, _: usize, _: usize, _: &mut dyn FnMut(usize, usize)) -> SysResult<()> {

@@ -31,7 +31,7 @@ impl super::DirtyTracker for MprotectTracker {
     fn is_exact(&self) -> bool {
         true
     }
-    fn track(&self, addr: usize, len: usize) -> SysResult<()> {
+    fn track(&self, addr: usize, len: usize, _within: usize) -> SysResult<()> {
         PAGES.track(
             addr,
             len,
@@ -40,14 +40,16 @@ impl super::DirtyTracker for MprotectTracker {
             None,
         )
     }
-    fn track_with_prot(&self, addr: usize, len: usize, prot: i32) -> SysResult<()> {
+    fn track_with_prot(&self, addr: usize, len: usize, _within: usize, prot: i32) -> SysResult<()> {
         PAGES.track(addr, len, prot, Protect::Now, None)
     }
     fn untrack(&self, addr: usize, len: usize) {
         PAGES.untrack(addr, len)
     }
-    fn arm(&self, addr: usize, len: usize) -> SysResult<()> {
-        // A tail grown in place: reported whole at the next sync.
+    fn arm(&self, addr: usize, len: usize, _within: usize) -> SysResult<()> {
+        // A tail grown in place: reported whole at the next sync. (Pages
+        // beyond the end of the file are protected too: a store there
+        // after the file grows would otherwise go unseen.)
         PAGES.grow(addr, len)
     }
     fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {

@@ -685,11 +685,16 @@ impl super::DirtyTracker for UffdTracker {
     fn is_exact(&self) -> bool {
         true
     }
-    fn track(&self, addr: usize, len: usize) -> SysResult<()> {
-        register_and_arm(addr, len)
+    fn track(&self, addr: usize, len: usize, within: usize) -> SysResult<()> {
+        register(addr, len, UFFDIO_REGISTER_MODE_WP)?;
+        self.arm(addr, len, within)
     }
-    fn arm(&self, addr: usize, len: usize) -> SysResult<()> {
-        harvest(addr, len, &mut |_, _| {})
+    fn arm(&self, addr: usize, len: usize, within: usize) -> SysResult<()> {
+        // Arming reports unarmed pages as written: discard that first
+        // answer. A page beyond the end of the file is left unarmed (no
+        // page table entry that truncations walk): once the file grows, a
+        // page of it that was touched counts as written at the next sync.
+        harvest(addr, within.min(len), &mut |_, _| {})
     }
     fn harvest(&self, addr: usize, len: usize, out: &mut dyn FnMut(usize, usize)) -> SysResult<()> {
         harvest(addr, len, out)

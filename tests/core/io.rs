@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use crate::{zeros, PAGE};
+use std::path::Path;
 
 // Coherence within a process, same observations as the kernel page cache.
 #[test]
@@ -233,4 +234,37 @@ except Exception as e:
     // Reading beyond the new end of file raises SIGBUS, as with the kernel.
     assert_eq!(o.status.signal(), Some(7), "{}", stderr(&o));
     assert!(stdout(&o).contains("b'keep' 4096"), "{}", stdout(&o));
+}
+
+// A mapping longer than the file: pages beyond the end that the file grows
+// over later are stored to and synced, across a shrink and a regrowth, and
+// each sync writes them back (the userfaultfd tracker leaves pages beyond
+// the end unarmed and must count them as written once they exist). The
+// process is killed after its last sync, so only what the syncs wrote is in
+// the backing; the same script on an ordinary file is the reference.
+#[test]
+fn stores_where_the_file_grew_under_a_longer_mapping_are_synced() {
+    let w = World::new("growmap");
+    let pf = w.pmem_file("f", &zeros(2 * PAGE));
+    let of = w.plain_file("f", &zeros(2 * PAGE));
+    let script = "open {f} rw
+         map 65536
+         store 100 first
+         msync
+         ftruncate 20000
+         store 12000 grown
+         msync
+         ftruncate 4096
+         ftruncate 40000
+         store 30000 again
+         store 5000 there
+         msync
+         kill";
+    let on = |f: &Path| script.replace("{f}", s(f));
+    killed(w.probe(&on(&pf)));
+    killed(w.probe_plain(&on(&of)));
+    let got = backing(&pf);
+    assert_eq!(got.len(), 40000);
+    assert!(contains(&got, "again") && contains(&got, "there"));
+    assert_eq!(got, backing(&of));
 }
