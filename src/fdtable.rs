@@ -201,15 +201,19 @@ pub fn on_rename(dirfd: i32, path: &std::ffi::CStr) {
     };
     let file = REG.lock().files.iter().find(|f| f.id == class.id).cloned();
     if let Some(f) = file {
+        f.backing.set_path(class.path.clone());
         if f.shadow.is_atomic() {
             let _io = f.shadow.io_lock();
-            if let Err(e) = f.shadow.move_log(&class.path) {
+            let backing = f.backing().ok();
+            if let Err(e) = f
+                .shadow
+                .move_log(&class.path, backing.as_ref().map(|b| b.raw()))
+            {
                 error!(
                     "{}: cannot move its atomic log beside it ({e}); run `daxshim recover` after a crash",
                     class.path
                 );
             }
         }
-        f.backing.set_path(class.path);
     }
 }

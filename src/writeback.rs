@@ -358,7 +358,7 @@ impl FileState {
 /// Failure-atomic sync (docs/ARCHITECTURE.md, "Failure-atomic sync").
 impl FileState {
     /// The atomic log's lanes, beside the file. Call with the io lock held.
-    pub fn log_lanes(&self) -> SysResult<[String; 2]> {
+    pub fn log_lanes(&self) -> SysResult<redo::Lanes> {
         self.shadow.log_lanes().ok_or(Errno(libc::EINVAL))
     }
 
@@ -456,11 +456,11 @@ impl FileState {
             return Ok(());
         }
         unit.set_low(p.low);
-        // The lane about to be written holds the record of the sync two
+        // The lane about to be written holds the record of the sync LANES
         // before: its apply must be durable first (recovery replays the
-        // newest record and the one before it). One fdatasync of the file
-        // every other sync.
-        if p.durable + 2 < unit.gen() {
+        // records from there on). One fdatasync of the file every LANES
+        // syncs.
+        if p.durable + (redo::LANES as u64) < unit.gen() {
             sys::fdatasync(bfd)?;
             p.durable = p.applied;
             self.shadow.set_log_period(&p);

@@ -21,7 +21,7 @@ fn atomic_world(tag: &str) -> World {
 
 fn lanes(f: &Path) -> Vec<PathBuf> {
     let name = f.file_name().unwrap().to_string_lossy().into_owned();
-    (0..2)
+    (0..10)
         .map(|k| f.with_file_name(format!(".{name}.daxshim-log{k}")))
         .filter(|p| p.exists())
         .collect()
@@ -775,7 +775,11 @@ os.kill(os.getpid(), 9)
         "the log stayed behind: {:?}",
         lanes(&dst)
     );
-    assert_eq!(lanes(&moved).len(), 2);
+    assert_eq!(
+        lanes(&moved).len(),
+        3,
+        "the base record and two syncs, each in its lane"
+    );
     w.drop_shadows();
     recover_by_opening(&w, &moved);
     let now = backing(&moved);
@@ -817,6 +821,33 @@ fn a_replaced_file_is_not_recovered_from_the_old_ones_log() {
         "pread: nnnn\n"
     );
     assert_eq!(backing(&f), fresh);
+}
+
+/// A file closed cleanly, then changed by a program without the shim: a
+/// process that attaches in atomic mode and dies before its first sync
+/// leaves a log whose recovery keeps that change (the records of the
+/// earlier period are not replayed over it).
+#[test]
+fn recovery_keeps_what_changed_outside_the_shim_between_two_periods() {
+    let w = atomic_world("atomperiods");
+    let f = w.pmem_file("f", &vec![b'o'; 20_000]);
+    ok(w.probe(&format!(
+        "open {} rw , pwrite 0 SYNCED , fsync , pwrite 9000 LAST , fsync",
+        s(&f)
+    )));
+    // Without the shim: over bytes both records wrote.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        file.write_all_at(b"OUTSIDE", 0).unwrap();
+        file.write_all_at(b"OUT!", 9000).unwrap();
+    }
+    killed(w.probe(&format!("open {} rw , pread 0 7 , kill", s(&f))));
+    w.drop_shadows();
+    recover_by_opening(&w, &f);
+    let b = backing(&f);
+    assert_eq!(&b[..7], b"OUTSIDE");
+    assert_eq!(&b[9000..9004], b"OUT!");
 }
 
 /// `syncfs` and `sync` commit a unit too; `daxshim sync FILE` recovers a

@@ -222,23 +222,23 @@ fn attach_one(lib: &Path, path: &str, emulated: bool) -> Result<Attached, String
     })
 }
 
-/// The failure-atomic log's lanes of `file` (`.<name>.daxshim-log0|1`
-/// beside it) that exist.
+/// The failure-atomic log's lanes of `file` (`.<name>.daxshim-logK`
+/// beside it, K one digit) that exist.
 fn lanes_of(file: &Path) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
         return Vec::new();
     };
-    (0..2)
+    (0..10)
         .map(|k| dir.join(format!(".{}.daxshim-log{k}", name.to_string_lossy())))
         .filter(|p| p.exists())
         .collect()
 }
 
-/// The data file a lane belongs to (`.<name>.daxshim-log0|1` → `<name>`).
+/// The data file a lane belongs to (`.<name>.daxshim-logK` → `<name>`).
 fn data_of_lane(lane: &Path) -> Option<PathBuf> {
     let n = lane.file_name()?.to_str()?;
     let rest = n.strip_prefix('.')?;
-    let rest = rest.strip_suffix('0').or_else(|| rest.strip_suffix('1'))?;
+    let rest = rest.strip_suffix(|c: char| c.is_ascii_digit())?;
     let name = rest
         .strip_suffix(".daxshim-log")
         .filter(|n| !n.is_empty())?;
@@ -270,7 +270,7 @@ fn atomic_files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     override_usage = "daxshim recover [DIR...]",
     before_help = "Finishes or undoes failure-atomic syncs (DAXSHIM_ATOMIC) that a crash or a
 power loss interrupted: every file under DIR (recursively) with an atomic
-log beside it (.NAME.daxshim-log0/1) is brought back to its last committed
+log beside it (.NAME.daxshim-log0 to 3) is brought back to its last committed
 sync, as the first process under the shim that opens it would. Run it at
 boot, before programs without the shim read such files. Without DIR: the
 directories of $DAXSHIM_PMEM. Files that live processes use are left to

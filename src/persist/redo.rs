@@ -7,10 +7,12 @@
 //! file becomes as of this sync). Replaying is idempotent, so a crash during
 //! the apply, or a second recovery, changes nothing.
 //!
-//! Two *lanes* (hidden files beside the data file, `.<name>.daxshim-log0`
-//! and `…1`): the record of sync `gen` goes to lane `gen % 2`, so that
-//! committing a sync never overwrites the record of the one before it,
-//! which tells the size the file had then. Between two syncs the size of
+//! [`LANES`] *lanes* (hidden files beside the data file,
+//! `.<name>.daxshim-log0` to `…3`): the record of sync `gen` goes to lane
+//! `gen % LANES`, so that committing a sync never overwrites the records of
+//! the ones before it. Those are replayed too: a sync's apply is made
+//! durable (one flush of the file) only before its lane is written again,
+//! so the file is flushed once every `LANES` syncs, not at each. Between two syncs the size of
 //! the backing does change (writes that extend the file, truncation: the
 //! size lives in the backing, where every program looks for it); what a
 //! shrink takes away of the synced bytes is first saved in an *undo*
@@ -45,11 +47,23 @@ const UNDO: u64 = u64::from_le_bytes(*b"DXUNDO03");
 const CLOSED: u64 = u64::from_le_bytes(*b"DXCLOS03");
 const HEADER: usize = 80;
 
-/// Where the lanes of a data file live: `<dir>/.<name>.daxshim-log0|1`.
+/// Where the lanes of a data file live: `<dir>/.<name>.daxshim-logK`.
 pub const LANE_SUFFIX: &str = ".daxshim-log";
 
-/// The two lanes' paths for the data file at `path` (None: no file name).
-pub fn lane_paths(path: &str) -> Option<[String; 2]> {
+/// How many lanes a log has: the records of the last `LANES` syncs are
+/// kept, and the file's flush is needed once every `LANES` syncs.
+pub const LANES: usize = 4;
+
+/// The lanes' paths of one data file.
+pub type Lanes = [String; LANES];
+
+/// The lane of sync `gen`'s record.
+pub fn lane_of(gen: u64) -> usize {
+    (gen % LANES as u64) as usize
+}
+
+/// The lanes' paths for the data file at `path` (None: no file name).
+pub fn lane_paths(path: &str) -> Option<Lanes> {
     let (dir, name) = match path.rfind('/') {
         Some(i) => (&path[..i + 1], &path[i + 1..]),
         None => ("", path),
@@ -57,15 +71,18 @@ pub fn lane_paths(path: &str) -> Option<[String; 2]> {
     if name.is_empty() {
         return None;
     }
-    Some([0, 1].map(|k| format!("{dir}.{name}{LANE_SUFFIX}{k}")))
+    Some(std::array::from_fn(|k| {
+        format!("{dir}.{name}{LANE_SUFFIX}{k}")
+    }))
 }
 
 /// The data file a lane belongs to (the inverse of [`lane_paths`]), for a
 /// lane's file name: `.<name>.daxshim-log0` → `<name>`.
 pub fn data_name_of_lane(lane_name: &str) -> Option<&str> {
     let rest = lane_name.strip_prefix('.')?;
-    let rest = rest.strip_suffix('0').or_else(|| rest.strip_suffix('1'))?;
-    rest.strip_suffix(LANE_SUFFIX).filter(|n| !n.is_empty())
+    let k = rest.chars().last()?.to_digit(10)?;
+    let rest = rest[..rest.len() - 1].strip_suffix(LANE_SUFFIX)?;
+    (!rest.is_empty() && (k as usize) < LANES).then_some(rest)
 }
 
 /// A 64-bit checksum (multiply-xorshift over words, the length mixed in):
@@ -312,16 +329,16 @@ fn write_durably(fd: i32, bytes: &[u8], at: u64, budget: &mut Option<u64>) -> Sy
 /// Step 1 of a sync: its redo record is written to its lane and durable
 /// (nothing of the file has changed yet). A full file system fails here,
 /// with the kernel's errno, and the file is untouched.
-pub fn commit(u: &Unit, lanes: &[String; 2], mode: u32, budget: &mut Option<u64>) -> SysResult<()> {
-    let lane = open_lane(&lanes[(u.gen % 2) as usize], Some(mode))?;
+pub fn commit(u: &Unit, lanes: &Lanes, mode: u32, budget: &mut Option<u64>) -> SysResult<()> {
+    let lane = open_lane(&lanes[lane_of(u.gen)], Some(mode))?;
     write_durably(lane.as_raw_fd(), &u.encode(REDO), 0, budget)
 }
 
 /// Between syncs, before a shrink: bytes of the synced file the shrink
 /// takes away (`u`, whose size is the synced size), appended to the lane of
 /// generation `u.gen()` at `at`, durably. Returns where the next one goes.
-pub fn save_undo(u: &Unit, lanes: &[String; 2], at: u64) -> SysResult<u64> {
-    let lane = open_lane(&lanes[(u.gen % 2) as usize], None)?;
+pub fn save_undo(u: &Unit, lanes: &Lanes, at: u64) -> SysResult<u64> {
+    let lane = open_lane(&lanes[lane_of(u.gen)], None)?;
     write_durably(lane.as_raw_fd(), &u.encode(UNDO), at, &mut None)?;
     Ok(next_record(at, u.len()))
 }
@@ -333,8 +350,8 @@ pub fn undo_start(redo_len: usize) -> u64 {
 
 /// At the last detach, everything synced: generation `gen` needs no replay
 /// (a crash before this is durable only replays it once more).
-pub fn close(gen: u64, owner: u64, lanes: &[String; 2], at: u64) -> SysResult<()> {
-    let lane = open_lane(&lanes[(gen % 2) as usize], None)?;
+pub fn close(gen: u64, owner: u64, lanes: &Lanes, at: u64) -> SysResult<()> {
+    let lane = open_lane(&lanes[lane_of(gen)], None)?;
     sys::pwrite_all(
         lane.as_raw_fd(),
         &Unit::new(gen, 0, owner).encode(CLOSED),
@@ -372,7 +389,7 @@ fn apply<'a>(
 }
 
 /// Every redo record of `owner` the lanes hold, oldest first.
-fn redo_records(lanes: &[String; 2], owner: u64) -> SysResult<Vec<(Record, OwnedFd)>> {
+fn redo_records(lanes: &Lanes, owner: u64) -> SysResult<Vec<(Record, OwnedFd)>> {
     let mut found = Vec::new();
     for path in lanes {
         let fd = match open_lane(path, None) {
@@ -392,7 +409,7 @@ fn redo_records(lanes: &[String; 2], owner: u64) -> SysResult<Vec<(Record, Owned
 
 /// The newest redo record of `owner` in the lanes (None: no lane holds
 /// one), with the lane it is in.
-pub fn newest(lanes: &[String; 2], owner: u64) -> SysResult<Option<(Record, OwnedFd)>> {
+pub fn newest(lanes: &Lanes, owner: u64) -> SysResult<Option<(Record, OwnedFd)>> {
     Ok(redo_records(lanes, owner)?.pop())
 }
 
@@ -413,9 +430,11 @@ pub enum Recovery {
 /// After a crash (or when no process is attached): brings the file behind
 /// `data_fd` (whose records carry `owner`) to the state of its last
 /// committed sync, durably. A sync's apply is made durable only before the
-/// lane of its record is written again, two syncs later, so the record
-/// before the newest is replayed first when the lanes hold both.
-pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recovery> {
+/// lane of its record is written again, `LANES` syncs later, so the
+/// records before the newest with consecutive generations are replayed
+/// first, oldest first (each one cuts to its low and rewrites what it
+/// changed, so replaying over later changes ends in the newest state).
+pub fn recover(lanes: &Lanes, data_fd: i32, owner: u64) -> SysResult<Recovery> {
     let mut records = redo_records(lanes, owner)?;
     let Some((redo, lane)) = records.pop() else {
         return Ok(Recovery::NoLog);
@@ -433,8 +452,14 @@ pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recov
         }
         undos.push(r);
     }
-    if let Some((prev, _)) = records.pop().filter(|(p, _)| p.gen + 1 == redo.gen) {
-        apply(prev.parts(), prev.low, Some(prev.size), data_fd)?;
+    let mut chain = Vec::new();
+    let mut next = redo.gen;
+    while let Some((r, _)) = records.pop().filter(|(r, _)| r.gen + 1 == next) {
+        next = r.gen;
+        chain.push(r);
+    }
+    for r in chain.iter().rev() {
+        apply(r.parts(), r.low, Some(r.size), data_fd)?;
     }
     apply(redo.parts(), redo.low, Some(redo.size), data_fd)?;
     // The lowest cut first: each record holds the nonzero pages of the
@@ -455,8 +480,8 @@ pub fn recover(lanes: &[String; 2], data_fd: i32, owner: u64) -> SysResult<Recov
 
 /// Replays the redo record of `gen` if the lanes hold it (a committer that
 /// died or failed after its commit), durably. Ok(false): no such record.
-pub fn replay(gen: u64, owner: u64, lanes: &[String; 2], data_fd: i32) -> SysResult<bool> {
-    let lane = match open_lane(&lanes[(gen % 2) as usize], None) {
+pub fn replay(gen: u64, owner: u64, lanes: &Lanes, data_fd: i32) -> SysResult<bool> {
+    let lane = match open_lane(&lanes[lane_of(gen)], None) {
         Ok(fd) => fd,
         Err(Errno(libc::ENOENT)) => return Ok(false),
         Err(e) => return Err(e),
@@ -472,7 +497,7 @@ pub fn replay(gen: u64, owner: u64, lanes: &[String; 2], data_fd: i32) -> SysRes
 }
 
 /// Removes both lanes (the file leaves atomic mode).
-pub fn remove(lanes: &[String; 2]) {
+pub fn remove(lanes: &Lanes) {
     for p in lanes {
         if let Ok(c) = CString::new(p.as_str()) {
             let _ = sys::unlink(&c);
@@ -499,11 +524,18 @@ mod tests {
     fn lanes_sit_beside_the_file_and_name_it() {
         let l = lane_paths("/a/b/data.db").unwrap();
         assert_eq!(l[0], "/a/b/.data.db.daxshim-log0");
-        assert_eq!(l[1], "/a/b/.data.db.daxshim-log1");
-        assert_eq!(data_name_of_lane(".data.db.daxshim-log1"), Some("data.db"));
+        assert_eq!(
+            l[LANES - 1],
+            format!("/a/b/.data.db.daxshim-log{}", LANES - 1)
+        );
+        for (k, lane) in l.iter().enumerate() {
+            let name = lane.rsplit('/').next().unwrap();
+            assert_eq!(data_name_of_lane(name), Some("data.db"), "lane {k}");
+        }
         assert_eq!(data_name_of_lane(".daxshim-log1"), None);
         assert_eq!(data_name_of_lane("data.db.daxshim-log1"), None);
-        assert_eq!(data_name_of_lane(".x.daxshim-log2"), None);
+        assert_eq!(data_name_of_lane(&format!(".x.daxshim-log{LANES}")), None);
+        assert_eq!(data_name_of_lane(".x.daxshim-log"), None);
         assert!(lane_paths("/a/b/").is_none());
     }
 
@@ -543,7 +575,7 @@ mod tests {
     struct Files {
         dir: std::path::PathBuf,
         data: std::fs::File,
-        lanes: [String; 2],
+        lanes: Lanes,
     }
 
     fn files(name: &str, content: &[u8]) -> Files {
@@ -699,38 +731,49 @@ mod tests {
     }
 
     #[test]
-    fn an_apply_lost_with_the_page_cache_is_replayed_from_the_record_before() {
-        // Syncs 2 and 3 committed and applied, but only sync 1's state is
-        // durable in the file (the applies were made durable lazily): the
-        // newest record and the one before it rebuild sync 3.
+    fn applies_lost_with_the_page_cache_are_replayed_from_the_records_before() {
+        // Syncs 2 to LANES committed and applied, but only sync 1's state
+        // is durable in the file (the applies are made durable once every
+        // LANES syncs): the chain of records rebuilds the newest sync.
         let s1 = vec![b'1'; 9000];
         let f = files("chain", &s1);
         commit(&Unit::new(1, 9000, OWNER), &f.lanes, 0o600, &mut None).unwrap();
-        let mut u2 = Unit::new(2, 12_000, OWNER);
-        u2.add(0, b"two");
-        u2.add(9500, b"grown");
-        let mut u3 = Unit::new(3, 12_000, OWNER);
-        u3.add(100, b"three");
-        for u in [&u2, &u3] {
-            commit(u, &f.lanes, 0o600, &mut None).unwrap();
+        let mut want = s1.clone();
+        want.resize(12_000, 0);
+        let newest = LANES as u64;
+        for g in 2..=newest {
+            let mut u = Unit::new(g, 12_000, OWNER);
+            let (at, text) = (100 * g as usize, format!("sync{g}"));
+            u.add(at as u64, text.as_bytes());
+            want[at..at + 5].copy_from_slice(text.as_bytes());
+            if g == 2 {
+                u.add(9500, b"grown");
+                want[9500..9505].copy_from_slice(b"grown");
+            }
+            commit(&u, &f.lanes, 0o600, &mut None).unwrap();
         }
-        // The file lost both applies but for a torn piece of the last.
-        sys::pwrite_all(f.fd(), b"thr", 100).unwrap();
+        // The file lost every apply but for a torn piece of the last.
+        sys::pwrite_all(f.fd(), b"syn", 100 * newest).unwrap();
         let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(
             r,
             Recovery::Recovered {
-                gen: 3,
+                gen: newest,
                 size: 12_000,
                 undone: 0
             }
         );
-        let mut want = s1.clone();
-        want.resize(12_000, 0);
-        want[..3].copy_from_slice(b"two");
-        want[9500..9505].copy_from_slice(b"grown");
-        want[100..105].copy_from_slice(b"three");
         assert_eq!(f.content(), want);
+        // A period starts with a gap in the generations: records of an
+        // earlier one are not replayed over what changed in between.
+        let e = files("gap", &s1);
+        let mut old = Unit::new(1, 9000, OWNER);
+        old.add(0, b"old");
+        commit(&old, &e.lanes, 0o600, &mut None).unwrap();
+        sys::pwrite_all(e.fd(), b"new", 0).unwrap();
+        commit(&Unit::new(3, 9000, OWNER), &e.lanes, 0o600, &mut None).unwrap();
+        recover(&e.lanes, e.fd(), OWNER).unwrap();
+        assert_eq!(&e.content()[..3], b"new");
         // A record's low: the bytes beyond it are zeros but its spans.
         let g = files("low", &s1);
         commit(&Unit::new(1, 9000, OWNER), &g.lanes, 0o600, &mut None).unwrap();

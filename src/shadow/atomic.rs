@@ -27,7 +27,7 @@ pub struct Period {
     /// The lowest size the file had since (bytes below `size` a shrink took
     /// are in undo records).
     pub low: u64,
-    /// Where the next undo record goes in lane `gen % 2`.
+    /// Where the next undo record goes in `gen`'s lane.
     pub undo_at: u64,
     /// The last sync whose apply is known durable.
     pub durable: u64,
@@ -80,16 +80,19 @@ fn cstring(p: &str) -> SysResult<std::ffi::CString> {
     std::ffi::CString::new(p).map_err(|_| sys::Errno(libc::EINVAL))
 }
 
-/// A new period at generation `gen`: an empty redo record that says the
-/// file's size now (what a crash before the next sync goes back to),
-/// durable before the header says the file is atomic.
+/// A new period after generation `last` (the newest the lanes hold): an
+/// empty redo record that says the file's size now (what a crash before the
+/// next sync goes back to), durable before the header says the file is
+/// atomic. Its generation leaves a gap, so that recovery never replays a
+/// record of an earlier period over what changed outside the shim since.
 fn start_period(
     h: &Header,
     path: &str,
-    lanes: &[String; 2],
-    gen: u64,
+    lanes: &redo::Lanes,
+    last: u64,
     backing_fd: i32,
 ) -> SysResult<()> {
+    let gen = last + 2;
     // The state the period starts from is durable before records build on
     // it (writes of processes not in atomic mode may still be in the page
     // cache).
@@ -138,7 +141,7 @@ pub(super) fn recover_unattached(
         Recovery::Closed { gen } | Recovery::Recovered { gen, .. } => gen,
     };
     if atomic {
-        start_period(h, path, &lanes, last + 1, backing_fd)?;
+        start_period(h, path, &lanes, last, backing_fd)?;
     } else if last != 0 {
         redo::remove(&lanes);
     }
@@ -146,12 +149,12 @@ pub(super) fn recover_unattached(
 }
 
 /// Under the attach lock, other processes attached without atomic mode:
-/// it starts now, at the generation after any the lanes hold (nothing is
-/// replayed under live processes).
+/// it starts now, after any generation the lanes hold (nothing is replayed
+/// under live processes).
 pub(super) fn start_attached(h: &Header, path: &str, backing_fd: i32) -> SysResult<()> {
     let lanes = redo::lane_paths(path).ok_or(sys::Errno(libc::EINVAL))?;
     let last = redo::newest(&lanes, owner(h))?.map_or(0, |(r, _)| r.gen);
-    start_period(h, path, &lanes, last + 1, backing_fd)
+    start_period(h, path, &lanes, last, backing_fd)
 }
 
 /// At the last detach with everything synced: the log needs no replay once
@@ -220,7 +223,7 @@ impl Shadow {
     /// Where the log stands, after applying a committed sync that was not
     /// (its process died in the middle, or its apply failed). Call with the
     /// io lock held.
-    pub fn settle_log(&self, lanes: &[String; 2], backing_fd: i32) -> SysResult<Period> {
+    pub fn settle_log(&self, lanes: &redo::Lanes, backing_fd: i32) -> SysResult<Period> {
         let mut p = self.log_period();
         if p.applied < p.gen {
             redo::replay(p.gen, self.log_owner(), lanes, backing_fd)?;
@@ -232,14 +235,17 @@ impl Shadow {
     }
 
     /// The log's lanes. Call with the io lock held.
-    pub fn log_lanes(&self) -> Option<[String; 2]> {
+    pub fn log_lanes(&self) -> Option<redo::Lanes> {
         redo::lane_paths(&self.header().log_path())
     }
 
     /// The file was renamed to `new` (by this process): its lanes follow,
-    /// the newest first (a crash in between leaves the newest record
-    /// beside the file). Call with the io lock held.
-    pub fn move_log(&self, new: &str) -> SysResult<()> {
+    /// the newest first. The file behind `backing_fd` is flushed first
+    /// unless every apply is durable, so that a crash in between needs only
+    /// the newest record, which is then beside the file (without a
+    /// descriptor, the lanes move all the same). Call with the io lock
+    /// held.
+    pub fn move_log(&self, new: &str, backing_fd: Option<i32>) -> SysResult<()> {
         let h = self.header();
         let old = h.log_path();
         if old == new {
@@ -248,8 +254,14 @@ impl Shadow {
         let (Some(from), Some(to)) = (redo::lane_paths(&old), redo::lane_paths(new)) else {
             return Ok(());
         };
-        let newest = (period_of(h).gen % 2) as usize;
-        for k in [newest, 1 - newest] {
+        let mut p = period_of(h);
+        if let Some(fd) = backing_fd.filter(|_| p.durable < p.applied) {
+            sys::fdatasync(fd)?;
+            p.durable = p.applied;
+            set_period(h, &p);
+        }
+        for back in 0..redo::LANES as u64 {
+            let k = redo::lane_of(p.gen + redo::LANES as u64 - back);
             match sys::rename(&cstring(&from[k])?, &cstring(&to[k])?) {
                 Ok(()) | Err(sys::Errno(libc::ENOENT)) => {}
                 Err(e) => return Err(e),
