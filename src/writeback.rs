@@ -485,7 +485,7 @@ impl FileState {
             } else {
                 sys::pwrite_all(bfd, bytes, off)?;
             }
-            self.shadow.rebase(bfd, off, off + bytes.len() as u64)?;
+            self.shadow.rebase_written(bfd, off, bytes)?;
         }
         if let Some(b) = budget {
             persist::CRASH_BUDGET.store(b, Ordering::Relaxed);

@@ -209,6 +209,20 @@ impl Shadow {
         Ok(())
     }
 
+    /// [`Shadow::rebase`] of `bytes` just written to the backing at `off`:
+    /// hashed from memory when they are whole lines (a span of the
+    /// writeback), read back otherwise.
+    pub fn rebase_written(&self, backing_fd: i32, off: u64, bytes: &[u8]) -> SysResult<()> {
+        let end = off + bytes.len() as u64;
+        if off % LINE as u64 != 0 || bytes.len() % LINE != 0 {
+            return self.rebase(backing_fd, off, end);
+        }
+        if let Some(g) = self.bases(end) {
+            g.bases.record(off, bytes);
+        }
+        Ok(())
+    }
+
     /// Removes the bases file (with the data file).
     pub(super) fn unlink_lines(base: &str) {
         let _ = sys::unlink(&cstr(&format!("{base}.lines")));
