@@ -48,8 +48,13 @@ Checked afterwards with kchashmgr check / inform (count must be RNUM).
 Each configuration runs in a fresh directory; configurations alternate
 within a round, the order rotated each round; ROUNDS rounds, median
 reported; ratios are ratios of the medians of this run, with the range of
-the per-round ratios. Shim counters come from DAXSHIM_STATS; "MB out" is the
-child's block output (rusage ru_oublock * 512).
+the per-round ratios. Shim counters come from DAXSHIM_STATS; "MB out" is
+what reached the disk during the child's run: the sectors written to the
+directory's block device (/proc/diskstats) between a sync(2) before the child
+and one after it (so write-back the child left to the kernel counts too;
+system-wide, so the machine should be otherwise idle). rusage's ru_oublock is
+not used: it counts pages dirtied, not written (a page dirtied, flushed and
+dirtied again counts twice).
 
     python3 bench/atomic_bench.py [--lib PATH] [--quick] [--rounds N]
                                   [--dir DIR] [--no-kc] [--no-sqlite]
@@ -252,7 +257,11 @@ class Bench:
                "--mmap", str(mmap), "--prepop", str(q["prepop"]), "--inserts",
                str(q["inserts"]), "--updates", str(q["updates"]), "--selects",
                str(q["selects"]), "--seed", str(1234 + rnd)]
-        rc, out, ru = run_child(cmd, env, os.path.join(self.tmp, "log-%s-r%d" % (name, rnd)))
+        os.sync()
+        s0 = disk_sectors(d)
+        rc, out, _ = run_child(cmd, env, os.path.join(self.tmp, "log-%s-r%d" % (name, rnd)))
+        os.sync()
+        s1 = disk_sectors(d)
         m = re.search(r"^RESULT (.*)$", out, re.M)
         if rc != 0 or not m:
             self.fail("sqlite %s round %d" % (name, rnd), cmd, env, rc, out)
@@ -272,7 +281,7 @@ class Bench:
                       % (name, rnd, ic[:5], cnt, want), cmd, env, rc, out)
             return None
         res["st"] = sum_stats(read_stats(stats)) if shim else None
-        res["mb_out"] = ru.ru_oublock * 512 / 1e6
+        res["mb_out"] = None if s0 is None else (s1 - s0) * 512 / 1e6
         res["logs"] = sorted(f for f in os.listdir(d) if "daxshim-log" in f)
         shutil.rmtree(d, ignore_errors=True)
         return res
@@ -286,7 +295,11 @@ class Bench:
         env = child_env(os.environ, shim, atomic, self.a.lib, d, self.shadow, stats)
         rnum = self.a.counts["kc"]
         cmd = ["kchashtest", "order", "-set"] + flags + [path, str(rnum)]
-        rc, out, ru = run_child(cmd, env, os.path.join(self.tmp, "log-%s-r%d" % (name, rnd)))
+        os.sync()
+        s0 = disk_sectors(d)
+        rc, out, _ = run_child(cmd, env, os.path.join(self.tmp, "log-%s-r%d" % (name, rnd)))
+        os.sync()
+        s1 = disk_sectors(d)
         m = re.search(r"^setting records:.*?^time: ([0-9.]+)$", out, re.M | re.S)
         if rc != 0 or not m or not out.rstrip().endswith("ok"):
             self.fail("kc %s round %d" % (name, rnd), cmd, env, rc, out)
@@ -301,9 +314,25 @@ class Bench:
                          inf.stdout[-300:]), cmd, env, rc, out)
             return None
         res = {"set": rnum / secs, "st": sum_stats(read_stats(stats)) if shim else None,
-               "mb_out": ru.ru_oublock * 512 / 1e6}
+               "mb_out": None if s0 is None else (s1 - s0) * 512 / 1e6}
         shutil.rmtree(d, ignore_errors=True)
         return res
+
+
+def disk_sectors(path):
+    """Sectors written so far to the block device holding path (None when
+    /proc/diskstats does not list it)."""
+    dev = os.stat(path).st_dev
+    want = (os.major(dev), os.minor(dev))
+    try:
+        with open("/proc/diskstats") as f:
+            for line in f:
+                w = line.split()
+                if (int(w[0]), int(w[1])) == want:
+                    return int(w[9])
+    except OSError:
+        pass
+    return None
 
 
 def med(xs):

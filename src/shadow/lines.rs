@@ -214,7 +214,7 @@ impl Shadow {
     /// writeback), read back otherwise.
     pub fn rebase_written(&self, backing_fd: i32, off: u64, bytes: &[u8]) -> SysResult<()> {
         let end = off + bytes.len() as u64;
-        if off % LINE as u64 != 0 || bytes.len() % LINE != 0 {
+        if !off.is_multiple_of(LINE as u64) || !bytes.len().is_multiple_of(LINE) {
             return self.rebase(backing_fd, off, end);
         }
         if let Some(g) = self.bases(end) {
