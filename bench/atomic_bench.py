@@ -56,8 +56,12 @@ system-wide, so the machine should be otherwise idle). rusage's ru_oublock is
 not used: it counts pages dirtied, not written (a page dirtied, flushed and
 dirtied again counts twice).
 
-    python3 bench/atomic_bench.py [--lib PATH] [--quick] [--rounds N]
-                                  [--dir DIR] [--no-kc] [--no-sqlite]
+    python3 bench/atomic_bench.py [--lib PATH] [--before PATH] [--quick]
+                                  [--rounds N] [--dir DIR] [--no-kc]
+                                  [--no-sqlite]
+
+--before PATH adds the candidates again on another build of the library
+(shim-off-atomic-before, kc-shim-oas-atomic-before), in the same rounds.
 
 Exit status 0 when every run succeeded and every check passed, 1 otherwise.
 """
@@ -245,13 +249,16 @@ class Bench:
         self.failures.append(msg)
         print("FAILURE " + msg, file=sys.stderr, flush=True)
 
+    def lib_for(self, name):
+        return self.a.before if name.endswith("-before") else self.a.lib
+
     # SQLite -------------------------------------------------------------------
     def sqlite_run(self, cfg, rnd):
         name, shim, atomic, journal, mmap, _ = cfg
         d = self.fresh(name, rnd)
         db = os.path.join(d, "bench.db")
         stats = os.path.join(self.tmp, "stats-%s-r%d-%%p.json" % (name, rnd))
-        env = child_env(os.environ, shim, atomic, self.a.lib, d, self.shadow, stats)
+        env = child_env(os.environ, shim, atomic, self.lib_for(name), d, self.shadow, stats)
         q = self.a.counts
         cmd = [sys.executable, SELF, "--child-sqlite", "--db", db, "--journal", journal,
                "--mmap", str(mmap), "--prepop", str(q["prepop"]), "--inserts",
@@ -292,7 +299,7 @@ class Bench:
         d = self.fresh(name, rnd)
         path = os.path.join(d, "casket.kch")
         stats = os.path.join(self.tmp, "stats-%s-r%d-%%p.json" % (name, rnd))
-        env = child_env(os.environ, shim, atomic, self.a.lib, d, self.shadow, stats)
+        env = child_env(os.environ, shim, atomic, self.lib_for(name), d, self.shadow, stats)
         rnum = self.a.counts["kc"]
         cmd = ["kchashtest", "order", "-set"] + flags + [path, str(rnum)]
         os.sync()
@@ -373,6 +380,8 @@ def stats_cells(rs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", default=os.path.join(ROOT, "target/release/libdaxshim.so"))
+    ap.add_argument("--before", default=None,
+                    help="another build of the library: its candidates run too")
     ap.add_argument("--quick", action="store_true", help="small counts (smoke check)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--dir", default=None,
@@ -402,6 +411,15 @@ def main():
         print("atomic_bench: no library at %s (cargo build --release --workspace)" % a.lib,
               file=sys.stderr)
         return 2
+    if a.before is not None:
+        a.before = os.path.abspath(a.before)
+        if not os.path.isfile(a.before):
+            print("atomic_bench: no library at %s (--before)" % a.before, file=sys.stderr)
+            return 2
+        for cfg in [c for c in SQL_CONFIGS if c[0] == CANDIDATE]:
+            SQL_CONFIGS.append((cfg[0] + "-before",) + cfg[1:])
+        for cfg in [c for c in KC_CONFIGS if c[0] == KC_CANDIDATE]:
+            KC_CONFIGS.append((cfg[0] + "-before",) + cfg[1:])
     if a.dir is None:
         a.dir = os.path.join(ROOT, "target")
     os.makedirs(a.dir, exist_ok=True)
@@ -454,6 +472,9 @@ def main():
     P = print
     P("# daxshim failure-atomic sync benchmark")
     P()
+    if a.before:
+        P("before = `%s`" % a.before)
+        P()
     P("commit `%s`%s, lib `%s`, SQLite %s (python %s), %s, %d round(s), median; "
       "ratios: median / median (range of per-round ratios); %.0f s total"
       % (commit, " (+uncommitted changes)" if dirty else "", os.path.relpath(a.lib, ROOT)
@@ -480,6 +501,11 @@ def main():
             for cand in (CANDIDATE, CANDIDATE + "-mm"):
                 P("| **ratio %s / %s** | | %s |" % (cand, base, " | ".join(
                     ratio_cell(sql, rounds, cand, base, p) for p in PHASES)))
+        if a.before:
+            before = CANDIDATE + "-before"
+            for base in ("pc-delete", "pc-wal"):
+                P("| **ratio %s / %s** | | %s |" % (before, base, " | ".join(
+                    ratio_cell(sql, rounds, before, base, p) for p in PHASES)))
     if do_kc:
         P()
         P("## Kyoto Cabinet, `kchashtest order -set FLAGS path %d` (setting phase)" % q["kc"])
