@@ -526,9 +526,38 @@ pub fn fallocate(fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
     sc!(libc::SYS_fallocate, fd, mode, off, len).map(|_| ())
 }
 
-/// Waits until `fd` is readable (EINTR retried).
-pub fn poll_in(fd: i32) -> SysResult<()> {
-    poll_in2(fd, -1).map(|_| ())
+/// Waits until `fd` is readable, at most `ms` milliseconds (None: no
+/// limit; EINTR retried). Ok(false): the time ran out.
+pub fn poll_in_for(fd: i32, ms: Option<u64>) -> SysResult<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = ms.map(|ms| libc::timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    loop {
+        match sc!(
+            libc::SYS_ppoll,
+            &mut p as *mut libc::pollfd,
+            1,
+            tsp,
+            0usize,
+            8usize
+        ) {
+            Err(Errno(libc::EINTR)) => continue,
+            Err(e) => return Err(e),
+            Ok(_) if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
+                return Err(Errno(libc::EBADF))
+            }
+            Ok(_) => return Ok(p.revents != 0),
+        }
+    }
 }
 
 /// Waits until `a` or `b` (ignored if negative) is readable (EINTR

@@ -107,43 +107,70 @@ pub fn unwatch(f: &FileState) {
 }
 
 /// The watcher thread: reads events, makes each watched file catch up.
+/// How long the watcher lets a burst of writes settle before it looks, and
+/// how often it looks again at a file a shim call of this process is busy
+/// with (milliseconds).
+const SETTLE_MS: u64 = 1;
+
 fn serve(fd: i32) {
     // Signals are for the program's threads; hooks pass straight through.
     let _signals = sys::SignalBlock::all();
     let _inside = crate::reentry::enter_always();
     let mut buf = [0u8; 4096];
+    // Files whose look found one of this process's shim calls in progress
+    // (not kept alive for it).
+    let mut busy: Vec<Weak<FileState>> = Vec::new();
     loop {
-        if sys::poll_in(fd).is_err() {
-            return;
-        }
-        let n = match sys::read(fd, &mut buf) {
-            Ok(n) => n,
-            Err(sys::Errno(libc::EAGAIN)) | Err(sys::Errno(libc::EINTR)) => continue,
+        let timeout = (!busy.is_empty()).then_some(SETTLE_MS);
+        match sys::poll_in_for(fd, timeout) {
             Err(_) => return,
-        };
+            Ok(false) => {} // time to look at the busy files again
+            // The shim's own writes come in bursts (a sync's spans, a
+            // truncation and its regrowth) and are recorded when the burst
+            // ends: looking a moment later finds nothing to do, where looking
+            // at once would wait for the call (and wake it) or redo its work.
+            Ok(true) => std::thread::sleep(std::time::Duration::from_millis(SETTLE_MS)),
+        }
+        let mut wds = Vec::new();
+        loop {
+            let n = match sys::read(fd, &mut buf) {
+                Ok(n) => n,
+                Err(sys::Errno(libc::EINTR)) => continue,
+                Err(sys::Errno(libc::EAGAIN)) => break,
+                Err(_) => return,
+            };
+            let mut off = 0;
+            let head = std::mem::size_of::<libc::inotify_event>();
+            while off + head <= n {
+                // SAFETY: the kernel wrote whole events into the buffer.
+                let ev = unsafe {
+                    (buf.as_ptr().add(off) as *const libc::inotify_event).read_unaligned()
+                };
+                if !wds.contains(&ev.wd) {
+                    wds.push(ev.wd);
+                }
+                off += head + ev.len as usize;
+            }
+        }
         if FD.load(Ordering::Acquire) != fd {
             return; // replaced after fork
         }
-        let mut wds = Vec::new();
-        let mut off = 0;
-        let head = std::mem::size_of::<libc::inotify_event>();
-        while off + head <= n {
-            // SAFETY: the kernel wrote whole events into the buffer.
-            let ev =
-                unsafe { (buf.as_ptr().add(off) as *const libc::inotify_event).read_unaligned() };
-            if !wds.contains(&ev.wd) {
-                wds.push(ev.wd);
-            }
-            off += head + ev.len as usize;
-        }
-        let files: Vec<Arc<FileState>> = {
+        let mut files: Vec<Arc<FileState>> = busy.drain(..).filter_map(|w| w.upgrade()).collect();
+        {
             let w = WATCHES.lock();
-            wds.iter()
+            for f in wds
+                .iter()
                 .filter_map(|wd| w.files.get(wd).and_then(Weak::upgrade))
-                .collect()
-        };
+            {
+                if !files.iter().any(|g| Arc::ptr_eq(g, &f)) {
+                    files.push(f);
+                }
+            }
+        }
         for f in files {
-            f.catch_up();
+            if !f.catch_up_unless_busy() {
+                busy.push(Arc::downgrade(&f));
+            }
         }
     }
 }

@@ -515,6 +515,26 @@ impl FileState {
     /// is followed. Called before a sync, a mapping and a read, and after an
     /// attach; one `fstat` when the backing is as the shim last left it.
     pub fn catch_up(&self) {
+        self.catch_up_locked(|f| Some(f.inner.lock()));
+    }
+
+    /// [`FileState::catch_up`] for the watcher, which must not wait for
+    /// this process's shim calls: false when one holds the file (the
+    /// caller looks again a moment later).
+    pub fn catch_up_unless_busy(&self) -> bool {
+        let mut busy = false;
+        self.catch_up_locked(|f| {
+            let g = f.inner.try_lock();
+            busy = g.is_none();
+            g
+        });
+        !busy
+    }
+
+    fn catch_up_locked<'a>(
+        &'a self,
+        lock: impl FnOnce(&'a FileState) -> Option<crate::lock::LockGuard<'a, FileInner>>,
+    ) {
         let Some(data) = self.shadow.data() else {
             return;
         };
@@ -527,7 +547,9 @@ impl FileState {
             Ok(b) if !self.shadow.backing_unchanged(&b) => {}
             _ => return,
         }
-        let mut inner = self.inner.lock();
+        let Some(mut inner) = lock(self) else {
+            return;
+        };
         let _io = self.shadow.io_lock();
         let _fill = self.shadow.fill_lock();
         let Ok(b) = BackingState::of(bfd) else {
