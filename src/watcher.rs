@@ -106,7 +106,6 @@ pub fn unwatch(f: &FileState) {
     }
 }
 
-/// The watcher thread: reads events, makes each watched file catch up.
 /// How long the watcher lets a burst of writes settle before it looks
 /// (microseconds: Kyoto Cabinet's atomic run gains as much with 250 µs as
 /// with 1 ms, and a write outside the shim shows 1.5 ms after it, not 2.2).
@@ -115,6 +114,7 @@ const SETTLE_US: u64 = 250;
 /// with (milliseconds).
 const BUSY_RETRY_MS: u64 = 1;
 
+/// The watcher thread: reads events, makes each watched file catch up.
 fn serve(fd: i32) {
     // Signals are for the program's threads; hooks pass straight through.
     let _signals = sys::SignalBlock::all();

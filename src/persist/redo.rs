@@ -12,11 +12,12 @@
 //! `gen % LANES`, so that committing a sync never overwrites the records of
 //! the ones before it. Those are replayed too: a sync's apply is made
 //! durable (one flush of the file) only before its lane is written again,
-//! so the file is flushed once every `LANES` syncs, not at each. Between two syncs the size of
-//! the backing does change (writes that extend the file, truncation: the
-//! size lives in the backing, where every program looks for it); what a
-//! shrink takes away of the synced bytes is first saved in an *undo*
-//! record appended to the current lane, so recovery can give it back.
+//! so the file is flushed once every `LANES` syncs, not at each. Between
+//! two syncs the size of the backing does change (writes that extend the
+//! file, truncation: the size lives in the backing, where every program
+//! looks for it); what a shrink takes away of the synced bytes is first
+//! saved in an *undo* record appended to the current lane, so recovery can
+//! give it back.
 //!
 //! Record layout (little-endian), each record 4 KiB-aligned in its lane:
 //!
@@ -496,7 +497,7 @@ pub fn replay(gen: u64, owner: u64, lanes: &Lanes, data_fd: i32) -> SysResult<bo
     }
 }
 
-/// Removes both lanes (the file leaves atomic mode).
+/// Removes every lane (the file leaves atomic mode).
 pub fn remove(lanes: &Lanes) {
     for p in lanes {
         if let Ok(c) = CString::new(p.as_str()) {

@@ -248,9 +248,6 @@ impl Shadow {
         self.open_data()
     }
 
-    /// Makes the data file `size` bytes long (if it exists). Call with the
-    /// fill lock held: growing a lazy data file adds holes, which mean the
-    /// backing's bytes.
     /// The data file's size (None: no data file yet, or it cannot be read).
     pub fn data_size(&self) -> Option<u64> {
         let d = self.data()?;
@@ -259,6 +256,9 @@ impl Shadow {
             .map(|st| st.st_size as u64)
     }
 
+    /// Makes the data file `size` bytes long (if it exists). Call with the
+    /// fill lock held: growing a lazy data file adds holes, which mean the
+    /// backing's bytes.
     pub fn set_data_size(&self, size: u64) -> SysResult<()> {
         if let Some(d) = self.data() {
             let fd = d.fd().as_raw_fd();
