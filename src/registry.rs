@@ -381,10 +381,38 @@ pub fn add_mapping(reg: &mut Registry, m: Mapping) {
     publish_spans(reg);
 }
 
-/// Can this process fill shadows lazily? (Configuration allows it and the
-/// tracker serves missing pages, kernel-side faults included.)
+/// Can this process fill shadows lazily? (Configuration allows it, the
+/// tracker serves missing pages, kernel-side faults included, and the
+/// shadow directory is shared memory.)
 pub fn lazy_capable() -> bool {
-    rt().cfg.lazy && track::tracker().fills_lazily()
+    rt().cfg.lazy && track::tracker().fills_lazily() && shadow_dir_is_shared_memory()
+}
+
+/// 0: not looked at yet; 1: yes; 2: no.
+static SHADOW_DIR_SHM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Is the shadow directory on tmpfs or hugetlbfs? userfaultfd serves
+/// missing pages of shared memory only: elsewhere every shadow is filled
+/// whole when it is mapped (said once).
+fn shadow_dir_is_shared_memory() -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    match SHADOW_DIR_SHM.load(Ordering::Relaxed) {
+        1 => return true,
+        2 => return false,
+        _ => {}
+    }
+    let dir = &rt().shadow_dir;
+    let yes = match std::ffi::CString::new(dir.as_str()).map(|c| sys::fs_type(&c)) {
+        Ok(Ok(t)) => t == TMPFS_MAGIC || t == HUGETLBFS_MAGIC,
+        _ => true, // not known: try, and fall back per mapping as before
+    };
+    if SHADOW_DIR_SHM.swap(if yes { 1 } else { 2 }, Ordering::Relaxed) == 0 && !yes {
+        warn!(
+            "shadow directory {dir} is not on tmpfs: shadows are filled whole when they are mapped (lazy filling needs shared memory)"
+        );
+    }
+    yes
 }
 
 /// The registry as the lazy layer sees it ([`crate::lazy::Host`]).

@@ -526,6 +526,20 @@ pub fn fallocate(fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
     sc!(libc::SYS_fallocate, fd, mode, off, len).map(|_| ())
 }
 
+/// The magic number of the file system holding `path` (`statfs`'s
+/// `f_type`).
+pub fn fs_type(path: &CStr) -> SysResult<i64> {
+    // SAFETY: statfs fills the struct it is given (all-zero is a valid
+    // bit pattern for it).
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    sc!(
+        libc::SYS_statfs,
+        path.as_ptr(),
+        &mut st as *mut libc::statfs
+    )?;
+    Ok(st.f_type as i64)
+}
+
 /// Waits until `fd` is readable, at most `ms` milliseconds (None: no
 /// limit; EINTR retried). Ok(false): the time ran out.
 pub fn poll_in_for(fd: i32, ms: Option<u64>) -> SysResult<bool> {

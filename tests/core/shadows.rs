@@ -202,3 +202,49 @@ fn a_shadow_of_another_version_is_kept_aside() {
         w.shadow_files()
     );
 }
+
+// A shadow directory on a disk file system: userfaultfd cannot fill
+// shadows lazily there, so each is filled whole when mapped — said once per
+// process, not once per mapping — and every store still reaches the file.
+#[test]
+fn a_shadow_directory_off_shared_memory_is_said_once_and_works() {
+    // (In the DAX guest /tmp is tmpfs and the repository a 9p share: the
+    // DAX file system itself serves as the disk file system there.)
+    let parent = real_dax_dir().unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
+    let dir = parent.join(format!("daxshim-diskshadow-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(dir.parent().unwrap())
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&fs.stdout).trim(),
+        "tmpfs",
+        "this test needs a target directory off tmpfs"
+    );
+    let w = World::new("diskshadow").env("DAXSHIM_SHADOW_DIR", s(&dir));
+    let f = w.pmem_file("f", &zeros(512 * PAGE));
+    let o = w.probe(&format!(
+        "open {f} rw
+         map 2097152
+         store 100 first
+         msync
+         munmap
+         map 2097152
+         store 1500000 second
+         msync
+         kill",
+        f = s(&f)
+    ));
+    let err = stderr(&o);
+    killed(o);
+    // The killed process left its shadow there: it was shadowed.
+    let left = std::fs::read_dir(&dir).map_or(0, |d| d.count());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(left > 0, "no shadow was made in {}", dir.display());
+    assert_eq!(err.matches("is not on tmpfs").count(), 1, "{err}");
+    assert!(!err.contains("cannot watch a lazy mapping"), "{err}");
+    let b = backing(&f);
+    assert!(contains(&b[..200], "first") && contains(&b[1_400_000..], "second"));
+}
