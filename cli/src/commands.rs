@@ -270,7 +270,7 @@ fn atomic_files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     override_usage = "daxshim recover [DIR...]",
     before_help = "Finishes or undoes failure-atomic syncs (DAXSHIM_ATOMIC) that a crash or a
 power loss interrupted: every file under DIR (recursively) with an atomic
-log beside it (.NAME.daxshim-log0 to 3) is brought back to its last committed
+log beside it (.NAME.daxshim-log0 to 7) is brought back to its last committed
 sync, as the first process under the shim that opens it would. Run it at
 boot, before programs without the shim read such files. Without DIR: the
 directories of $DAXSHIM_PMEM. Files that live processes use are left to

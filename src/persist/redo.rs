@@ -8,7 +8,7 @@
 //! the apply, or a second recovery, changes nothing.
 //!
 //! [`LANES`] *lanes* (hidden files beside the data file,
-//! `.<name>.daxshim-log0` to `…3`): the record of sync `gen` goes to lane
+//! `.<name>.daxshim-log0` to `…7`): the record of sync `gen` goes to lane
 //! `gen % LANES`, so that committing a sync never overwrites the records of
 //! the ones before it. Those are replayed too: a sync's apply is made
 //! durable (one flush of the file) only before its lane is written again,
@@ -53,7 +53,7 @@ pub const LANE_SUFFIX: &str = ".daxshim-log";
 
 /// How many lanes a log has: the records of the last `LANES` syncs are
 /// kept, and the file's flush is needed once every `LANES` syncs.
-pub const LANES: usize = 4;
+pub const LANES: usize = 8;
 
 /// The lanes' paths of one data file.
 pub type Lanes = [String; LANES];
