@@ -540,50 +540,29 @@ pub fn fs_type(path: &CStr) -> SysResult<i64> {
     Ok(st.f_type as i64)
 }
 
-/// Waits until `fd` is readable, at most `ms` milliseconds (None: no
-/// limit; EINTR retried). Ok(false): the time ran out.
-pub fn poll_in_for(fd: i32, ms: Option<u64>) -> SysResult<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ts = ms.map(|ms| libc::timespec {
+/// `ms` milliseconds as a timespec.
+fn ms_timespec(ms: u64) -> libc::timespec {
+    libc::timespec {
         tv_sec: (ms / 1000) as i64,
         tv_nsec: ((ms % 1000) * 1_000_000) as i64,
-    });
-    let tsp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    loop {
-        match sc!(
-            libc::SYS_ppoll,
-            &mut p as *mut libc::pollfd,
-            1,
-            tsp,
-            0usize,
-            8usize
-        ) {
-            Err(Errno(libc::EINTR)) => continue,
-            Err(e) => return Err(e),
-            Ok(_) if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
-                return Err(Errno(libc::EBADF))
-            }
-            Ok(_) => return Ok(p.revents != 0),
-        }
     }
 }
 
-/// Waits until `a` or `b` (ignored if negative) is readable (EINTR
-/// retried); returns which: `[a ready, b ready]`.
-pub fn poll_in2(a: i32, b: i32) -> SysResult<[bool; 2]> {
+/// Waits until `a` or `b` (ignored if negative) is readable, at most `ms`
+/// milliseconds (None: no limit; EINTR retried); returns which: `[a ready,
+/// b ready]` (both false: the time ran out).
+pub fn poll_in2(a: i32, b: i32, ms: Option<u64>) -> SysResult<[bool; 2]> {
     let mut p = [a, b].map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     });
+    let ts = ms.map(ms_timespec);
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     loop {
-        match sc!(libc::SYS_ppoll, p.as_mut_ptr(), 2, 0usize, 0usize, 8usize) {
+        match sc!(libc::SYS_ppoll, p.as_mut_ptr(), 2, tsp, 0usize, 8usize) {
             Err(Errno(libc::EINTR)) => continue,
             Err(e) => return Err(e),
             Ok(_) => {
@@ -600,10 +579,7 @@ pub fn poll_in2(a: i32, b: i32) -> SysResult<[bool; 2]> {
 /// Waits while `word` holds `val`, at most `ms` milliseconds (`op`:
 /// `FUTEX_WAIT`, private or not; async-signal-safe).
 fn futex_wait_op(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64, op: i32) {
-    let ts = libc::timespec {
-        tv_sec: (ms / 1000) as i64,
-        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
-    };
+    let ts = ms_timespec(ms);
     let _ = sc!(
         libc::SYS_futex,
         word.as_ptr(),

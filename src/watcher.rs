@@ -125,7 +125,7 @@ fn serve(fd: i32) {
     let mut busy: Vec<Weak<FileState>> = Vec::new();
     loop {
         let timeout = (!busy.is_empty()).then_some(BUSY_RETRY_MS);
-        match sys::poll_in_for(fd, timeout) {
+        match sys::poll_in2(fd, -1, timeout).map(|[ready, _]| ready) {
             Err(_) => return,
             Ok(false) => {} // time to look at the busy files again
             // The shim's own writes come in bursts (a sync's spans, a

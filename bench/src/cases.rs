@@ -1,7 +1,7 @@
 //! The measurements, one per case, each run in a process of its own
 //! (`daxshim-bench one CASE DIR`) with or without the shim.
 
-use crate::mapped::{make_file, map};
+use crate::mapped::{make_file, map, Mapped};
 use crate::{die, secs, PAGE};
 use std::path::Path;
 use std::time::Instant;
@@ -38,23 +38,7 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
             m.msync();
             let buf = vec![0x33u8; PAGE];
             for dirty in [1usize, 16, 256] {
-                let mut v = Vec::new();
-                for r in 0..7 {
-                    for k in 0..dirty {
-                        let page = (k * 7919 + r * 31) % (len / PAGE);
-                        // SAFETY: within the mapping.
-                        unsafe {
-                            std::ptr::write_volatile(
-                                m.p.add(page * PAGE + 64 * (r % 64)),
-                                r as u8 + 2,
-                            )
-                        };
-                    }
-                    let t = Instant::now();
-                    m.msync();
-                    v.push(secs(t) * 1e6);
-                }
-                println!("map-{dirty} {:.1}", median(v));
+                println!("map-{dirty} {:.1}", median(timed_msyncs(&m, len, dirty)));
                 println!("map-{dirty}-logged {}", last_record_bytes(&f));
                 let mut v = Vec::new();
                 for r in 0..7 {
@@ -121,24 +105,8 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
                 m.touch_pages(1);
                 m.msync();
                 for dirty in [1usize, 16, 1024] {
-                    let mut v = Vec::new();
-                    for r in 0..7 {
-                        for k in 0..dirty {
-                            let page = (k * 7919 + r * 31) % (len / PAGE);
-                            // SAFETY: within the mapping.
-                            unsafe {
-                                std::ptr::write_volatile(
-                                    m.p.add(page * PAGE + 64 * (r % 64)),
-                                    r as u8 + 2,
-                                )
-                            };
-                        }
-                        let t = Instant::now();
-                        m.msync();
-                        v.push(secs(t) * 1e6);
-                    }
-                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    println!("sync-{}MiB-{dirty} {:.1}", len >> 20, v[v.len() / 2]);
+                    let v = timed_msyncs(&m, len, dirty);
+                    println!("sync-{}MiB-{dirty} {:.1}", len >> 20, median(v));
                 }
                 drop(m);
                 let _ = std::fs::remove_file(&f);
@@ -287,6 +255,23 @@ pub fn one(case: &str, dir: &Path, quick: bool) {
     }
 }
 
+/// Seven rounds of: one 64-byte store into each of `dirty` pages spread
+/// over the `len`-byte mapping, then a timed `msync(MS_SYNC)`; µs each.
+fn timed_msyncs(m: &Mapped, len: usize, dirty: usize) -> Vec<f64> {
+    let mut v = Vec::new();
+    for r in 0..7 {
+        for k in 0..dirty {
+            let page = (k * 7919 + r * 31) % (len / PAGE);
+            // SAFETY: within the mapping.
+            unsafe { std::ptr::write_volatile(m.p.add(page * PAGE + 64 * (r % 64)), r as u8 + 2) };
+        }
+        let t = Instant::now();
+        m.msync();
+        v.push(secs(t) * 1e6);
+    }
+    v
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -297,7 +282,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn last_record_bytes(f: &Path) -> f64 {
     let name = f.file_name().unwrap().to_string_lossy();
     let mut best: Option<(u64, u64)> = None;
-    for k in 0..2 {
+    // Lanes are numbered with one digit (the shim has eight).
+    for k in 0..10 {
         let lane = f.with_file_name(format!(".{name}.daxshim-log{k}"));
         let Ok(b) = std::fs::read(&lane) else {
             continue;

@@ -462,7 +462,7 @@ pub fn serve_faults(
 ) -> SysResult<()> {
     let mut msgs = [UffdMsg::default(); 16];
     loop {
-        let [_, woken] = sys::poll_in2(fd, wake_fd)?;
+        let [_, woken] = sys::poll_in2(fd, wake_fd, None)?;
         if woken {
             on_wake();
         }
