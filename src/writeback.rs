@@ -508,6 +508,17 @@ impl FileState {
     }
 }
 
+/// What a look at a file's backing found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CatchUp {
+    /// The backing is as the shim last left it (or there is no shadow).
+    Unchanged,
+    /// Changed in a way the shim had not recorded: the shadow caught up.
+    Looked,
+    /// A shim call of this process holds the file: look again later.
+    Busy,
+}
+
 impl FileState {
     /// Brings changes made to the backing outside the shim (another program,
     /// a raw system call, a direct mapping) into the shadow: every line the
@@ -515,48 +526,51 @@ impl FileState {
     /// is followed. Called before a sync, a mapping and a read, and after an
     /// attach; one `fstat` when the backing is as the shim last left it.
     pub fn catch_up(&self) {
-        self.catch_up_locked(|f| Some(f.inner.lock()));
+        let _ = self.catch_up_locked(|f| Some(f.inner.lock()));
     }
 
     /// [`FileState::catch_up`] for the watcher, which must not wait for
-    /// this process's shim calls: false when one holds the file (the
-    /// caller looks again a moment later).
-    pub fn catch_up_unless_busy(&self) -> bool {
+    /// this process's shim calls.
+    pub fn catch_up_unless_busy(&self) -> CatchUp {
         let mut busy = false;
-        self.catch_up_locked(|f| {
+        let r = self.catch_up_locked(|f| {
             let g = f.inner.try_lock();
             busy = g.is_none();
             g
         });
-        !busy
+        if busy {
+            CatchUp::Busy
+        } else {
+            r
+        }
     }
 
     fn catch_up_locked<'a>(
         &'a self,
         lock: impl FnOnce(&'a FileState) -> Option<crate::lock::LockGuard<'a, FileInner>>,
-    ) {
+    ) -> CatchUp {
         let Some(data) = self.shadow.data() else {
-            return;
+            return CatchUp::Unchanged;
         };
         let data_fd = data.fd().as_raw_fd();
         let Ok(backing) = self.backing() else {
-            return;
+            return CatchUp::Unchanged;
         };
         let bfd = backing.raw();
         match BackingState::of(bfd) {
             Ok(b) if !self.shadow.backing_unchanged(&b) => {}
-            _ => return,
+            _ => return CatchUp::Unchanged,
         }
         let Some(mut inner) = lock(self) else {
-            return;
+            return CatchUp::Unchanged;
         };
         let _io = self.shadow.io_lock();
         let _fill = self.shadow.fill_lock();
         let Ok(b) = BackingState::of(bfd) else {
-            return;
+            return CatchUp::Unchanged;
         };
         if self.shadow.backing_unchanged(&b) {
-            return; // another thread caught up meanwhile
+            return CatchUp::Unchanged; // another thread caught up meanwhile
         }
         let taken = (|| -> SysResult<u64> {
             // A size change: the shadow follows (nothing beyond the new size
@@ -607,6 +621,7 @@ impl FileState {
                 self.path
             ),
         }
+        CatchUp::Looked
     }
 
     /// Logs (once per file) that lines were changed outside the shim, and
