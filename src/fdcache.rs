@@ -34,8 +34,13 @@ impl SharedFd {
 
 /// Cache keys, unique in the process.
 pub fn new_key() -> u64 {
+    new_keys(1)
+}
+
+/// `n` consecutive cache keys, unique in the process: the first.
+pub fn new_keys(n: u64) -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+    NEXT.fetch_add(n, Ordering::Relaxed)
 }
 
 /// At most `max` open descriptors, least recently used first. Its lock is a

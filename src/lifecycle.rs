@@ -185,6 +185,7 @@ pub fn atfork_prepare() {
     crate::lazy::hold_for_fork();
     track::hold_for_fork();
     crate::shadow::data::hold_data_fds_for_fork();
+    crate::persist::redo::hold_lane_fds_for_fork();
     crate::file::Backing::hold_for_fork();
     crate::shadow::hold_presence_for_fork();
     crate::writeback::hold_views_for_fork();
@@ -209,6 +210,7 @@ fn atfork_release(child: bool) {
         crate::shadow::release_presence_after_fork();
         crate::file::Backing::release_after_fork();
         crate::shadow::data::release_data_fds_after_fork();
+        crate::persist::redo::release_lane_fds_after_fork();
         track::release_after_fork(child);
         crate::lazy::release_after_fork(child);
         for f in REG.data_unchecked().files.iter() {

@@ -469,7 +469,13 @@ impl FileState {
         let budget_in = persist::CRASH_BUDGET.load(Ordering::Relaxed);
         let mut budget = (budget_in != u64::MAX).then_some(budget_in);
         let mode = sys::fstat(bfd).map_or(0o600, |st| st.st_mode & 0o666);
-        redo::commit(&unit, &lanes, mode, &mut budget)?;
+        redo::commit(
+            &unit,
+            &lanes,
+            mode,
+            Some(self.shadow.lane_keys()),
+            &mut budget,
+        )?;
         p.gen = unit.gen();
         self.shadow.set_log_period(&p);
         add(&STATS.atomic_syncs, 1);

@@ -39,6 +39,7 @@
 //! record torn anywhere fails one of them. A *closed* record (after the undo records) says the
 //! last process detached with everything synced: nothing to replay.
 
+use crate::fdcache::{self, FdCache, SharedFd};
 use crate::sys::{self, Errno, SysResult};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -311,6 +312,59 @@ pub fn open_lane(path: &str, create: Option<u32>) -> SysResult<OwnedFd> {
     }
 }
 
+/// This process's open lanes: a sync writes its record without opening and
+/// closing its lane each time (at most 16 descriptors held, as for the
+/// backing and data files).
+static LANE_FDS: FdCache = FdCache::new(16);
+
+/// The cache keys of one file's lanes in this process (one shadow's).
+#[derive(Clone, Copy, Debug)]
+pub struct LaneKeys(u64);
+
+impl LaneKeys {
+    pub fn new() -> LaneKeys {
+        LaneKeys(fdcache::new_keys(LANES as u64))
+    }
+
+    /// Closes the lanes this process holds open (detached).
+    pub fn forget(&self) {
+        for k in 0..LANES as u64 {
+            LANE_FDS.forget(self.0 + k);
+        }
+    }
+}
+
+impl Default for LaneKeys {
+    fn default() -> LaneKeys {
+        LaneKeys::new()
+    }
+}
+
+/// Fork: the cache's lock is a leaf lock (see `lifecycle`).
+pub fn hold_lane_fds_for_fork() {
+    LANE_FDS.hold_for_fork();
+}
+
+/// # Safety
+/// After [`hold_lane_fds_for_fork`], in the parent or the child.
+pub unsafe fn release_lane_fds_after_fork() {
+    // SAFETY: per contract.
+    unsafe { LANE_FDS.release_after_fork() };
+}
+
+/// Lane `k`, from the cache while it still has a name (a lane removed
+/// behind this process's back is made anew, as an uncached open would).
+fn cached_lane(keys: LaneKeys, k: usize, path: &str, mode: u32) -> SysResult<SharedFd> {
+    let key = keys.0 + k as u64;
+    if let Some(fd) = LANE_FDS.get(key) {
+        if sys::fstat(fd.raw()).is_ok_and(|st| st.st_nlink > 0) {
+            return Ok(fd);
+        }
+        LANE_FDS.forget(key);
+    }
+    Ok(LANE_FDS.insert(key, open_lane(path, Some(mode))?))
+}
+
 /// Writes `bytes` at `at`, then makes them durable. With a crash budget
 /// (`DAXSHIM_DEBUG_CRASH_AFTER_LINES`) the record goes out line by line,
 /// each line spending one, so that a crash can tear it anywhere.
@@ -330,9 +384,26 @@ fn write_durably(fd: i32, bytes: &[u8], at: u64, budget: &mut Option<u64>) -> Sy
 /// Step 1 of a sync: its redo record is written to its lane and durable
 /// (nothing of the file has changed yet). A full file system fails here,
 /// with the kernel's errno, and the file is untouched.
-pub fn commit(u: &Unit, lanes: &Lanes, mode: u32, budget: &mut Option<u64>) -> SysResult<()> {
-    let lane = open_lane(&lanes[lane_of(u.gen)], Some(mode))?;
-    write_durably(lane.as_raw_fd(), &u.encode(REDO), 0, budget)
+/// `keys`: keep the lane open in this process for the next sync.
+pub fn commit(
+    u: &Unit,
+    lanes: &Lanes,
+    mode: u32,
+    keys: Option<LaneKeys>,
+    budget: &mut Option<u64>,
+) -> SysResult<()> {
+    let k = lane_of(u.gen);
+    let bytes = u.encode(REDO);
+    match keys {
+        Some(keys) => {
+            let lane = cached_lane(keys, k, &lanes[k], mode)?;
+            write_durably(lane.raw(), &bytes, 0, budget)
+        }
+        None => {
+            let lane = open_lane(&lanes[k], Some(mode))?;
+            write_durably(lane.as_raw_fd(), &bytes, 0, budget)
+        }
+    }
 }
 
 /// Between syncs, before a shrink: bytes of the synced file the shrink
@@ -626,6 +697,27 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_lane_is_written_again_and_one_removed_meanwhile_is_made_anew() {
+        let f = files("kept", &[7u8; 100]);
+        let keys = LaneKeys::new();
+        let base = Unit::new(LANES as u64, 100, OWNER);
+        commit(&base, &f.lanes, 0o600, Some(keys), &mut None).unwrap();
+        let (r, _) = newest(&f.lanes, OWNER).unwrap().unwrap();
+        assert_eq!(r.gen, LANES as u64);
+        // Lane 0 again (a wrap): through the descriptor kept open.
+        let again = Unit::new(2 * LANES as u64, 100, OWNER);
+        commit(&again, &f.lanes, 0o600, Some(keys), &mut None).unwrap();
+        assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, again.gen());
+        // Removed behind the process's back: the next record is not lost in
+        // the unlinked file, the lane is made anew.
+        remove(&f.lanes);
+        let third = Unit::new(3 * LANES as u64, 100, OWNER);
+        commit(&third, &f.lanes, 0o600, Some(keys), &mut None).unwrap();
+        assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, third.gen());
+        keys.forget();
+    }
+
+    #[test]
     fn a_committed_record_is_replayed_and_a_torn_one_dropped() {
         let before = vec![0x5au8; 8192];
         // The base: sync 1 left the file as it is.
@@ -634,8 +726,8 @@ mod tests {
         let want = expected(&before, &u);
         // Crash right after the commit: recovery finishes the sync.
         let f = files("replay", &before);
-        commit(&base, &f.lanes, 0o600, &mut None).unwrap();
-        commit(&u, &f.lanes, 0o600, &mut None).unwrap();
+        commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(&u, &f.lanes, 0o600, None, &mut None).unwrap();
         assert_eq!(f.content(), before);
         let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(
@@ -652,8 +744,8 @@ mod tests {
         assert_eq!(f.content(), want);
         // Crash in the middle of the apply: replaying is harmless.
         let f = files("halfway", &before);
-        commit(&base, &f.lanes, 0o600, &mut None).unwrap();
-        commit(&u, &f.lanes, 0o600, &mut None).unwrap();
+        commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(&u, &f.lanes, 0o600, None, &mut None).unwrap();
         sys::pwrite_all(f.fd(), b"hel", 4096).unwrap();
         recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(f.content(), want);
@@ -662,7 +754,7 @@ mod tests {
         let bytes = u.encode(REDO);
         for cut in [1, HEADER - 1, HEADER + 10, bytes.len() - 1] {
             let f = files("torn", &before);
-            commit(&base, &f.lanes, 0o600, &mut None).unwrap();
+            commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
             sys::ftruncate(f.fd(), 3 << 20).unwrap(); // grown since
             let lane = open_lane(&f.lanes[0], Some(0o600)).unwrap();
             sys::pwrite_all(lane.as_raw_fd(), &bytes[..cut], 0).unwrap();
@@ -688,7 +780,7 @@ mod tests {
         let before: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
         let f = files("undo", &before);
         let base = Unit::new(4, before.len() as u64, OWNER);
-        commit(&base, &f.lanes, 0o600, &mut None).unwrap();
+        commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
         // Shrink to 15000, then to 5000: each saves what it takes of the
         // synced bytes.
         let mut at = undo_start(base.len());
@@ -738,7 +830,7 @@ mod tests {
         // LANES syncs): the chain of records rebuilds the newest sync.
         let s1 = vec![b'1'; 9000];
         let f = files("chain", &s1);
-        commit(&Unit::new(1, 9000, OWNER), &f.lanes, 0o600, &mut None).unwrap();
+        commit(&Unit::new(1, 9000, OWNER), &f.lanes, 0o600, None, &mut None).unwrap();
         let mut want = s1.clone();
         want.resize(12_000, 0);
         let newest = LANES as u64;
@@ -751,7 +843,7 @@ mod tests {
                 u.add(9500, b"grown");
                 want[9500..9505].copy_from_slice(b"grown");
             }
-            commit(&u, &f.lanes, 0o600, &mut None).unwrap();
+            commit(&u, &f.lanes, 0o600, None, &mut None).unwrap();
         }
         // The file lost every apply but for a torn piece of the last.
         sys::pwrite_all(f.fd(), b"syn", 100 * newest).unwrap();
@@ -770,18 +862,18 @@ mod tests {
         let e = files("gap", &s1);
         let mut old = Unit::new(1, 9000, OWNER);
         old.add(0, b"old");
-        commit(&old, &e.lanes, 0o600, &mut None).unwrap();
+        commit(&old, &e.lanes, 0o600, None, &mut None).unwrap();
         sys::pwrite_all(e.fd(), b"new", 0).unwrap();
-        commit(&Unit::new(3, 9000, OWNER), &e.lanes, 0o600, &mut None).unwrap();
+        commit(&Unit::new(3, 9000, OWNER), &e.lanes, 0o600, None, &mut None).unwrap();
         recover(&e.lanes, e.fd(), OWNER).unwrap();
         assert_eq!(&e.content()[..3], b"new");
         // A record's low: the bytes beyond it are zeros but its spans.
         let g = files("low", &s1);
-        commit(&Unit::new(1, 9000, OWNER), &g.lanes, 0o600, &mut None).unwrap();
+        commit(&Unit::new(1, 9000, OWNER), &g.lanes, 0o600, None, &mut None).unwrap();
         let mut u = Unit::new(2, 9000, OWNER);
         u.set_low(4000);
         u.add(5000, b"kept");
-        commit(&u, &g.lanes, 0o600, &mut None).unwrap();
+        commit(&u, &g.lanes, 0o600, None, &mut None).unwrap();
         recover(&g.lanes, g.fd(), OWNER).unwrap();
         let c = g.content();
         assert_eq!(c.len(), 9000);

@@ -99,7 +99,7 @@ fn start_period(
     sys::fdatasync(backing_fd)?;
     let size = sys::fstat(backing_fd)?.st_size as u64;
     let base = Unit::new(gen, size, owner(h));
-    redo::commit(&base, lanes, lane_mode(backing_fd), &mut None)?;
+    redo::commit(&base, lanes, lane_mode(backing_fd), None, &mut None)?;
     set_period(
         h,
         &Period {
@@ -232,6 +232,11 @@ impl Shadow {
             self.set_log_period(&p);
         }
         Ok(p)
+    }
+
+    /// Keys of the lanes this process keeps open.
+    pub fn lane_keys(&self) -> redo::LaneKeys {
+        self.lane_keys
     }
 
     /// The log's lanes. Call with the io lock held.

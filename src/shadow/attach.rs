@@ -71,6 +71,7 @@ pub fn attach(
                 header,
                 slot: slot.into(),
                 key: crate::fdcache::new_key(),
+                lane_keys: crate::persist::redo::LaneKeys::new(),
                 probe: crate::lock::Lock::new(OwnedMap::default()),
                 lines: crate::lock::Lock::new(super::lines::LinesMap::default()),
                 marks: crate::lock::Lock::new(OwnedMap::default()),

@@ -62,6 +62,9 @@ pub struct Shadow {
     /// maps the file: until then reads and writes go straight to the
     /// backing, which is coherent because there is no copy.
     key: u64,
+    /// Keys of this shadow's lanes in the process's cache of open lanes
+    /// (failure-atomic mode).
+    lane_keys: crate::persist::redo::LaneKeys,
     /// A `PROT_NONE` mapping of the data file, for `mincore` (which pages a
     /// lazy data file holds). Used under the fill lock only.
     probe: Lock<OwnedMap>,
@@ -76,6 +79,7 @@ pub struct Shadow {
 impl Drop for Shadow {
     fn drop(&mut self) {
         data::forget_data_fd(self.key);
+        self.lane_keys.forget();
     }
 }
 
