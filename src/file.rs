@@ -259,3 +259,14 @@ impl LazyFile for FileState {
         &self.lazy_gate
     }
 }
+
+/// What a look at a file's backing found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CatchUp {
+    /// The backing is as the shim last left it (or there is no shadow).
+    Unchanged,
+    /// Changed in a way the shim had not recorded: the shadow caught up.
+    Looked,
+    /// A shim call of this process holds the file: look again later.
+    Busy,
+}

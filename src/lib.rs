@@ -188,6 +188,7 @@ extern "C" fn daxshim_init() {
         dax_devs,
         shadow_dir,
         shadow_dir_bad: AtomicBool::new(false),
+        shadow_dir_ok: AtomicBool::new(false),
     });
     // SAFETY: registering plain extern "C" handlers.
     unsafe {

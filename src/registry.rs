@@ -141,18 +141,32 @@ pub fn get_or_attach(fd: i32, class: &Classified) -> Result<Arc<FileState>, Fail
             r.shadow_dir
         )));
     }
-    if let Err(e) = shadow::ensure_dir(&r.shadow_dir) {
-        r.shadow_dir_bad.store(true, Ordering::Relaxed);
-        return Err(e);
+    let check_dir = || match shadow::ensure_dir(&r.shadow_dir) {
+        Ok(()) => {
+            r.shadow_dir_ok.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            r.shadow_dir_bad.store(true, Ordering::Relaxed);
+            Err(e)
+        }
+    };
+    // Checked once, not at every attach (a file opened and closed again
+    // and again attaches each time); once more if it went away.
+    if !r.shadow_dir_ok.load(Ordering::Relaxed) {
+        check_dir()?;
     }
     let (backing, held) = Backing::reopen(fd, path)
         .map_err(|e| Failure::new(e, format!("cannot reopen {path}: {e}")))?;
-    let shadow = shadow::attach(
-        &r.shadow_dir,
-        id,
-        held.raw(),
-        &attach_options(emulated, path),
-    )?;
+    let opt = attach_options(emulated, path);
+    let shadow = match shadow::attach(&r.shadow_dir, id, held.raw(), &opt) {
+        Err(e) if e.errno.0 == libc::ENOENT => {
+            r.shadow_dir_ok.store(false, Ordering::Relaxed);
+            check_dir()?;
+            shadow::attach(&r.shadow_dir, id, held.raw(), &opt)?
+        }
+        r => r?,
+    };
     debug!("attached {path} (slot {})", shadow.slot());
     let f = Arc::new(FileState {
         id,

@@ -18,6 +18,9 @@ pub struct Runtime {
     pub shadow_dir: String,
     /// Set once the shadow directory was found unusable (warned once).
     pub shadow_dir_bad: AtomicBool,
+    /// Set once the shadow directory was found usable: later attaches do
+    /// not check it again (until one finds it gone).
+    pub shadow_dir_ok: AtomicBool,
 }
 
 pub static RT: OnceLock<Runtime> = OnceLock::new();

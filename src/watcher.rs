@@ -9,10 +9,9 @@
 //! raw system calls, truncation), not stores through another process's
 //! mapping: those reach the shadow at the next sync, mapping or read.
 
-use crate::file::FileState;
+use crate::file::{CatchUp, FileState};
 use crate::lock::Lock;
 use crate::sys;
-use crate::writeback::CatchUp;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};

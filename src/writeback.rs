@@ -2,7 +2,7 @@
 //! file when other processes may hold unsynced stores), write the changed
 //! cachelines back to the backing and make them durable.
 
-use crate::file::{FileInner, FileState};
+use crate::file::{CatchUp, FileInner, FileState};
 use crate::lock::Lock;
 use crate::persist::redo;
 use crate::persist::{self};
@@ -512,17 +512,6 @@ impl FileState {
         self.shadow.record_backing(bfd);
         Ok(())
     }
-}
-
-/// What a look at a file's backing found.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum CatchUp {
-    /// The backing is as the shim last left it (or there is no shadow).
-    Unchanged,
-    /// Changed in a way the shim had not recorded: the shadow caught up.
-    Looked,
-    /// A shim call of this process holds the file: look again later.
-    Busy,
 }
 
 impl FileState {

@@ -469,6 +469,47 @@ fn daxshim_recover_and_run_atomic() {
     assert!(!out.contains("brought back"), "{out}");
 }
 
+/// The shim finds a file's log by its lane 0 alone, made before any other
+/// and removed after them all: whatever lanes the syncs used, lane 0 is
+/// there. A log without it (left by an older version of the shim, or lane
+/// 0 removed by hand) is still recovered by `daxshim recover`.
+#[test]
+fn lane_0_marks_a_log_and_daxshim_recover_finds_one_without_it() {
+    let w = atomic_world("atomlane0");
+    let exe = target_dir().join("daxshim");
+    let f = w.pmem_file("f", &vec![b'a'; 9000]);
+    killed(w.probe(&format!(
+        "open {} rw , pwrite 1 ONE , fsync , pwrite 1 TWO , fsync , pwrite 1 LOST , ftruncate 3 , kill",
+        s(&f)
+    )));
+    let name = |k: u32| f.with_file_name(format!(".f.daxshim-log{k}"));
+    let found = lanes(&f);
+    assert!(found.contains(&name(0)), "{found:?}");
+    assert!(found.len() > 1, "{found:?}");
+    // The newest records are not in lane 0: without it, nothing says there
+    // is a log but the other lanes.
+    std::fs::remove_file(name(0)).unwrap();
+    w.drop_shadows();
+    assert_eq!(backing(&f).len(), 3);
+    let mut c = w.cmd(&exe);
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("DAXSHIM_LIB", lib())
+        .args(["recover", s(&w.pmem)]);
+    let out = ok(run(c));
+    assert!(out.contains("brought back"), "{out}");
+    let now = backing(&f);
+    assert_eq!(now.len(), 9000);
+    assert_eq!(&now[..5], b"aTWOa");
+    // Leaving atomic mode removes every lane, lane 0 with them.
+    let plain = World::new("atomlane0b");
+    let mut c = plain.shim_cmd(probe());
+    c.env("DAXSHIM_PMEM", &w.pmem)
+        .env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .args(script_args(&format!("open {} rw , pread 0 5", s(&f))));
+    assert_eq!(ok(run(c)), "pread: aTWOa\n");
+    assert!(lanes(&f).is_empty(), "{:?}", lanes(&f));
+}
+
 // SQLite without its journal (`journal_mode=OFF`, `synchronous=FULL`):
 // only the shim's atomic sync keeps it intact across crashes.
 
@@ -777,8 +818,8 @@ os.kill(os.getpid(), 9)
     );
     assert_eq!(
         lanes(&moved).len(),
-        3,
-        "the base record and two syncs, each in its lane"
+        4,
+        "lane 0, the base record and two syncs, each in its lane"
     );
     w.drop_shadows();
     recover_by_opening(&w, &moved);
@@ -812,7 +853,7 @@ fn a_replaced_file_is_not_recovered_from_the_old_ones_log() {
         s(&f)
     )));
     w.drop_shadows();
-    assert_eq!(lanes(&f).len(), 2);
+    assert_eq!(lanes(&f).len(), 3, "lane 0, the base record and a sync");
     std::fs::remove_file(&f).unwrap();
     let fresh = vec![b'n'; 3000];
     std::fs::write(&f, &fresh).unwrap();

@@ -234,6 +234,23 @@ fn lanes_of(file: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The shim looks for a log by its lane 0 alone (made first, removed last):
+/// a log that lacks it (left by an older version, or lane 0 removed by
+/// hand) gets an empty one, so that the attach below finds the others.
+fn first_lane_for(file: &Path) {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
+        return;
+    };
+    let lane0 = dir.join(format!(".{}.daxshim-log0", name.to_string_lossy()));
+    if !lane0.exists() && !lanes_of(file).is_empty() {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lane0)
+            .and_then(|f| f.sync_all());
+    }
+}
+
 /// The data file a lane belongs to (`.<name>.daxshim-logK` → `<name>`).
 fn data_of_lane(lane: &Path) -> Option<PathBuf> {
     let n = lane.file_name()?.to_str()?;
@@ -333,6 +350,7 @@ pub fn recover(args: RecoverArgs) -> ExitCode {
             continue;
         }
         let emulated = !is_dax(&f);
+        first_lane_for(&f);
         match attach_one(&lib, &f.to_string_lossy(), emulated) {
             Ok(a) if a.recoveries > 0 => {
                 println!("{shown}: brought back to its last committed sync")

@@ -460,12 +460,15 @@ fn apply<'a>(
     Ok(())
 }
 
-/// Every redo record of `owner` the lanes hold, oldest first.
+/// Every redo record of `owner` the lanes hold, oldest first. Lane 0
+/// exists whenever another does (made first, removed last): a file without
+/// a log costs one probe, which every attach of every file makes.
 fn redo_records(lanes: &Lanes, owner: u64) -> SysResult<Vec<(Record, OwnedFd)>> {
     let mut found = Vec::new();
-    for path in lanes {
+    for (k, path) in lanes.iter().enumerate() {
         let fd = match open_lane(path, None) {
             Ok(fd) => fd,
+            Err(Errno(libc::ENOENT)) if k == 0 => return Ok(found),
             Err(Errno(libc::ENOENT)) => continue,
             Err(e) => return Err(e),
         };
@@ -568,12 +571,25 @@ pub fn replay(gen: u64, owner: u64, lanes: &Lanes, data_fd: i32) -> SysResult<bo
     }
 }
 
-/// Removes every lane (the file leaves atomic mode).
+/// Removes every lane (the file leaves atomic mode), lane 0 last.
 pub fn remove(lanes: &Lanes) {
-    for p in lanes {
+    for p in lanes.iter().rev() {
         if let Ok(c) = CString::new(p.as_str()) {
             let _ = sys::unlink(&c);
         }
+    }
+}
+
+/// Before a log's first record: lane 0 is made (durably: its name reaches
+/// the disk before any other lane's), so that [`recover`] needs to look
+/// for it alone to know whether the file has a log.
+pub fn make_first_lane(lanes: &Lanes, mode: u32) -> SysResult<()> {
+    let c = CString::new(lanes[0].as_str()).map_err(|_| Errno(libc::EINVAL))?;
+    let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL;
+    match sys::open(&c, flags, mode) {
+        Ok(fd) => sys::fdatasync(fd.as_raw_fd()),
+        Err(Errno(libc::EEXIST)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -661,11 +677,10 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        Files {
-            lanes: lane_paths(path.to_str().unwrap()).unwrap(),
-            data,
-            dir,
-        }
+        let lanes = lane_paths(path.to_str().unwrap()).unwrap();
+        // As a period's start makes it.
+        make_first_lane(&lanes, 0o600).unwrap();
+        Files { lanes, data, dir }
     }
 
     impl Files {
@@ -694,6 +709,22 @@ mod tests {
         }
         v.resize(u.size() as usize, 0);
         v
+    }
+
+    #[test]
+    fn lane_0_alone_says_whether_a_file_has_a_log() {
+        let f = files("lane0", &[7u8; 100]);
+        commit(&Unit::new(3, 100, OWNER), &f.lanes, 0o600, None, &mut None).unwrap();
+        assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, 3);
+        // Without lane 0 the other lanes are not looked at (one probe per
+        // attach of a file without a log).
+        std::fs::remove_file(&f.lanes[0]).unwrap();
+        assert!(newest(&f.lanes, OWNER).unwrap().is_none());
+        make_first_lane(&f.lanes, 0o600).unwrap();
+        assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, 3);
+        // Removed: lane 0 last, none left.
+        remove(&f.lanes);
+        assert!(f.lanes.iter().all(|p| !std::path::Path::new(p).exists()));
     }
 
     #[test]

@@ -99,7 +99,9 @@ fn start_period(
     sys::fdatasync(backing_fd)?;
     let size = sys::fstat(backing_fd)?.st_size as u64;
     let base = Unit::new(gen, size, owner(h));
-    redo::commit(&base, lanes, lane_mode(backing_fd), None, &mut None)?;
+    let mode = lane_mode(backing_fd);
+    redo::make_first_lane(lanes, mode)?;
+    redo::commit(&base, lanes, mode, None, &mut None)?;
     set_period(
         h,
         &Period {
@@ -264,6 +266,12 @@ impl Shadow {
             sys::fdatasync(fd)?;
             p.durable = p.applied;
             set_period(h, &p);
+        }
+        // Lane 0 first, as a placeholder if need be (replaced by its
+        // rename below): the new name's log is found by lane 0 alone.
+        if let Ok(c) = cstring(&to[0]) {
+            let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_CREAT;
+            let _ = sys::open(&c, flags, backing_fd.map_or(0o600, lane_mode));
         }
         for back in 0..redo::LANES as u64 {
             let k = redo::lane_of(p.gen + redo::LANES as u64 - back);

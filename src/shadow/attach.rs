@@ -5,7 +5,7 @@
 //! or kept aside as an orphan (changed, and unsynced stores exist).
 
 use super::header::*;
-use super::owned::{cstr, err, open_owned, Create};
+use super::owned::{cstr, err, open_or_create_owned, open_owned, Create};
 use super::slots::{self, AttachLock, DeadReaders};
 use super::{AttachOptions, BackingState, Shadow};
 use crate::persist;
@@ -57,14 +57,14 @@ pub fn attach(
     // The descriptor is closed again with the lock: the header is used
     // through its mapping, liveness through the process's presence file.
     loop {
-        let meta = open_owned(&meta_path, Create::Yes)?;
+        let (meta, created) = open_or_create_owned(&meta_path, Create::Yes)?;
         let lock = AttachLock::take(meta).map_err(|e| err("cannot lock", &meta_path, e))?;
         let linked = match (sys::fstat(lock.fd()), sys::lstat(&cstr(&meta_path))) {
             (Ok(a), Ok(b)) => a.st_ino == b.st_ino && a.st_dev == b.st_dev,
             _ => false,
         };
         if linked {
-            let r = attach_locked(&base, lock.fd(), id, backing_fd, opt);
+            let r = attach_locked(&base, lock.fd(), id, backing_fd, opt, created);
             drop(lock);
             return r.map(|(header, slot)| Shadow {
                 base,
@@ -87,6 +87,7 @@ fn attach_locked(
     id: FileId,
     backing_fd: i32,
     opt: &AttachOptions,
+    created: bool,
 ) -> Result<(OwnedMap, usize), Failure> {
     let meta_path = format!("{base}.meta");
     let st = sys::fstat(meta_fd).map_err(|e| err("cannot stat", &meta_path, e))?;
@@ -102,7 +103,7 @@ fn attach_locked(
     // SAFETY: META_SIZE bytes mapped shared for as long as `map`; Header
     // fits (static assert) and is only ever used through shared references.
     let hdr = unsafe { &*(map.addr() as *const Header) };
-    prepare(base, hdr, id, backing_fd, opt)?;
+    prepare(base, hdr, id, backing_fd, opt, created)?;
     if hdr.atomic.load(Ordering::Acquire) != 0 {
         super::atomic::SEEN.store(true, Ordering::Relaxed);
     }
@@ -112,11 +113,17 @@ fn attach_locked(
     Ok((map, slot))
 }
 
-fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
+/// `created`: the meta file is new (this attach made it). Its companions
+/// are removed before it at every detach, so only an older header can have
+/// left any: a new one spares the three probes (a file opened and closed
+/// again and again, such as a journal, attaches each time).
+fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32, created: bool) {
     hdr.magic.store(0, Ordering::Release);
-    let _ = sys::unlink(&cstr(base)); // data left by an older header
-    Shadow::unlink_lines(base);
-    Shadow::unlink_regions(base);
+    if !created {
+        let _ = sys::unlink(&cstr(base)); // data left by an older header
+        Shadow::unlink_lines(base);
+        Shadow::unlink_regions(base);
+    }
     hdr.version.store(VERSION, Ordering::Relaxed);
     hdr.slot_count.store(SLOTS as u32, Ordering::Relaxed);
     hdr.dev.store(id.dev, Ordering::Relaxed);
@@ -133,6 +140,7 @@ fn init_header(base: &str, hdr: &Header, id: FileId, backing_fd: i32) {
     hdr.rec_unsure.store(0, Ordering::Relaxed);
     hdr.atomic.store(0, Ordering::Relaxed);
     hdr.ever_mapped.store(0, Ordering::Relaxed);
+    hdr.files_made.store(0, Ordering::Relaxed);
     for w in [
         &hdr.log_gen,
         &hdr.log_applied,
@@ -176,6 +184,7 @@ fn prepare(
     id: FileId,
     backing_fd: i32,
     opt: &AttachOptions,
+    created: bool,
 ) -> Result<(), Failure> {
     if !hdr.describes(id) {
         if hdr.magic.load(Ordering::Acquire) == MAGIC
@@ -190,7 +199,7 @@ fn prepare(
                 "the shadow was made by another version of daxshim and may hold unsynced stores",
             );
         }
-        init_header(base, hdr, id, backing_fd);
+        init_header(base, hdr, id, backing_fd, created);
         return recover_log(base, hdr, backing_fd, opt);
     }
     let census = slots::census(hdr, slots::dir_of(base), DeadReaders::Free);
@@ -348,9 +357,11 @@ impl Shadow {
             if atomic {
                 super::atomic::close(h, backing_fd);
             }
-            let _ = sys::unlink(&cstr(&self.base));
-            Shadow::unlink_lines(&self.base);
-            Shadow::unlink_regions(&self.base);
+            if h.files_made.load(Ordering::Acquire) != 0 {
+                let _ = sys::unlink(&cstr(&self.base));
+                Shadow::unlink_lines(&self.base);
+                Shadow::unlink_regions(&self.base);
+            }
             let _ = sys::unlink(&cstr(&format!("{}.meta", self.base)));
         }
     }

@@ -218,6 +218,7 @@ impl Shadow {
             }
             return Ok(d);
         }
+        self.note_files_made();
         let _ = sys::unlink(&cstr(&self.base));
         let fd = open_owned(&self.base, Create::Yes)?;
         let size = BackingState::of(backing_fd).map(|b| b.size);

@@ -11,7 +11,7 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x4441_5853_4849_4d31; // "DAXSHIM1"
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 pub const SLOTS: usize = 128;
 pub const META_SIZE: usize = 8192;
 
@@ -167,6 +167,10 @@ pub struct Header {
     /// beside it; a rename under the shim moves both). Under the io lock.
     pub log_path_len: AtomicU32,
     pub log_path: UnsafeCell<[u8; PATH_MAX_STORED]>,
+    /// 1 once a process was about to make the data file, its bases or its
+    /// region marks (set before it does): until then the last detach has
+    /// nothing but the header to remove.
+    pub files_made: AtomicU32,
 }
 
 pub const PATH_MAX_STORED: usize = 2048;

@@ -109,6 +109,7 @@ impl Shadow {
     }
 
     fn lines_fd(&self, m: &mut LinesMap) -> Result<i32, Failure> {
+        self.note_files_made();
         lines_fd(&self.lines_path(), m)
     }
 
@@ -116,6 +117,7 @@ impl Shadow {
     /// cannot be had (every differing line is then written back, as before
     /// bases existed).
     pub fn bases(&self, size: u64) -> Option<BasesGuard<'_>> {
+        self.note_files_made();
         let mut m = self.lines.lock();
         let bases = map_bases(&self.lines_path(), size, &mut m)?;
         Some(BasesGuard { _map: m, bases })

@@ -76,6 +76,17 @@ pub struct Shadow {
     marks_addr: AtomicUsize,
 }
 
+impl Shadow {
+    /// Before the data file, its bases or its region marks are made: the
+    /// last detach removes them (see `Header::files_made`).
+    fn note_files_made(&self) {
+        let h = self.header();
+        if h.files_made.load(Ordering::Relaxed) == 0 {
+            h.files_made.store(1, Ordering::Release);
+        }
+    }
+}
+
 impl Drop for Shadow {
     fn drop(&mut self) {
         data::forget_data_fd(self.key);

@@ -59,14 +59,19 @@ pub(super) enum Create {
 /// Opens an existing shadow file or creates it exclusively; checks it is a
 /// regular file of ours with mode 0600.
 pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, Failure> {
+    open_or_create_owned(path, create).map(|(fd, _)| fd)
+}
+
+/// [`open_owned`], and whether this call created the file.
+pub(super) fn open_or_create_owned(path: &str, create: Create) -> Result<(OwnedFd, bool), Failure> {
     let c = cstr(path);
     let base = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    let fd = loop {
+    let (fd, created) = loop {
         match sys::open(&c, base, 0) {
-            Ok(fd) => break fd,
+            Ok(fd) => break (fd, false),
             Err(Errno(libc::ENOENT)) if create == Create::Yes => {
                 match sys::open(&c, base | libc::O_CREAT | libc::O_EXCL, 0o600) {
-                    Ok(fd) => break fd,
+                    Ok(fd) => break (fd, true),
                     Err(Errno(libc::EEXIST)) => continue,
                     Err(e) => return Err(err("cannot create", path, e)),
                 }
@@ -75,7 +80,7 @@ pub(super) fn open_owned(path: &str, create: Create) -> Result<OwnedFd, Failure>
         }
     };
     check_owned(path, &fd)?;
-    Ok(fd)
+    Ok((fd, created))
 }
 
 fn check_owned(path: &str, fd: &OwnedFd) -> Result<(), Failure> {

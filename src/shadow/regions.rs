@@ -27,6 +27,7 @@ impl Shadow {
         }
         let mut m = self.marks.lock();
         if m.len() == 0 {
+            self.note_files_made();
             let fd = open_owned(&Shadow::regions_path(&self.base), Create::Yes).ok()?;
             let fd = fd.as_raw_fd();
             if (sys::fstat(fd).ok()?.st_size as u64) < TABLE_BYTES {
