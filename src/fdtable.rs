@@ -184,6 +184,33 @@ pub fn scan_inherited_fds() {
     }
 }
 
+/// Before a rename by this process: an attached file in failure-atomic
+/// mode is made durable first (every sync's apply flushed), so that a crash
+/// between the rename and the move of its lanes after it needs no record.
+pub fn before_rename(dirfd: i32, path: &std::ffi::CStr) {
+    let Ok(fd) = sys::openat(
+        dirfd,
+        path,
+        libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        0,
+    ) else {
+        return;
+    };
+    let Some(class) = classify(std::os::fd::AsRawFd::as_raw_fd(&fd)) else {
+        return;
+    };
+    let file = REG.lock().files.iter().find(|f| f.id == class.id).cloned();
+    if let Some(f) = file.filter(|f| f.shadow.is_atomic()) {
+        let _io = f.shadow.io_lock();
+        let flushed = f
+            .backing()
+            .and_then(|b| f.shadow.make_applies_durable(b.raw()));
+        if let Err(e) = flushed {
+            warn!("{}: cannot flush it before its rename: {e}", class.path);
+        }
+    }
+}
+
 /// After a rename by this process: an attached file now at `path` (relative
 /// to `dirfd`) is reopened there when its cached descriptor is gone.
 pub fn on_rename(dirfd: i32, path: &std::ffi::CStr) {

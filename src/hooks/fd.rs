@@ -301,6 +301,20 @@ pub unsafe extern "C" fn closefrom(first: c_int) {
     }
 }
 
+/// Before a rename by this process (see `fdtable::before_rename`).
+fn renaming(olddir: c_int, old: *const c_char) {
+    if old.is_null() {
+        return;
+    }
+    if let Some(g) = enter() {
+        if !crate::registry::REG.lock().files.is_empty() {
+            // SAFETY: the caller's C string, about to be passed to the kernel.
+            crate::fdtable::before_rename(olddir, unsafe { std::ffi::CStr::from_ptr(old) });
+        }
+        g.restore_errno();
+    }
+}
+
 /// A rename by this process: an attached file's new place is remembered
 /// (its backing descriptor may have to be reopened by path later).
 fn renamed(
@@ -332,6 +346,7 @@ fn renamed(
 /// C ABI, contract of rename(2).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn rename(old: *const c_char, new: *const c_char) -> c_int {
+    renaming(libc::AT_FDCWD, old);
     // SAFETY: rename is renameat2 relative to the working directory, no flags.
     let r = unsafe { real::renameat2(libc::AT_FDCWD, old, libc::AT_FDCWD, new, 0) };
     renamed(r, libc::AT_FDCWD, old, libc::AT_FDCWD, new)
@@ -346,6 +361,7 @@ pub unsafe extern "C" fn renameat(
     newdir: c_int,
     new: *const c_char,
 ) -> c_int {
+    renaming(olddir, old);
     // SAFETY: renameat is renameat2 without flags.
     let r = unsafe { real::renameat2(olddir, old, newdir, new, 0) };
     renamed(r, olddir, old, newdir, new)
@@ -361,6 +377,7 @@ pub unsafe extern "C" fn renameat2(
     new: *const c_char,
     flags: c_uint,
 ) -> c_int {
+    renaming(olddir, old);
     // SAFETY: forwarded with the caller's own arguments.
     let r = unsafe { real::renameat2(olddir, old, newdir, new, flags) };
     renamed(r, olddir, old, newdir, new)

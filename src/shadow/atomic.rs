@@ -246,6 +246,20 @@ impl Shadow {
         redo::lane_paths(&self.header().log_path())
     }
 
+    /// Flushes the file behind `backing_fd` unless every sync's apply is
+    /// durable already; then no record needs replaying. Call with the io
+    /// lock held.
+    pub fn make_applies_durable(&self, backing_fd: i32) -> SysResult<()> {
+        let h = self.header();
+        let mut p = period_of(h);
+        if p.durable < p.applied {
+            sys::fdatasync(backing_fd)?;
+            p.durable = p.applied;
+            set_period(h, &p);
+        }
+        Ok(())
+    }
+
     /// The file was renamed to `new` (by this process): its lanes follow,
     /// the newest first. The file behind `backing_fd` is flushed first
     /// unless every apply is durable, so that a crash in between needs only
@@ -261,12 +275,10 @@ impl Shadow {
         let (Some(from), Some(to)) = (redo::lane_paths(&old), redo::lane_paths(new)) else {
             return Ok(());
         };
-        let mut p = period_of(h);
-        if let Some(fd) = backing_fd.filter(|_| p.durable < p.applied) {
-            sys::fdatasync(fd)?;
-            p.durable = p.applied;
-            set_period(h, &p);
+        if let Some(fd) = backing_fd {
+            self.make_applies_durable(fd)?;
         }
+        let p = period_of(h);
         // Lane 0 first, as a placeholder if need be (replaced by its
         // rename below): the new name's log is found by lane 0 alone.
         if let Ok(c) = cstring(&to[0]) {
