@@ -247,6 +247,13 @@ fn all_tables(ctx: &Ctx) {
         &["page-cache", "shim-uffd", "shim-trap"],
     );
     table(
+        "a file created, written (two pages), closed and unlinked, as a rollback journal is",
+        "µs per cycle, median of 7 batches",
+        "reopen",
+        ctx,
+        &["page-cache", "shim-uffd"],
+    );
+    table(
         "system calls, with and without Syscall User Dispatch (DAXSHIM_SYSCALLS=trap)",
         "ns/call, median of 7",
         "syscalls",
