@@ -468,7 +468,7 @@ impl FileState {
         // 1. The unit is durable in the log (a crash from here on replays it).
         let budget_in = persist::CRASH_BUDGET.load(Ordering::Relaxed);
         let mut budget = (budget_in != u64::MAX).then_some(budget_in);
-        let mode = sys::fstat(bfd).map_or(0o600, |st| st.st_mode & 0o666);
+        let mode = || sys::fstat(bfd).map_or(0o600, |st| st.st_mode & 0o666);
         redo::commit(
             &unit,
             &lanes,

@@ -354,7 +354,12 @@ pub unsafe fn release_lane_fds_after_fork() {
 
 /// Lane `k`, from the cache while it still has a name (a lane removed
 /// behind this process's back is made anew, as an uncached open would).
-fn cached_lane(keys: LaneKeys, k: usize, path: &str, mode: u32) -> SysResult<SharedFd> {
+fn cached_lane(
+    keys: LaneKeys,
+    k: usize,
+    path: &str,
+    mode: impl FnOnce() -> u32,
+) -> SysResult<SharedFd> {
     let key = keys.0 + k as u64;
     if let Some(fd) = LANE_FDS.get(key) {
         if sys::fstat(fd.raw()).is_ok_and(|st| st.st_nlink > 0) {
@@ -362,7 +367,7 @@ fn cached_lane(keys: LaneKeys, k: usize, path: &str, mode: u32) -> SysResult<Sha
         }
         LANE_FDS.forget(key);
     }
-    Ok(LANE_FDS.insert(key, open_lane(path, Some(mode))?))
+    Ok(LANE_FDS.insert(key, open_lane(path, Some(mode()))?))
 }
 
 /// Writes `bytes` at `at`, then makes them durable. With a crash budget
@@ -384,11 +389,12 @@ fn write_durably(fd: i32, bytes: &[u8], at: u64, budget: &mut Option<u64>) -> Sy
 /// Step 1 of a sync: its redo record is written to its lane and durable
 /// (nothing of the file has changed yet). A full file system fails here,
 /// with the kernel's errno, and the file is untouched.
-/// `keys`: keep the lane open in this process for the next sync.
+/// `keys`: keep the lane open in this process for the next sync. `mode`:
+/// of a lane that has to be made.
 pub fn commit(
     u: &Unit,
     lanes: &Lanes,
-    mode: u32,
+    mode: impl FnOnce() -> u32,
     keys: Option<LaneKeys>,
     budget: &mut Option<u64>,
 ) -> SysResult<()> {
@@ -400,7 +406,7 @@ pub fn commit(
             write_durably(lane.raw(), &bytes, 0, budget)
         }
         None => {
-            let lane = open_lane(&lanes[k], Some(mode))?;
+            let lane = open_lane(&lanes[k], Some(mode()))?;
             write_durably(lane.as_raw_fd(), &bytes, 0, budget)
         }
     }
@@ -714,7 +720,14 @@ mod tests {
     #[test]
     fn lane_0_alone_says_whether_a_file_has_a_log() {
         let f = files("lane0", &[7u8; 100]);
-        commit(&Unit::new(3, 100, OWNER), &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(
+            &Unit::new(3, 100, OWNER),
+            &f.lanes,
+            || 0o600,
+            None,
+            &mut None,
+        )
+        .unwrap();
         assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, 3);
         // Without lane 0 the other lanes are not looked at (one probe per
         // attach of a file without a log).
@@ -732,18 +745,18 @@ mod tests {
         let f = files("kept", &[7u8; 100]);
         let keys = LaneKeys::new();
         let base = Unit::new(LANES as u64, 100, OWNER);
-        commit(&base, &f.lanes, 0o600, Some(keys), &mut None).unwrap();
+        commit(&base, &f.lanes, || 0o600, Some(keys), &mut None).unwrap();
         let (r, _) = newest(&f.lanes, OWNER).unwrap().unwrap();
         assert_eq!(r.gen, LANES as u64);
         // Lane 0 again (a wrap): through the descriptor kept open.
         let again = Unit::new(2 * LANES as u64, 100, OWNER);
-        commit(&again, &f.lanes, 0o600, Some(keys), &mut None).unwrap();
+        commit(&again, &f.lanes, || 0o600, Some(keys), &mut None).unwrap();
         assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, again.gen());
         // Removed behind the process's back: the next record is not lost in
         // the unlinked file, the lane is made anew.
         remove(&f.lanes);
         let third = Unit::new(3 * LANES as u64, 100, OWNER);
-        commit(&third, &f.lanes, 0o600, Some(keys), &mut None).unwrap();
+        commit(&third, &f.lanes, || 0o600, Some(keys), &mut None).unwrap();
         assert_eq!(newest(&f.lanes, OWNER).unwrap().unwrap().0.gen, third.gen());
         keys.forget();
     }
@@ -757,8 +770,8 @@ mod tests {
         let want = expected(&before, &u);
         // Crash right after the commit: recovery finishes the sync.
         let f = files("replay", &before);
-        commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
-        commit(&u, &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(&base, &f.lanes, || 0o600, None, &mut None).unwrap();
+        commit(&u, &f.lanes, || 0o600, None, &mut None).unwrap();
         assert_eq!(f.content(), before);
         let r = recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(
@@ -775,8 +788,8 @@ mod tests {
         assert_eq!(f.content(), want);
         // Crash in the middle of the apply: replaying is harmless.
         let f = files("halfway", &before);
-        commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
-        commit(&u, &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(&base, &f.lanes, || 0o600, None, &mut None).unwrap();
+        commit(&u, &f.lanes, || 0o600, None, &mut None).unwrap();
         sys::pwrite_all(f.fd(), b"hel", 4096).unwrap();
         recover(&f.lanes, f.fd(), OWNER).unwrap();
         assert_eq!(f.content(), want);
@@ -785,7 +798,7 @@ mod tests {
         let bytes = u.encode(REDO);
         for cut in [1, HEADER - 1, HEADER + 10, bytes.len() - 1] {
             let f = files("torn", &before);
-            commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
+            commit(&base, &f.lanes, || 0o600, None, &mut None).unwrap();
             sys::ftruncate(f.fd(), 3 << 20).unwrap(); // grown since
             let lane = open_lane(&f.lanes[0], Some(0o600)).unwrap();
             sys::pwrite_all(lane.as_raw_fd(), &bytes[..cut], 0).unwrap();
@@ -811,7 +824,7 @@ mod tests {
         let before: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
         let f = files("undo", &before);
         let base = Unit::new(4, before.len() as u64, OWNER);
-        commit(&base, &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(&base, &f.lanes, || 0o600, None, &mut None).unwrap();
         // Shrink to 15000, then to 5000: each saves what it takes of the
         // synced bytes.
         let mut at = undo_start(base.len());
@@ -861,7 +874,14 @@ mod tests {
         // LANES syncs): the chain of records rebuilds the newest sync.
         let s1 = vec![b'1'; 9000];
         let f = files("chain", &s1);
-        commit(&Unit::new(1, 9000, OWNER), &f.lanes, 0o600, None, &mut None).unwrap();
+        commit(
+            &Unit::new(1, 9000, OWNER),
+            &f.lanes,
+            || 0o600,
+            None,
+            &mut None,
+        )
+        .unwrap();
         let mut want = s1.clone();
         want.resize(12_000, 0);
         let newest = LANES as u64;
@@ -874,7 +894,7 @@ mod tests {
                 u.add(9500, b"grown");
                 want[9500..9505].copy_from_slice(b"grown");
             }
-            commit(&u, &f.lanes, 0o600, None, &mut None).unwrap();
+            commit(&u, &f.lanes, || 0o600, None, &mut None).unwrap();
         }
         // The file lost every apply but for a torn piece of the last.
         sys::pwrite_all(f.fd(), b"syn", 100 * newest).unwrap();
@@ -893,18 +913,32 @@ mod tests {
         let e = files("gap", &s1);
         let mut old = Unit::new(1, 9000, OWNER);
         old.add(0, b"old");
-        commit(&old, &e.lanes, 0o600, None, &mut None).unwrap();
+        commit(&old, &e.lanes, || 0o600, None, &mut None).unwrap();
         sys::pwrite_all(e.fd(), b"new", 0).unwrap();
-        commit(&Unit::new(3, 9000, OWNER), &e.lanes, 0o600, None, &mut None).unwrap();
+        commit(
+            &Unit::new(3, 9000, OWNER),
+            &e.lanes,
+            || 0o600,
+            None,
+            &mut None,
+        )
+        .unwrap();
         recover(&e.lanes, e.fd(), OWNER).unwrap();
         assert_eq!(&e.content()[..3], b"new");
         // A record's low: the bytes beyond it are zeros but its spans.
         let g = files("low", &s1);
-        commit(&Unit::new(1, 9000, OWNER), &g.lanes, 0o600, None, &mut None).unwrap();
+        commit(
+            &Unit::new(1, 9000, OWNER),
+            &g.lanes,
+            || 0o600,
+            None,
+            &mut None,
+        )
+        .unwrap();
         let mut u = Unit::new(2, 9000, OWNER);
         u.set_low(4000);
         u.add(5000, b"kept");
-        commit(&u, &g.lanes, 0o600, None, &mut None).unwrap();
+        commit(&u, &g.lanes, || 0o600, None, &mut None).unwrap();
         recover(&g.lanes, g.fd(), OWNER).unwrap();
         let c = g.content();
         assert_eq!(c.len(), 9000);

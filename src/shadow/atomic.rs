@@ -101,7 +101,7 @@ fn start_period(
     let base = Unit::new(gen, size, owner(h));
     let mode = lane_mode(backing_fd);
     redo::make_first_lane(lanes, mode)?;
-    redo::commit(&base, lanes, mode, None, &mut None)?;
+    redo::commit(&base, lanes, || mode, None, &mut None)?;
     set_period(
         h,
         &Period {
