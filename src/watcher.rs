@@ -117,7 +117,7 @@ const BUSY_RETRY_MS: u64 = 1;
 /// recorded as it is made), how long the watcher waits before it reads
 /// events again (milliseconds). A program that writes or syncs every few
 /// hundred microseconds (Kyoto Cabinet with `-oas`) would otherwise wake it
-/// on the other CPU at every write, for nothing: 30 % of that program's CPU
+/// on the other CPU at every write, for nothing: 15-30 % of that program's CPU
 /// time. A write outside the shim shows up to this much later meanwhile.
 const QUIET_MS: u64 = 2;
 
