@@ -184,23 +184,34 @@ pub fn scan_inherited_fds() {
     }
 }
 
-/// Before a rename by this process: an attached file in failure-atomic
-/// mode is made durable first (every sync's apply flushed), so that a crash
-/// between the rename and the move of its lanes after it needs no record.
-pub fn before_rename(dirfd: i32, path: &std::ffi::CStr) {
-    let Ok(fd) = sys::openat(
+/// The file at `path` (relative to `dirfd`, not following a last
+/// symbolic link) if this process is attached to it.
+fn attached_at(dirfd: i32, path: &std::ffi::CStr) -> Option<(Classified, Arc<FileState>)> {
+    let fd = sys::openat(
         dirfd,
         path,
         libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
         0,
-    ) else {
+    )
+    .ok()?;
+    let class = classify(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    let file = REG
+        .lock()
+        .files
+        .iter()
+        .find(|f| f.id == class.id)
+        .cloned()?;
+    Some((class, file))
+}
+
+/// Before a rename by this process: an attached file in failure-atomic
+/// mode is made durable first (every sync's apply flushed), so that a crash
+/// between the rename and the move of its lanes after it needs no record.
+pub fn before_rename(dirfd: i32, path: &std::ffi::CStr) {
+    let Some((class, f)) = attached_at(dirfd, path) else {
         return;
     };
-    let Some(class) = classify(std::os::fd::AsRawFd::as_raw_fd(&fd)) else {
-        return;
-    };
-    let file = REG.lock().files.iter().find(|f| f.id == class.id).cloned();
-    if let Some(f) = file.filter(|f| f.shadow.is_atomic()) {
+    if f.shadow.is_atomic() {
         let _io = f.shadow.io_lock();
         let flushed = f
             .backing()
@@ -214,20 +225,7 @@ pub fn before_rename(dirfd: i32, path: &std::ffi::CStr) {
 /// After a rename by this process: an attached file now at `path` (relative
 /// to `dirfd`) is reopened there when its cached descriptor is gone.
 pub fn on_rename(dirfd: i32, path: &std::ffi::CStr) {
-    let Ok(fd) = sys::openat(
-        dirfd,
-        path,
-        libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-        0,
-    ) else {
-        return;
-    };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    let Some(class) = classify(raw) else {
-        return;
-    };
-    let file = REG.lock().files.iter().find(|f| f.id == class.id).cloned();
-    if let Some(f) = file {
+    if let Some((class, f)) = attached_at(dirfd, path) {
         f.backing.set_path(class.path.clone());
         if f.shadow.is_atomic() {
             let _io = f.shadow.io_lock();

@@ -468,11 +468,10 @@ impl FileState {
         // 1. The unit is durable in the log (a crash from here on replays it).
         let budget_in = persist::CRASH_BUDGET.load(Ordering::Relaxed);
         let mut budget = (budget_in != u64::MAX).then_some(budget_in);
-        let mode = || sys::fstat(bfd).map_or(0o600, |st| st.st_mode & 0o666);
         redo::commit(
             &unit,
             &lanes,
-            mode,
+            || redo::lane_mode(bfd),
             Some(self.shadow.lane_keys()),
             &mut budget,
         )?;
@@ -527,17 +526,7 @@ impl FileState {
     /// [`FileState::catch_up`] for the watcher, which must not wait for
     /// this process's shim calls.
     pub fn catch_up_unless_busy(&self) -> CatchUp {
-        let mut busy = false;
-        let r = self.catch_up_locked(|f| {
-            let g = f.inner.try_lock();
-            busy = g.is_none();
-            g
-        });
-        if busy {
-            CatchUp::Busy
-        } else {
-            r
-        }
+        self.catch_up_locked(|f| f.inner.try_lock())
     }
 
     fn catch_up_locked<'a>(
@@ -557,7 +546,7 @@ impl FileState {
             _ => return CatchUp::Unchanged,
         }
         let Some(mut inner) = lock(self) else {
-            return CatchUp::Unchanged;
+            return CatchUp::Busy;
         };
         let _io = self.shadow.io_lock();
         let _fill = self.shadow.fill_lock();

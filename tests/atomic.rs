@@ -417,6 +417,15 @@ fn a_process_without_atomic_mode_recovers_and_the_log_goes() {
     assert!(lanes(&f).is_empty(), "the log stayed: {:?}", lanes(&f));
 }
 
+/// `daxshim recover` of the world's pmem directory: its output.
+fn daxshim_recover(w: &World) -> String {
+    let mut c = w.cmd(target_dir().join("daxshim"));
+    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
+        .env("DAXSHIM_LIB", lib())
+        .args(["recover", s(&w.pmem)]);
+    ok(run(c))
+}
+
 /// `daxshim recover DIR` recovers every crashed atomic file under DIR, and
 /// removes the log of a file that is gone; `daxshim run --atomic` turns
 /// the mode on.
@@ -449,11 +458,7 @@ fn daxshim_recover_and_run_atomic() {
     assert!(st.contains("dropped by the next process"), "{st}");
     w.drop_shadows();
     assert_eq!(backing(&f).len(), 3);
-    let mut c = w.cmd(&exe);
-    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
-        .env("DAXSHIM_LIB", lib())
-        .args(["recover", s(&w.pmem)]);
-    let out = ok(run(c));
+    let out = daxshim_recover(&w);
     assert!(out.contains("brought back"), "{out}");
     assert!(out.contains("gone"), "{out}");
     let now = backing(&f);
@@ -461,11 +466,7 @@ fn daxshim_recover_and_run_atomic() {
     assert_eq!(&now[..8], b"aSYNCEDa");
     assert!(lanes(&g).is_empty());
     // Nothing left to do the second time.
-    let mut c = w.cmd(&exe);
-    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
-        .env("DAXSHIM_LIB", lib())
-        .args(["recover", s(&w.pmem)]);
-    let out = ok(run(c));
+    let out = daxshim_recover(&w);
     assert!(!out.contains("brought back"), "{out}");
 }
 
@@ -476,7 +477,6 @@ fn daxshim_recover_and_run_atomic() {
 #[test]
 fn lane_0_marks_a_log_and_daxshim_recover_finds_one_without_it() {
     let w = atomic_world("atomlane0");
-    let exe = target_dir().join("daxshim");
     let f = w.pmem_file("f", &vec![b'a'; 9000]);
     killed(w.probe(&format!(
         "open {} rw , pwrite 1 ONE , fsync , pwrite 1 TWO , fsync , pwrite 1 LOST , ftruncate 3 , kill",
@@ -491,11 +491,7 @@ fn lane_0_marks_a_log_and_daxshim_recover_finds_one_without_it() {
     std::fs::remove_file(name(0)).unwrap();
     w.drop_shadows();
     assert_eq!(backing(&f).len(), 3);
-    let mut c = w.cmd(&exe);
-    c.env("DAXSHIM_SHADOW_DIR", &w.shadow)
-        .env("DAXSHIM_LIB", lib())
-        .args(["recover", s(&w.pmem)]);
-    let out = ok(run(c));
+    let out = daxshim_recover(&w);
     assert!(out.contains("brought back"), "{out}");
     let now = backing(&f);
     assert_eq!(now.len(), 9000);

@@ -307,7 +307,14 @@ fn renaming(olddir: c_int, old: *const c_char) {
         return;
     }
     if let Some(g) = enter() {
-        if !crate::registry::REG.lock().files.is_empty() {
+        // Only a failure-atomic file has anything to do first: no system
+        // call otherwise.
+        let atomic = crate::registry::REG
+            .lock()
+            .files
+            .iter()
+            .any(|f| f.shadow.is_atomic());
+        if atomic {
             // SAFETY: the caller's C string, about to be passed to the kernel.
             crate::fdtable::before_rename(olddir, unsafe { std::ffi::CStr::from_ptr(old) });
         }

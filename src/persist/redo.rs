@@ -586,6 +586,11 @@ pub fn remove(lanes: &Lanes) {
     }
 }
 
+/// The mode lanes are created with: the data file's permission bits.
+pub fn lane_mode(data_fd: i32) -> u32 {
+    sys::fstat(data_fd).map_or(0o600, |st| st.st_mode & 0o666)
+}
+
 /// Before a log's first record: lane 0 is made (durably: its name reaches
 /// the disk before any other lane's), so that [`recover`] needs to look
 /// for it alone to know whether the file has a log.

@@ -71,11 +71,6 @@ fn owner(h: &Header) -> u64 {
     )
 }
 
-/// The mode lanes are created with: the data file's permission bits.
-fn lane_mode(backing_fd: i32) -> u32 {
-    sys::fstat(backing_fd).map_or(0o600, |st| st.st_mode & 0o666)
-}
-
 fn cstring(p: &str) -> SysResult<std::ffi::CString> {
     std::ffi::CString::new(p).map_err(|_| sys::Errno(libc::EINVAL))
 }
@@ -99,7 +94,7 @@ fn start_period(
     sys::fdatasync(backing_fd)?;
     let size = sys::fstat(backing_fd)?.st_size as u64;
     let base = Unit::new(gen, size, owner(h));
-    let mode = lane_mode(backing_fd);
+    let mode = redo::lane_mode(backing_fd);
     redo::make_first_lane(lanes, mode)?;
     redo::commit(&base, lanes, || mode, None, &mut None)?;
     set_period(
@@ -279,12 +274,9 @@ impl Shadow {
             self.make_applies_durable(fd)?;
         }
         let p = period_of(h);
-        // Lane 0 first, as a placeholder if need be (replaced by its
+        // Lane 0 first, as an empty placeholder if need be (replaced by its
         // rename below): the new name's log is found by lane 0 alone.
-        if let Ok(c) = cstring(&to[0]) {
-            let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_CREAT;
-            let _ = sys::open(&c, flags, backing_fd.map_or(0o600, lane_mode));
-        }
+        let _ = redo::make_first_lane(&to, backing_fd.map_or(0o600, redo::lane_mode));
         for back in 0..redo::LANES as u64 {
             let k = redo::lane_of(p.gen + redo::LANES as u64 - back);
             match sys::rename(&cstring(&from[k])?, &cstring(&to[k])?) {
