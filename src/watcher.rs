@@ -115,11 +115,19 @@ const SETTLE_US: u64 = 250;
 const BUSY_RETRY_MS: u64 = 1;
 /// After a look that found nothing but this process's own writes (each
 /// recorded as it is made), how long the watcher waits before it reads
-/// events again (milliseconds). A program that writes or syncs every few
-/// hundred microseconds (Kyoto Cabinet with `-oas`) would otherwise wake it
-/// on the other CPU at every write, for nothing: 15-30 % of that program's CPU
-/// time. A write outside the shim shows up to this much later meanwhile.
-const QUIET_MS: u64 = 2;
+/// events again (milliseconds): `QUIET_MIN_MS`, doubled after each such
+/// look in a row up to `QUIET_MAX_MS`, and back to the minimum after a look
+/// that took something in or once the watcher has been idle that long. A
+/// program that writes or syncs every few hundred microseconds (Kyoto
+/// Cabinet with `-oas`) would otherwise wake it on the other CPU at every
+/// write, for nothing: 15-30 % of that program's CPU time at every write,
+/// and at a 2 ms period still a shootdown of the watcher's CPU's TLB for
+/// every other wake-up (a write-protect or a truncation of the program
+/// while it runs, ~50 µs each on this VM). A write outside the shim shows
+/// up to this much later meanwhile (or at the program's next shim call that
+/// reads, maps or syncs the file, which catches up first).
+const QUIET_MIN_MS: u64 = 2;
+const QUIET_MAX_MS: u64 = 16;
 
 /// The watcher thread: reads events, makes each watched file catch up.
 fn serve(fd: i32) {
@@ -132,12 +140,20 @@ fn serve(fd: i32) {
     let mut busy: Vec<Weak<FileState>> = Vec::new();
     // The last look found only the shim's own writes.
     let mut quiet = false;
+    // How long to wait after such a look (`QUIET_MIN_MS`..=`QUIET_MAX_MS`).
+    let mut quiet_ms = QUIET_MIN_MS;
     loop {
         if quiet {
-            std::thread::sleep(std::time::Duration::from_millis(QUIET_MS));
+            std::thread::sleep(std::time::Duration::from_millis(quiet_ms));
+            quiet_ms = (quiet_ms * 2).min(QUIET_MAX_MS);
         }
         let timeout = (!busy.is_empty()).then_some(if quiet { 0 } else { BUSY_RETRY_MS });
-        match sys::poll_in2(fd, -1, timeout).map(|[ready, _]| ready) {
+        let waited = std::time::Instant::now();
+        let polled = sys::poll_in2(fd, -1, timeout).map(|[ready, _]| ready);
+        if waited.elapsed() >= std::time::Duration::from_millis(QUIET_MAX_MS) {
+            quiet_ms = QUIET_MIN_MS; // idle since: the next burst starts short
+        }
+        match polled {
             Err(_) => return,
             Ok(false) => {}         // time to look at the busy files again
             Ok(true) if quiet => {} // a burst had that long to settle
@@ -192,6 +208,9 @@ fn serve(fd: i32) {
             }
         }
         quiet = !looked;
+        if looked {
+            quiet_ms = QUIET_MIN_MS;
+        }
     }
 }
 

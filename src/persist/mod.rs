@@ -264,6 +264,24 @@ pub fn collect_changes(
     write_back_into(shadow, backing, size, ranges, how, Some(log))
 }
 
+/// A run this long (bytes) is read ahead in the backing's view.
+const READ_AHEAD_MIN: u64 = 64 << 10;
+
+/// Asks the kernel to read `[a, b)` of the backing view at `backing` ahead
+/// when the run is long: the views of emulated pmem read single pages
+/// (`MADV_RANDOM`, see `FileState::views`), which would make a long run
+/// of pages not in the page cache one synchronous read per page.
+pub fn read_ahead(backing: usize, a: u64, b: u64) {
+    if b > a && b - a >= READ_AHEAD_MIN {
+        let from = a - a % PAGE as u64;
+        let _ = sys::madvise(
+            backing + from as usize,
+            (b - from) as usize,
+            libc::MADV_WILLNEED,
+        );
+    }
+}
+
 fn write_back_into(
     shadow: usize,
     backing: usize,
@@ -286,6 +304,7 @@ fn write_back_into(
     let mut pending_bases = Vec::new();
     for (a, b) in ranges.iter() {
         let b = b.min(size);
+        read_ahead(backing, a, b);
         let mut page = a - a % PAGE as u64;
         while page < b {
             let start = page.max(a);
