@@ -206,7 +206,7 @@ impl FileState {
             return Ok(());
         }
         let backing = self.backing()?;
-        let size = sys::fstat(backing.raw())?.st_size as u64;
+        let size = sys::file_size(backing.raw())?;
         let _fill = self.shadow.fill_lock();
         self.shadow.set_data_size(size)?;
         self.shadow.record_backing(backing.raw());

@@ -41,7 +41,7 @@ fn pos_before(fd: c_int, n: usize) -> Option<u64> {
 fn written_at(fd: c_int, at: At, n: usize) -> Option<u64> {
     let append = sys::fcntl(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl as i32 & libc::O_APPEND != 0);
     if append {
-        sys::fstat(fd).ok().map(|st| st.st_size as u64 - n as u64)
+        sys::file_size(fd).ok().map(|size| size - n as u64)
     } else {
         match at {
             At::Offset(o) => Some(o),
@@ -79,15 +79,15 @@ fn patch_from_shadow(f: &FileState, data_fd: i32, iov: &[iovec], n: usize, off: 
     let lazy = f.shadow.is_lazy();
     // (A size read before the fill lock: a stale one only clips or meets a
     // short read below.)
-    let Ok(st) = sys::fstat(data_fd) else {
+    let Ok(st) = sys::statx_fd(data_fd, libc::STATX_SIZE | libc::STATX_BLOCKS) else {
         return;
     };
-    if lazy && st.st_blocks == 0 {
+    if lazy && st.stx_blocks == 0 {
         // Holes only (a failure-atomic file's synced pages are punched):
         // the kernel's bytes are the shadow's.
         return;
     }
-    let size = st.st_size as u64;
+    let size = st.stx_size;
     {
         let _fill = lazy.then(|| f.shadow.fill_lock());
         let held = if lazy {
@@ -200,7 +200,7 @@ fn store_in_lazy_shadow(f: &FileState, data_fd: i32, bytes: &[u8], off: u64) -> 
     let end = off + bytes.len() as u64;
     let backing = f.backing()?;
     let bfd = backing.raw();
-    let backing_size = sys::fstat(bfd)?.st_size as u64;
+    let backing_size = sys::file_size(bfd)?;
     let fill_holes = f.shadow.no_evict();
     if fill_holes {
         let mut buf = vec![0u8; crate::lazy::CHUNK as usize];
@@ -397,7 +397,7 @@ pub fn fallocate_impl(
             return Ok(());
         };
         let data_fd = data.fd().as_raw_fd();
-        let size = sys::fstat(data_fd)?.st_size as u64;
+        let size = sys::file_size(data_fd)?;
         let (off, len) = (off.max(0) as u64, len.max(0) as u64);
         if shifts {
             refresh_from_backing(&f, data_fd, off, size)?;

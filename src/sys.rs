@@ -198,6 +198,16 @@ pub fn lstat(path: &CStr) -> SysResult<libc::stat> {
     Ok(st)
 }
 
+/// The size of the file behind `fd`. Asks for the size alone: a query of
+/// a file's times (as `fstat` makes) makes the kernel (6.13 and later,
+/// multigrain timestamps) stamp the file's next change with a fine-grained
+/// time, which moves the floor of every later coarse timestamp: every other
+/// file written after it then has its times changed at each write too, and
+/// ext4 without a journal writes a changed inode at each `fdatasync`.
+pub fn file_size(fd: i32) -> SysResult<u64> {
+    statx_fd(fd, libc::STATX_SIZE).map(|x| x.stx_size)
+}
+
 /// `statx` of an open descriptor (`AT_EMPTY_PATH`).
 pub fn statx_fd(fd: i32, mask: u32) -> SysResult<libc::statx> {
     // SAFETY: as above.

@@ -287,8 +287,8 @@ impl FileState {
             }
             let backing = self.backing()?;
             let bfd = backing.raw();
-            let shadow_size = sys::fstat(data_fd)?.st_size as u64;
-            let backing_size = sys::fstat(bfd)?.st_size as u64;
+            let shadow_size = sys::file_size(data_fd)?;
+            let backing_size = sys::file_size(bfd)?;
             let size = shadow_size.min(backing_size);
             if size == 0 {
                 return Ok(());
@@ -452,11 +452,11 @@ impl FileState {
         let bfd = backing.raw();
         // A sync committed and not applied goes first.
         let mut p = self.shadow.settle_log(&lanes, bfd)?;
-        let backing_size = sys::fstat(bfd)?.st_size as u64;
+        let backing_size = sys::file_size(bfd)?;
         let mut unit = redo::Unit::new(p.gen + 1, backing_size, self.shadow.log_owner());
         let mut counts = persist::LineCounts::default();
         if let Some(data_fd) = data_fd.filter(|_| !dirty.is_empty()) {
-            let size = (sys::fstat(data_fd)?.st_size as u64).min(backing_size);
+            let size = sys::file_size(data_fd)?.min(backing_size);
             if size > 0 {
                 let (sv, bv) = self.views(inner, data_fd, bfd, size)?;
                 let bases = self.shadow.bases(size);

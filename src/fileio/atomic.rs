@@ -81,7 +81,7 @@ pub fn write(f: &Arc<FileState>, fd: c_int, iov: &[iovec], at: At) -> Result<isi
         let _io = f.shadow.io_lock();
         let backing = f.backing()?;
         let bfd = backing.raw();
-        let size = sys::fstat(bfd)?.st_size as u64;
+        let size = sys::file_size(bfd)?;
         let off = match at {
             _ if fl & libc::O_APPEND != 0 => size,
             At::Offset(o) => o,
@@ -180,13 +180,17 @@ pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
     let backing = f.backing()?;
     let bfd = backing.raw();
     let mut p = f.shadow.settle_log(&lanes, bfd)?;
-    let to = p.low.min(sys::fstat(bfd)?.st_size as u64);
+    let to = p.low.min(sys::file_size(bfd)?);
     // From the top down, so that recovery, which gives them back in the
     // reverse order, cuts at the lowest first. Zero pages are not saved:
     // the cut and the growth back to the synced size make them.
     // Holes of the backing (a sparse tail grown by ftruncate) are zeros
-    // too, found without reading them.
-    let data = crate::shadow::data_segments(bfd, len, to);
+    // too, found without reading them. (A growth cuts nothing.)
+    let data = if to > len {
+        crate::shadow::data_segments(bfd, len, to)
+    } else {
+        crate::ranges::RangeSet::new()
+    };
     let mut top = to;
     while top > len {
         let from = top.saturating_sub(UNDO_RECORD_MAX).max(len);
@@ -283,7 +287,7 @@ pub fn fallocate(
         let _io = f.shadow.io_lock();
         let backing = f.backing()?;
         let bfd = backing.raw();
-        let size = sys::fstat(bfd)?.st_size as u64;
+        let size = sys::file_size(bfd)?;
         let mut end = off.checked_add(len).ok_or(Errno(libc::EFBIG))?;
         if keep_size {
             end = end.min(size);
@@ -292,7 +296,7 @@ pub fn fallocate(
         let mut at = off;
         while at < end {
             let k = (end - at).min(zeros.len() as u64) as usize;
-            let now = sys::fstat(bfd)?.st_size as u64;
+            let now = sys::file_size(bfd)?;
             put(f, &mut inner, bfd, &zeros[..k], at, now)?;
             at += k as u64;
         }

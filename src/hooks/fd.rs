@@ -41,8 +41,9 @@ fn open_hooked(flags: c_int, open: impl Fn(c_int) -> c_int) -> c_int {
     }
     let flags = flags & !libc::O_TRUNC;
     let fd = opened(open(flags), flags);
-    let regular =
-        fd >= 0 && crate::sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+    let regular = fd >= 0
+        && crate::sys::statx_fd(fd, libc::STATX_TYPE)
+            .is_ok_and(|x| x.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG);
     // SAFETY: our own hook, on the descriptor this open just returned.
     if regular && unsafe { super::io::ftruncate64(fd, 0) } != 0 {
         let e = crate::sys::get_errno();

@@ -92,7 +92,7 @@ fn start_period(
     // it (writes of processes not in atomic mode may still be in the page
     // cache).
     sys::fdatasync(backing_fd)?;
-    let size = sys::fstat(backing_fd)?.st_size as u64;
+    let size = sys::file_size(backing_fd)?;
     let base = Unit::new(gen, size, owner(h));
     let mode = redo::lane_mode(backing_fd);
     redo::make_first_lane(lanes, mode)?;

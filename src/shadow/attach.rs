@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 /// Writes back every line of the shadow that differs from the backing
 /// (reconciliation after writers died). Durable when it returns Ok.
 fn reconcile(base: &str, data_fd: i32, backing_fd: i32, opt: &AttachOptions) -> SysResult<()> {
-    let shadow_size = sys::fstat(data_fd)?.st_size as u64;
-    let backing_size = sys::fstat(backing_fd)?.st_size as u64;
+    let shadow_size = sys::file_size(data_fd)?;
+    let backing_size = sys::file_size(backing_fd)?;
     let size = shadow_size.min(backing_size) as usize;
     if size == 0 {
         return Ok(());
@@ -252,7 +252,7 @@ fn prepare(
             reconcile(base, data_fd, backing_fd, opt)
                 .and_then(|()| {
                     // The backing's size is the truth for the shadow.
-                    let old = sys::fstat(data_fd)?.st_size as u64;
+                    let old = sys::file_size(data_fd)?;
                     sys::ftruncate(data_fd, now_size)?;
                     if now_size > old {
                         super::data::copy_from_backing(data_fd, backing_fd, old, now_size)?;

@@ -91,7 +91,7 @@ fn fill_from_backing(data_fd: i32, backing_fd: i32, size: u64) -> SysResult<()> 
 /// SEEK_HOLE; the whole range where the file system cannot tell).
 pub fn data_segments(fd: i32, lo: u64, hi: u64) -> RangeSet {
     let mut out = RangeSet::new();
-    let size = sys::fstat(fd).map(|st| st.st_size as u64).unwrap_or(hi);
+    let size = sys::file_size(fd).unwrap_or(hi);
     let hi = hi.min(size);
     let mut off = lo;
     while off < hi {
@@ -123,7 +123,7 @@ pub fn data_segments(fd: i32, lo: u64, hi: u64) -> RangeSet {
 /// that maps it without handling missing pages), with the lines' bases.
 /// Holds the fill lock.
 fn fill_holes(shadow: &Shadow, data_fd: i32, backing_fd: i32) -> SysResult<()> {
-    let size = sys::fstat(data_fd)?.st_size as u64;
+    let size = sys::file_size(data_fd)?;
     let mut off = 0u64;
     while off < size {
         let hole = sys::lseek(data_fd, off as i64, libc::SEEK_HOLE)? as u64;
@@ -170,8 +170,8 @@ impl Shadow {
     pub fn resident_bytes(&self) -> u64 {
         let data = self
             .data()
-            .and_then(|d| sys::fstat(d.fd().as_raw_fd()).ok())
-            .map_or(0, |st| st.st_blocks as u64 * 512);
+            .and_then(|d| sys::statx_fd(d.fd().as_raw_fd(), libc::STATX_BLOCKS).ok())
+            .map_or(0, |x| x.stx_blocks * 512);
         data + self.lines_resident_bytes()
     }
 
@@ -252,9 +252,7 @@ impl Shadow {
     /// The data file's size (None: no data file yet, or it cannot be read).
     pub fn data_size(&self) -> Option<u64> {
         let d = self.data()?;
-        sys::fstat(d.fd().as_raw_fd())
-            .ok()
-            .map(|st| st.st_size as u64)
+        sys::file_size(d.fd().as_raw_fd()).ok()
     }
 
     /// Makes the data file `size` bytes long (if it exists). Call with the
@@ -263,7 +261,7 @@ impl Shadow {
     pub fn set_data_size(&self, size: u64) -> SysResult<()> {
         if let Some(d) = self.data() {
             let fd = d.fd().as_raw_fd();
-            let old = sys::fstat(fd)?.st_size as u64;
+            let old = sys::file_size(fd)?;
             if old != size {
                 sys::ftruncate(fd, size)?;
                 self.size_lines(size)?;
@@ -294,7 +292,7 @@ impl Shadow {
         };
         let data_fd = data.fd().as_raw_fd();
         let _fill = self.fill_lock();
-        let size = sys::fstat(data_fd)?.st_size as u64;
+        let size = sys::file_size(data_fd)?;
         let end = c1.min(size);
         if c0 >= end {
             return Ok(0);
@@ -334,7 +332,7 @@ impl Shadow {
             return Ok(0);
         };
         let data_fd = data.fd().as_raw_fd();
-        let size = sys::fstat(data_fd)?.st_size as u64;
+        let size = sys::file_size(data_fd)?;
         let end = c1.min(size);
         let present = self.present(c0, end);
         // Runs read at once, and clean pages punched in runs that reach
@@ -424,14 +422,14 @@ impl Shadow {
             return out;
         };
         let data_fd = data.fd().as_raw_fd();
-        let Ok(st) = sys::fstat(data_fd) else {
+        let Ok(size) = sys::file_size(data_fd) else {
             for (a, b) in ranges.iter() {
                 out.extend(&data_segments(data_fd, a, b));
             }
             return out;
         };
         for (a, b) in ranges.iter() {
-            self.present_range(data_fd, st.st_size as u64, a, b, &mut out);
+            self.present_range(data_fd, size, a, b, &mut out);
         }
         out
     }

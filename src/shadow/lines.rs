@@ -38,7 +38,7 @@ fn grow_to(fd: i32, need: u64, known_len: &mut u64) -> SysResult<()> {
     if *known_len >= need {
         return Ok(());
     }
-    let have = sys::fstat(fd)?.st_size as u64;
+    let have = sys::file_size(fd)?;
     if have < need {
         sys::ftruncate(fd, need)?;
     }

@@ -30,7 +30,7 @@ impl Shadow {
             self.note_files_made();
             let fd = open_owned(&Shadow::regions_path(&self.base), Create::Yes).ok()?;
             let fd = fd.as_raw_fd();
-            if (sys::fstat(fd).ok()?.st_size as u64) < TABLE_BYTES {
+            if sys::file_size(fd).ok()? < TABLE_BYTES {
                 sys::ftruncate(fd, TABLE_BYTES).ok()?;
             }
             *m = OwnedMap::shared(fd, TABLE_BYTES as usize, libc::PROT_READ | libc::PROT_WRITE)
