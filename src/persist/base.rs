@@ -194,9 +194,10 @@ impl Bases {
             let words = group.as_ptr() as *const u64;
             let mut diff = 0u64;
             for i in 0..32 {
-                // SAFETY: 64 slots (256 bytes, 8-aligned) of the mapping; the
-                // value read is only compared.
-                diff |= unsafe { words.add(i).read() } ^ zz;
+                // SAFETY: 64 slots (256 bytes) of the mapping, read as 32
+                // words (unaligned: a group starts at any slot); the value
+                // read is only compared.
+                diff |= unsafe { words.add(i).read_unaligned() } ^ zz;
             }
             if diff != 0 {
                 set(group);
