@@ -206,10 +206,11 @@ impl FileState {
             return Ok(());
         }
         let backing = self.backing()?;
-        let size = sys::file_size(backing.raw())?;
+        // One query gives the size to follow and what to record.
+        let b = crate::shadow::BackingState::of(backing.raw())?;
         let _fill = self.shadow.fill_lock();
-        self.shadow.set_data_size(size)?;
-        self.shadow.record_backing(backing.raw());
+        self.shadow.set_data_size(b.size)?;
+        self.shadow.record(&b);
         Ok(())
     }
 

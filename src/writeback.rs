@@ -55,20 +55,9 @@ enum ViewKind {
     Sync,
 }
 
-/// Maps `len` bytes of `fd` into `v` (again, if the view is too small);
-/// returns its address.
+/// Maps `len` bytes of `fd` into `v` (again, if the view is too small),
+/// giving a view mapped anew `advice` (`madvise`); returns its address.
 fn ensure_view(
-    v: &mut OwnedMap,
-    fd: i32,
-    len: usize,
-    prot: i32,
-    kind: ViewKind,
-) -> SysResult<usize> {
-    ensure_view_advised(v, fd, len, prot, kind, None)
-}
-
-/// [`ensure_view`], with `advice` given to a view mapped anew.
-fn ensure_view_advised(
     v: &mut OwnedMap,
     fd: i32,
     len: usize,
@@ -359,6 +348,7 @@ impl FileState {
             len as usize,
             rw,
             ViewKind::Plain,
+            None,
         )?;
         // Emulated pmem: a page of the backing that is not in the page cache
         // (cut by a truncation, or cold) is read alone, not with a window
@@ -372,7 +362,7 @@ impl FileState {
         } else {
             (ViewKind::Sync, None)
         };
-        let bv = ensure_view_advised(
+        let bv = ensure_view(
             &mut inner.backing_view,
             backing_fd,
             len as usize,

@@ -7,6 +7,7 @@
 use super::{iov_parts, At};
 use crate::file::{FileInner, FileState};
 use crate::persist::redo;
+use crate::shadow::atomic::Period;
 use crate::shadow::Fill;
 use crate::sys::{self, Errno, PAGE};
 use crate::writeback::Durability;
@@ -176,9 +177,22 @@ fn store(f: &FileState, bfd: i32, bytes: &[u8], off: u64, size: u64) -> Result<(
 /// backing still holds them, since writes go to the shadow) are saved in
 /// undo records, durably. Call with the io lock held.
 pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
-    let lanes = f.log_lanes()?;
     let backing = f.backing()?;
     let bfd = backing.raw();
+    let lowered = |mut p: Period| {
+        if len < p.low {
+            p.low = len;
+            f.shadow.set_log_period(&p);
+        }
+    };
+    let p = f.shadow.log_period();
+    if p.applied >= p.gen && p.low.min(sys::file_size(bfd)?) <= len {
+        // Nothing synced is cut and no committed sync waits for its apply
+        // (a growth, mostly): the log is not needed.
+        lowered(p);
+        return Ok(());
+    }
+    let lanes = f.log_lanes()?;
     let mut p = f.shadow.settle_log(&lanes, bfd)?;
     let to = p.low.min(sys::file_size(bfd)?);
     // From the top down, so that recovery, which gives them back in the
@@ -209,10 +223,7 @@ pub fn before_shrink(f: &FileState, len: u64) -> Result<(), Errno> {
         }
         top = from;
     }
-    if len < p.low {
-        p.low = len;
-        f.shadow.set_log_period(&p);
-    }
+    lowered(p);
     Ok(())
 }
 

@@ -210,8 +210,14 @@ impl Shadow {
     /// with the io lock held.
     pub fn record_backing(&self, backing_fd: i32) {
         if let Ok(b) = BackingState::of(backing_fd) {
-            self.header().record(b.size, b.mtime_sec, b.mtime_nsec);
+            self.record(&b);
         }
+    }
+
+    /// Records `b`, the backing as the shim just left it (see
+    /// [`Shadow::record_backing`]).
+    pub fn record(&self, b: &BackingState) {
+        self.header().record(b.size, b.mtime_sec, b.mtime_nsec);
     }
 
     pub fn mark_writer(&self) {
